@@ -1,0 +1,227 @@
+//! [`RedisCache`]: Redis through the `redis` crate's [`ConnectionManager`], a multiplexed connection that
+//! reconnects by itself (with exponential back-off) after a failure.
+//!
+//! Every key is stored under a namespace prefix (`cache.redis.key_prefix`, default `cr:`) so that pattern deletion
+//! (`SCAN MATCH`, never `KEYS`) can never touch keys that belong to something else in the same database.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+
+use super::{Cache, CacheImpl, Health};
+use crate::error::{Error, Result};
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// `redis://` or `rediss://` URL (may carry a password; it is never logged).
+    pub url: String,
+    /// Prefix put before every key, e.g. `cr:`.
+    pub key_prefix: String,
+    /// Deadline for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Deadline for each command's response.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "cr:".into(),
+            connect_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A byte cache in Redis. Cheap to clone: clones share one multiplexed connection.
+#[derive(Clone)]
+pub struct RedisCache {
+    conn: ConnectionManager,
+    opts: RedisOptions,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("url", &crate::config::redact_url(&self.opts.url))
+            .field("key_prefix", &self.opts.key_prefix)
+            .finish()
+    }
+}
+
+impl RedisCache {
+    /// Connects now, and fails if Redis cannot be reached within `connect_timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] for a bad URL or an unreachable server.
+    pub async fn connect(opts: RedisOptions) -> Result<Self> {
+        let client = redis::Client::open(opts.url.as_str())?;
+        let conn = ConnectionManager::new_with_config(client, manager_config(&opts)).await?;
+        Ok(RedisCache { conn, opts })
+    }
+
+    /// Connects on first use and keeps retrying in the background; calls fail (and fall back) until it succeeds.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] for a URL that cannot be parsed.
+    pub fn connect_lazy(opts: RedisOptions) -> Result<Self> {
+        let client = redis::Client::open(opts.url.as_str())?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config(&opts))?;
+        Ok(RedisCache { conn, opts })
+    }
+
+    /// The options this cache was built with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
+    }
+
+    /// The Redis key under which `key` is stored (`key_prefix` + `key`).
+    pub fn redis_key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.opts.key_prefix.len() + key.len());
+        k.push_str(&self.opts.key_prefix);
+        k.push_str(key);
+        k
+    }
+}
+
+fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(opts.response_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+/// Escapes Redis glob metacharacters so a literal prefix can be used with `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 1);
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Cache for RedisCache {
+    fn kind(&self) -> CacheImpl {
+        CacheImpl::Redis
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        async move {
+            let mut c = self.conn.clone();
+            let v: Option<Vec<u8>> = c.get(self.redis_key(key)).await?;
+            Ok(v.map(Bytes::from))
+        }
+        .boxed()
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let mut c = self.conn.clone();
+            let k = self.redis_key(key);
+            match ttl {
+                Some(ttl) => {
+                    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                    let () = c.pset_ex(k, value.as_ref(), ms).await?;
+                }
+                None => {
+                    let () = c.set(k, value.as_ref()).await?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            let mut c = self.conn.clone();
+            let n: u64 = c.del(self.redis_key(key)).await?;
+            Ok(n > 0)
+        }
+        .boxed()
+    }
+
+    fn delete_matching<'a>(
+        &'a self,
+        prefix: &'a str,
+        belongs: &'a (dyn Fn(&str) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<u64>> {
+        async move {
+            let mut c = self.conn.clone();
+            let glob = format!("{}*", glob_escape(&self.redis_key(prefix)));
+            let strip = self.opts.key_prefix.len();
+            let mut cursor: u64 = 0;
+            let mut deleted = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&glob)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await?;
+                let doomed: Vec<&String> = keys.iter().filter(|k| belongs(&k[strip..])).collect();
+                if !doomed.is_empty() {
+                    let n: u64 = redis::cmd("UNLINK")
+                        .arg(&doomed)
+                        .query_async(&mut c)
+                        .await?;
+                    deleted += n;
+                }
+                if next == 0 {
+                    return Ok(deleted);
+                }
+                cursor = next;
+            }
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        async move {
+            let mut c = self.conn.clone();
+            let start = Instant::now();
+            let r: std::result::Result<String, redis::RedisError> =
+                redis::cmd("PING").query_async(&mut c).await;
+            match r {
+                Ok(_) => Health {
+                    up: true,
+                    latency_ms: Some(start.elapsed().as_secs_f64() * 1e3),
+                    error: None,
+                },
+                Err(e) => Health {
+                    up: false,
+                    latency_ms: None,
+                    error: Some(Error::from(e).to_string()),
+                },
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_escape;
+
+    #[test]
+    fn glob_metacharacters_are_escaped() {
+        assert_eq!(glob_escape("cr:user:*:profile"), "cr:user:\\*:profile");
+        assert_eq!(glob_escape("a?[b]\\"), "a\\?\\[b\\]\\\\");
+    }
+}

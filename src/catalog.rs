@@ -1,0 +1,372 @@
+//! The reference service: a small catalog API over an embedded SQLite database, cached through the registry.
+//!
+//! | route | origin query | cache key |
+//! |---|---|---|
+//! | `GET /users/{id}` | one user | `user:{id}` |
+//! | `GET /projects/{id}` | one project | `project:{id}` |
+//! | `GET /projects/{id}/members` | a project's members | `project:{id}:members` |
+//! | `PUT /users/{id}` | updates the user, then invalidates `user:{id}` | |
+//!
+//! plus `GET /health`, `GET /metrics`, and `/internal/cache` (404 in production). The database lives in memory and
+//! is created and seeded at start-up, so the service needs nothing installed.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AppEnv, Settings};
+use crate::http::{
+    internal_router, metrics_router, production_internal_router, CandidateLayer, InternalState,
+};
+use crate::CacheRegistry;
+
+/// A user row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Primary key.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// E-mail address.
+    pub email: String,
+}
+
+/// A project row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Project {
+    /// Primary key.
+    pub id: i64,
+    /// Project name.
+    pub name: String,
+    /// Owning user's id.
+    pub owner_id: i64,
+}
+
+/// One member of a project.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The user's id.
+    pub user_id: i64,
+    /// The user's name.
+    pub name: String,
+    /// `owner`, `maintainer` or `viewer`.
+    pub role: String,
+}
+
+/// Body of `PUT /users/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserUpdate {
+    /// New display name.
+    pub name: String,
+    /// New e-mail address.
+    pub email: String,
+}
+
+/// The origin: an in-memory SQLite database behind a mutex, queried on Tokio's blocking pool.
+#[derive(Clone)]
+pub struct Origin {
+    conn: Arc<Mutex<Connection>>,
+    delay: Duration,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("delay", &self.delay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Origin failure (a SQLite error or a panicked query task).
+#[derive(Debug, thiserror::Error)]
+#[error("origin: {0}")]
+pub struct OriginError(String);
+
+impl Origin {
+    /// Creates and seeds the database: `users` users (ids 1..=users), `users / 10` projects (at least 1), each with
+    /// five members. `delay` is added to every query to stand in for a slow origin.
+    ///
+    /// # Errors
+    /// A SQLite error (which an in-memory database only gives when out of memory).
+    pub fn seeded(users: i64, delay: Duration) -> Result<Self, OriginError> {
+        let conn = Connection::open_in_memory().map_err(|e| OriginError(e.to_string()))?;
+        seed(&conn, users).map_err(|e| OriginError(e.to_string()))?;
+        Ok(Origin {
+            conn: Arc::new(Mutex::new(conn)),
+            delay,
+        })
+    }
+
+    async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, OriginError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let c = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&c)
+        })
+        .await
+        .map_err(|e| OriginError(e.to_string()))?
+        .map_err(|e| OriginError(e.to_string()))
+    }
+
+    /// One user.
+    ///
+    /// # Errors
+    /// [`OriginError`].
+    pub async fn user(&self, id: i64) -> Result<Option<User>, OriginError> {
+        self.query(move |c| {
+            c.query_row(
+                "SELECT id, name, email FROM users WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(User {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        email: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// One project.
+    ///
+    /// # Errors
+    /// [`OriginError`].
+    pub async fn project(&self, id: i64) -> Result<Option<Project>, OriginError> {
+        self.query(move |c| {
+            c.query_row(
+                "SELECT id, name, owner_id FROM projects WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(Project {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        owner_id: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// A project's members, by user id; `None` when the project does not exist.
+    ///
+    /// # Errors
+    /// [`OriginError`].
+    pub async fn members(&self, project_id: i64) -> Result<Option<Vec<Member>>, OriginError> {
+        self.query(move |c| {
+            let exists: Option<i64> = c
+                .query_row("SELECT id FROM projects WHERE id = ?1", params![project_id], |r| r.get(0))
+                .optional()?;
+            if exists.is_none() {
+                return Ok(None);
+            }
+            let mut st = c.prepare(
+                "SELECT u.id, u.name, m.role FROM project_members m JOIN users u ON u.id = m.user_id \
+                 WHERE m.project_id = ?1 ORDER BY u.id",
+            )?;
+            let rows = st.query_map(params![project_id], |r| {
+                Ok(Member {
+                    user_id: r.get(0)?,
+                    name: r.get(1)?,
+                    role: r.get(2)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map(Some)
+        })
+        .await
+    }
+
+    /// Updates a user; `false` when there is no such user.
+    ///
+    /// # Errors
+    /// [`OriginError`].
+    pub async fn update_user(&self, id: i64, update: UserUpdate) -> Result<bool, OriginError> {
+        self.query(move |c| {
+            c.execute(
+                "UPDATE users SET name = ?2, email = ?3 WHERE id = ?1",
+                params![id, update.name, update.email],
+            )
+            .map(|n| n > 0)
+        })
+        .await
+    }
+}
+
+fn seed(c: &Connection, users: i64) -> rusqlite::Result<()> {
+    c.execute_batch(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL);
+         CREATE TABLE projects (id INTEGER PRIMARY KEY, name TEXT NOT NULL, owner_id INTEGER NOT NULL REFERENCES users(id));
+         CREATE TABLE project_members (project_id INTEGER NOT NULL REFERENCES projects(id),
+                                       user_id INTEGER NOT NULL REFERENCES users(id), role TEXT NOT NULL,
+                                       PRIMARY KEY (project_id, user_id));
+         BEGIN;",
+    )?;
+    let users = users.max(1);
+    {
+        let mut u = c.prepare("INSERT INTO users (id, name, email) VALUES (?1, ?2, ?3)")?;
+        for id in 1..=users {
+            u.execute(params![
+                id,
+                format!("User {id}"),
+                format!("user{id}@example.com")
+            ])?;
+        }
+        let mut p = c.prepare("INSERT INTO projects (id, name, owner_id) VALUES (?1, ?2, ?3)")?;
+        let mut m = c.prepare(
+            "INSERT INTO project_members (project_id, user_id, role) VALUES (?1, ?2, ?3)",
+        )?;
+        for id in 1..=(users / 10).max(1) {
+            let owner = (id * 7) % users + 1;
+            p.execute(params![id, format!("Project {id}"), owner])?;
+            m.execute(params![id, owner, "owner"])?;
+            for k in 1..5 {
+                let member = (owner + k * 13) % users + 1;
+                if member != owner {
+                    m.execute(params![
+                        id,
+                        member,
+                        if k == 1 { "maintainer" } else { "viewer" }
+                    ])?;
+                }
+            }
+        }
+    }
+    c.execute_batch("COMMIT;")
+}
+
+/// Shared state of the catalog handlers.
+#[derive(Clone, Debug)]
+pub struct AppContext {
+    /// The cache registry.
+    pub registry: CacheRegistry,
+    /// The origin database.
+    pub origin: Origin,
+    /// The settings the service was started with.
+    pub settings: Arc<Settings>,
+}
+
+/// The whole reference service as a router (testable with `tower::ServiceExt::oneshot`).
+pub fn app(ctx: AppContext) -> Router {
+    let catalog = Router::new()
+        .route("/users/{id}", get(get_user).put(put_user))
+        .route("/projects/{id}", get(get_project))
+        .route("/projects/{id}/members", get(get_members))
+        .with_state(ctx.clone())
+        .layer(CandidateLayer::new(ctx.registry.metrics()));
+    let internal = if ctx.settings.app_env == AppEnv::Production {
+        production_internal_router()
+    } else {
+        internal_router(
+            InternalState::new(ctx.registry.clone(), ctx.settings.admin_token.clone())
+                .with_config(ctx.settings.redacted()),
+        )
+    };
+    catalog
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .merge(metrics_router(ctx.registry.clone()))
+        .merge(internal)
+}
+
+fn origin_error(e: &OriginError) -> Response {
+    tracing::error!(error = %e, "origin failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(serde_json::json!({ "error": "origin unavailable" })),
+    )
+        .into_response()
+}
+
+fn found<T: Serialize>(v: Option<T>) -> Response {
+    match v {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "not found" })),
+        )
+            .into_response(),
+    }
+}
+
+async fn get_user(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+    let origin = ctx.origin.clone();
+    match ctx
+        .registry
+        .get_or_load(&format!("user:{id}"), || origin.user(id))
+        .await
+    {
+        Ok(v) => found(v),
+        Err(e) => origin_error(&e),
+    }
+}
+
+async fn get_project(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+    let origin = ctx.origin.clone();
+    match ctx
+        .registry
+        .get_or_load(&format!("project:{id}"), || origin.project(id))
+        .await
+    {
+        Ok(v) => found(v),
+        Err(e) => origin_error(&e),
+    }
+}
+
+async fn get_members(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+    let origin = ctx.origin.clone();
+    match ctx
+        .registry
+        .get_or_load(&format!("project:{id}:members"), || origin.members(id))
+        .await
+    {
+        Ok(v) => found(v),
+        Err(e) => origin_error(&e),
+    }
+}
+
+async fn put_user(
+    State(ctx): State<AppContext>,
+    Path(id): Path<i64>,
+    Json(update): Json<UserUpdate>,
+) -> Response {
+    match ctx.origin.update_user(id, update).await {
+        Ok(false) => found(None::<()>),
+        Ok(true) => {
+            if let Err(e) = ctx.registry.invalidate(&format!("user:{id}")).await {
+                // The write is done; the cached copy may live until its TTL. Say so rather than hide it.
+                tracing::error!(id, error = %e, "user updated but its cache entry could not be invalidated");
+                return (
+                    StatusCode::OK,
+                    [(
+                        "warning",
+                        "199 - \"cache invalidation failed; stale reads possible until TTL\"",
+                    )],
+                    Json(serde_json::json!({ "updated": id })),
+                )
+                    .into_response();
+            }
+            Json(serde_json::json!({ "updated": id })).into_response()
+        }
+        Err(e) => origin_error(&e),
+    }
+}

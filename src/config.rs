@@ -1,0 +1,584 @@
+//! [`Settings`], loaded with figment. Later sources override earlier ones:
+//!
+//! 1. built-in defaults ([`Settings::default`]);
+//! 2. `config/default.toml`;
+//! 3. `config/<APP_ENV>.toml`;
+//! 4. `CACHE_ROLLOUT_<KEY>` environment variables for any key, nested with `__`
+//!    (`CACHE_ROLLOUT_CACHE__DEFAULT_TTL_SECS=60`);
+//! 5. the product's environment variables:
+//!
+//! | variable | key |
+//! |---|---|
+//! | `APP_ENV` | `app_env` (also picks the file of step 3) |
+//! | `FEATURE_CACHE` | `feature_cache` |
+//! | `CACHE_IMPL` | `cache.impl` |
+//! | `CACHE_PATTERNS` | `cache.whitelist` (comma-separated, `*` for all) |
+//! | `REDIS_URL` | `cache.redis.url` |
+//! | `CACHE_ADMIN_TOKEN` | `admin_token` |
+//! | `BIND_ADDR` | `bind_addr` |
+//!
+//! Every key is documented in `docs/configuration.md` and `.env.example`. A bad value is an error that names the
+//! key and the value; start-up stops on it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::cache::{CacheImpl, RedisOptions};
+use crate::error::{Error, Result};
+use crate::pattern::KeyPatterns;
+use crate::registry::{normalize_whitelist, PatternPolicy, Policy, RegistryOptions};
+
+/// The deployment environment (`APP_ENV`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AppEnv {
+    /// Local development (the default): `/internal/` is open.
+    #[default]
+    Development,
+    /// Automated tests.
+    Test,
+    /// Pre-production.
+    Staging,
+    /// Production: every path under `/internal/` answers 404.
+    Production,
+}
+
+impl AppEnv {
+    /// The lowercase name, also the name of its configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppEnv::Development => "development",
+            AppEnv::Test => "test",
+            AppEnv::Staging => "staging",
+            AppEnv::Production => "production",
+        }
+    }
+
+    /// Parses `APP_ENV`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `APP_ENV` and the value for anything but the four names.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "development" => Ok(AppEnv::Development),
+            "test" => Ok(AppEnv::Test),
+            "staging" => Ok(AppEnv::Staging),
+            "production" => Ok(AppEnv::Production),
+            _ => Err(Error::config(
+                "APP_ENV",
+                value,
+                "expected one of development, test, staging, production",
+            )),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// All settings of the reference service and its registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `APP_ENV`.
+    pub app_env: AppEnv,
+    /// `FEATURE_CACHE`: master switch.
+    pub feature_cache: bool,
+    /// `BIND_ADDR`: listen address of the reference service.
+    pub bind_addr: SocketAddr,
+    /// `CACHE_ADMIN_TOKEN`: bearer token for state-changing `/internal/cache` requests; unset refuses them.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_like",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub admin_token: Option<String>,
+    /// `log_format`: `text` or `json`.
+    pub log_format: LogFormat,
+    /// The `[cache]` table.
+    pub cache: CacheSettings,
+}
+
+/// The `[cache]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// `CACHE_IMPL`: `null`, `memory` or `redis`.
+    #[serde(rename = "impl")]
+    pub imp: CacheImpl,
+    /// `CACHE_PATTERNS`: whitelisted key patterns; `*` means all.
+    #[serde(deserialize_with = "comma_list")]
+    pub whitelist: Vec<String>,
+    /// TTL of patterns without their own, in seconds.
+    pub default_ttl_secs: u64,
+    /// Bound on distinct key patterns (metric series); the rest fold into `other`.
+    pub max_patterns: usize,
+    /// Key-pattern templates tried before the default rule (`tenant:*:user`).
+    pub templates: Vec<String>,
+    /// Largest encoded value stored, in bytes.
+    pub max_value_bytes: usize,
+    /// On the observe path, measure one value size in this many loads.
+    pub size_sample_every: u64,
+    /// `[cache.memory]`.
+    pub memory: MemorySettings,
+    /// `[cache.redis]`.
+    pub redis: RedisSettings,
+    /// `[cache.patterns.<pattern>]`.
+    pub patterns: BTreeMap<String, PatternPolicy>,
+}
+
+/// The `[cache.memory]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Most entries held.
+    pub max_entries: u64,
+    /// Most bytes (keys + values) held.
+    pub max_bytes: u64,
+}
+
+/// The `[cache.redis]` table.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `REDIS_URL`.
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    /// Prefix of every key written to Redis.
+    pub key_prefix: String,
+    /// Connection deadline in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Per-command response deadline in milliseconds.
+    pub response_timeout_ms: u64,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("response_timeout_ms", &self.response_timeout_ms)
+            .finish()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            app_env: AppEnv::Development,
+            feature_cache: true,
+            bind_addr: SocketAddr::from(([127, 0, 0, 1], 8900)),
+            admin_token: None,
+            log_format: LogFormat::Text,
+            cache: CacheSettings {
+                imp: CacheImpl::Null,
+                whitelist: Vec::new(),
+                default_ttl_secs: 300,
+                max_patterns: 100,
+                templates: Vec::new(),
+                max_value_bytes: 1024 * 1024,
+                size_sample_every: 16,
+                memory: MemorySettings {
+                    max_entries: 100_000,
+                    max_bytes: 256 * 1024 * 1024,
+                },
+                redis: RedisSettings {
+                    url: "redis://127.0.0.1:6379".into(),
+                    key_prefix: "cr:".into(),
+                    connect_timeout_ms: 500,
+                    response_timeout_ms: 100,
+                },
+                patterns: BTreeMap::new(),
+            },
+        }
+    }
+}
+
+const ENV_VARS: [(&str, &str); 7] = [
+    ("APP_ENV", "app_env"),
+    ("FEATURE_CACHE", "feature_cache"),
+    ("CACHE_IMPL", "cache.impl"),
+    ("CACHE_PATTERNS", "cache.whitelist"),
+    ("REDIS_URL", "cache.redis.url"),
+    ("CACHE_ADMIN_TOKEN", "admin_token"),
+    ("BIND_ADDR", "bind_addr"),
+];
+
+impl Settings {
+    /// Loads from `config/` under the current directory and the environment.
+    ///
+    /// # Errors
+    /// As [`Settings::load_from`].
+    pub fn load() -> Result<Self> {
+        Self::load_from(Path::new("config"))
+    }
+
+    /// Loads from `dir` (`default.toml`, `<APP_ENV>.toml`; both optional) and the environment, then validates.
+    ///
+    /// # Errors
+    /// [`Error::Config`] or [`Error::Figment`] naming the key, the bad value and where it came from.
+    pub fn load_from(dir: &Path) -> Result<Self> {
+        let env_name = std::env::var("APP_ENV").unwrap_or_else(|_| "development".into());
+        let app_env = AppEnv::parse(&env_name)?;
+        let figment = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(dir.join("default.toml")))
+            .merge(Toml::file(dir.join(format!("{}.toml", app_env.as_str()))))
+            .merge(Env::prefixed("CACHE_ROLLOUT_").split("__"))
+            .merge(Env::raw().only(&ENV_VARS.map(|(v, _)| v)).map(|k| {
+                let key = ENV_VARS
+                    .iter()
+                    .find(|(v, _)| k.as_str().eq_ignore_ascii_case(v))
+                    .map_or(k.as_str(), |(_, key)| key);
+                key.to_string().into()
+            }));
+        let settings: Settings = figment.extract().map_err(name_env_var)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values serde cannot: URL scheme, TTLs, bounds, pattern names, templates.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key and the value.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.cache;
+        match url::Url::parse(&c.redis.url) {
+            Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {}
+            Ok(u) => {
+                return Err(Error::config(
+                    "cache.redis.url",
+                    redact_url(&c.redis.url),
+                    format!("scheme {:?} is not redis:// or rediss://", u.scheme()),
+                ))
+            }
+            Err(e) => {
+                return Err(Error::config(
+                    "cache.redis.url",
+                    redact_url(&c.redis.url),
+                    e.to_string(),
+                ))
+            }
+        }
+        let positive = [
+            ("cache.max_patterns", c.max_patterns as u64),
+            ("cache.max_value_bytes", c.max_value_bytes as u64),
+            ("cache.size_sample_every", c.size_sample_every),
+            ("cache.memory.max_entries", c.memory.max_entries),
+            ("cache.memory.max_bytes", c.memory.max_bytes),
+            ("cache.redis.connect_timeout_ms", c.redis.connect_timeout_ms),
+            (
+                "cache.redis.response_timeout_ms",
+                c.redis.response_timeout_ms,
+            ),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(Error::config(key, "0", "must be at least 1"));
+            }
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(Error::config(
+                "CACHE_ADMIN_TOKEN",
+                "***",
+                "must be at least 16 characters",
+            ));
+        }
+        KeyPatterns::new(&c.templates)?;
+        self.policy().validate()
+    }
+
+    /// The runtime policy these settings describe.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            enabled: self.feature_cache,
+            imp: self.cache.imp,
+            whitelist: normalize_whitelist(&self.cache.whitelist),
+            default_ttl_secs: self.cache.default_ttl_secs,
+            patterns: self.cache.patterns.clone(),
+        }
+    }
+
+    /// Redis connection options.
+    pub fn redis_options(&self) -> RedisOptions {
+        let r = &self.cache.redis;
+        RedisOptions {
+            url: r.url.clone(),
+            key_prefix: r.key_prefix.clone(),
+            connect_timeout: Duration::from_millis(r.connect_timeout_ms),
+            response_timeout: Duration::from_millis(r.response_timeout_ms),
+        }
+    }
+
+    /// Options for [`CacheRegistry::new`](crate::CacheRegistry::new).
+    ///
+    /// # Errors
+    /// An invalid template ([`Error::InvalidPattern`]).
+    pub fn registry_options(&self) -> Result<RegistryOptions> {
+        let c = &self.cache;
+        Ok(RegistryOptions {
+            policy: self.policy(),
+            key_patterns: KeyPatterns::new(&c.templates)?,
+            max_patterns: c.max_patterns,
+            redis: self.redis_options(),
+            memory_max_entries: c.memory.max_entries,
+            memory_max_bytes: c.memory.max_bytes,
+            max_value_bytes: c.max_value_bytes,
+            size_sample_every: c.size_sample_every,
+        })
+    }
+
+    /// These settings as JSON with secrets redacted: the Redis password and the admin token become `***`.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut s = self.clone();
+        s.cache.redis.url = redact_url(&s.cache.redis.url);
+        if s.admin_token.is_some() {
+            s.admin_token = Some("***".into());
+        }
+        serde_json::to_value(&s).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Figment names environment keys in upper-case dotted form (`CACHE.IMPL`); say `CACHE_IMPL = "redsi"` instead.
+fn name_env_var(e: figment::Error) -> Error {
+    let path = e.path.join(".");
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    if from_env {
+        if let Some((var, _)) = ENV_VARS.iter().find(|(_, key)| *key == path) {
+            if let Ok(value) = std::env::var(var) {
+                let value = if *var == "CACHE_ADMIN_TOKEN" {
+                    "***".to_string()
+                } else if *var == "REDIS_URL" {
+                    redact_url(&value)
+                } else {
+                    value
+                };
+                return Error::config(*var, value, e.kind.to_string());
+            }
+        }
+    }
+    Error::from(e)
+}
+
+/// `url` with its password (and a username used as a password, as in `redis://:secret@host`) replaced by `***`.
+/// An unparsable URL is replaced whole, since it may contain a password we cannot locate.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL, redacted>".into(),
+    }
+}
+
+struct StringLike;
+
+impl serde::de::Visitor<'_> for StringLike {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+}
+
+/// Environment values that look like numbers arrive as numbers; a string setting takes them as text.
+fn string_like<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_any(StringLike)
+}
+
+fn opt_string_like<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Text(#[serde(deserialize_with = "string_like")] String);
+    Ok(Option::<Text>::deserialize(d)?
+        .map(|t| t.0)
+        .filter(|s| !s.is_empty()))
+}
+
+/// A list given as a TOML array or as one comma-separated string (`CACHE_PATTERNS=user,project`).
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(#[serde(deserialize_with = "string_like")] String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => normalize_whitelist(&v),
+        Either::One(s) => normalize_whitelist(&s.split(',').collect::<Vec<_>>()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load(jail: &Jail) -> Result<Settings> {
+        Settings::load_from(&jail.directory().join("config"))
+    }
+
+    fn err_text(r: Result<Settings>) -> String {
+        r.expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn defaults_without_files_or_env() {
+        Jail::expect_with(|jail| {
+            let s = load(jail).expect("defaults load");
+            assert_eq!(s.app_env, AppEnv::Development);
+            assert!(s.feature_cache);
+            assert_eq!(s.cache.imp, CacheImpl::Null);
+            assert!(s.cache.whitelist.is_empty());
+            assert_eq!(s.bind_addr.to_string(), "127.0.0.1:8900");
+            assert_eq!(s.cache.redis.url, "redis://127.0.0.1:6379");
+            assert_eq!(s.admin_token, None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_file_overrides_default_file_and_env_overrides_both() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(
+                "config/default.toml",
+                "[cache]\nimpl = \"memory\"\ndefault_ttl_secs = 10\nwhitelist = [\"a\"]\n",
+            )?;
+            jail.create_file(
+                "config/staging.toml",
+                "[cache]\ndefault_ttl_secs = 20\nwhitelist = [\"b\"]\n",
+            )?;
+            jail.set_env("APP_ENV", "staging");
+            let s = load(jail).expect("loads");
+            assert_eq!(s.cache.imp, CacheImpl::Memory, "from default.toml");
+            assert_eq!(
+                s.cache.default_ttl_secs, 20,
+                "staging.toml beats default.toml"
+            );
+            assert_eq!(s.cache.whitelist, ["b"]);
+            jail.set_env("CACHE_PATTERNS", "user, project");
+            jail.set_env("CACHE_IMPL", "redis");
+            jail.set_env("CACHE_ROLLOUT_CACHE__DEFAULT_TTL_SECS", "30");
+            let s = load(jail).expect("loads");
+            assert_eq!(s.cache.whitelist, ["user", "project"], "env beats files");
+            assert_eq!(s.cache.imp, CacheImpl::Redis);
+            assert_eq!(s.cache.default_ttl_secs, 30);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn product_env_vars_map_to_their_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FEATURE_CACHE", "false");
+            jail.set_env("REDIS_URL", "redis://:s3cret@127.0.0.1:7000/2");
+            jail.set_env("CACHE_ADMIN_TOKEN", "1234567890123456");
+            jail.set_env("BIND_ADDR", "127.0.0.1:9999");
+            jail.set_env("CACHE_PATTERNS", "*");
+            let s = load(jail).expect("loads");
+            assert!(!s.feature_cache);
+            assert_eq!(s.cache.redis.url, "redis://:s3cret@127.0.0.1:7000/2");
+            assert_eq!(
+                s.admin_token.as_deref(),
+                Some("1234567890123456"),
+                "a numeric token stays text"
+            );
+            assert_eq!(s.bind_addr.port(), 9999);
+            assert_eq!(s.cache.whitelist, ["*"]);
+            let shown = s.redacted().to_string();
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("1234567890123456"),
+                "{shown}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CACHE_IMPL", "redsi");
+            let e = err_text(load(jail));
+            assert!(e.contains("redsi") && e.contains("CACHE_IMPL"), "{e}");
+            jail.set_env("CACHE_IMPL", "null");
+
+            jail.set_env("APP_ENV", "prod");
+            let e = err_text(load(jail));
+            assert!(e.contains("APP_ENV") && e.contains("prod"), "{e}");
+            jail.set_env("APP_ENV", "development");
+
+            jail.set_env("REDIS_URL", "http//nope");
+            let e = err_text(load(jail));
+            assert!(
+                e.contains("cache.redis.url") && e.contains("unparsable"),
+                "{e}"
+            );
+            jail.set_env("REDIS_URL", "http://127.0.0.1:6379");
+            let e = err_text(load(jail));
+            assert!(e.contains("cache.redis.url") && e.contains("http"), "{e}");
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:6379");
+
+            jail.create_dir("config")?;
+            jail.create_file(
+                "config/default.toml",
+                "[cache.patterns.user]\nttl_secs = -5\n",
+            )?;
+            let e = err_text(load(jail));
+            assert!(e.contains("ttl_secs") && e.contains("-5"), "{e}");
+
+            jail.create_file("config/default.toml", "[cache]\ndefault_ttl_secs = 0\n")?;
+            let e = err_text(load(jail));
+            assert!(e.contains("cache.default_ttl_secs"), "{e}");
+
+            jail.create_file("config/default.toml", "[cache]\nimpl = \"null\"\nttl = 5\n")?;
+            let e = err_text(load(jail));
+            assert!(e.contains("ttl"), "unknown keys are errors: {e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://u:pw@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert!(!redact_url("redis://u:pw@[bad").contains("pw"));
+    }
+}

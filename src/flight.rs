@@ -1,0 +1,146 @@
+//! Single-flight: concurrent misses on one key run the loader once.
+//!
+//! The first caller to miss becomes the leader and runs its loader; callers that miss on the same key while the
+//! leader is loading wait for the leader's encoded value instead of running their own loader. If the leader's
+//! loader fails, or its task is cancelled, the waiters run their own loaders, so one failure is never multiplied.
+//! (The same idea as Go's `singleflight` and Spring's `@Cacheable(sync = true)`.) The map is sharded by key hash
+//! so unrelated keys do not contend on one lock.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<Box<str>, watch::Receiver<Option<Bytes>>>>;
+
+#[derive(Debug)]
+pub(crate) struct Flights {
+    shards: Box<[Shard]>,
+    hasher: foldhash::fast::FixedState,
+}
+
+pub(crate) enum Join {
+    Leader(LeaderGuard),
+    Follower(watch::Receiver<Option<Bytes>>),
+}
+
+/// Held by the leader while it loads; dropping it ends the flight.
+pub(crate) struct LeaderGuard {
+    flights: Arc<Flights>,
+    key: Box<str>,
+    tx: watch::Sender<Option<Bytes>>,
+}
+
+impl Flights {
+    pub(crate) fn new() -> Self {
+        Flights {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: foldhash::fast::FixedState::default(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        let idx = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
+        &self.shards[idx]
+    }
+
+    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Join {
+        let mut map = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = map.get(key) {
+            return Join::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.into(), rx);
+        Join::Leader(LeaderGuard {
+            flights: Arc::clone(self),
+            key: key.into(),
+            tx,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+impl LeaderGuard {
+    /// Hands the encoded value to every waiter (and to those that join until the guard drops).
+    pub(crate) fn publish(&self, value: Bytes) {
+        self.tx.send_replace(Some(value));
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .flights
+            .shard(&self.key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map
+            .get(&*self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            map.remove(&*self.key);
+        }
+        // `tx` drops after this: waiters that saw no value wake up and load themselves.
+    }
+}
+
+/// Waits for the leader's value; `None` when the leader ended without one.
+pub(crate) async fn wait(mut rx: watch::Receiver<Option<Bytes>>) -> Option<Bytes> {
+    // `wait_for` looks at the current value first, so a value published before the leader ended is seen even
+    // though the channel is closed; an error means the leader ended without one.
+    rx.wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|v| v.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn second_caller_follows_and_gets_the_published_value() {
+        let f = Arc::new(Flights::new());
+        let Join::Leader(lead) = f.join("k") else {
+            panic!("first caller leads")
+        };
+        let Join::Follower(rx) = f.join("k") else {
+            panic!("second caller follows")
+        };
+        lead.publish(Bytes::from_static(b"v"));
+        drop(lead);
+        assert_eq!(wait(rx).await.as_deref(), Some(&b"v"[..]));
+        assert_eq!(f.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn followers_get_none_when_the_leader_fails() {
+        let f = Arc::new(Flights::new());
+        let Join::Leader(lead) = f.join("k") else {
+            panic!("first caller leads")
+        };
+        let Join::Follower(rx) = f.join("k") else {
+            panic!("second caller follows")
+        };
+        drop(lead);
+        assert_eq!(wait(rx).await, None);
+        assert!(
+            matches!(f.join("k"), Join::Leader(_)),
+            "a new flight starts after the failed one"
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! The `/internal/cache` router: the registry's state, and its runtime switch behind a bearer token.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted) |
+//! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
+//! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
+//! | the same when no token is configured | 403: changes are refused |
+//!
+//! The token is compared in constant time. In production mount [`production_internal_router`] instead: every
+//! path under `/internal/` answers 404.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, put};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::error::Error;
+use crate::registry::PolicyUpdate;
+use crate::CacheRegistry;
+
+/// What the internal router needs.
+#[derive(Clone, Debug)]
+pub struct InternalState {
+    registry: CacheRegistry,
+    admin_token: Option<String>,
+    config: serde_json::Value,
+}
+
+impl InternalState {
+    /// `admin_token`: the bearer token for `PUT`; `None` refuses every change with 403.
+    pub fn new(registry: CacheRegistry, admin_token: Option<String>) -> Self {
+        InternalState {
+            registry,
+            admin_token,
+            config: serde_json::Value::Null,
+        }
+    }
+
+    /// Adds the effective configuration shown under `config` (pass it redacted, e.g.
+    /// [`Settings::redacted`](crate::config::Settings::redacted)).
+    pub fn with_config(mut self, redacted: serde_json::Value) -> Self {
+        self.config = redacted;
+        self
+    }
+}
+
+/// `GET /internal/cache` and `PUT /internal/cache/config`.
+pub fn internal_router(state: InternalState) -> Router {
+    Router::new()
+        .route("/internal/cache", get(show))
+        .route("/internal/cache/config", put(change))
+        .with_state(state)
+}
+
+/// Every path under `/internal/` answers 404 (`APP_ENV=production`).
+pub fn production_internal_router() -> Router {
+    let not_found = || async { StatusCode::NOT_FOUND };
+    Router::new()
+        .route("/internal", any(not_found))
+        .route("/internal/", any(not_found))
+        .route("/internal/{*rest}", any(not_found))
+}
+
+async fn view(state: &InternalState) -> serde_json::Value {
+    let mut v = serde_json::to_value(state.registry.state().await).unwrap_or_else(|_| json!({}));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("config".into(), state.config.clone());
+    }
+    v
+}
+
+async fn show(State(state): State<InternalState>) -> Json<serde_json::Value> {
+    Json(view(&state).await)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn change(State(state): State<InternalState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "runtime changes are disabled: no CACHE_ADMIN_TOKEN is configured",
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let authorized = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.as_bytes())));
+    if !authorized {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let update: PolicyUpdate = match serde_json::from_slice(&body) {
+        Ok(u) => u,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
+    };
+    match state.registry.switch_from(&update, "api").await {
+        Ok(_) => Json(view(&state).await).into_response(),
+        Err(e @ (Error::Config { .. } | Error::InvalidPattern { .. })) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("switch refused, previous state kept: {e}"),
+        ),
+    }
+}

@@ -1,0 +1,62 @@
+//! # cache-rollout
+//!
+//! Put a cache in front of a slow origin without guessing. Every cache call of the application goes through a
+//! [`CacheRegistry`]:
+//!
+//! 1. **Observe** (`CACHE_IMPL=null`): the [`NullCache`](cache::NullCache) stores nothing and always misses, so the
+//!    application behaves exactly as before, while every call is measured per key pattern (`user:123` → `user`).
+//! 2. **Analyse**: the measurements say what a cache would buy (the analysis itself is the subject of later work).
+//! 3. **Serve** (`CACHE_IMPL=redis`, `CACHE_PATTERNS=user,project`): whitelisted patterns are served from Redis,
+//!    switched at runtime without a restart; Redis errors and timeouts fail open to the loader.
+//!
+//! ## Getting started
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cache_rollout::Error> {
+//! use cache_rollout::{CacheRegistry, PolicyUpdate, RegistryOptions};
+//! use cache_rollout::cache::CacheImpl;
+//!
+//! let cache = CacheRegistry::new(RegistryOptions::default()).await?; // observing
+//! let name: Result<String, std::io::Error> =
+//!     cache.get_or_load("user:1", || async { Ok("Ada".to_string()) }).await;
+//!
+//! // Later, at runtime: serve `user` from Redis.
+//! cache
+//!     .switch(&PolicyUpdate {
+//!         imp: Some(CacheImpl::Redis),
+//!         whitelist: Some(vec!["user".into()]),
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`error`] | the one [`Error`] type, with predicates |
+//! | [`pattern`] | key → key pattern, templates, the bounded pattern table |
+//! | [`cache`] | the [`Cache`](cache::Cache) trait and the null, memory and Redis backends |
+//! | [`codec`] | the versioned, checksummed envelope of cached values |
+//! | [`registry`] | [`CacheRegistry`]: the `ArcSwap`ped policy and backend, cache-aside, single-flight, switching |
+//! | [`metrics`] | Prometheus families and per-pattern label handles |
+//! | [`http`] | candidate-route layer, `/internal/cache` router, `/metrics` |
+//! | [`config`] | [`Settings`](config::Settings), loaded with figment |
+//! | [`replay`] | trace readers (Twitter cache-trace, ARC `.lis`) and the replay driver |
+//! | [`catalog`] | the reference service: a catalog API over SQLite, cached through the registry |
+
+pub mod cache;
+pub mod catalog;
+pub mod codec;
+pub mod config;
+pub mod error;
+mod flight;
+pub mod http;
+pub mod metrics;
+pub mod pattern;
+pub mod registry;
+pub mod replay;
+
+pub use crate::error::{Error, Result};
+pub use crate::registry::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};

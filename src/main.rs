@@ -1,0 +1,267 @@
+//! The `cache-rollout` binary: `serve` (the reference service; the default), `replay TRACE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_rollout::cache::{CacheImpl, RedisOptions};
+use cache_rollout::catalog::{self, AppContext, Origin};
+use cache_rollout::config::{LogFormat, Settings};
+use cache_rollout::replay::{self, TraceFormat};
+use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+use clap::{Parser, Subcommand};
+
+/// Observe-first caching: measure through a NullCache, then serve key patterns from Redis at runtime.
+#[derive(Parser)]
+#[command(name = "cache-rollout", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the reference service (the default): a catalog API over SQLite, cached through the registry.
+    Serve(ServeArgs),
+    /// Run an access trace through a registry and print per-pattern hits, misses and hit ratio.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Directory holding default.toml and <APP_ENV>.toml.
+    #[arg(long, default_value = "config")]
+    config_dir: PathBuf,
+    /// Number of seeded users (projects: a tenth of that).
+    #[arg(long, default_value_t = 1000)]
+    users: i64,
+    /// Milliseconds added to every origin query, to stand in for a slow origin.
+    #[arg(long, default_value_t = 0)]
+    origin_delay_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Trace file (.csv, .lis, optionally .zst).
+    trace: PathBuf,
+    /// Trace format; guessed from the file name when absent.
+    #[arg(long, value_enum)]
+    format: Option<TraceFormat>,
+    /// Backend every pattern is served from.
+    #[arg(long = "impl", value_enum, default_value = "null")]
+    imp: ImplArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Stop at the first malformed line instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Redis URL for --impl redis.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Key prefix in Redis for --impl redis (its keys are flushed at the start of the run).
+    #[arg(long, default_value = "cr-replay:")]
+    redis_prefix: String,
+    /// Capacity of --impl memory in entries.
+    #[arg(long, default_value_t = 100_000)]
+    memory_entries: u64,
+    /// Capacity of --impl memory in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    memory_bytes: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImplArg {
+    Null,
+    Memory,
+    Redis,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve(ServeArgs {
+            config_dir: "config".into(),
+            users: 1000,
+            origin_delay_ms: 0,
+        })) {
+            Command::Serve(args) => serve(args).await,
+            Command::Replay(args) => run_replay(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
+    let settings = Settings::load_from(&args.config_dir)?;
+    init_logs(settings.log_format);
+    let registry = CacheRegistry::new(settings.registry_options()?).await?;
+    tracing::info!("{}", registry.state_line());
+    let origin =
+        Origin::seeded(args.users, Duration::from_millis(args.origin_delay_ms)).map_err(|e| {
+            cache_rollout::Error::Io {
+                context: "seeding the SQLite origin".into(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    let listener = tokio::net::TcpListener::bind(settings.bind_addr)
+        .await
+        .map_err(|source| cache_rollout::Error::Io {
+            context: format!("binding {}", settings.bind_addr),
+            source,
+        })?;
+    tracing::info!(addr = %settings.bind_addr, env = settings.app_env.as_str(), "listening");
+    spawn_sighup_reload(registry.clone(), args.config_dir.clone());
+    let app = catalog::app(AppContext {
+        registry,
+        origin,
+        settings: Arc::new(settings),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|source| cache_rollout::Error::Io {
+            context: "serving".into(),
+            source,
+        })?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// SIGHUP re-reads the configuration files (and the environment) and applies them; a bad file keeps the old state.
+fn spawn_sighup_reload(registry: CacheRegistry, dir: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Settings::load_from(&dir) {
+                Ok(s) => {
+                    if let Err(e) = registry.reload(s.policy(), s.redis_options()).await {
+                        tracing::error!(error = %e, "SIGHUP: reload refused, previous state kept");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration invalid, previous state kept")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (registry, dir);
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining requests");
+}
+
+async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
+    let format = match args.format.or_else(|| TraceFormat::guess(&args.trace)) {
+        Some(f) => f,
+        None => {
+            return Err(cache_rollout::Error::Trace {
+                line: 0,
+                reason: format!(
+                    "cannot guess the format of {}; pass --format twitter or --format arc",
+                    args.trace.display()
+                ),
+            })
+        }
+    };
+    let imp = match args.imp {
+        ImplArg::Null => CacheImpl::Null,
+        ImplArg::Memory => CacheImpl::Memory,
+        ImplArg::Redis => CacheImpl::Redis,
+    };
+    let opts = RegistryOptions {
+        policy: Policy {
+            imp,
+            whitelist: vec!["*".into()],
+            default_ttl_secs: 86_400,
+            ..Policy::default()
+        },
+        max_patterns: 10_000,
+        redis: RedisOptions {
+            url: args.redis_url.clone(),
+            key_prefix: args.redis_prefix.clone(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+        },
+        memory_max_entries: args.memory_entries,
+        memory_max_bytes: args.memory_bytes,
+        max_value_bytes: usize::MAX,
+        ..RegistryOptions::default()
+    };
+    let registry = CacheRegistry::new(opts).await?;
+    if registry.policy().imp != imp {
+        return Err(cache_rollout::Error::config(
+            "--impl",
+            imp.as_str(),
+            "the backend could not be reached (see the log above)",
+        ));
+    }
+    let reader = replay::open(&args.trace)?;
+    let report = replay::replay(&registry, reader, format, args.strict, |e| {
+        eprintln!("skipped: {e}")
+    })
+    .await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}

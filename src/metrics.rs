@@ -1,0 +1,408 @@
+//! Prometheus metric families and the label handles cached per key pattern.
+//!
+//! Names are the seed system's (`cache_hits_total`, `cache_miss_total`, …) so its dashboards carry over; the
+//! histograms follow Prometheus conventions (seconds, bytes). Every family lives in one [`prometheus::Registry`]
+//! owned by [`Metrics`], so several registries (tests, several caches in one process) never clash; `GET /metrics`
+//! renders it with [`Metrics::render`].
+//!
+//! | family | type | labels |
+//! |---|---|---|
+//! | `cache_hits_total`, `cache_miss_total`, `cache_set_total`, `cache_del_total` | counter | `impl`, `key_pattern` |
+//! | `cache_coalesced_total` | counter | `key_pattern` (misses answered by another caller's load: single-flight) |
+//! | `cache_errors_total` | counter | `impl`, `error_type` |
+//! | `cache_invalidate_total` | counter | `impl`, `tag` (`key` or `pattern` for now) |
+//! | `cache_enabled` | gauge | `impl` (1 for the active impl while enabled) |
+//! | `cache_swaps_total` | counter | `result` (`ok`, `error`) |
+//! | `cache_operation_duration_seconds` | histogram | `impl`, `operation` |
+//! | `cache_loader_duration_seconds` | histogram | `key_pattern` |
+//! | `cache_value_size_bytes` | histogram | `key_pattern` |
+//! | `cache_candidate_requests_total` | counter | `route`, `method` |
+//! | `cache_candidate_request_duration_seconds` | histogram | `route`, `method` |
+//!
+//! Label handles are resolved once per pattern ([`PatternMetrics`]) or per route and cached; the hot path never
+//! looks a label up by string.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::cache::CacheImpl;
+
+/// The `error_type` label values, in a fixed order (see [`Error::error_type`](crate::Error::error_type)).
+pub const ERROR_TYPES: [&str; 8] = [
+    "timeout",
+    "connection",
+    "redis",
+    "corrupt",
+    "too_large",
+    "encode",
+    "invalid_key",
+    "other",
+];
+
+/// The `operation` label values of `cache_operation_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Operation {
+    /// A read.
+    Get,
+    /// A write.
+    Set,
+    /// A delete of one key.
+    Delete,
+    /// A delete of every key of a pattern.
+    DeletePattern,
+}
+
+impl Operation {
+    const ALL: [Operation; 4] = [
+        Operation::Get,
+        Operation::Set,
+        Operation::Delete,
+        Operation::DeletePattern,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Get => "get",
+            Operation::Set => "set",
+            Operation::Delete => "delete",
+            Operation::DeletePattern => "delete_pattern",
+        }
+    }
+}
+
+/// Every metric family of one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    hits: IntCounterVec,
+    miss: IntCounterVec,
+    set: IntCounterVec,
+    del: IntCounterVec,
+    coalesced: IntCounterVec,
+    loader: HistogramVec,
+    value_size: HistogramVec,
+    enabled: IntGaugeVec,
+    swaps: IntCounterVec,
+    invalidate: IntCounterVec,
+    candidate_requests: IntCounterVec,
+    candidate_duration: HistogramVec,
+    errors: Vec<Vec<IntCounter>>,     // [impl][error_type]
+    op_duration: Vec<Vec<Histogram>>, // [impl][operation]
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Seconds: 50 µs … ~3.3 s, doubling.
+fn duration_buckets() -> Vec<f64> {
+    exponential_buckets(0.000_05, 2.0, 17).unwrap_or_default()
+}
+
+impl Metrics {
+    /// Registers every family in a fresh [`Registry`].
+    ///
+    /// # Panics
+    /// Never in practice: the names and label sets are constants, and registration into a fresh registry only
+    /// fails for duplicate or malformed names.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("valid counter definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("fresh registry");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid histogram definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("fresh registry");
+            h
+        };
+        let ip = &["impl", "key_pattern"];
+        let hits = counter("cache_hits_total", "Cache reads that found a value.", ip);
+        let miss = counter(
+            "cache_miss_total",
+            "Cache reads that found nothing (the loader ran).",
+            ip,
+        );
+        let set = counter("cache_set_total", "Cache writes.", ip);
+        let del = counter(
+            "cache_del_total",
+            "Cache deletes (invalidations of one key).",
+            ip,
+        );
+        let coalesced = counter(
+            "cache_coalesced_total",
+            "Misses answered by another caller's load of the same key (single-flight).",
+            &["key_pattern"],
+        );
+        let errors_vec = counter(
+            "cache_errors_total",
+            "Cache backend errors, by type; each fell back to the loader.",
+            &["impl", "error_type"],
+        );
+        let invalidate = counter(
+            "cache_invalidate_total",
+            "Invalidations, by tag.",
+            &["impl", "tag"],
+        );
+        let swaps = counter(
+            "cache_swaps_total",
+            "Runtime configuration swaps, by result.",
+            &["result"],
+        );
+        let candidate_requests = counter(
+            "cache_candidate_requests_total",
+            "HTTP requests per matched route (candidates for caching).",
+            &["route", "method"],
+        );
+        let enabled = IntGaugeVec::new(
+            Opts::new(
+                "cache_enabled",
+                "1 for the active cache impl while caching is enabled, else 0.",
+            ),
+            &["impl"],
+        )
+        .expect("valid gauge definition");
+        registry
+            .register(Box::new(enabled.clone()))
+            .expect("fresh registry");
+        let op_vec = histogram(
+            "cache_operation_duration_seconds",
+            "Duration of cache backend operations in seconds.",
+            &["impl", "operation"],
+            duration_buckets(),
+        );
+        let loader = histogram(
+            "cache_loader_duration_seconds",
+            "Duration of loader (origin) calls in seconds.",
+            &["key_pattern"],
+            duration_buckets(),
+        );
+        let value_size = histogram(
+            "cache_value_size_bytes",
+            "Encoded size of loaded values in bytes.",
+            &["key_pattern"],
+            exponential_buckets(64.0, 4.0, 10).unwrap_or_default(),
+        );
+        let candidate_duration = histogram(
+            "cache_candidate_request_duration_seconds",
+            "Duration of HTTP requests per matched route in seconds.",
+            &["route", "method"],
+            duration_buckets(),
+        );
+        let errors = CacheImpl::ALL
+            .iter()
+            .map(|i| {
+                ERROR_TYPES
+                    .iter()
+                    .map(|t| errors_vec.with_label_values(&[i.as_str(), t]))
+                    .collect()
+            })
+            .collect();
+        let op_duration = CacheImpl::ALL
+            .iter()
+            .map(|i| {
+                Operation::ALL
+                    .iter()
+                    .map(|o| op_vec.with_label_values(&[i.as_str(), o.as_str()]))
+                    .collect()
+            })
+            .collect();
+        for i in CacheImpl::ALL {
+            enabled.with_label_values(&[i.as_str()]).set(0);
+        }
+        Metrics {
+            registry,
+            hits,
+            miss,
+            set,
+            del,
+            coalesced,
+            loader,
+            value_size,
+            enabled,
+            swaps,
+            invalidate,
+            candidate_requests,
+            candidate_duration,
+            errors,
+            op_duration,
+        }
+    }
+
+    /// The Prometheus registry holding every family (to add your own, or to gather).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4) of every family.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which `new` cannot register.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Resolves every label handle of one key pattern.
+    pub fn pattern(&self, pattern: &str) -> PatternMetrics {
+        let per_impl =
+            |v: &IntCounterVec| CacheImpl::ALL.map(|i| v.with_label_values(&[i.as_str(), pattern]));
+        PatternMetrics {
+            hits: per_impl(&self.hits),
+            miss: per_impl(&self.miss),
+            set: per_impl(&self.set),
+            del: per_impl(&self.del),
+            coalesced: self.coalesced.with_label_values(&[pattern]),
+            loader: self.loader.with_label_values(&[pattern]),
+            value_size: self.value_size.with_label_values(&[pattern]),
+            size_sample: AtomicU64::new(0),
+        }
+    }
+
+    /// Resolves the label handles of one candidate route.
+    pub fn route(&self, route: &str, method: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: self.candidate_requests.with_label_values(&[route, method]),
+            duration: self.candidate_duration.with_label_values(&[route, method]),
+        }
+    }
+
+    pub(crate) fn error(&self, imp: CacheImpl, error_type: &str) {
+        let idx = ERROR_TYPES
+            .iter()
+            .position(|t| *t == error_type)
+            .unwrap_or(ERROR_TYPES.len() - 1);
+        self.errors[imp.index()][idx].inc();
+    }
+
+    pub(crate) fn op_duration(&self, imp: CacheImpl, op: Operation) -> &Histogram {
+        &self.op_duration[imp.index()][op as usize]
+    }
+
+    pub(crate) fn set_enabled(&self, enabled: bool, active: CacheImpl) {
+        for i in CacheImpl::ALL {
+            self.enabled
+                .with_label_values(&[i.as_str()])
+                .set(i64::from(enabled && i == active));
+        }
+    }
+
+    pub(crate) fn swap(&self, ok: bool) {
+        self.swaps
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub(crate) fn invalidated(&self, imp: CacheImpl, tag: &str) {
+        self.invalidate
+            .with_label_values(&[imp.as_str(), tag])
+            .inc();
+    }
+
+    /// Total of `cache_errors_total` for one impl and error type (for tests and the JSON state).
+    pub fn errors(&self, imp: CacheImpl, error_type: &str) -> u64 {
+        ERROR_TYPES
+            .iter()
+            .position(|t| *t == error_type)
+            .map_or(0, |idx| self.errors[imp.index()][idx].get())
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The cached label handles of one key pattern, one counter per impl.
+#[derive(Debug)]
+pub struct PatternMetrics {
+    hits: [IntCounter; 3],
+    miss: [IntCounter; 3],
+    set: [IntCounter; 3],
+    del: [IntCounter; 3],
+    coalesced: IntCounter,
+    pub(crate) loader: Histogram,
+    pub(crate) value_size: Histogram,
+    size_sample: AtomicU64,
+}
+
+/// Counters of one key pattern summed over impls, as `GET /internal/cache` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PatternCounts {
+    /// Reads (`hits + misses`).
+    pub gets: u64,
+    /// Reads that found a value.
+    pub hits: u64,
+    /// Reads that found nothing.
+    pub misses: u64,
+    /// Writes.
+    pub sets: u64,
+    /// Deletes.
+    pub deletes: u64,
+    /// Misses answered by another caller's load (single-flight); included in `misses`.
+    pub coalesced: u64,
+}
+
+impl PatternMetrics {
+    pub(crate) fn hit(&self, imp: CacheImpl) {
+        self.hits[imp.index()].inc();
+    }
+    pub(crate) fn miss(&self, imp: CacheImpl) {
+        self.miss[imp.index()].inc();
+    }
+    pub(crate) fn set(&self, imp: CacheImpl) {
+        self.set[imp.index()].inc();
+    }
+    pub(crate) fn del(&self, imp: CacheImpl) {
+        self.del[imp.index()].inc();
+    }
+    pub(crate) fn coalesced(&self) {
+        self.coalesced.inc();
+    }
+
+    /// True once every `every` calls: which loads get their value size measured on the observe path.
+    pub(crate) fn sample_size(&self, every: u64) -> bool {
+        every <= 1 || self.size_sample.fetch_add(1, Ordering::Relaxed) % every == 0
+    }
+
+    /// The counters summed over impls.
+    pub fn counts(&self) -> PatternCounts {
+        let sum = |c: &[IntCounter; 3]| c.iter().map(IntCounter::get).sum::<u64>();
+        let hits = sum(&self.hits);
+        let misses = sum(&self.miss);
+        PatternCounts {
+            gets: hits + misses,
+            hits,
+            misses,
+            sets: sum(&self.set),
+            deletes: sum(&self.del),
+            coalesced: self.coalesced.get(),
+        }
+    }
+
+    /// Hits of one impl only.
+    pub fn hits_of(&self, imp: CacheImpl) -> u64 {
+        self.hits[imp.index()].get()
+    }
+}
+
+/// The cached label handles of one candidate route.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    pub(crate) requests: IntCounter,
+    pub(crate) duration: Histogram,
+}

@@ -1,0 +1,208 @@
+//! One contract, three backends: what every `Cache` promises, checked against the NullCache, the MemoryCache and a
+//! real `redis-server`.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cache_rollout::cache::{Cache, CacheImpl, MemoryCache, NullCache, RedisCache, RedisOptions};
+use support::RedisServer;
+
+async fn redis_cache(server: &RedisServer) -> RedisCache {
+    RedisCache::connect(RedisOptions {
+        url: server.url(),
+        ..RedisOptions::default()
+    })
+    .await
+    .expect("connect to the test redis")
+}
+
+/// What a storing backend must do.
+async fn storing_contract(c: &dyn Cache) {
+    assert_eq!(c.get("user:1").await.expect("get"), None, "empty at first");
+    c.set("user:1", Bytes::from_static(b"ada"), None)
+        .await
+        .expect("set");
+    assert_eq!(
+        c.get("user:1").await.expect("get").as_deref(),
+        Some(&b"ada"[..])
+    );
+
+    c.set("user:1", Bytes::from_static(b"grace"), None)
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        c.get("user:1").await.expect("get").as_deref(),
+        Some(&b"grace"[..])
+    );
+
+    assert!(
+        c.delete("user:1").await.expect("delete"),
+        "delete reports a present key"
+    );
+    assert!(
+        !c.delete("user:1").await.expect("delete"),
+        "and an absent one"
+    );
+    assert_eq!(c.get("user:1").await.expect("get"), None);
+
+    // Empty and binary values survive.
+    c.set("bin:1", Bytes::new(), None).await.expect("set empty");
+    assert_eq!(
+        c.get("bin:1").await.expect("get").as_deref(),
+        Some(&b""[..])
+    );
+    let bin: Vec<u8> = (0..=255).collect();
+    c.set("bin:2", Bytes::from(bin.clone()), None)
+        .await
+        .expect("set binary");
+    assert_eq!(
+        c.get("bin:2").await.expect("get").as_deref(),
+        Some(&bin[..])
+    );
+
+    // TTL: gone after it expires.
+    c.set(
+        "ttl:1",
+        Bytes::from_static(b"x"),
+        Some(Duration::from_millis(200)),
+    )
+    .await
+    .expect("set ttl");
+    assert!(c.get("ttl:1").await.expect("get").is_some());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.get("ttl:1").await.expect("get"), None, "expired");
+
+    // Pattern deletion removes exactly the keys the predicate accepts under the prefix.
+    for k in [
+        "user:1",
+        "user:2",
+        "user:3:profile",
+        "username:1",
+        "project:1",
+    ] {
+        c.set(k, Bytes::from_static(b"v"), None).await.expect("set");
+    }
+    let only_user = |k: &str| k.split(':').count() == 2 && k.starts_with("user:");
+    let n = c
+        .delete_matching("user", &only_user)
+        .await
+        .expect("delete_matching");
+    assert_eq!(n, 2);
+    assert_eq!(c.get("user:1").await.expect("get"), None);
+    assert_eq!(c.get("user:2").await.expect("get"), None);
+    for k in ["user:3:profile", "username:1", "project:1"] {
+        assert!(c.get(k).await.expect("get").is_some(), "{k} must survive");
+    }
+
+    let h = c.health().await;
+    assert!(h.up, "healthy: {h:?}");
+}
+
+#[tokio::test]
+async fn null_cache_stores_nothing_and_never_fails() {
+    let c = NullCache;
+    assert_eq!(c.kind(), CacheImpl::Null);
+    assert!(c.always_misses());
+    c.set("user:1", Bytes::from_static(b"ada"), None)
+        .await
+        .expect("set never fails");
+    assert_eq!(c.get("user:1").await.expect("get never fails"), None);
+    assert!(!c.delete("user:1").await.expect("delete never fails"));
+    assert_eq!(
+        c.delete_matching("", &|_| true).await.expect("never fails"),
+        0
+    );
+    assert!(c.health().await.up);
+}
+
+#[tokio::test]
+async fn memory_cache_meets_the_contract() {
+    let c = MemoryCache::new(1000, 1 << 20);
+    assert_eq!(c.kind(), CacheImpl::Memory);
+    storing_contract(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_meets_the_contract() {
+    let server = RedisServer::start();
+    let c = redis_cache(&server).await;
+    assert_eq!(c.kind(), CacheImpl::Redis);
+    storing_contract(&c).await;
+}
+
+#[tokio::test]
+async fn memory_cache_is_bounded_in_entries_and_bytes() {
+    let c = MemoryCache::new(100, 1 << 20);
+    for i in 0..1000 {
+        c.set(&format!("k:{i}"), Bytes::from_static(b"v"), None)
+            .await
+            .expect("set");
+    }
+    c.run_pending_tasks().await;
+    assert!(c.entry_count() <= 100, "entries {}", c.entry_count());
+
+    let c = MemoryCache::new(1_000_000, 10_000);
+    for i in 0..100 {
+        c.set(&format!("k:{i}"), Bytes::from(vec![0u8; 1000]), None)
+            .await
+            .expect("set");
+    }
+    c.run_pending_tasks().await;
+    assert!(
+        c.entry_count() <= 10,
+        "10 kB holds at most ten 1 kB values, found {}",
+        c.entry_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_live_under_the_prefix_and_pattern_deletion_uses_scan() {
+    let server = RedisServer::start();
+    let c = redis_cache(&server).await;
+    let mut raw = server.conn();
+    // A foreign key in the same database is never touched.
+    let () = redis::cmd("SET")
+        .arg("user:9")
+        .arg("foreign")
+        .query(&mut raw)
+        .expect("set foreign");
+    for i in 0..2500 {
+        c.set(&format!("user:{i}"), Bytes::from_static(b"v"), None)
+            .await
+            .expect("set");
+    }
+    let v: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("cr:user:1")
+        .query(&mut raw)
+        .expect("get raw");
+    assert_eq!(v.as_deref(), Some(&b"v"[..]), "stored under the cr: prefix");
+    let n = c
+        .delete_matching("user", &|_| true)
+        .await
+        .expect("delete_matching");
+    assert_eq!(n, 2500, "SCAN visits every key across cursor pages");
+    let foreign: Option<String> = redis::cmd("GET")
+        .arg("user:9")
+        .query(&mut raw)
+        .expect("get");
+    assert_eq!(foreign.as_deref(), Some("foreign"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connect_fails_fast_when_nothing_listens() {
+    let port = support::free_port();
+    let r = RedisCache::connect(RedisOptions {
+        url: format!("redis://127.0.0.1:{port}"),
+        connect_timeout: Duration::from_millis(300),
+        ..RedisOptions::default()
+    })
+    .await;
+    let e = r.expect_err("nothing listens");
+    assert!(
+        e.is_connection() || e.is_timeout(),
+        "{e} ({})",
+        e.error_type()
+    );
+}
