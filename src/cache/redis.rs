@@ -93,8 +93,28 @@ fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(opts.connect_timeout))
         .set_response_timeout(Some(opts.response_timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2))
+        // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
+        // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast and
+        // fall back to the loader rather than queue behind a long back-off.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100))
+}
+
+/// Runs one Redis command with `response_timeout` as an overall deadline, which also covers waiting for a
+/// reconnection in progress.
+async fn bounded<T>(
+    opts: &RedisOptions,
+    operation: &'static str,
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(opts.response_timeout, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Timeout {
+            operation,
+            after: opts.response_timeout,
+        }),
+    }
 }
 
 /// Escapes Redis glob metacharacters so a literal prefix can be used with `SCAN MATCH`.
@@ -117,7 +137,7 @@ impl Cache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
         async move {
             let mut c = self.conn.clone();
-            let v: Option<Vec<u8>> = c.get(self.redis_key(key)).await?;
+            let v: Option<Vec<u8>> = bounded(&self.opts, "get", c.get(self.redis_key(key))).await?;
             Ok(v.map(Bytes::from))
         }
         .boxed()
@@ -135,10 +155,10 @@ impl Cache for RedisCache {
             match ttl {
                 Some(ttl) => {
                     let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                    let () = c.pset_ex(k, value.as_ref(), ms).await?;
+                    let () = bounded(&self.opts, "set", c.pset_ex(k, value.as_ref(), ms)).await?;
                 }
                 None => {
-                    let () = c.set(k, value.as_ref()).await?;
+                    let () = bounded(&self.opts, "set", c.set(k, value.as_ref())).await?;
                 }
             }
             Ok(())
@@ -149,7 +169,7 @@ impl Cache for RedisCache {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
         async move {
             let mut c = self.conn.clone();
-            let n: u64 = c.del(self.redis_key(key)).await?;
+            let n: u64 = bounded(&self.opts, "delete", c.del(self.redis_key(key))).await?;
             Ok(n > 0)
         }
         .boxed()
@@ -167,14 +187,9 @@ impl Cache for RedisCache {
             let mut cursor: u64 = 0;
             let mut deleted = 0u64;
             loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&glob)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await?;
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor).arg("MATCH").arg(&glob).arg("COUNT").arg(1000);
+                let (next, keys): (u64, Vec<String>) = bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
                 let doomed: Vec<&String> = keys.iter().filter(|k| belongs(&k[strip..])).collect();
                 if !doomed.is_empty() {
                     let n: u64 = redis::cmd("UNLINK")
@@ -207,7 +222,7 @@ impl Cache for RedisCache {
                 Err(e) => Health {
                     up: false,
                     latency_ms: None,
-                    error: Some(Error::from(e).to_string()),
+                    error: Some(e.to_string()),
                 },
             }
         }

@@ -30,8 +30,13 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (e.g. `["--maxmemory", "1mb"]`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts a server on a given port.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut s = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("temporary directory"),
             child: None,
             extra: extra.iter().map(ToString::to_string).collect(),

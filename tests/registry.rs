@@ -1,0 +1,391 @@
+//! The registry's behaviour: observe, serve, single-flight, fail-open, corruption, runtime switching.
+//! Redis is a real `redis-server` started by `support`.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_rollout::cache::{CacheImpl, RedisOptions};
+use cache_rollout::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
+use serde::{Deserialize, Serialize};
+use support::RedisServer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+fn user(id: u64, version: u64) -> User {
+    User {
+        id,
+        name: format!("user {id} v{version}"),
+    }
+}
+
+fn options(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> RegistryOptions {
+    RegistryOptions {
+        policy: Policy {
+            imp,
+            whitelist: whitelist.iter().map(ToString::to_string).collect(),
+            ..Policy::default()
+        },
+        redis: RedisOptions {
+            url: redis_url.unwrap_or_else(|| "redis://127.0.0.1:1".into()),
+            connect_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(200),
+            ..RedisOptions::default()
+        },
+        ..RegistryOptions::default()
+    }
+}
+
+async fn registry(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> CacheRegistry {
+    CacheRegistry::new(options(imp, whitelist, redis_url)).await.expect("registry")
+}
+
+/// Loads `user(id, 1)` through the registry, counting loader runs.
+async fn load(reg: &CacheRegistry, id: u64, calls: &AtomicUsize) -> User {
+    reg.get_or_load(&format!("user:{id}"), || async {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Infallible>(user(id, 1))
+    })
+    .await
+    .expect("infallible loader")
+}
+
+fn switch(imp: CacheImpl, whitelist: &[&str]) -> PolicyUpdate {
+    PolicyUpdate {
+        imp: Some(imp),
+        whitelist: Some(whitelist.iter().map(ToString::to_string).collect()),
+        ..PolicyUpdate::default()
+    }
+}
+
+#[tokio::test]
+async fn observe_mode_always_runs_the_loader_and_counts_every_call() {
+    let reg = registry(CacheImpl::Null, &[], None).await;
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the NullCache never serves");
+    let c = reg.pattern_counts()["user"];
+    assert_eq!((c.gets, c.hits, c.misses, c.sets), (3, 0, 3, 3));
+    let text = reg.metrics().render();
+    assert!(text.contains(r#"cache_miss_total{impl="null",key_pattern="user"} 3"#), "{text}");
+    assert!(text.contains(r#"cache_loader_duration_seconds_count{key_pattern="user"} 3"#));
+    assert!(text.contains(r#"cache_value_size_bytes_count{key_pattern="user"} 1"#), "one value in 16 is sized");
+}
+
+#[tokio::test]
+async fn disabled_registry_calls_the_loader_unmeasured() {
+    let mut opts = options(CacheImpl::Memory, &["*"], None);
+    opts.policy.enabled = false;
+    let reg = CacheRegistry::new(opts).await.expect("registry");
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    load(&reg, 1, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(reg.pattern_counts().is_empty(), "nothing measured");
+}
+
+#[tokio::test]
+async fn malformed_key_bypasses_the_cache_and_is_counted() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    for key in ["", "user 1", "user:\n1"] {
+        let v: Result<u32, Infallible> = reg.get_or_load(key, || async { Ok(7) }).await;
+        assert_eq!(v, Ok(7));
+    }
+    assert_eq!(reg.metrics().errors(CacheImpl::Memory, "invalid_key"), 3);
+    assert!(reg.set("bad key", &1u32).await.is_err());
+    assert!(reg.invalidate("").await.is_err());
+}
+
+#[tokio::test]
+async fn memory_serves_whitelisted_patterns_and_observes_the_rest() {
+    let reg = registry(CacheImpl::Memory, &["user"], None).await;
+    let calls = AtomicUsize::new(0);
+    assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "second call is a hit");
+    let project_calls = AtomicUsize::new(0);
+    for _ in 0..2 {
+        let _: Result<u64, Infallible> = reg
+            .get_or_load("project:1", || async {
+                project_calls.fetch_add(1, Ordering::SeqCst);
+                Ok(1)
+            })
+            .await;
+    }
+    assert_eq!(project_calls.load(Ordering::SeqCst), 2, "not whitelisted: observed only");
+    let counts = reg.pattern_counts();
+    assert_eq!((counts["user"].hits, counts["user"].misses), (1, 1));
+    assert_eq!((counts["project"].hits, counts["project"].misses), (0, 2));
+    let text = reg.metrics().render();
+    assert!(text.contains(r#"cache_hits_total{impl="memory",key_pattern="user"} 1"#));
+    assert!(text.contains(r#"cache_miss_total{impl="null",key_pattern="project"} 2"#));
+    assert!(text.contains(r#"cache_enabled{impl="memory"} 1"#));
+}
+
+#[tokio::test]
+async fn loader_errors_are_returned_and_not_cached() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    let r: Result<u32, String> = reg.get_or_load("user:1", || async { Err("origin down".to_string()) }).await;
+    assert_eq!(r, Err("origin down".to_string()));
+    let r: Result<u32, String> = reg.get_or_load("user:1", || async { Ok(5) }).await;
+    assert_eq!(r, Ok(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_on_one_key_run_the_loader_once() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let reg = reg.clone();
+        let calls = Arc::clone(&calls);
+        tasks.push(tokio::spawn(async move {
+            reg.get_or_load("user:7", || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, Infallible>(user(7, 1))
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(user(7, 1)));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let c = reg.pattern_counts()["user"];
+    assert_eq!(c.gets, 100);
+    assert_eq!(c.coalesced, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_load_themselves_when_the_leader_fails() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    let leader = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            reg.get_or_load("user:8", || async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err::<User, _>("boom")
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let follower: Result<User, &str> = reg.get_or_load("user:8", || async { Ok(user(8, 1)) }).await;
+    assert_eq!(follower, Ok(user(8, 1)));
+    assert_eq!(leader.await.expect("task"), Err("boom"));
+}
+
+#[tokio::test]
+async fn oversized_values_are_served_but_not_stored() {
+    let mut opts = options(CacheImpl::Memory, &["*"], None);
+    opts.max_value_bytes = 100;
+    let reg = CacheRegistry::new(opts).await.expect("registry");
+    let calls = AtomicUsize::new(0);
+    for _ in 0..2 {
+        let v: Result<String, Infallible> = reg
+            .get_or_load("blob:1", || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok("x".repeat(1000))
+            })
+            .await;
+        assert_eq!(v.expect("loader value").len(), 1000);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "never stored, so never a hit");
+    assert_eq!(reg.metrics().errors(CacheImpl::Memory, "too_large"), 2);
+    let e = reg.set("blob:1", &"x".repeat(1000)).await.expect_err("explicit set refuses");
+    assert!(e.to_string().contains("exceeds"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_redis_entry_is_a_miss_and_is_replaced() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    let mut raw = server.conn();
+    for garbage in [&b"not ours"[..], b"", b"CR\x01garbage-after-a-real-looking-header"] {
+        let () = redis::cmd("SET").arg("cr:user:1").arg(garbage).query(&mut raw).expect("corrupt");
+        assert_eq!(load(&reg, 1, &calls).await, user(1, 1), "never a wrong value");
+    }
+    // Flip one byte of a valid entry: the checksum catches it.
+    let mut good: Vec<u8> = redis::cmd("GET").arg("cr:user:1").query(&mut raw).expect("get");
+    let last = good.len() - 2;
+    good[last] ^= 0x01;
+    let () = redis::cmd("SET").arg("cr:user:1").arg(good).query(&mut raw).expect("corrupt");
+    assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 5, "every corrupted read reloaded");
+    assert_eq!(reg.metrics().errors(CacheImpl::Redis, "corrupt"), 4);
+    assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 5, "the reload replaced the entry: a hit again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_to_unreachable_redis_keeps_the_old_state() {
+    let reg = registry(CacheImpl::Memory, &["user"], Some(format!("redis://127.0.0.1:{}", support::free_port()))).await;
+    let e = reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect_err("nothing listens");
+    assert!(e.is_connection() || e.is_timeout(), "{e}");
+    let state = reg.state().await;
+    assert_eq!(state.imp, CacheImpl::Memory);
+    let last = state.swaps.last().expect("history");
+    assert!(!last.ok && last.error.is_some());
+    assert_eq!(last.to_impl, CacheImpl::Redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_null_redis_null_under_load_fails_no_call() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Null, &[], Some(server.url())).await;
+    let start_version = reg.state().await.version;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let (reg, stop, wrong, done) = (reg.clone(), stop.clone(), wrong.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            // Bounded in count and in time.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && i < 200_000 && Instant::now() < deadline {
+                let id = (w * 31 + i) % 50;
+                let got: Result<User, Infallible> =
+                    reg.get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) }).await;
+                if got != Ok(user(id, 1)) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("to redis");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redis_hits = reg.metrics().render();
+    reg.switch(&switch(CacheImpl::Null, &[])).await.expect("back to null");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker never panics");
+    }
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "every call returned the loader's value");
+    assert!(done.load(Ordering::Relaxed) > 100);
+    assert!(!redis_hits.contains(r#"cache_hits_total{impl="redis",key_pattern="user"} 0"#), "redis served hits");
+    let state = reg.state().await;
+    assert_eq!(state.imp, CacheImpl::Null);
+    assert_eq!(state.version, start_version + 2, "two successful swaps");
+    assert_eq!(reg.metrics().errors(CacheImpl::Redis, "connection"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_load_falls_back_and_recovers() {
+    let mut server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    assert_eq!(reg.policy().imp, CacheImpl::Redis);
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let run = |n: u64| {
+        let reg = reg.clone();
+        let wrong = wrong.clone();
+        async move {
+            for i in 0..n {
+                let id = i % 20;
+                let got: Result<User, Infallible> =
+                    reg.get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) }).await;
+                if got != Ok(user(id, 1)) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    run(200).await;
+    let hits_before = reg.pattern_counts()["user"].hits;
+    assert!(hits_before > 0);
+
+    server.kill();
+    run(200).await;
+    let errors: u64 = ["connection", "timeout", "redis"]
+        .iter()
+        .map(|t| reg.metrics().errors(CacheImpl::Redis, t))
+        .sum();
+    assert!(errors > 0, "the outage is counted");
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "every call got the loader's value during the outage");
+
+    server.restart();
+    // Caching resumes by itself once the connection manager has reconnected (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hits_at_restart = reg.pattern_counts()["user"].hits;
+    loop {
+        run(40).await;
+        if reg.pattern_counts()["user"].hits > hits_at_restart + 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "caching did not resume after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(wrong.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appears() {
+    let port = support::free_port();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(format!("redis://127.0.0.1:{port}"))).await;
+    assert_eq!(reg.policy().imp, CacheImpl::Null, "starts observing");
+    let calls = AtomicUsize::new(0);
+    assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    let state = reg.state().await;
+    assert!(!state.swaps[0].ok, "the failed start-up swap is recorded");
+    assert!(state.whitelist.contains(&"user".to_string()));
+
+    let _server = RedisServer::start_on(port, &[]);
+    // The background retry runs every 5 s; bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reg.policy().imp != CacheImpl::Redis {
+        assert!(Instant::now() < deadline, "did not switch to Redis once it appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    load(&reg, 1, &calls).await;
+    load(&reg, 1, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "served from Redis once it was there");
+    assert_eq!(reg.state().await.swaps.last().map(|s| s.source.as_str()), Some("retry"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_observed_is_never_hidden_by_an_older_redis_value() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let v = |version: u64| move || async move { Ok::<_, Infallible>(user(1, version)) };
+    assert_eq!(reg.get_or_load("user:1", v(1)).await, Ok(user(1, 1)));
+    // Stop serving `user` but keep Redis: the invalidation still reaches Redis.
+    reg.switch(&switch(CacheImpl::Redis, &[])).await.expect("unwhitelist");
+    reg.invalidate("user:1").await.expect("invalidate");
+    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("whitelist again");
+    assert_eq!(reg.get_or_load("user:1", v(2)).await, Ok(user(1, 2)));
+    // Leave Redis entirely: invalidations cannot reach it, so it is flushed when it becomes active again.
+    reg.switch(&switch(CacheImpl::Null, &[])).await.expect("to null");
+    reg.invalidate("user:1").await.expect("invalidate");
+    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("back to redis");
+    assert_eq!(reg.get_or_load("user:1", v(3)).await, Ok(user(1, 3)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_pattern_removes_only_that_pattern() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["*"], Some(server.url())).await;
+    for i in 0..10 {
+        reg.set(&format!("user:{i}"), &i).await.expect("set");
+        reg.set(&format!("user:{i}:profile"), &i).await.expect("set");
+    }
+    assert_eq!(reg.invalidate_pattern("user").await.expect("delete"), 10);
+    assert_eq!(reg.invalidate_pattern("user:*:profile").await.expect("delete"), 10);
+    assert!(reg.invalidate_pattern("bad pattern").await.is_err());
+}
