@@ -269,6 +269,8 @@ pub fn app(ctx: AppContext) -> Router {
         .route("/users/{id}", get(get_user).put(put_user))
         .route("/projects/{id}", get(get_project))
         .route("/projects/{id}/members", get(get_members))
+        // An explicit fallback, so that the layer below also counts requests that matched no route.
+        .fallback(|| async { found(None::<()>) })
         .with_state(ctx.clone())
         .layer(CandidateLayer::new(ctx.registry.metrics()));
     let internal = if ctx.settings.app_env == AppEnv::Production {

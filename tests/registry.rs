@@ -44,7 +44,9 @@ fn options(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> Reg
 }
 
 async fn registry(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> CacheRegistry {
-    CacheRegistry::new(options(imp, whitelist, redis_url)).await.expect("registry")
+    CacheRegistry::new(options(imp, whitelist, redis_url))
+        .await
+        .expect("registry")
 }
 
 /// Loads `user(id, 1)` through the registry, counting loader runs.
@@ -72,13 +74,23 @@ async fn observe_mode_always_runs_the_loader_and_counts_every_call() {
     for _ in 0..3 {
         assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "the NullCache never serves");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the NullCache never serves"
+    );
     let c = reg.pattern_counts()["user"];
     assert_eq!((c.gets, c.hits, c.misses, c.sets), (3, 0, 3, 3));
     let text = reg.metrics().render();
-    assert!(text.contains(r#"cache_miss_total{impl="null",key_pattern="user"} 3"#), "{text}");
+    assert!(
+        text.contains(r#"cache_miss_total{impl="null",key_pattern="user"} 3"#),
+        "{text}"
+    );
     assert!(text.contains(r#"cache_loader_duration_seconds_count{key_pattern="user"} 3"#));
-    assert!(text.contains(r#"cache_value_size_bytes_count{key_pattern="user"} 1"#), "one value in 16 is sized");
+    assert!(
+        text.contains(r#"cache_value_size_bytes_count{key_pattern="user"} 1"#),
+        "one value in 16 is sized"
+    );
 }
 
 #[tokio::test]
@@ -121,7 +133,11 @@ async fn memory_serves_whitelisted_patterns_and_observes_the_rest() {
             })
             .await;
     }
-    assert_eq!(project_calls.load(Ordering::SeqCst), 2, "not whitelisted: observed only");
+    assert_eq!(
+        project_calls.load(Ordering::SeqCst),
+        2,
+        "not whitelisted: observed only"
+    );
     let counts = reg.pattern_counts();
     assert_eq!((counts["user"].hits, counts["user"].misses), (1, 1));
     assert_eq!((counts["project"].hits, counts["project"].misses), (0, 2));
@@ -134,7 +150,9 @@ async fn memory_serves_whitelisted_patterns_and_observes_the_rest() {
 #[tokio::test]
 async fn loader_errors_are_returned_and_not_cached() {
     let reg = registry(CacheImpl::Memory, &["*"], None).await;
-    let r: Result<u32, String> = reg.get_or_load("user:1", || async { Err("origin down".to_string()) }).await;
+    let r: Result<u32, String> = reg
+        .get_or_load("user:1", || async { Err("origin down".to_string()) })
+        .await;
     assert_eq!(r, Err("origin down".to_string()));
     let r: Result<u32, String> = reg.get_or_load("user:1", || async { Ok(5) }).await;
     assert_eq!(r, Ok(5));
@@ -200,9 +218,16 @@ async fn oversized_values_are_served_but_not_stored() {
             .await;
         assert_eq!(v.expect("loader value").len(), 1000);
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "never stored, so never a hit");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "never stored, so never a hit"
+    );
     assert_eq!(reg.metrics().errors(CacheImpl::Memory, "too_large"), 2);
-    let e = reg.set("blob:1", &"x".repeat(1000)).await.expect_err("explicit set refuses");
+    let e = reg
+        .set("blob:1", &"x".repeat(1000))
+        .await
+        .expect_err("explicit set refuses");
     assert!(e.to_string().contains("exceeds"), "{e}");
 }
 
@@ -213,26 +238,61 @@ async fn corrupted_redis_entry_is_a_miss_and_is_replaced() {
     let calls = AtomicUsize::new(0);
     load(&reg, 1, &calls).await;
     let mut raw = server.conn();
-    for garbage in [&b"not ours"[..], b"", b"CR\x01garbage-after-a-real-looking-header"] {
-        let () = redis::cmd("SET").arg("cr:user:1").arg(garbage).query(&mut raw).expect("corrupt");
-        assert_eq!(load(&reg, 1, &calls).await, user(1, 1), "never a wrong value");
+    for garbage in [
+        &b"not ours"[..],
+        b"",
+        b"CR\x01garbage-after-a-real-looking-header",
+    ] {
+        let () = redis::cmd("SET")
+            .arg("cr:user:1")
+            .arg(garbage)
+            .query(&mut raw)
+            .expect("corrupt");
+        assert_eq!(
+            load(&reg, 1, &calls).await,
+            user(1, 1),
+            "never a wrong value"
+        );
     }
     // Flip one byte of a valid entry: the checksum catches it.
-    let mut good: Vec<u8> = redis::cmd("GET").arg("cr:user:1").query(&mut raw).expect("get");
+    let mut good: Vec<u8> = redis::cmd("GET")
+        .arg("cr:user:1")
+        .query(&mut raw)
+        .expect("get");
     let last = good.len() - 2;
     good[last] ^= 0x01;
-    let () = redis::cmd("SET").arg("cr:user:1").arg(good).query(&mut raw).expect("corrupt");
+    let () = redis::cmd("SET")
+        .arg("cr:user:1")
+        .arg(good)
+        .query(&mut raw)
+        .expect("corrupt");
     assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
-    assert_eq!(calls.load(Ordering::SeqCst), 5, "every corrupted read reloaded");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "every corrupted read reloaded"
+    );
     assert_eq!(reg.metrics().errors(CacheImpl::Redis, "corrupt"), 4);
     assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
-    assert_eq!(calls.load(Ordering::SeqCst), 5, "the reload replaced the entry: a hit again");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "the reload replaced the entry: a hit again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_to_unreachable_redis_keeps_the_old_state() {
-    let reg = registry(CacheImpl::Memory, &["user"], Some(format!("redis://127.0.0.1:{}", support::free_port()))).await;
-    let e = reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect_err("nothing listens");
+    let reg = registry(
+        CacheImpl::Memory,
+        &["user"],
+        Some(format!("redis://127.0.0.1:{}", support::free_port())),
+    )
+    .await;
+    let e = reg
+        .switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect_err("nothing listens");
     assert!(e.is_connection() || e.is_timeout(), "{e}");
     let state = reg.state().await;
     assert_eq!(state.imp, CacheImpl::Memory);
@@ -258,8 +318,9 @@ async fn switch_null_redis_null_under_load_fails_no_call() {
             let deadline = Instant::now() + Duration::from_secs(20);
             while !stop.load(Ordering::Relaxed) && i < 200_000 && Instant::now() < deadline {
                 let id = (w * 31 + i) % 50;
-                let got: Result<User, Infallible> =
-                    reg.get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) }).await;
+                let got: Result<User, Infallible> = reg
+                    .get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) })
+                    .await;
                 if got != Ok(user(id, 1)) {
                     wrong.fetch_add(1, Ordering::Relaxed);
                 }
@@ -269,18 +330,29 @@ async fn switch_null_redis_null_under_load_fails_no_call() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("to redis");
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("to redis");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let redis_hits = reg.metrics().render();
-    reg.switch(&switch(CacheImpl::Null, &[])).await.expect("back to null");
+    reg.switch(&switch(CacheImpl::Null, &[]))
+        .await
+        .expect("back to null");
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.expect("worker never panics");
     }
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "every call returned the loader's value");
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "every call returned the loader's value"
+    );
     assert!(done.load(Ordering::Relaxed) > 100);
-    assert!(!redis_hits.contains(r#"cache_hits_total{impl="redis",key_pattern="user"} 0"#), "redis served hits");
+    assert!(
+        !redis_hits.contains(r#"cache_hits_total{impl="redis",key_pattern="user"} 0"#),
+        "redis served hits"
+    );
     let state = reg.state().await;
     assert_eq!(state.imp, CacheImpl::Null);
     assert_eq!(state.version, start_version + 2, "two successful swaps");
@@ -299,8 +371,9 @@ async fn redis_killed_during_load_falls_back_and_recovers() {
         async move {
             for i in 0..n {
                 let id = i % 20;
-                let got: Result<User, Infallible> =
-                    reg.get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) }).await;
+                let got: Result<User, Infallible> = reg
+                    .get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) })
+                    .await;
                 if got != Ok(user(id, 1)) {
                     wrong.fetch_add(1, Ordering::Relaxed);
                 }
@@ -318,7 +391,11 @@ async fn redis_killed_during_load_falls_back_and_recovers() {
         .map(|t| reg.metrics().errors(CacheImpl::Redis, t))
         .sum();
     assert!(errors > 0, "the outage is counted");
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "every call got the loader's value during the outage");
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "every call got the loader's value during the outage"
+    );
 
     server.restart();
     // Caching resumes by itself once the connection manager has reconnected (bounded wait).
@@ -329,7 +406,10 @@ async fn redis_killed_during_load_falls_back_and_recovers() {
         if reg.pattern_counts()["user"].hits > hits_at_restart + 20 {
             break;
         }
-        assert!(Instant::now() < deadline, "caching did not resume after Redis came back");
+        assert!(
+            Instant::now() < deadline,
+            "caching did not resume after Redis came back"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(wrong.load(Ordering::Relaxed), 0);
@@ -338,7 +418,12 @@ async fn redis_killed_during_load_falls_back_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appears() {
     let port = support::free_port();
-    let reg = registry(CacheImpl::Redis, &["user"], Some(format!("redis://127.0.0.1:{port}"))).await;
+    let reg = registry(
+        CacheImpl::Redis,
+        &["user"],
+        Some(format!("redis://127.0.0.1:{port}")),
+    )
+    .await;
     assert_eq!(reg.policy().imp, CacheImpl::Null, "starts observing");
     let calls = AtomicUsize::new(0);
     assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
@@ -350,13 +435,23 @@ async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appea
     // The background retry runs every 5 s; bounded wait.
     let deadline = Instant::now() + Duration::from_secs(30);
     while reg.policy().imp != CacheImpl::Redis {
-        assert!(Instant::now() < deadline, "did not switch to Redis once it appeared");
+        assert!(
+            Instant::now() < deadline,
+            "did not switch to Redis once it appeared"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     load(&reg, 1, &calls).await;
     load(&reg, 1, &calls).await;
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "served from Redis once it was there");
-    assert_eq!(reg.state().await.swaps.last().map(|s| s.source.as_str()), Some("retry"));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "served from Redis once it was there"
+    );
+    assert_eq!(
+        reg.state().await.swaps.last().map(|s| s.source.as_str()),
+        Some("retry")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,14 +461,22 @@ async fn a_write_while_observed_is_never_hidden_by_an_older_redis_value() {
     let v = |version: u64| move || async move { Ok::<_, Infallible>(user(1, version)) };
     assert_eq!(reg.get_or_load("user:1", v(1)).await, Ok(user(1, 1)));
     // Stop serving `user` but keep Redis: the invalidation still reaches Redis.
-    reg.switch(&switch(CacheImpl::Redis, &[])).await.expect("unwhitelist");
+    reg.switch(&switch(CacheImpl::Redis, &[]))
+        .await
+        .expect("unwhitelist");
     reg.invalidate("user:1").await.expect("invalidate");
-    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("whitelist again");
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("whitelist again");
     assert_eq!(reg.get_or_load("user:1", v(2)).await, Ok(user(1, 2)));
     // Leave Redis entirely: invalidations cannot reach it, so it is flushed when it becomes active again.
-    reg.switch(&switch(CacheImpl::Null, &[])).await.expect("to null");
+    reg.switch(&switch(CacheImpl::Null, &[]))
+        .await
+        .expect("to null");
     reg.invalidate("user:1").await.expect("invalidate");
-    reg.switch(&switch(CacheImpl::Redis, &["user"])).await.expect("back to redis");
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("back to redis");
     assert_eq!(reg.get_or_load("user:1", v(3)).await, Ok(user(1, 3)));
 }
 
@@ -383,9 +486,16 @@ async fn invalidate_pattern_removes_only_that_pattern() {
     let reg = registry(CacheImpl::Redis, &["*"], Some(server.url())).await;
     for i in 0..10 {
         reg.set(&format!("user:{i}"), &i).await.expect("set");
-        reg.set(&format!("user:{i}:profile"), &i).await.expect("set");
+        reg.set(&format!("user:{i}:profile"), &i)
+            .await
+            .expect("set");
     }
     assert_eq!(reg.invalidate_pattern("user").await.expect("delete"), 10);
-    assert_eq!(reg.invalidate_pattern("user:*:profile").await.expect("delete"), 10);
+    assert_eq!(
+        reg.invalidate_pattern("user:*:profile")
+            .await
+            .expect("delete"),
+        10
+    );
     assert!(reg.invalidate_pattern("bad pattern").await.is_err());
 }

@@ -188,8 +188,13 @@ impl Cache for RedisCache {
             let mut deleted = 0u64;
             loop {
                 let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor).arg("MATCH").arg(&glob).arg("COUNT").arg(1000);
-                let (next, keys): (u64, Vec<String>) = bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&glob)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) =
+                    bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
                 let doomed: Vec<&String> = keys.iter().filter(|k| belongs(&k[strip..])).collect();
                 if !doomed.is_empty() {
                     let n: u64 = redis::cmd("UNLINK")

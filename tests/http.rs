@@ -1,0 +1,356 @@
+//! The reference service's HTTP surface, driven in process with `tower::ServiceExt::oneshot`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use cache_rollout::catalog::{app, AppContext, Origin};
+use cache_rollout::config::{AppEnv, Settings};
+use cache_rollout::CacheRegistry;
+use serde_json::{json, Value};
+use support::RedisServer;
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+async fn service(mut settings: Settings) -> Router {
+    settings.cache.redis.connect_timeout_ms = 500;
+    let registry = CacheRegistry::new(settings.registry_options().expect("options"))
+        .await
+        .expect("registry");
+    app(AppContext {
+        registry,
+        origin: Origin::seeded(100, Duration::ZERO).expect("origin"),
+        settings: Arc::new(settings),
+    })
+}
+
+fn settings(redis_url: Option<String>, token: Option<&str>) -> Settings {
+    let mut s = Settings::default();
+    s.admin_token = token.map(str::to_string);
+    if let Some(url) = redis_url {
+        s.cache.redis.url = url;
+    }
+    s
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(token) = auth {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = app
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+        .await
+        .expect("body");
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+async fn get(app: &Router, uri: &str) -> (StatusCode, Value, String) {
+    call(app, Method::GET, uri, None, None).await
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_user_walkthrough_observe_then_switch_user_to_redis() {
+    let server = RedisServer::start();
+    let app = service(settings(Some(server.url()), Some(TOKEN))).await;
+
+    for _ in 0..2 {
+        let (s, body, _) = get(&app, "/users/1").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["id"], 1);
+    }
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(state["impl"], "null");
+    assert_eq!(state["enabled"], true);
+    assert_eq!(state["whitelist"], json!([]));
+    assert_eq!(state["patterns"]["user"]["gets"], 2);
+    assert_eq!(state["patterns"]["user"]["hits"], 0);
+
+    let (s, state, text) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(TOKEN),
+        Some(json!({"impl": "redis", "whitelist": ["user"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(state["impl"], "redis");
+    assert_eq!(state["whitelist"], json!(["user"]));
+    assert_eq!(state["redis"]["up"], true);
+
+    for _ in 0..2 {
+        let (s, body, _) = get(&app, "/users/1").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["name"], "User 1");
+    }
+    let (_, _, metrics) = get(&app, "/metrics").await;
+    assert!(
+        metric(
+            &metrics,
+            r#"cache_hits_total{impl="redis",key_pattern="user"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    let swaps = state["swaps"].as_array().expect("swaps");
+    assert_eq!(swaps.last().expect("a swap")["source"], "api");
+}
+
+#[tokio::test]
+async fn put_requires_the_bearer_token() {
+    let app = service(settings(None, Some(TOKEN))).await;
+    let body = Some(json!({"impl": "memory", "whitelist": ["user"]}));
+    let (s, _, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        None,
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "no token");
+    let (s, _, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some("wrong-token-wrong-token"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "wrong token");
+    let (s, _, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(&TOKEN[..TOKEN.len() - 1]),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a prefix of the token");
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(state["impl"], "null", "nothing changed");
+    let (s, state, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(TOKEN),
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(state["impl"], "memory");
+}
+
+#[tokio::test]
+async fn put_is_forbidden_without_a_configured_token() {
+    let app = service(settings(None, None)).await;
+    let (s, body, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some("anything-at-all-here"),
+        Some(json!({"impl": "memory"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(body["error"]
+        .as_str()
+        .expect("message")
+        .contains("CACHE_ADMIN_TOKEN"));
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_with_a_message() {
+    let app = service(settings(None, Some(TOKEN))).await;
+    for (body, needle) in [
+        (json!({"impl": "redsi"}), "redsi"),
+        (
+            json!({"impl": "memory", "whitelits": ["user"]}),
+            "whitelits",
+        ),
+        (json!({"whitelist": ["bad pattern"]}), "bad pattern"),
+        (json!({"patterns": {"user": {"ttl_secs": 0}}}), "ttl_secs"),
+        (json!(["not", "an", "object"]), "bad body"),
+    ] {
+        let (s, resp, text) = call(
+            &app,
+            Method::PUT,
+            "/internal/cache/config",
+            Some(TOKEN),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} → {text}");
+        assert!(
+            resp["error"].as_str().expect("message").contains(needle),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_refused_with_503_and_the_old_state_kept() {
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
+    let app = service(settings(Some(url), Some(TOKEN))).await;
+    let (s, body, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(TOKEN),
+        Some(json!({"impl": "redis", "whitelist": ["user"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"]
+        .as_str()
+        .expect("message")
+        .contains("previous state kept"));
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(state["impl"], "null");
+    assert_eq!(
+        state["swaps"]
+            .as_array()
+            .expect("swaps")
+            .last()
+            .expect("swap")["ok"],
+        false
+    );
+}
+
+#[tokio::test]
+async fn production_hides_everything_under_internal() {
+    let mut s = settings(None, Some(TOKEN));
+    s.app_env = AppEnv::Production;
+    let app = service(s).await;
+    for (method, uri) in [
+        (Method::GET, "/internal/cache"),
+        (Method::PUT, "/internal/cache/config"),
+        (Method::GET, "/internal/cache/report"),
+        (Method::GET, "/internal/anything/else"),
+        (Method::GET, "/internal"),
+    ] {
+        let (status, _, _) = call(&app, method.clone(), uri, Some(TOKEN), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
+    }
+    let (s, _, _) = get(&app, "/users/1").await;
+    assert_eq!(s, StatusCode::OK, "the service itself still works");
+}
+
+#[tokio::test]
+async fn state_redacts_the_redis_password_and_the_token() {
+    let app = service(settings(
+        Some("redis://:hunter2@127.0.0.1:1/0".into()),
+        Some(TOKEN),
+    ))
+    .await;
+    let (_, state, text) = get(&app, "/internal/cache").await;
+    assert!(!text.contains("hunter2") && !text.contains(TOKEN), "{text}");
+    assert_eq!(
+        state["config"]["cache"]["redis"]["url"],
+        "redis://:***@127.0.0.1:1/0"
+    );
+}
+
+#[tokio::test]
+async fn candidate_routes_are_counted_by_matched_path() {
+    let app = service(settings(None, None)).await;
+    for uri in [
+        "/users/1",
+        "/users/2",
+        "/projects/3/members",
+        "/no/such/route",
+    ] {
+        get(&app, uri).await;
+    }
+    let (_, _, m) = get(&app, "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"cache_candidate_requests_total{method="GET",route="/users/{id}"}"#
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"cache_candidate_requests_total{method="GET",route="/projects/{id}/members"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"cache_candidate_requests_total{method="GET",route="unmatched"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(!m.contains("/users/1\""), "raw URIs never become labels");
+    assert!(m.contains(
+        r#"cache_candidate_request_duration_seconds_count{method="GET",route="/users/{id}"} 2"#
+    ));
+}
+
+#[tokio::test]
+async fn put_user_invalidates_the_cached_copy() {
+    let mut s = settings(None, Some(TOKEN));
+    s.cache.imp = cache_rollout::cache::CacheImpl::Memory;
+    s.cache.whitelist = vec!["user".into()];
+    let app = service(s).await;
+    let (_, before, _) = get(&app, "/users/5").await;
+    assert_eq!(before["name"], "User 5");
+    let (s, _, _) = call(
+        &app,
+        Method::PUT,
+        "/users/5",
+        None,
+        Some(json!({"name": "Renamed", "email": "r@example.com"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, after, _) = get(&app, "/users/5").await;
+    assert_eq!(after["name"], "Renamed", "no stale read after the write");
+    let (s, _, _) = get(&app, "/users/99999").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, body, _) = get(&app, "/projects/1/members").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!body.as_array().expect("members").is_empty());
+    let (s, _, _) = get(&app, "/health").await;
+    assert_eq!(s, StatusCode::OK);
+}
