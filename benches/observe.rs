@@ -1,1 +1,118 @@
-fn main() {}
+//! The cost of the observe path: `get_or_load` through the NullCache against calling the loader directly, plus a
+//! MemoryCache hit and the key → pattern rule on its own. Run: `cargo bench --bench observe`.
+
+// criterion_group! generates an undocumented function.
+#![allow(missing_docs)]
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use cache_rollout::cache::CacheImpl;
+use cache_rollout::pattern::default_pattern;
+use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+fn keys() -> Vec<String> {
+    (0..1024).map(|i| format!("user:{i}")).collect()
+}
+
+async fn loader(i: u64) -> Result<u64, Infallible> {
+    Ok(black_box(i))
+}
+
+fn registry(rt: &tokio::runtime::Runtime, imp: CacheImpl, enabled: bool) -> CacheRegistry {
+    rt.block_on(CacheRegistry::new(RegistryOptions {
+        policy: Policy {
+            imp,
+            enabled,
+            whitelist: vec!["*".into()],
+            ..Policy::default()
+        },
+        ..RegistryOptions::default()
+    }))
+    .expect("registry")
+}
+
+/// Times `iters` calls inside one `block_on`, so the runtime's entry cost is not part of each call.
+fn per_call<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in 0..iters {
+            f(i).await;
+        }
+        start.elapsed()
+    })
+}
+
+fn observe(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let keys = keys();
+    let null = registry(&rt, CacheImpl::Null, true);
+    let disabled = registry(&rt, CacheImpl::Null, false);
+    let memory = registry(&rt, CacheImpl::Memory, true);
+    rt.block_on(async {
+        for (i, k) in keys.iter().enumerate() {
+            let _ = memory.get_or_load(k, || loader(i as u64)).await;
+        }
+    });
+
+    let mut g = c.benchmark_group("get_or_load");
+    g.bench_function("loader_direct", |b| {
+        b.iter_custom(|n| {
+            per_call(&rt, n, |i| async move {
+                black_box(loader(i).await.ok());
+            })
+        })
+    });
+    g.bench_function("disabled", |b| {
+        b.iter_custom(|n| {
+            per_call(&rt, n, |i| {
+                let (r, k) = (&disabled, &keys[(i % 1024) as usize]);
+                async move {
+                    black_box(r.get_or_load(k, || loader(i)).await.ok());
+                }
+            })
+        })
+    });
+    g.bench_function("null_observe", |b| {
+        b.iter_custom(|n| {
+            per_call(&rt, n, |i| {
+                let (r, k) = (&null, &keys[(i % 1024) as usize]);
+                async move {
+                    black_box(r.get_or_load(k, || loader(i)).await.ok());
+                }
+            })
+        })
+    });
+    g.bench_function("memory_hit", |b| {
+        b.iter_custom(|n| {
+            per_call(&rt, n, |i| {
+                let (r, k) = (&memory, &keys[(i % 1024) as usize]);
+                async move {
+                    black_box(r.get_or_load(k, || loader(i)).await.ok());
+                }
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("pattern");
+    g.bench_function("default_pattern/user:123", |b| {
+        b.iter(|| black_box(default_pattern(black_box("user:123")).len()))
+    });
+    g.bench_function("default_pattern/user:123:profile", |b| {
+        b.iter(|| black_box(default_pattern(black_box("user:123:profile")).len()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, observe);
+criterion_main!(benches);

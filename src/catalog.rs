@@ -5,7 +5,7 @@
 //! | `GET /users/{id}` | one user | `user:{id}` |
 //! | `GET /projects/{id}` | one project | `project:{id}` |
 //! | `GET /projects/{id}/members` | a project's members | `project:{id}:members` |
-//! | `PUT /users/{id}` | updates the user, then invalidates `user:{id}` | |
+//! | `PUT /users/{id}` | updates the user, then invalidates `user:{id}` and the member lists that show the user | |
 //!
 //! plus `GET /health`, `GET /metrics`, and `/internal/cache` (404 in production). The database lives in memory and
 //! is created and seeded at start-up, so the service needs nothing installed.
@@ -194,6 +194,19 @@ impl Origin {
         .await
     }
 
+    /// Ids of the projects `user_id` is a member of.
+    ///
+    /// # Errors
+    /// [`OriginError`].
+    pub async fn projects_of(&self, user_id: i64) -> Result<Vec<i64>, OriginError> {
+        self.query(move |c| {
+            let mut st = c.prepare("SELECT project_id FROM project_members WHERE user_id = ?1")?;
+            let rows = st.query_map(params![user_id], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Updates a user; `false` when there is no such user.
     ///
     /// # Errors
@@ -354,7 +367,21 @@ async fn put_user(
     match ctx.origin.update_user(id, update).await {
         Ok(false) => found(None::<()>),
         Ok(true) => {
-            if let Err(e) = ctx.registry.invalidate(&format!("user:{id}")).await {
+            // Member lists embed the user's name: they are stale too.
+            let mut keys = vec![format!("user:{id}")];
+            match ctx.origin.projects_of(id).await {
+                Ok(projects) => {
+                    keys.extend(projects.iter().map(|p| format!("project:{p}:members")))
+                }
+                Err(e) => return origin_error(&e),
+            }
+            let mut failed = None;
+            for key in &keys {
+                if let Err(e) = ctx.registry.invalidate(key).await {
+                    failed = Some(e);
+                }
+            }
+            if let Some(e) = failed {
                 // The write is done; the cached copy may live until its TTL. Say so rather than hide it.
                 tracing::error!(id, error = %e, "user updated but its cache entry could not be invalidated");
                 return (

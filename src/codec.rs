@@ -4,7 +4,7 @@
 //! offset  size  field
 //! 0       2     magic "CR"
 //! 2       1     format version (1)
-//! 3       4     type tag: FNV-1a (32-bit) of the Rust type name, little endian
+//! 3       4     type tag: FNV-1a (32-bit) of the Rust type name, mixed with the application's value version
 //! 7       4     CRC-32 (IEEE) of the payload, little endian
 //! 11      n     payload: serde_json of the value, or the raw bytes for byte values
 //! ```
@@ -96,15 +96,20 @@ impl Codec for Bytes {
     }
 }
 
-/// Encodes `value` into the envelope.
+/// The tag stored for type `C` under the application's `value_version` (0 leaves the type tag as is).
+fn tag<C: Codec>(value_version: u32) -> u32 {
+    C::type_tag() ^ value_version.wrapping_mul(0x9E37_79B9)
+}
+
+/// Encodes `value` into the envelope. `value_version` is the application's version of its value formats.
 ///
 /// # Errors
 /// [`Error::Encode`] when the serializer fails (for example a map with non-string keys).
-pub fn encode<C: Codec>(key: &str, value: &C) -> Result<Bytes> {
+pub fn encode<C: Codec>(key: &str, value: &C, value_version: u32) -> Result<Bytes> {
     let mut out = BytesMut::with_capacity(64);
     out.extend_from_slice(MAGIC);
     out.put_u8(VERSION);
-    out.put_u32_le(C::type_tag());
+    out.put_u32_le(tag::<C>(value_version));
     out.put_u32_le(0); // CRC placeholder
     value
         .write_payload(&mut out)
@@ -117,11 +122,12 @@ pub fn encode<C: Codec>(key: &str, value: &C) -> Result<Bytes> {
     Ok(out.freeze())
 }
 
-/// Decodes an envelope.
+/// Decodes an envelope written with the same `value_version`.
 ///
 /// # Errors
-/// [`Error::Corrupt`] saying which check failed: length, magic, version, type, checksum or payload.
-pub fn decode<C: Codec>(bytes: Bytes) -> Result<C> {
+/// [`Error::Corrupt`] saying which check failed: length, magic, version, type (or value version), checksum or
+/// payload.
+pub fn decode<C: Codec>(bytes: Bytes, value_version: u32) -> Result<C> {
     if bytes.len() < HEADER_BYTES {
         return Err(Error::Corrupt(format!(
             "{} bytes, shorter than the header",
@@ -138,8 +144,10 @@ pub fn decode<C: Codec>(bytes: Bytes) -> Result<C> {
         )));
     }
     let tag = u32::from_le_bytes([bytes[3], bytes[4], bytes[5], bytes[6]]);
-    if tag != C::type_tag() {
-        return Err(Error::Corrupt("stored for another type".into()));
+    if tag != self::tag::<C>(value_version) {
+        return Err(Error::Corrupt(
+            "stored for another type or value version".into(),
+        ));
     }
     let crc = u32::from_le_bytes([bytes[7], bytes[8], bytes[9], bytes[10]]);
     let payload = bytes.slice(HEADER_BYTES..);
@@ -175,19 +183,19 @@ mod tests {
 
     #[test]
     fn json_value_round_trips() {
-        let b = encode("user:7", &Json(user())).expect("encodes");
-        let Json(back) = decode::<Json<User>>(b).expect("decodes");
+        let b = encode("user:7", &Json(user()), 0).expect("encodes");
+        let Json(back) = decode::<Json<User>>(b, 0).expect("decodes");
         assert_eq!(back, user());
     }
 
     #[test]
     fn any_flipped_byte_is_detected() {
-        let b = encode("user:7", &Json(user())).expect("encodes");
+        let b = encode("user:7", &Json(user()), 0).expect("encodes");
         for i in 0..b.len() {
             let mut v = b.to_vec();
             v[i] ^= 0x01;
             assert!(
-                decode::<Json<User>>(Bytes::from(v)).is_err(),
+                decode::<Json<User>>(Bytes::from(v), 0).is_err(),
                 "flip at byte {i} went unnoticed"
             );
         }
@@ -195,17 +203,22 @@ mod tests {
 
     #[test]
     fn other_type_or_version_is_rejected() {
-        let b = encode("k", &Json(5u64)).expect("encodes");
-        assert!(decode::<Json<i64>>(b.clone()).is_err());
+        let b = encode("k", &Json(5u64), 0).expect("encodes");
+        assert!(decode::<Json<i64>>(b.clone(), 0).is_err());
+        assert!(
+            decode::<Json<u64>>(b.clone(), 1).is_err(),
+            "another value version is a miss"
+        );
+        assert!(decode::<Json<u64>>(encode("k", &Json(5u64), 7).expect("encodes"), 7).is_ok());
         let mut v = b.to_vec();
         v[2] = 2;
-        let e = decode::<Json<u64>>(Bytes::from(v)).expect_err("other version");
+        let e = decode::<Json<u64>>(Bytes::from(v), 0).expect_err("other version");
         assert!(e.to_string().contains("version"));
     }
 
     #[test]
     fn truncated_and_foreign_bytes_are_rejected() {
-        assert!(decode::<Bytes>(Bytes::from_static(b"CR")).is_err());
-        assert!(decode::<Bytes>(Bytes::from_static(b"hello world, not ours")).is_err());
+        assert!(decode::<Bytes>(Bytes::from_static(b"CR"), 0).is_err());
+        assert!(decode::<Bytes>(Bytes::from_static(b"hello world, not ours"), 0).is_err());
     }
 }

@@ -33,7 +33,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::cache::{CacheImpl, RedisOptions};
 use crate::error::{Error, Result};
 use crate::pattern::KeyPatterns;
-use crate::registry::{normalize_whitelist, PatternPolicy, Policy, RegistryOptions};
+use crate::policy::{normalize_whitelist, PatternPolicy, Policy};
+use crate::registry::RegistryOptions;
 
 /// The deployment environment (`APP_ENV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -134,6 +135,8 @@ pub struct CacheSettings {
     pub max_value_bytes: usize,
     /// On the observe path, measure one value size in this many loads.
     pub size_sample_every: u64,
+    /// Version of the application's cached value formats; bumping it turns every older entry into a miss.
+    pub value_version: u32,
     /// `[cache.memory]`.
     pub memory: MemorySettings,
     /// `[cache.redis]`.
@@ -194,6 +197,7 @@ impl Default for Settings {
                 templates: Vec::new(),
                 max_value_bytes: 1024 * 1024,
                 size_sample_every: 16,
+                value_version: 0,
                 memory: MemorySettings {
                     max_entries: 100_000,
                     max_bytes: 256 * 1024 * 1024,
@@ -340,6 +344,7 @@ impl Settings {
             memory_max_bytes: c.memory.max_bytes,
             max_value_bytes: c.max_value_bytes,
             size_sample_every: c.size_sample_every,
+            value_version: c.value_version,
         })
     }
 

@@ -5,9 +5,13 @@
 //! loader fails, or its task is cancelled, the waiters run their own loaders, so one failure is never multiplied.
 //! (The same idea as Go's `singleflight` and Spring's `@Cacheable(sync = true)`.) The map is sharded by key hash
 //! so unrelated keys do not contend on one lock.
+//!
+//! An invalidation *detaches* the key's flight: later callers start a new load instead of joining one that began
+//! before the write, and the detached leader neither publishes nor stores its value.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -15,9 +19,13 @@ use tokio::sync::watch;
 
 const SHARDS: usize = 16;
 
-type Shard = Mutex<HashMap<Box<str>, watch::Receiver<Option<Bytes>>>>;
+struct Slot {
+    rx: watch::Receiver<Option<Bytes>>,
+    detached: Arc<AtomicBool>,
+}
 
-#[derive(Debug)]
+type Shard = Mutex<HashMap<Box<str>, Slot>>;
+
 pub(crate) struct Flights {
     shards: Box<[Shard]>,
     hasher: foldhash::fast::FixedState,
@@ -33,6 +41,7 @@ pub(crate) struct LeaderGuard {
     flights: Arc<Flights>,
     key: Box<str>,
     tx: watch::Sender<Option<Bytes>>,
+    detached: Arc<AtomicBool>,
 }
 
 impl Flights {
@@ -53,16 +62,49 @@ impl Flights {
             .shard(key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = map.get(key) {
-            return Join::Follower(rx.clone());
+        if let Some(slot) = map.get(key) {
+            return Join::Follower(slot.rx.clone());
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(key.into(), rx);
+        let detached = Arc::new(AtomicBool::new(false));
+        map.insert(
+            key.into(),
+            Slot {
+                rx,
+                detached: Arc::clone(&detached),
+            },
+        );
         Join::Leader(LeaderGuard {
             flights: Arc::clone(self),
             key: key.into(),
             tx,
+            detached,
         })
+    }
+
+    /// Detaches the flight of `key`, if any (an invalidation of `key`).
+    pub(crate) fn detach(&self, key: &str) {
+        let mut map = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = map.remove(key) {
+            slot.detached.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Detaches every flight whose key satisfies `matches` (an invalidation of a pattern).
+    pub(crate) fn detach_matching(&self, matches: impl Fn(&str) -> bool) {
+        for shard in self.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            map.retain(|k, slot| {
+                let doomed = matches(k);
+                if doomed {
+                    slot.detached.store(true, Ordering::SeqCst);
+                }
+                !doomed
+            });
+        }
     }
 
     #[cfg(test)]
@@ -79,6 +121,11 @@ impl LeaderGuard {
     pub(crate) fn publish(&self, value: Bytes) {
         self.tx.send_replace(Some(value));
     }
+
+    /// True once an invalidation detached this flight: its value may predate a write.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for LeaderGuard {
@@ -90,7 +137,7 @@ impl Drop for LeaderGuard {
             .unwrap_or_else(PoisonError::into_inner);
         if map
             .get(&*self.key)
-            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+            .is_some_and(|slot| slot.rx.same_channel(&self.tx.subscribe()))
         {
             map.remove(&*self.key);
         }
@@ -142,5 +189,26 @@ mod tests {
             matches!(f.join("k"), Join::Leader(_)),
             "a new flight starts after the failed one"
         );
+    }
+
+    #[tokio::test]
+    async fn detaching_starts_a_new_flight_and_marks_the_old_leader() {
+        let f = Arc::new(Flights::new());
+        let Join::Leader(old) = f.join("k") else {
+            panic!("first caller leads")
+        };
+        f.detach("k");
+        assert!(old.is_detached());
+        let Join::Leader(new) = f.join("k") else {
+            panic!("after a detach, a new caller leads")
+        };
+        drop(old);
+        assert!(
+            matches!(f.join("k"), Join::Follower(_)),
+            "the old leader's end does not remove the new flight"
+        );
+        assert!(!new.is_detached());
+        f.detach_matching(|k| k == "k");
+        assert!(new.is_detached());
     }
 }

@@ -39,6 +39,7 @@
 //! | [`pattern`] | key → key pattern, templates, the bounded pattern table |
 //! | [`cache`] | the [`Cache`](cache::Cache) trait and the null, memory and Redis backends |
 //! | [`codec`] | the versioned, checksummed envelope of cached values |
+//! | [`policy`] | [`Policy`] and [`PolicyUpdate`]: what can change at runtime, and its validation |
 //! | [`registry`] | [`CacheRegistry`]: the `ArcSwap`ped policy and backend, cache-aside, single-flight, switching |
 //! | [`metrics`] | Prometheus families and per-pattern label handles |
 //! | [`http`] | candidate-route layer, `/internal/cache` router, `/metrics` |
@@ -55,8 +56,10 @@ mod flight;
 pub mod http;
 pub mod metrics;
 pub mod pattern;
+pub mod policy;
 pub mod registry;
 pub mod replay;
 
 pub use crate::error::{Error, Result};
-pub use crate::registry::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
+pub use crate::policy::{PatternPolicy, Policy, PolicyUpdate};
+pub use crate::registry::{CacheRegistry, RegistryOptions};

@@ -97,21 +97,27 @@ impl Template {
 
 /// The default rule alone (no templates). See the module documentation.
 pub fn default_pattern(key: &str) -> Cow<'_, str> {
-    // Pass 1: find the end of the last non-id segment, and whether an id sits before it.
+    // One pass over the bytes: find the end of the last non-id segment, and whether an id sits before it.
+    let b = key.as_bytes();
     let mut end = 0usize; // byte offset just past the last non-id segment
-    let mut inner_id = false;
     let mut seen_id = false;
-    let mut offset = 0usize;
-    for seg in key.split(':') {
-        if is_id(seg) {
+    let mut inner_id = false;
+    let mut start = 0usize;
+    loop {
+        let stop = b[start..]
+            .iter()
+            .position(|&c| c == b':')
+            .map_or(b.len(), |i| start + i);
+        if is_id(&b[start..stop]) {
             seen_id = true;
         } else {
-            if seen_id {
-                inner_id = true;
-            }
-            end = offset + seg.len();
+            inner_id |= seen_id;
+            end = stop;
         }
-        offset += seg.len() + 1;
+        if stop == b.len() {
+            break;
+        }
+        start = stop + 1;
     }
     if end == 0 {
         return Cow::Borrowed("*");
@@ -125,18 +131,18 @@ pub fn default_pattern(key: &str) -> Cow<'_, str> {
         if i > 0 {
             out.push(':');
         }
-        out.push_str(if is_id(seg) { "*" } else { seg });
+        out.push_str(if is_id(seg.as_bytes()) { "*" } else { seg });
     }
     Cow::Owned(out)
 }
 
 /// True for a segment that identifies one object rather than a kind of object.
-fn is_id(seg: &str) -> bool {
-    let b = seg.as_bytes();
+fn is_id(b: &[u8]) -> bool {
     if b.is_empty() {
         return false;
     }
-    if b.iter().all(u8::is_ascii_digit) {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
         return true;
     }
     if b.len() == 36 && is_uuid(b) {
@@ -306,6 +312,12 @@ mod tests {
         assert_eq!(default_pattern("user:123"), "user");
         assert_eq!(default_pattern("oltp:page:17"), "oltp:page");
         assert_eq!(default_pattern("mood:history:42:30"), "mood:history");
+        assert_eq!(
+            default_pattern("user:-5"),
+            "user",
+            "a negative id is still an id"
+        );
+        assert_eq!(default_pattern("user:-"), "user:-");
     }
 
     #[test]

@@ -1,178 +1,46 @@
 //! [`CacheRegistry`]: every cache call of the application goes through it.
 //!
-//! The active state (enabled, impl, whitelist, TTLs and the backend) sits in an [`ArcSwap`]; each call loads it
-//! once and sees one consistent snapshot, and [`CacheRegistry::switch`] replaces it atomically, so a switch never
-//! fails a request: calls that started before it finish on the old backend.
+//! The active state (the [`Policy`], the backend built for it, and the table of key patterns seen) sits in one
+//! [`ArcSwap`]; each call loads it once and sees one consistent snapshot, and a switch replaces it atomically, so
+//! a switch never fails a request: calls that started before it finish on the old backend.
 //!
 //! Per call, by key pattern:
 //!
 //! - **disabled** (`FEATURE_CACHE=false`): the loader runs directly, unmeasured.
 //! - **observed** (impl `null`, or the pattern is not whitelisted): a counted miss, the loader runs and is timed,
-//!   a would-be set is counted, and one value in `size_sample_every` is measured. No allocation, no await besides
-//!   the loader's, no lock.
+//!   a would-be set is counted, and one value in `size_sample_every` has its encoded size measured. No allocation,
+//!   no await besides the loader's, no lock.
 //! - **served** (whitelisted under `memory` or `redis`): cache-aside. A hit decodes and returns; a miss runs the
 //!   loader once per key however many callers miss together (single-flight), then stores the value with the
 //!   pattern's TTL. Backend errors and timeouts fail open to the loader and are counted by `error_type`; a
 //!   corrupted entry is deleted, counted as `corrupt`, and reloaded.
 //!
-//! Invalidations always go to the active backend, whitelisted or not, so that a pattern added to the whitelist
-//! later never finds a value older than a write that happened while it was only observed. A backend that was not
-//! active before a switch is flushed of the patterns it is about to serve before the swap, for the same reason.
+//! Coherence across switches: invalidations (and sets of patterns that are not served) always reach the active
+//! backend, whitelisted or not, enabled or not; and a backend that becomes active after a switch is first flushed
+//! of everything under its key prefix, because it missed the invalidations made while it was not active. An
+//! invalidation also detaches any load of that key in flight, so a load that began before a write is neither
+//! handed to callers that arrive after the write nor stored. What remains is the narrow race of a load that
+//! checked before the invalidation and stores after it (see `docs/behaviour.md`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::cache::{Cache, CacheImpl, Health, MemoryCache, NullCache, RedisCache, RedisOptions};
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
 use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics};
-use crate::pattern::{validate_key, validate_pattern, KeyPatterns, PatternTable};
+use crate::pattern::{validate_key, validate_pattern, KeyPatterns, OTHER};
+use crate::policy::{Policy, PolicyUpdate};
 
 /// How many swaps `GET /internal/cache` remembers.
 pub const SWAP_HISTORY: usize = 20;
-
-/// The part of the configuration that can change at runtime.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
-    /// Master switch; `false` sends every call straight to its loader, unmeasured.
-    pub enabled: bool,
-    /// The backend that serves whitelisted patterns.
-    #[serde(rename = "impl")]
-    pub imp: CacheImpl,
-    /// Key patterns served by `imp`; `["*"]` means all. Every other pattern is observed through the NullCache.
-    pub whitelist: Vec<String>,
-    /// TTL of patterns without their own, in seconds (at least 1).
-    pub default_ttl_secs: u64,
-    /// Per-pattern settings.
-    pub patterns: BTreeMap<String, PatternPolicy>,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            enabled: true,
-            imp: CacheImpl::Null,
-            whitelist: Vec::new(),
-            default_ttl_secs: 300,
-            patterns: BTreeMap::new(),
-        }
-    }
-}
-
-/// Settings of one key pattern (`[cache.patterns.<pattern>]`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PatternPolicy {
-    /// TTL in seconds (at least 1); `None`: the default TTL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u64>,
-}
-
-/// A change to the [`Policy`]: the body of `PUT /internal/cache/config`. Absent fields keep their value.
-///
-/// ```json
-/// {"impl": "redis", "whitelist": ["user"], "patterns": {"user": {"ttl_secs": 60}}}
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyUpdate {
-    /// New master switch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    /// New impl.
-    #[serde(default, rename = "impl", skip_serializing_if = "Option::is_none")]
-    pub imp: Option<CacheImpl>,
-    /// New whitelist (replaces the old one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub whitelist: Option<Vec<String>>,
-    /// New default TTL in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_ttl_secs: Option<u64>,
-    /// Per-pattern settings, merged into the current ones pattern by pattern.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patterns: Option<BTreeMap<String, PatternPolicy>>,
-}
-
-impl Policy {
-    /// Checks every value.
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming the key (`cache.default_ttl_secs`, `cache.patterns.<p>.ttl_secs`) and value, or
-    /// [`Error::InvalidPattern`] for a bad whitelist entry or pattern name.
-    pub fn validate(&self) -> Result<()> {
-        if self.default_ttl_secs == 0 {
-            return Err(Error::config(
-                "cache.default_ttl_secs",
-                "0",
-                "must be at least 1 second",
-            ));
-        }
-        for p in &self.whitelist {
-            if p != "*" {
-                validate_pattern(p)?;
-            }
-        }
-        for (p, s) in &self.patterns {
-            validate_pattern(p)?;
-            if s.ttl_secs == Some(0) {
-                return Err(Error::config(
-                    format!("cache.patterns.{p}.ttl_secs"),
-                    "0",
-                    "must be at least 1 second",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// This policy with `update` applied.
-    ///
-    /// # Errors
-    /// As [`Policy::validate`] on the result.
-    pub fn merged(&self, update: &PolicyUpdate) -> Result<Policy> {
-        let mut p = self.clone();
-        if let Some(e) = update.enabled {
-            p.enabled = e;
-        }
-        if let Some(i) = update.imp {
-            p.imp = i;
-        }
-        if let Some(w) = &update.whitelist {
-            p.whitelist = normalize_whitelist(w);
-        }
-        if let Some(t) = update.default_ttl_secs {
-            p.default_ttl_secs = t;
-        }
-        if let Some(pats) = &update.patterns {
-            for (k, v) in pats {
-                p.patterns.insert(k.clone(), v.clone());
-            }
-        }
-        p.validate()?;
-        Ok(p)
-    }
-
-    fn serves_all(&self) -> bool {
-        self.whitelist.iter().any(|p| p == "*")
-    }
-}
-
-/// Trims, drops empties and duplicates, keeps order.
-pub(crate) fn normalize_whitelist<S: AsRef<str>>(items: &[S]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    items
-        .iter()
-        .map(|s| s.as_ref().trim().to_string())
-        .filter(|s| !s.is_empty() && seen.insert(s.clone()))
-        .collect()
-}
 
 /// Everything a registry needs besides the [`Policy`]; fixed for the registry's life, except `redis`, which
 /// [`CacheRegistry::reload`] may replace.
@@ -194,6 +62,9 @@ pub struct RegistryOptions {
     pub max_value_bytes: usize,
     /// On the observe path, measure the encoded size of one loaded value in this many (1 = every value).
     pub size_sample_every: u64,
+    /// Version of the application's cached value formats, mixed into every entry's type tag: bump it when a cached
+    /// type changes meaning in a way serde would still decode, and every older entry becomes a miss.
+    pub value_version: u32,
 }
 
 impl Default for RegistryOptions {
@@ -207,6 +78,7 @@ impl Default for RegistryOptions {
             memory_max_bytes: 256 * 1024 * 1024,
             max_value_bytes: 1024 * 1024,
             size_sample_every: 16,
+            value_version: 0,
         }
     }
 }
@@ -255,6 +127,16 @@ pub struct StateView {
     pub redis: Option<Health>,
 }
 
+/// Per-pattern entry of the pattern table.
+struct PatternEntry {
+    metrics: PatternMetrics,
+}
+
+type PatternMap = HashMap<Box<str>, Arc<PatternEntry>, foldhash::fast::RandomState>;
+
+/// The state every call loads once: policy, backend, and the pattern table (kept here so that one `ArcSwap` load
+/// serves a whole call).
+#[derive(Clone)]
 struct Active {
     policy: Policy,
     backend: Arc<dyn Cache>,
@@ -264,10 +146,17 @@ struct Active {
     ttls: HashMap<String, Duration>,
     default_ttl: Duration,
     version: u64,
+    patterns: Arc<PatternMap>,
 }
 
 impl Active {
-    fn new(policy: Policy, backend: Arc<dyn Cache>, redis: RedisOptions, version: u64) -> Self {
+    fn new(
+        policy: Policy,
+        backend: Arc<dyn Cache>,
+        redis: RedisOptions,
+        version: u64,
+        patterns: Arc<PatternMap>,
+    ) -> Self {
         let ttls = policy
             .patterns
             .iter()
@@ -282,6 +171,7 @@ impl Active {
             backend,
             redis,
             version,
+            patterns,
         }
     }
 
@@ -294,23 +184,29 @@ impl Active {
     }
 }
 
-/// Per-pattern entry of the registry's pattern table.
-struct PatternEntry {
-    metrics: PatternMetrics,
+/// What a swap installs, decided under the switch lock so concurrent switches never lose one another's change.
+enum Change {
+    Update(PolicyUpdate),
+    Replace(Policy, Option<RedisOptions>),
+    /// The start-up policy again, unless someone switched since `if_version`.
+    Retry(Policy, u64),
 }
 
 struct Inner {
     state: ArcSwap<Active>,
     key_patterns: KeyPatterns,
-    patterns: PatternTable<PatternEntry>,
     metrics: Metrics,
     flights: Arc<Flights>,
     swaps: Mutex<VecDeque<SwapRecord>>,
     switching: tokio::sync::Mutex<()>,
+    new_pattern: Mutex<()>,
+    clock: quanta::Clock,
+    max_patterns: usize,
     memory_max_entries: u64,
     memory_max_bytes: u64,
     max_value_bytes: usize,
     size_sample_every: u64,
+    value_version: u32,
 }
 
 /// The cache registry: a cheap, cloneable handle (clones share everything).
@@ -339,52 +235,62 @@ impl std::fmt::Debug for CacheRegistry {
     }
 }
 
+/// Seconds between two raw quanta readings.
+fn seconds(clock: &quanta::Clock, start: u64) -> f64 {
+    clock.delta_as_nanos(start, clock.raw()) as f64 * 1e-9
+}
+
 impl CacheRegistry {
     /// Builds a registry and installs `opts.policy` (source `startup`).
     ///
     /// If the policy's backend cannot be built (Redis unreachable), the registry starts observing (impl `null`,
     /// the rest of the policy kept), records the failed swap, and retries every 5 seconds in the background until
     /// it succeeds or another switch happens: the service starts, and caching begins when Redis is there.
+    /// Must be called within a Tokio runtime.
     ///
     /// # Errors
-    /// An invalid policy or key-pattern template.
+    /// An invalid policy.
     pub async fn new(opts: RegistryOptions) -> Result<Self> {
         opts.policy.validate()?;
-        let metrics = Metrics::new();
-        let m = metrics.clone();
         let observe = Policy {
             imp: CacheImpl::Null,
             ..opts.policy.clone()
         };
+        let initial = Active::new(
+            observe,
+            Arc::new(NullCache),
+            opts.redis.clone(),
+            0,
+            Arc::default(),
+        );
         let registry = CacheRegistry {
             inner: Arc::new(Inner {
-                state: ArcSwap::from_pointee(Active::new(
-                    observe,
-                    Arc::new(NullCache),
-                    opts.redis.clone(),
-                    0,
-                )),
+                state: ArcSwap::from_pointee(initial),
                 key_patterns: opts.key_patterns,
-                patterns: PatternTable::new(opts.max_patterns, move |name| PatternEntry {
-                    metrics: m.pattern(name),
-                }),
-                metrics,
+                metrics: Metrics::new(),
                 flights: Arc::new(Flights::new()),
                 swaps: Mutex::new(VecDeque::new()),
                 switching: tokio::sync::Mutex::new(()),
+                new_pattern: Mutex::new(()),
+                clock: quanta::Clock::new(),
+                max_patterns: opts.max_patterns,
                 memory_max_entries: opts.memory_max_entries,
                 memory_max_bytes: opts.memory_max_bytes,
                 max_value_bytes: opts.max_value_bytes,
                 size_sample_every: opts.size_sample_every,
+                value_version: opts.value_version,
             }),
         };
         let target = opts.policy;
-        if let Err(e) = registry.install(target.clone(), None, "startup").await {
+        registry
+            .inner
+            .metrics
+            .set_enabled(target.enabled, CacheImpl::Null);
+        if let Err(e) = registry
+            .install(Change::Replace(target.clone(), None), "startup")
+            .await
+        {
             tracing::warn!(error = %e, "cache: {} unavailable at start-up; observing until it is", target.imp);
-            registry
-                .inner
-                .metrics
-                .set_enabled(target.enabled, CacheImpl::Null);
             registry.spawn_retry(target);
         }
         Ok(registry)
@@ -392,17 +298,18 @@ impl CacheRegistry {
 
     fn spawn_retry(&self, target: Policy) {
         let weak = Arc::downgrade(&self.inner);
-        let started_at = self.inner.state.load().version;
+        let since = self.inner.state.load().version;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let reg = CacheRegistry { inner };
-                if reg.inner.state.load().version != started_at {
-                    return; // someone switched since: their choice wins
-                }
-                if reg.install(target.clone(), None, "retry").await.is_ok() {
-                    return;
+                match reg
+                    .install(Change::Retry(target.clone(), since), "retry")
+                    .await
+                {
+                    Ok(_) => return, // installed, or superseded by a newer switch
+                    Err(_) => continue,
                 }
             }
         });
@@ -418,8 +325,46 @@ impl CacheRegistry {
         self.inner.key_patterns.pattern_of(key)
     }
 
-    fn entry(&self, pattern: &str) -> Arc<PatternEntry> {
-        self.inner.patterns.get(pattern)
+    /// The pattern's entry in `state`'s table, created (or folded into `other`) on first sight.
+    fn entry(&self, state: &Active, pattern: &str) -> Arc<PatternEntry> {
+        match state.patterns.get(pattern) {
+            Some(e) => Arc::clone(e),
+            None => self.new_entry(pattern),
+        }
+    }
+
+    #[cold]
+    fn new_entry(&self, pattern: &str) -> Arc<PatternEntry> {
+        let _one_at_a_time = self
+            .inner
+            .new_pattern
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let cur = self.inner.state.load();
+        if let Some(e) = cur.patterns.get(pattern) {
+            return Arc::clone(e);
+        }
+        let real = cur.patterns.keys().filter(|k| &***k != OTHER).count();
+        let name = if real < self.inner.max_patterns {
+            pattern
+        } else {
+            OTHER
+        };
+        if let Some(e) = cur.patterns.get(name) {
+            return Arc::clone(e);
+        }
+        let entry = Arc::new(PatternEntry {
+            metrics: self.inner.metrics.pattern(name),
+        });
+        self.inner.state.rcu(|cur| {
+            let mut patterns = PatternMap::clone(&cur.patterns);
+            patterns.insert(name.into(), Arc::clone(&entry));
+            Active {
+                patterns: Arc::new(patterns),
+                ..Active::clone(cur)
+            }
+        });
+        entry
     }
 
     /// Typed cache-aside: the value under `key`, or the loader's value, which is then stored.
@@ -459,7 +404,7 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
-        let (entry, backend, ttl) = {
+        let (entry, served) = {
             let state = self.inner.state.load();
             if !state.policy.enabled {
                 drop(state);
@@ -473,17 +418,15 @@ impl CacheRegistry {
                 return loader().await;
             }
             let pattern = self.inner.key_patterns.pattern_of(key);
-            let entry = self.entry(&pattern);
-            if state.serves(&pattern) {
-                let ttl = state.ttl(&pattern);
-                (entry, Some(Arc::clone(&state.backend)), ttl)
-            } else {
-                (entry, None, Duration::ZERO)
-            }
+            let entry = self.entry(&state, &pattern);
+            let served = state
+                .serves(&pattern)
+                .then(|| (Arc::clone(&state.backend), state.ttl(&pattern)));
+            (entry, served)
         };
-        match backend {
+        match served {
             None => self.observe(&entry.metrics, loader).await,
-            Some(backend) => {
+            Some((backend, ttl)) => {
                 self.serve(key, &entry.metrics, &*backend, ttl, loader)
                     .await
             }
@@ -497,9 +440,10 @@ impl CacheRegistry {
         Fut: Future<Output = Result<C, E>>,
     {
         m.miss(CacheImpl::Null);
-        let start = Instant::now();
+        let clock = &self.inner.clock;
+        let start = clock.raw();
         let r = loader().await;
-        m.loader.observe(start.elapsed().as_secs_f64());
+        m.loader.observe(seconds(clock, start));
         if let Ok(v) = &r {
             m.set(CacheImpl::Null);
             if m.sample_size(self.inner.size_sample_every) {
@@ -525,14 +469,16 @@ impl CacheRegistry {
     {
         let imp = backend.kind();
         let metrics = &self.inner.metrics;
-        let start = Instant::now();
+        let version = self.inner.value_version;
+        let clock = &self.inner.clock;
+        let start = clock.raw();
         let got = backend.get(key).await;
         metrics
             .op_duration(imp, Operation::Get)
-            .observe(start.elapsed().as_secs_f64());
+            .observe(seconds(clock, start));
         let mut backend_ok = true;
         match got {
-            Ok(Some(bytes)) => match codec::decode::<C>(bytes) {
+            Ok(Some(bytes)) => match codec::decode::<C>(bytes, version) {
                 Ok(v) => {
                     m.hit(imp);
                     return Ok(v);
@@ -553,23 +499,28 @@ impl CacheRegistry {
             }
         }
         m.miss(imp);
-        let guard = match self.inner.flights.join(key) {
+        let leader = match self.inner.flights.join(key) {
             Join::Follower(rx) => {
                 if let Some(bytes) = flight::wait(rx).await {
-                    if let Ok(v) = codec::decode::<C>(bytes) {
+                    if let Ok(v) = codec::decode::<C>(bytes, version) {
                         m.coalesced();
                         return Ok(v);
                     }
                 }
-                None
+                None // the leader failed or was detached: load ourselves, without storing over a newer load
             }
             Join::Leader(guard) => Some(guard),
         };
-        let start = Instant::now();
+        let start = clock.raw();
         let loaded = loader().await;
-        m.loader.observe(start.elapsed().as_secs_f64());
+        m.loader.observe(seconds(clock, start));
         let value = loaded?;
-        let bytes = match codec::encode(key, &value) {
+        if leader.as_ref().is_none_or(flight::LeaderGuard::is_detached) {
+            // An invalidation arrived while loading (or we are a follower whose leader failed): this value may
+            // predate a write, so it is returned to this caller only, never shared or stored.
+            return Ok(value);
+        }
+        let bytes = match codec::encode(key, &value, version) {
             Ok(b) => b,
             Err(e) => {
                 metrics.error(imp, e.error_type());
@@ -578,7 +529,7 @@ impl CacheRegistry {
             }
         };
         m.value_size.observe(bytes.len() as f64);
-        if let Some(g) = &guard {
+        if let Some(g) = &leader {
             g.publish(bytes.clone());
         }
         if bytes.len() > self.inner.max_value_bytes {
@@ -590,9 +541,10 @@ impl CacheRegistry {
                 "cache: value too large, not stored"
             );
         } else if backend_ok {
-            self.timed_set(backend, m, key, bytes, ttl).await.ok();
+            // A failed set is counted inside; the caller has its value either way.
+            let _ = self.timed_set(backend, m, key, bytes, ttl).await;
         }
-        drop(guard);
+        drop(leader);
         Ok(value)
     }
 
@@ -605,12 +557,13 @@ impl CacheRegistry {
         ttl: Duration,
     ) -> Result<()> {
         let imp = backend.kind();
-        let start = Instant::now();
+        let clock = &self.inner.clock;
+        let start = clock.raw();
         let r = backend.set(key, bytes, Some(ttl)).await;
         self.inner
             .metrics
             .op_duration(imp, Operation::Set)
-            .observe(start.elapsed().as_secs_f64());
+            .observe(seconds(clock, start));
         match r {
             Ok(()) => {
                 m.set(imp);
@@ -624,7 +577,9 @@ impl CacheRegistry {
         }
     }
 
-    /// Stores `value` under `key` with the pattern's TTL (counted only when the pattern is observed).
+    /// Stores `value` under `key` with the pattern's TTL. For a pattern that is not served (or with caching
+    /// disabled) the write is only counted, and the key is deleted from the active backend so that an older copy
+    /// can never be served later.
     ///
     /// # Errors
     /// [`Error::InvalidKey`], [`Error::Encode`], [`Error::ValueTooLarge`], or the backend's error (also counted).
@@ -633,7 +588,8 @@ impl CacheRegistry {
         key: &str,
         value: &T,
     ) -> Result<()> {
-        self.set_encoded(key, |k| codec::encode(k, &JsonRef(value)))
+        let version = self.inner.value_version;
+        self.set_encoded(key, |k| codec::encode(k, &JsonRef(value), version))
             .await
     }
 
@@ -642,7 +598,9 @@ impl CacheRegistry {
     /// # Errors
     /// As [`set`](Self::set).
     pub async fn set_bytes(&self, key: &str, value: Bytes) -> Result<()> {
-        self.set_encoded(key, |k| codec::encode(k, &value)).await
+        let version = self.inner.value_version;
+        self.set_encoded(key, |k| codec::encode(k, &value, version))
+            .await
     }
 
     async fn set_encoded(
@@ -650,22 +608,28 @@ impl CacheRegistry {
         key: &str,
         encode: impl FnOnce(&str) -> Result<Bytes>,
     ) -> Result<()> {
-        let state = self.inner.state.load_full();
-        if !state.policy.enabled {
-            return Ok(());
-        }
         validate_key(key)?;
+        let state = self.inner.state.load_full();
         let pattern = self.pattern_of(key);
-        let entry = self.entry(&pattern);
-        let bytes = encode(key)?;
-        if !state.serves(&pattern) {
-            entry.metrics.set(CacheImpl::Null);
-            entry.metrics.value_size.observe(bytes.len() as f64);
-            return Ok(());
+        if !state.policy.enabled || !state.serves(&pattern) {
+            if state.policy.enabled {
+                let entry = self.entry(&state, &pattern);
+                entry.metrics.set(CacheImpl::Null);
+                if let Ok(bytes) = encode(key) {
+                    entry.metrics.value_size.observe(bytes.len() as f64);
+                }
+            }
+            self.inner.flights.detach(key);
+            return state.backend.delete(key).await.map(|_| ());
         }
+        let entry = self.entry(&state, &pattern);
+        let bytes = encode(key)?;
         let imp = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
             self.inner.metrics.error(imp, "too_large");
+            // The old value is stale now that the caller has a new one: do not leave it behind.
+            self.inner.flights.detach(key);
+            let _ = state.backend.delete(key).await;
             return Err(Error::ValueTooLarge {
                 key: key.to_string(),
                 size: bytes.len(),
@@ -673,6 +637,7 @@ impl CacheRegistry {
             });
         }
         entry.metrics.value_size.observe(bytes.len() as f64);
+        self.inner.flights.detach(key);
         self.timed_set(
             &*state.backend,
             &entry.metrics,
@@ -683,45 +648,57 @@ impl CacheRegistry {
         .await
     }
 
-    /// Deletes `key` from the active backend (whitelisted or not, see the module docs); `true` when it was there.
+    /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
+    /// in flight; `true` when it was present.
+    ///
+    /// With caching disabled the delete still happens (unmeasured), so that re-enabling never serves a value
+    /// older than a write made in between.
     ///
     /// # Errors
     /// [`Error::InvalidKey`], or the backend's error (also counted): the caller must know that a stale value may
     /// remain until its TTL.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        self.inner.flights.detach(key);
         let state = self.inner.state.load_full();
         if !state.policy.enabled {
-            return Ok(false);
+            return state.backend.delete(key).await;
         }
-        validate_key(key)?;
-        let entry = self.entry(&self.pattern_of(key));
+        let entry = self.entry(&state, &self.pattern_of(key));
         let imp = state.backend.kind();
         entry.metrics.del(imp);
         self.inner.metrics.invalidated(imp, "key");
-        let start = Instant::now();
+        let clock = &self.inner.clock;
+        let start = clock.raw();
         let r = state.backend.delete(key).await;
         self.inner
             .metrics
             .op_duration(imp, Operation::Delete)
-            .observe(start.elapsed().as_secs_f64());
+            .observe(seconds(clock, start));
         r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
     }
 
-    /// Deletes every key of `pattern` from the active backend (Redis: `SCAN` + `UNLINK`); returns how many.
+    /// Deletes every key of `pattern` from the active backend (Redis: `SCAN` + `UNLINK`) and detaches the
+    /// pattern's loads in flight; returns how many keys were deleted.
     ///
     /// # Errors
     /// [`Error::InvalidPattern`], or the backend's error (also counted).
     pub async fn invalidate_pattern(&self, pattern: &str) -> Result<u64> {
         validate_pattern(pattern)?;
+        let kp = &self.inner.key_patterns;
+        self.inner
+            .flights
+            .detach_matching(|k| kp.pattern_of(k) == pattern);
         let state = self.inner.state.load_full();
         let imp = state.backend.kind();
         self.inner.metrics.invalidated(imp, "pattern");
-        let start = Instant::now();
+        let clock = &self.inner.clock;
+        let start = clock.raw();
         let r = self.delete_pattern_in(&*state.backend, pattern).await;
         self.inner
             .metrics
             .op_duration(imp, Operation::DeletePattern)
-            .observe(start.elapsed().as_secs_f64());
+            .observe(seconds(clock, start));
         r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
     }
 
@@ -736,12 +713,13 @@ impl CacheRegistry {
             .await
     }
 
-    /// Applies `update` at runtime: builds (and for Redis, connects) the new backend first, flushes the patterns it
-    /// will serve if it was not active before, then swaps atomically. On failure the old state stays in place.
-    /// Switches are serialized; calls in progress are never failed.
+    /// Applies `update` at runtime: builds (and for Redis, connects) the new backend first, flushes it if it was not
+    /// active before, then swaps atomically. On failure the old state stays in place. Switches are serialized and
+    /// each applies to the state left by the previous one; calls in progress are never failed.
     ///
     /// # Errors
-    /// An invalid update ([`Error::Config`], [`Error::InvalidPattern`]); an unreachable Redis ([`Error::Redis`]).
+    /// An invalid update ([`Error::Config`], [`Error::InvalidPattern`]); an unreachable Redis ([`Error::Redis`],
+    /// [`Error::Timeout`]).
     pub async fn switch(&self, update: &PolicyUpdate) -> Result<StateView> {
         self.switch_from(update, "library").await
     }
@@ -751,8 +729,7 @@ impl CacheRegistry {
     /// # Errors
     /// As [`switch`](Self::switch).
     pub async fn switch_from(&self, update: &PolicyUpdate, source: &str) -> Result<StateView> {
-        let policy = self.inner.state.load().policy.merged(update)?;
-        self.install(policy, None, source).await?;
+        self.install(Change::Update(update.clone()), source).await?;
         Ok(self.state().await)
     }
 
@@ -761,34 +738,40 @@ impl CacheRegistry {
     /// # Errors
     /// As [`switch`](Self::switch).
     pub async fn reload(&self, policy: Policy, redis: RedisOptions) -> Result<StateView> {
-        policy.validate()?;
-        self.install(policy, Some(redis), "sighup").await?;
+        self.install(Change::Replace(policy, Some(redis)), "sighup")
+            .await?;
         Ok(self.state().await)
     }
 
-    async fn install(
-        &self,
-        policy: Policy,
-        redis: Option<RedisOptions>,
-        source: &str,
-    ) -> Result<()> {
+    async fn install(&self, change: Change, source: &str) -> Result<()> {
         let _one_at_a_time = self.inner.switching.lock().await;
         let cur = self.inner.state.load_full();
-        let redis = redis.unwrap_or_else(|| cur.redis.clone());
+        let (policy, redis) = match change {
+            Change::Update(u) => (cur.policy.merged(&u)?, cur.redis.clone()),
+            Change::Replace(p, r) => {
+                p.validate()?;
+                (p, r.unwrap_or_else(|| cur.redis.clone()))
+            }
+            Change::Retry(p, since) => {
+                if cur.version != since {
+                    return Ok(()); // someone switched since start-up: their choice wins
+                }
+                (p, cur.redis.clone())
+            }
+        };
         let result = self.prepare(&cur, &policy, &redis).await;
-        let ok = result.is_ok();
-        let version = if ok { cur.version + 1 } else { cur.version };
+        let version = cur.version + u64::from(result.is_ok());
         let record = SwapRecord {
             at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             source: source.to_string(),
             version,
-            ok,
+            ok: result.is_ok(),
             from_impl: cur.policy.imp,
             to_impl: policy.imp,
             whitelist: policy.whitelist.clone(),
             error: result.as_ref().err().map(ToString::to_string),
         };
-        self.inner.metrics.swap(ok);
+        self.inner.metrics.swap(result.is_ok());
         let backend = match result {
             Ok(b) => b,
             Err(e) => {
@@ -797,11 +780,14 @@ impl CacheRegistry {
                 return Err(e);
             }
         };
-        let next = Active::new(policy, backend, redis, version);
-        self.inner
-            .metrics
-            .set_enabled(next.policy.enabled, next.policy.imp);
-        self.inner.state.store(Arc::new(next));
+        let (enabled, imp) = (policy.enabled, policy.imp);
+        let next = Active::new(policy, backend, redis, version, Arc::default());
+        // rcu, not store: a pattern first seen during the swap must not be lost.
+        self.inner.state.rcu(|cur| Active {
+            patterns: Arc::clone(&cur.patterns),
+            ..next.clone()
+        });
+        self.inner.metrics.set_enabled(enabled, imp);
         self.push_swap(record);
         tracing::info!(source, version, "{}", self.state_line());
         Ok(())
@@ -826,16 +812,11 @@ impl CacheRegistry {
             )),
             CacheImpl::Redis => Arc::new(RedisCache::connect(redis.clone()).await?),
         };
-        // The new backend missed every invalidation made while it was not active: drop what it holds for the
-        // patterns it is about to serve.
+        // The new backend missed every invalidation made while it was not active (in this process or a previous
+        // one): drop everything it holds under its prefix before it serves anything.
         if !backend.always_misses() {
-            if policy.serves_all() {
-                backend.delete_matching("", &|_| true).await?;
-            } else {
-                for p in &policy.whitelist {
-                    self.delete_pattern_in(&*backend, p).await?;
-                }
-            }
+            let n = backend.delete_matching("", &|_| true).await?;
+            tracing::info!(imp = %policy.imp, deleted = n, "cache: flushed the newly active backend");
         }
         Ok(backend)
     }
@@ -857,6 +838,11 @@ impl CacheRegistry {
         self.inner.state.load().policy.clone()
     }
 
+    /// The active Redis options (those of the last successful swap).
+    pub fn redis_options(&self) -> RedisOptions {
+        self.inner.state.load().redis.clone()
+    }
+
     /// One line for logs: `cache: enabled impl=null whitelist=[]`.
     pub fn state_line(&self) -> String {
         let s = self.inner.state.load();
@@ -875,10 +861,11 @@ impl CacheRegistry {
     /// Counters of every key pattern seen so far.
     pub fn pattern_counts(&self) -> BTreeMap<String, PatternCounts> {
         self.inner
+            .state
+            .load()
             .patterns
-            .entries()
-            .into_iter()
-            .map(|(name, e)| (name, e.metrics.counts()))
+            .iter()
+            .map(|(name, e)| (name.to_string(), e.metrics.counts()))
             .collect()
     }
 
@@ -926,6 +913,7 @@ fn literal_prefix(pattern: &str) -> &str {
     }
 }
 
+/// Encodes a borrowed value with the same type tag as [`Json<T>`], for `set`.
 struct JsonRef<'a, T>(&'a T);
 
 impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
@@ -936,7 +924,7 @@ impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
         serde_json::to_writer(bytes::BufMut::writer(out), self.0)
     }
     fn read_payload(_payload: Bytes) -> std::result::Result<Self, String> {
-        Err("write-only".into())
+        Err("JsonRef only encodes".into())
     }
     fn type_tag() -> u32 {
         <Json<T> as Codec>::type_tag()
@@ -946,38 +934,10 @@ impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::PatternPolicy;
 
-    #[test]
-    fn update_merges_and_validates() {
-        let p = Policy::default();
-        let u: PolicyUpdate =
-            serde_json::from_str(r#"{"impl":"redis","whitelist":["user"," user ",""]}"#)
-                .expect("parses");
-        let m = p.merged(&u).expect("valid");
-        assert_eq!(m.imp, CacheImpl::Redis);
-        assert_eq!(m.whitelist, ["user"]);
-        assert!(m.enabled);
-        let bad = PolicyUpdate {
-            patterns: Some(BTreeMap::from([(
-                "user".into(),
-                PatternPolicy { ttl_secs: Some(0) },
-            )])),
-            ..Default::default()
-        };
-        let e = p.merged(&bad).expect_err("ttl 0");
-        assert!(
-            e.to_string().contains("cache.patterns.user.ttl_secs"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn unknown_update_fields_are_rejected() {
-        assert!(
-            serde_json::from_str::<PolicyUpdate>(r#"{"impl":"redis","whitelits":["user"]}"#)
-                .is_err()
-        );
-        assert!(serde_json::from_str::<PolicyUpdate>(r#"{"impl":"redsi"}"#).is_err());
+    fn active(policy: Policy, backend: Arc<dyn Cache>) -> Active {
+        Active::new(policy, backend, RedisOptions::default(), 1, Arc::default())
     }
 
     #[test]
@@ -987,35 +947,16 @@ mod tests {
             whitelist: vec!["user".into()],
             ..Policy::default()
         };
-        let a = Active::new(
-            policy.clone(),
-            Arc::new(MemoryCache::new(10, 1000)),
-            RedisOptions::default(),
-            1,
-        );
+        let a = active(policy.clone(), Arc::new(MemoryCache::new(10, 1000)));
         assert!(a.serves("user"));
         assert!(!a.serves("project"));
-        let all = Active::new(
-            Policy {
-                whitelist: vec!["*".into()],
-                ..policy.clone()
-            },
-            Arc::new(MemoryCache::new(10, 1000)),
-            RedisOptions::default(),
-            1,
-        );
-        assert!(all.serves("project"));
-        let null = Active::new(
-            Policy {
-                whitelist: vec!["*".into()],
-                ..policy
-            },
-            Arc::new(NullCache),
-            RedisOptions::default(),
-            1,
-        );
+        let all = Policy {
+            whitelist: vec!["*".into()],
+            ..policy.clone()
+        };
+        assert!(active(all.clone(), Arc::new(MemoryCache::new(10, 1000))).serves("project"));
         assert!(
-            !null.serves("user"),
+            !active(all, Arc::new(NullCache)).serves("user"),
             "the NullCache serves nothing even when whitelisted"
         );
     }
@@ -1026,7 +967,7 @@ mod tests {
             patterns: BTreeMap::from([("user".into(), PatternPolicy { ttl_secs: Some(60) })]),
             ..Policy::default()
         };
-        let a = Active::new(policy, Arc::new(NullCache), RedisOptions::default(), 0);
+        let a = active(policy, Arc::new(NullCache));
         assert_eq!(a.ttl("user"), Duration::from_secs(60));
         assert_eq!(a.ttl("project"), Duration::from_secs(300));
     }
@@ -1036,5 +977,24 @@ mod tests {
         assert_eq!(literal_prefix("user"), "user");
         assert_eq!(literal_prefix("user:*:profile"), "user:");
         assert_eq!(literal_prefix("*"), "");
+    }
+
+    #[tokio::test]
+    async fn pattern_table_is_bounded_and_folds_into_other() {
+        let reg = CacheRegistry::new(RegistryOptions {
+            max_patterns: 3,
+            ..RegistryOptions::default()
+        })
+        .await
+        .expect("registry");
+        for i in 0..10 {
+            let _: Result<u8, std::convert::Infallible> = reg
+                .get_or_load(&format!("p{i}:1"), || async { Ok(1) })
+                .await;
+        }
+        let counts = reg.pattern_counts();
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        assert_eq!(counts[OTHER].gets, 7);
+        assert!(reg.metrics().render().contains(r#"key_pattern="other""#));
     }
 }

@@ -63,6 +63,16 @@ pub enum Op {
     Delete,
 }
 
+/// Largest value size a trace line may give, in bytes (64 MiB); larger sizes make the line malformed.
+pub const MAX_TRACE_VALUE_BYTES: usize = 64 << 20;
+
+fn checked_size(size: Option<usize>, what: &str) -> std::result::Result<usize, String> {
+    match size {
+        Some(n) if n <= MAX_TRACE_VALUE_BYTES => Ok(n),
+        _ => Err(format!("{what} exceeds {MAX_TRACE_VALUE_BYTES} bytes")),
+    }
+}
+
 /// One parsed trace request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceRequest {
@@ -102,6 +112,7 @@ pub fn parse_line(
             let value_size: usize = cols[3]
                 .parse()
                 .map_err(|_| format!("value_size {:?} is not a number", cols[3]))?;
+            let value_size = checked_size(Some(value_size), "value_size")?;
             let op = match cols[5] {
                 "get" | "gets" => Op::Get,
                 "set" | "add" | "replace" | "cas" | "append" | "prepend" => Op::Set,
@@ -128,7 +139,7 @@ pub fn parse_line(
             Ok(Some(TraceRequest {
                 key: format!("block:{start}"),
                 op: Op::Get,
-                value_size: 512 * blocks,
+                value_size: checked_size(blocks.checked_mul(512), "512 × N_BLOCKS")?,
             }))
         }
     }
@@ -362,6 +373,14 @@ mod tests {
             }
         );
         assert!(parse_line(TraceFormat::Arc, "x 8 0 1").is_err());
+        assert!(parse_line(TraceFormat::Arc, "1 18446744073709551615 0 1")
+            .expect_err("overflow")
+            .contains("exceeds"));
+        assert!(
+            parse_line(TraceFormat::Twitter, "0,k,1,99999999999,3,get,0")
+                .expect_err("huge")
+                .contains("exceeds")
+        );
     }
 
     #[test]

@@ -354,3 +354,54 @@ async fn put_user_invalidates_the_cached_copy() {
     let (s, _, _) = get(&app, "/health").await;
     assert_eq!(s, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn renaming_a_user_refreshes_the_member_lists_that_show_them() {
+    let mut s = settings(None, Some(TOKEN));
+    s.cache.imp = cache_rollout::cache::CacheImpl::Memory;
+    s.cache.whitelist = vec!["user".into(), "project:*:members".into()];
+    let app = service(s).await;
+    let (_, members, _) = get(&app, "/projects/1/members").await;
+    let owner = members
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["role"] == "owner")
+        .expect("an owner")["user_id"]
+        .as_i64()
+        .expect("id");
+    get(&app, "/projects/1/members").await; // served from the cache now
+    let (s, _, _) = call(
+        &app,
+        Method::PUT,
+        &format!("/users/{owner}"),
+        None,
+        Some(json!({"name": "New Name", "email": "n@example.com"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, members, _) = get(&app, "/projects/1/members").await;
+    assert!(members.to_string().contains("New Name"), "{members}");
+}
+
+#[tokio::test]
+async fn config_shows_the_configuration_in_force_after_a_switch() {
+    let app = service(settings(None, Some(TOKEN))).await;
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(state["config"]["cache"]["impl"], "null");
+    let body =
+        json!({"impl": "memory", "whitelist": ["user"], "patterns": {"user": {"ttl_secs": 60}}});
+    let (s, state, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(TOKEN),
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(state["config"]["cache"]["impl"], "memory");
+    assert_eq!(state["config"]["cache"]["whitelist"], json!(["user"]));
+    assert_eq!(state["config"]["cache"]["patterns"]["user"]["ttl_secs"], 60);
+    assert_eq!(state["config"]["admin_token"], "***");
+}

@@ -6,7 +6,9 @@ mod support;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+
 use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify};
 
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
@@ -184,25 +186,6 @@ async fn concurrent_misses_on_one_key_run_the_loader_once() {
     assert_eq!(c.coalesced, 99);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_load_themselves_when_the_leader_fails() {
-    let reg = registry(CacheImpl::Memory, &["*"], None).await;
-    let leader = {
-        let reg = reg.clone();
-        tokio::spawn(async move {
-            reg.get_or_load("user:8", || async {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Err::<User, _>("boom")
-            })
-            .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let follower: Result<User, &str> = reg.get_or_load("user:8", || async { Ok(user(8, 1)) }).await;
-    assert_eq!(follower, Ok(user(8, 1)));
-    assert_eq!(leader.await.expect("task"), Err("boom"));
-}
-
 #[tokio::test]
 async fn oversized_values_are_served_but_not_stored() {
     let mut opts = options(CacheImpl::Memory, &["*"], None);
@@ -299,64 +282,6 @@ async fn switch_to_unreachable_redis_keeps_the_old_state() {
     let last = state.swaps.last().expect("history");
     assert!(!last.ok && last.error.is_some());
     assert_eq!(last.to_impl, CacheImpl::Redis);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switch_null_redis_null_under_load_fails_no_call() {
-    let server = RedisServer::start();
-    let reg = registry(CacheImpl::Null, &[], Some(server.url())).await;
-    let start_version = reg.state().await.version;
-    let stop = Arc::new(AtomicBool::new(false));
-    let wrong = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for w in 0..8u64 {
-        let (reg, stop, wrong, done) = (reg.clone(), stop.clone(), wrong.clone(), done.clone());
-        workers.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            // Bounded in count and in time.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !stop.load(Ordering::Relaxed) && i < 200_000 && Instant::now() < deadline {
-                let id = (w * 31 + i) % 50;
-                let got: Result<User, Infallible> = reg
-                    .get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) })
-                    .await;
-                if got != Ok(user(id, 1)) {
-                    wrong.fetch_add(1, Ordering::Relaxed);
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    reg.switch(&switch(CacheImpl::Redis, &["user"]))
-        .await
-        .expect("to redis");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let redis_hits = reg.metrics().render();
-    reg.switch(&switch(CacheImpl::Null, &[]))
-        .await
-        .expect("back to null");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.expect("worker never panics");
-    }
-    assert_eq!(
-        wrong.load(Ordering::Relaxed),
-        0,
-        "every call returned the loader's value"
-    );
-    assert!(done.load(Ordering::Relaxed) > 100);
-    assert!(
-        !redis_hits.contains(r#"cache_hits_total{impl="redis",key_pattern="user"} 0"#),
-        "redis served hits"
-    );
-    let state = reg.state().await;
-    assert_eq!(state.imp, CacheImpl::Null);
-    assert_eq!(state.version, start_version + 2, "two successful swaps");
-    assert_eq!(reg.metrics().errors(CacheImpl::Redis, "connection"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,6 +403,23 @@ async fn a_write_while_observed_is_never_hidden_by_an_older_redis_value() {
         .await
         .expect("back to redis");
     assert_eq!(reg.get_or_load("user:1", v(3)).await, Ok(user(1, 3)));
+    // Disable caching (same backend): invalidations still reach Redis.
+    reg.switch(&PolicyUpdate {
+        enabled: Some(false),
+        ..PolicyUpdate::default()
+    })
+    .await
+    .expect("disable");
+    reg.invalidate("user:1")
+        .await
+        .expect("invalidate while disabled");
+    reg.switch(&PolicyUpdate {
+        enabled: Some(true),
+        ..PolicyUpdate::default()
+    })
+    .await
+    .expect("enable");
+    assert_eq!(reg.get_or_load("user:1", v(4)).await, Ok(user(1, 4)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,4 +440,271 @@ async fn invalidate_pattern_removes_only_that_pattern() {
         10
     );
     assert!(reg.invalidate_pattern("bad pattern").await.is_err());
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_load_themselves_when_the_leader_fails() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    let (started_tx, started_rx) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let leader_done = Arc::new(AtomicBool::new(false));
+    let leader = {
+        let (reg, release, leader_done) = (reg.clone(), release.clone(), leader_done.clone());
+        tokio::spawn(async move {
+            reg.get_or_load("user:8", || async move {
+                let _ = started_tx.send(());
+                release.notified().await;
+                leader_done.store(true, Ordering::SeqCst);
+                Err::<User, _>("boom")
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("the leader's loader is running");
+    let follower = {
+        let (reg, leader_done) = (reg.clone(), leader_done.clone());
+        tokio::spawn(async move {
+            reg.get_or_load("user:8", || async move {
+                // Runs only after the leader failed: the follower waited instead of loading alongside it.
+                Ok::<_, &str>((leader_done.load(Ordering::SeqCst), user(8, 1)))
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    release.notify_one();
+    assert_eq!(leader.await.expect("task"), Err("boom"));
+    let (waited, value) = follower.await.expect("task").expect("own load");
+    assert!(
+        waited,
+        "the follower's loader ran only after the leader's failed"
+    );
+    assert_eq!(value, user(8, 1));
+    assert_eq!(reg.pattern_counts()["user"].coalesced, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_detaches_the_load_in_flight() {
+    let reg = registry(CacheImpl::Memory, &["user"], None).await;
+    let (started_tx, started_rx) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let old_load = {
+        let (reg, release) = (reg.clone(), release.clone());
+        tokio::spawn(async move {
+            reg.get_or_load("user:1", || async move {
+                let _ = started_tx.send(());
+                release.notified().await;
+                Ok::<_, Infallible>(user(1, 1)) // read from the origin before the write below
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("old load running");
+    // The write: origin now holds version 2, then the key is invalidated.
+    reg.invalidate("user:1").await.expect("invalidate");
+    let fresh: Result<User, Infallible> =
+        reg.get_or_load("user:1", || async { Ok(user(1, 2)) }).await;
+    assert_eq!(
+        fresh,
+        Ok(user(1, 2)),
+        "a read after the invalidation does not join the older load"
+    );
+    release.notify_one();
+    assert_eq!(
+        old_load.await.expect("task"),
+        Ok(user(1, 1)),
+        "its own caller still gets its value"
+    );
+    let later: Result<User, Infallible> =
+        reg.get_or_load("user:1", || async { Ok(user(1, 3)) }).await;
+    assert_eq!(
+        later,
+        Ok(user(1, 2)),
+        "the detached load did not overwrite the fresh value"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_of_an_unserved_pattern_removes_the_old_copy() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    reg.switch(&switch(CacheImpl::Redis, &[]))
+        .await
+        .expect("unwhitelist");
+    reg.set("user:1", &user(1, 2))
+        .await
+        .expect("set while observed");
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("whitelist again");
+    let v: Result<User, Infallible> = reg.get_or_load("user:1", || async { Ok(user(1, 2)) }).await;
+    assert_eq!(v, Ok(user(1, 2)), "the copy stored before the set is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_added_later_finds_nothing_older_than_its_writes() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user", "project"], Some(server.url())).await;
+    let v = |version: u64| move || async move { Ok::<_, Infallible>(user(1, version)) };
+    assert_eq!(reg.get_or_load("project:1", v(1)).await, Ok(user(1, 1)));
+    reg.switch(&switch(CacheImpl::Null, &[]))
+        .await
+        .expect("to null");
+    reg.invalidate("project:1")
+        .await
+        .expect("a write while Redis is not active");
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("redis, user only");
+    reg.switch(&switch(CacheImpl::Redis, &["user", "project"]))
+        .await
+        .expect("add project");
+    assert_eq!(reg.get_or_load("project:1", v(2)).await, Ok(user(1, 2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_switches_both_apply() {
+    let reg = registry(CacheImpl::Memory, &[], None).await;
+    let a = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            reg.switch(&PolicyUpdate {
+                whitelist: Some(vec!["user".into()]),
+                ..PolicyUpdate::default()
+            })
+            .await
+        })
+    };
+    let b = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let ttl = cache_rollout::PatternPolicy { ttl_secs: Some(42) };
+            reg.switch(&PolicyUpdate {
+                patterns: Some([("user".to_string(), ttl)].into()),
+                ..PolicyUpdate::default()
+            })
+            .await
+        })
+    };
+    a.await.expect("task").expect("switch a");
+    b.await.expect("task").expect("switch b");
+    let p = reg.policy();
+    assert_eq!(p.whitelist, ["user"]);
+    assert_eq!(p.patterns["user"].ttl_secs, Some(42));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_null_redis_null_under_load_fails_no_call() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Null, &[], Some(server.url())).await;
+    let start_version = reg.state().await.version;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let (reg, stop, wrong, done) = (reg.clone(), stop.clone(), wrong.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            // Bounded in time (and in count, far above what the phases need).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && i < 50_000_000 {
+                let id = (w * 31 + i) % 50;
+                let got: Result<User, String> = reg
+                    .get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) })
+                    .await;
+                if got != Ok(user(id, 1)) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let phase = |d: &AtomicUsize| d.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = phase(&done);
+    reg.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("to redis");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = phase(&done);
+    let redis_hits = metric(
+        &reg.metrics().render(),
+        r#"cache_hits_total{impl="redis",key_pattern="user"}"#,
+    );
+    reg.switch(&switch(CacheImpl::Null, &[]))
+        .await
+        .expect("back to null");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = phase(&done);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker never panics");
+    }
+    assert!(
+        before > 0 && during > before && after > during,
+        "calls ran in every phase: {before} {during} {after}"
+    );
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "every call returned the loader's value"
+    );
+    assert!(redis_hits > 0.0, "Redis served hits while it was on");
+    let state = reg.state().await;
+    assert_eq!(state.imp, CacheImpl::Null);
+    assert_eq!(state.version, start_version + 2, "two successful swaps");
+    for t in ["connection", "timeout", "redis", "corrupt"] {
+        assert_eq!(reg.metrics().errors(CacheImpl::Redis, t), 0, "{t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_times_out_to_the_loader_and_recovers() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    load(&reg, 1, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "cached");
+
+    server.pause(); // SIGSTOP: connections stay open, nothing answers
+    for _ in 0..5 {
+        assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        6,
+        "every call fell back to the loader"
+    );
+    assert!(
+        reg.metrics().errors(CacheImpl::Redis, "timeout") >= 5,
+        "each stalled read timed out"
+    );
+    server.resume();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = calls.load(Ordering::SeqCst);
+        load(&reg, 1, &calls).await;
+        load(&reg, 1, &calls).await;
+        if calls.load(Ordering::SeqCst) - before <= 1 {
+            break; // a hit again
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caching did not resume after SIGCONT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

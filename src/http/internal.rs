@@ -19,8 +19,9 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::config::redact_url;
 use crate::error::Error;
-use crate::registry::PolicyUpdate;
+use crate::policy::PolicyUpdate;
 use crate::CacheRegistry;
 
 /// What the internal router needs.
@@ -67,11 +68,44 @@ pub fn production_internal_router() -> Router {
 }
 
 async fn view(state: &InternalState) -> serde_json::Value {
-    let mut v = serde_json::to_value(state.registry.state().await).unwrap_or_else(|_| json!({}));
+    let view = state.registry.state().await;
+    let mut v = serde_json::to_value(&view).unwrap_or_else(|_| json!({}));
     if let Some(obj) = v.as_object_mut() {
-        obj.insert("config".into(), state.config.clone());
+        obj.insert(
+            "config".into(),
+            effective_config(&state.config, &state.registry),
+        );
     }
     v
+}
+
+/// The start-up configuration with its runtime part replaced by what is in force now (after PUTs and SIGHUPs).
+fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> serde_json::Value {
+    let mut config = startup.clone();
+    let policy = registry.policy();
+    let redis = registry.redis_options();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("feature_cache".into(), json!(policy.enabled));
+    }
+    if let Some(cache) = config.get_mut("cache").and_then(|c| c.as_object_mut()) {
+        cache.insert("impl".into(), json!(policy.imp));
+        cache.insert("whitelist".into(), json!(policy.whitelist));
+        cache.insert("default_ttl_secs".into(), json!(policy.default_ttl_secs));
+        cache.insert("patterns".into(), json!(policy.patterns));
+        if let Some(r) = cache.get_mut("redis").and_then(|r| r.as_object_mut()) {
+            r.insert("url".into(), json!(redact_url(&redis.url)));
+            r.insert("key_prefix".into(), json!(redis.key_prefix));
+            r.insert(
+                "connect_timeout_ms".into(),
+                json!(redis.connect_timeout.as_millis()),
+            );
+            r.insert(
+                "response_timeout_ms".into(),
+                json!(redis.response_timeout.as_millis()),
+            );
+        }
+    }
+    config
 }
 
 async fn show(State(state): State<InternalState>) -> Json<serde_json::Value> {
