@@ -296,6 +296,13 @@ impl Settings {
                 return Err(Error::config(key, "0", "must be at least 1"));
             }
         }
+        if c.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {
+            return Err(Error::config(
+                "cache.max_patterns",
+                c.max_patterns.to_string(),
+                "must be at most 10000",
+            ));
+        }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(Error::config(
                 "CACHE_ADMIN_TOKEN",
@@ -455,6 +462,8 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String
 }
 
 #[cfg(test)]
+// figment's `Jail` closures return `figment::Error`, which is large; that is its API, not ours.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

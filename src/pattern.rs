@@ -175,10 +175,8 @@ pub fn validate_key(key: &str) -> Result<()> {
         "empty key"
     } else if key.len() > MAX_KEY_BYTES {
         "longer than 1024 bytes"
-    } else if key
-        .bytes()
-        .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
-    {
+    } else if key.bytes().any(|c| c <= b' ' || c == 0x7f) {
+        // ASCII whitespace and control characters are exactly the bytes up to the space, and DEL.
         "contains whitespace or a control character"
     } else {
         return Ok(());

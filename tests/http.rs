@@ -30,8 +30,10 @@ async fn service(mut settings: Settings) -> Router {
 }
 
 fn settings(redis_url: Option<String>, token: Option<&str>) -> Settings {
-    let mut s = Settings::default();
-    s.admin_token = token.map(str::to_string);
+    let mut s = Settings {
+        admin_token: token.map(str::to_string),
+        ..Settings::default()
+    };
     if let Some(url) = redis_url {
         s.cache.redis.url = url;
     }

@@ -23,6 +23,7 @@
 //! looks a label up by string.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -30,6 +31,10 @@ use prometheus::{
 };
 
 use crate::cache::CacheImpl;
+
+mod histogram;
+
+pub use self::histogram::{bucket_bounds_seconds, DurationHistogram, DurationHistogramVec};
 
 /// The `error_type` label values, in a fixed order (see [`Error::error_type`](crate::Error::error_type)).
 pub const ERROR_TYPES: [&str; 8] = [
@@ -84,15 +89,15 @@ pub struct Metrics {
     set: IntCounterVec,
     del: IntCounterVec,
     coalesced: IntCounterVec,
-    loader: HistogramVec,
+    loader: Arc<DurationHistogramVec>,
     value_size: HistogramVec,
     enabled: IntGaugeVec,
     swaps: IntCounterVec,
     invalidate: IntCounterVec,
     candidate_requests: IntCounterVec,
     candidate_duration: HistogramVec,
-    errors: Vec<Vec<IntCounter>>,     // [impl][error_type]
-    op_duration: Vec<Vec<Histogram>>, // [impl][operation]
+    errors: Vec<Vec<IntCounter>>,                  // [impl][error_type]
+    op_duration: Vec<Vec<Arc<DurationHistogram>>>, // [impl][operation]
 }
 
 impl std::fmt::Debug for Metrics {
@@ -179,17 +184,24 @@ impl Metrics {
         registry
             .register(Box::new(enabled.clone()))
             .expect("fresh registry");
-        let op_vec = histogram(
+        let fast = |name: &str, help: &str, labels: &[&str]| {
+            let h = Arc::new(
+                DurationHistogramVec::new(name, help, labels).expect("valid histogram definition"),
+            );
+            registry
+                .register(Box::new(SharedCollector(Arc::clone(&h))))
+                .expect("fresh registry");
+            h
+        };
+        let op_vec = fast(
             "cache_operation_duration_seconds",
             "Duration of cache backend operations in seconds.",
             &["impl", "operation"],
-            duration_buckets(),
         );
-        let loader = histogram(
+        let loader = fast(
             "cache_loader_duration_seconds",
             "Duration of loader (origin) calls in seconds.",
             &["key_pattern"],
-            duration_buckets(),
         );
         let value_size = histogram(
             "cache_value_size_bytes",
@@ -288,7 +300,7 @@ impl Metrics {
         self.errors[imp.index()][idx].inc();
     }
 
-    pub(crate) fn op_duration(&self, imp: CacheImpl, op: Operation) -> &Histogram {
+    pub(crate) fn op_duration(&self, imp: CacheImpl, op: Operation) -> &DurationHistogram {
         &self.op_duration[imp.index()][op as usize]
     }
 
@@ -335,7 +347,7 @@ pub struct PatternMetrics {
     set: [IntCounter; 3],
     del: [IntCounter; 3],
     coalesced: IntCounter,
-    pub(crate) loader: Histogram,
+    pub(crate) loader: Arc<DurationHistogram>,
     pub(crate) value_size: Histogram,
     size_sample: AtomicU64,
 }
@@ -376,7 +388,11 @@ impl PatternMetrics {
 
     /// True once every `every` calls: which loads get their value size measured on the observe path.
     pub(crate) fn sample_size(&self, every: u64) -> bool {
-        every <= 1 || self.size_sample.fetch_add(1, Ordering::Relaxed) % every == 0
+        // A plain load and store, not a locked fetch_add: a lost increment under contention only shifts which
+        // value is sampled, and the observe path stays cheaper.
+        let n = self.size_sample.load(Ordering::Relaxed);
+        self.size_sample.store(n.wrapping_add(1), Ordering::Relaxed);
+        every <= 1 || n.is_multiple_of(every)
     }
 
     /// The counters summed over impls.
@@ -397,6 +413,18 @@ impl PatternMetrics {
     /// Hits of one impl only.
     pub fn hits_of(&self, imp: CacheImpl) -> u64 {
         self.hits[imp.index()].get()
+    }
+}
+
+/// Registers an `Arc`ed collector (the registry takes ownership of a `Box`; we keep a handle to add children).
+struct SharedCollector(Arc<DurationHistogramVec>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }
 
