@@ -4,23 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_redis() {
-    if command -v redis-server >/dev/null 2>&1; then
-        return 0
-    fi
+# Debian packages the tests run: redis-server (every Redis test) and openssl (the rediss:// test's certificates).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "redis-server is missing: installing Debian's redis-server"
+        echo "installing Debian's ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-        # The package may start a system instance; the tests do not use it.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # The redis-server package may start a system instance; the tests do not use it.
     else
-        echo "redis-server is missing. Install it, e.g.: sudo apt-get install redis-server" >&2
+        echo "missing: ${missing[*]}. Install them, e.g.: sudo apt-get install ${missing[*]}" >&2
         exit 1
     fi
-}
-
-need_redis
+fi
 redis-server --version
+openssl version
 
 if [ ! -d ../shared/traces ]; then
     echo "../shared/traces is missing: the replay tests read the real traces from there (see ../shared/traces/README.md)" >&2

@@ -168,6 +168,9 @@ pub struct RedisSettings {
     pub connect_timeout_ms: u64,
     /// Per-command response deadline in milliseconds.
     pub response_timeout_ms: u64,
+    /// PEM file of a private CA for `rediss://`; unset trusts the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -177,6 +180,7 @@ impl fmt::Debug for RedisSettings {
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("response_timeout_ms", &self.response_timeout_ms)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -207,6 +211,7 @@ impl Default for Settings {
                     key_prefix: "cr:".into(),
                     connect_timeout_ms: 500,
                     response_timeout_ms: 100,
+                    tls_ca_file: None,
                 },
                 patterns: BTreeMap::new(),
             },
@@ -263,7 +268,15 @@ impl Settings {
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
         match url::Url::parse(&c.redis.url) {
-            Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {}
+            Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {
+                if u.fragment() == Some("insecure") {
+                    return Err(Error::config(
+                        "cache.redis.url (REDIS_URL)",
+                        redact_url(&c.redis.url),
+                        "#insecure (no certificate check) is not supported; set cache.redis.tls_ca_file instead",
+                    ));
+                }
+            }
             Ok(u) => {
                 return Err(Error::config(
                     "cache.redis.url (REDIS_URL)",
@@ -333,6 +346,7 @@ impl Settings {
             key_prefix: r.key_prefix.clone(),
             connect_timeout: Duration::from_millis(r.connect_timeout_ms),
             response_timeout: Duration::from_millis(r.response_timeout_ms),
+            tls_ca_file: r.tls_ca_file.clone(),
         }
     }
 

@@ -236,6 +236,7 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
             key_prefix: args.redis_prefix.clone(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
+            ..RedisOptions::default()
         },
         memory_max_entries: args.memory_entries,
         memory_max_bytes: args.memory_bytes,

@@ -4,6 +4,7 @@
 //! Every key is stored under a namespace prefix (`cache.redis.key_prefix`, default `cr:`) so that pattern deletion
 //! (`SCAN MATCH`, never `KEYS`) can never touch keys that belong to something else in the same database.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +26,9 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// Deadline for each command's response.
     pub response_timeout: Duration,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` with a private CA; `None` trusts
+    /// the system's roots (and Mozilla's, built in).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisOptions {
@@ -34,6 +38,7 @@ impl Default for RedisOptions {
             key_prefix: "cr:".into(),
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_millis(100),
+            tls_ca_file: None,
         }
     }
 }
@@ -58,9 +63,9 @@ impl RedisCache {
     /// Connects now, and fails if Redis cannot be reached within `connect_timeout`.
     ///
     /// # Errors
-    /// [`Error::Redis`] for a bad URL or an unreachable server.
+    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Io`] for an unreadable `tls_ca_file`.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
-        let client = redis::Client::open(opts.url.as_str())?;
+        let client = client(&opts)?;
         let conn = ConnectionManager::new_with_config(client, manager_config(&opts)).await?;
         Ok(RedisCache { conn, opts })
     }
@@ -70,7 +75,7 @@ impl RedisCache {
     /// # Errors
     /// [`Error::Redis`] for a URL that cannot be parsed.
     pub fn connect_lazy(opts: RedisOptions) -> Result<Self> {
-        let client = redis::Client::open(opts.url.as_str())?;
+        let client = client(&opts)?;
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config(&opts))?;
         Ok(RedisCache { conn, opts })
     }
@@ -86,6 +91,24 @@ impl RedisCache {
         k.push_str(&self.opts.key_prefix);
         k.push_str(key);
         k
+    }
+}
+
+/// A client for `opts.url`; with `tls_ca_file`, one that trusts that CA (rustls, ring provider).
+fn client(opts: &RedisOptions) -> Result<redis::Client> {
+    match &opts.tls_ca_file {
+        None => Ok(redis::Client::open(opts.url.as_str())?),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| Error::Io {
+                context: format!("reading cache.redis.tls_ca_file {}", path.display()),
+                source,
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Ok(redis::Client::build_with_tls(opts.url.as_str(), certs)?)
+        }
     }
 }
 
