@@ -124,8 +124,8 @@ fn init_logs(format: LogFormat) {
 async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
     let settings = Settings::load_from(&args.config_dir)?;
     init_logs(settings.log_format);
+    // Logs the cache state in one line (`cache: enabled impl=null whitelist=[]`) once it is installed.
     let registry = CacheRegistry::new(settings.registry_options()?).await?;
-    tracing::info!("{}", registry.state_line());
     let origin =
         Origin::seeded(args.users, Duration::from_millis(args.origin_delay_ms)).map_err(|e| {
             cache_rollout::Error::Io {

@@ -304,6 +304,7 @@ impl CacheRegistry {
             .await
         {
             tracing::warn!(error = %e, "cache: {} unavailable at start-up; observing until it is", target.imp);
+            tracing::info!(source = "startup", "{}", registry.state_line());
             registry.spawn_retry(target);
         }
         Ok(registry)
