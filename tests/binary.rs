@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{metric, RedisServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cache-rollout");
 const TOKEN: &str = "binary-test-token-0123456789";
@@ -147,12 +147,6 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -295,11 +289,11 @@ fn bad_configuration_stops_start_up_naming_key_and_value() {
     }
 }
 
-#[test]
-fn replay_of_the_mixed_trace_reports_the_three_patterns() {
+/// `cache-rollout replay --impl IMP --json TRACE`, which must succeed, parsed.
+fn replay_json(imp: &str, trace: &Path) -> Value {
     let out = command()
-        .args(["replay", "--impl", "memory", "--json"])
-        .arg(trace("mixed.twitter.csv.zst"))
+        .args(["replay", "--impl", imp, "--json"])
+        .arg(trace)
         .output()
         .expect("run replay");
     assert!(
@@ -307,7 +301,12 @@ fn replay_of_the_mixed_trace_reports_the_three_patterns() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn replay_of_the_mixed_trace_reports_the_three_patterns() {
+    let report = replay_json("memory", &trace("mixed.twitter.csv.zst"));
     let p = &report["patterns"];
     // Request counts from ../shared/traces/README.md.
     assert_eq!(p["oltp:page"]["requests"], 914_145);
@@ -334,17 +333,7 @@ fn replay_of_the_mixed_trace_reports_the_three_patterns() {
 
 #[test]
 fn replay_of_an_arc_trace_uses_block_keys() {
-    let out = command()
-        .args(["replay", "--impl", "null", "--json"])
-        .arg(trace("arc-p3.lis.zst"))
-        .output()
-        .expect("run replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = replay_json("null", &trace("arc-p3.lis.zst"));
     assert_eq!(report["patterns"]["block"]["requests"], 238_578);
     assert_eq!(
         report["patterns"]["block"]["hits"], 0,

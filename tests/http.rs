@@ -12,7 +12,7 @@ use cache_rollout::catalog::{app, AppContext, Origin};
 use cache_rollout::config::{AppEnv, Settings};
 use cache_rollout::CacheRegistry;
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{metric, RedisServer};
 use tower::ServiceExt;
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -77,12 +77,6 @@ async fn call(
 
 async fn get(app: &Router, uri: &str) -> (StatusCode, Value, String) {
     call(app, Method::GET, uri, None, None).await
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, Notify};
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
 use serde::{Deserialize, Serialize};
-use support::RedisServer;
+use support::{metric, RedisServer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -440,12 +440,6 @@ async fn invalidate_pattern_removes_only_that_pattern() {
         10
     );
     assert!(reg.invalidate_pattern("bad pattern").await.is_err());
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// Most distinct (method, route) pairs tracked; the rest share one series.
 const MAX_ROUTES: usize = 512;
 
-/// The layer; see the [module documentation](self).
+/// The layer: counts requests per matched route (see [`crate::http`] for an example).
 #[derive(Clone)]
 pub struct CandidateLayer {
     routes: Arc<PatternTable<RouteMetrics>>,

@@ -6,6 +6,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The value of one series (`name{labels}`) in a Prometheus text exposition; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; a race with another process is possible but rare).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
