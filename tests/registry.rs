@@ -702,3 +702,19 @@ async fn hung_redis_times_out_to_the_loader_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_values_carry_the_pattern_ttl() {
+    let server = RedisServer::start();
+    let mut opts = options(CacheImpl::Redis, &["*"], Some(server.url()));
+    opts.policy.patterns = [("user".to_string(), cache_rollout::PatternPolicy { ttl_secs: Some(60) })].into();
+    let reg = CacheRegistry::new(opts).await.expect("registry");
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    let _: Result<u8, Infallible> = reg.get_or_load("project:1", || async { Ok(1) }).await;
+    let mut raw = server.conn();
+    let user_ttl: i64 = redis::cmd("PTTL").arg("cr:user:1").query(&mut raw).expect("pttl");
+    let project_ttl: i64 = redis::cmd("PTTL").arg("cr:project:1").query(&mut raw).expect("pttl");
+    assert!((50_000..=60_000).contains(&user_ttl), "user: its own TTL of 60 s, found {user_ttl} ms");
+    assert!((290_000..=300_000).contains(&project_ttl), "project: the default 300 s, found {project_ttl} ms");
+}
