@@ -92,6 +92,33 @@ fn observe(c: &mut Criterion) {
             })
         })
     });
+    // Two threads, each with its own runtime, observing the same pattern through one registry: what the shared
+    // counters and the ArcSwap cost under contention. Time per call on each thread.
+    g.bench_function("null_observe_2_threads", |b| {
+        b.iter_custom(|n| {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (null, keys) = (&null, &keys);
+                        s.spawn(move || {
+                            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                            per_call(&rt, n, |i| {
+                                let k = &keys[(i % 1024) as usize];
+                                async move {
+                                    black_box(null.get_or_load(k, || loader(i)).await.ok());
+                                }
+                            })
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("bench thread"))
+                    .max()
+                    .unwrap_or_default()
+            })
+        })
+    });
     g.bench_function("memory_hit", |b| {
         b.iter_custom(|n| {
             per_call(&rt, n, |i| {
