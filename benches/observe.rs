@@ -101,7 +101,9 @@ fn observe(c: &mut Criterion) {
                     .map(|_| {
                         let (null, keys) = (&null, &keys);
                         s.spawn(move || {
-                            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .build()
+                                .expect("runtime");
                             per_call(&rt, n, |i| {
                                 let k = &keys[(i % 1024) as usize];
                                 async move {

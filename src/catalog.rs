@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AppEnv, Settings};
 use crate::http::{
-    internal_router, metrics_router, production_internal_router, CandidateLayer, InternalState,
+    internal_router, metrics_router, production_internal_router, AdminToken, CandidateLayer,
+    InternalState,
 };
 use crate::CacheRegistry;
 
@@ -274,6 +275,8 @@ pub struct AppContext {
     pub origin: Origin,
     /// The settings the service was started with.
     pub settings: Arc<Settings>,
+    /// The admin token, replaceable at runtime (SIGHUP).
+    pub admin_token: AdminToken,
 }
 
 /// The whole reference service as a router (testable with `tower::ServiceExt::oneshot`).
@@ -290,7 +293,7 @@ pub fn app(ctx: AppContext) -> Router {
         production_internal_router()
     } else {
         internal_router(
-            InternalState::new(ctx.registry.clone(), ctx.settings.admin_token.clone())
+            InternalState::new(ctx.registry.clone(), ctx.admin_token.clone())
                 .with_config(ctx.settings.redacted()),
         )
     };
@@ -367,19 +370,26 @@ async fn put_user(
     match ctx.origin.update_user(id, update).await {
         Ok(false) => found(None::<()>),
         Ok(true) => {
-            // Member lists embed the user's name: they are stale too.
-            let mut keys = vec![format!("user:{id}")];
+            // The user's own entry first, whatever happens next; member lists embed the name, so they go too.
+            let mut failed: Option<String> = ctx
+                .registry
+                .invalidate(&format!("user:{id}"))
+                .await
+                .err()
+                .map(|e| e.to_string());
             match ctx.origin.projects_of(id).await {
                 Ok(projects) => {
-                    keys.extend(projects.iter().map(|p| format!("project:{p}:members")))
+                    for p in projects {
+                        if let Err(e) = ctx
+                            .registry
+                            .invalidate(&format!("project:{p}:members"))
+                            .await
+                        {
+                            failed = Some(e.to_string());
+                        }
+                    }
                 }
-                Err(e) => return origin_error(&e),
-            }
-            let mut failed = None;
-            for key in &keys {
-                if let Err(e) = ctx.registry.invalidate(key).await {
-                    failed = Some(e);
-                }
+                Err(e) => failed = Some(format!("cannot list the user's projects: {e}")),
             }
             if let Some(e) = failed {
                 // The write is done; the cached copy may live until its TTL. Say so rather than hide it.

@@ -45,6 +45,12 @@ pub trait Codec: Sized {
     }
 }
 
+/// Length of `value`'s serde_json encoding in bytes, computed without keeping it (0 if it cannot be encoded).
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut c = Counter(0);
+    serde_json::to_writer(&mut c, value).map_or(0, |()| c.0)
+}
+
 /// An `io::Write` that only counts.
 struct Counter(usize);
 
@@ -75,8 +81,7 @@ impl<T: Serialize + DeserializeOwned> Codec for Json<T> {
         fnv1a(std::any::type_name::<T>().as_bytes())
     }
     fn payload_len(&self) -> usize {
-        let mut c = Counter(0);
-        serde_json::to_writer(&mut c, &self.0).map_or(0, |()| c.0)
+        json_len(&self.0)
     }
 }
 

@@ -309,6 +309,13 @@ impl Settings {
                 return Err(Error::config(key, "0", "must be at least 1"));
             }
         }
+        if c.redis.key_prefix.is_empty() {
+            return Err(Error::config(
+                "cache.redis.key_prefix",
+                "",
+                "must not be empty: pattern deletion and flushes are confined to it",
+            ));
+        }
         if c.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {
             return Err(Error::config(
                 "cache.max_patterns",
@@ -367,6 +374,40 @@ impl Settings {
             size_sample_every: c.size_sample_every,
             value_version: c.value_version,
         })
+    }
+
+    /// The keys that differ between `self` and `next` but only take effect at start-up (a SIGHUP cannot apply
+    /// them): listen address, environment, log format, key-pattern templates and bound, value limits and version,
+    /// in-process cache bounds.
+    pub fn restart_only_changes(&self, next: &Settings) -> Vec<&'static str> {
+        let (a, b) = (&self.cache, &next.cache);
+        [
+            ("app_env", self.app_env != next.app_env),
+            ("bind_addr", self.bind_addr != next.bind_addr),
+            ("log_format", self.log_format != next.log_format),
+            ("cache.templates", a.templates != b.templates),
+            ("cache.max_patterns", a.max_patterns != b.max_patterns),
+            (
+                "cache.max_value_bytes",
+                a.max_value_bytes != b.max_value_bytes,
+            ),
+            (
+                "cache.size_sample_every",
+                a.size_sample_every != b.size_sample_every,
+            ),
+            ("cache.value_version", a.value_version != b.value_version),
+            (
+                "cache.memory.max_entries",
+                a.memory.max_entries != b.memory.max_entries,
+            ),
+            (
+                "cache.memory.max_bytes",
+                a.memory.max_bytes != b.memory.max_bytes,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 
     /// These settings as JSON with secrets redacted: the Redis password and the admin token become `***`.
@@ -596,11 +637,29 @@ mod tests {
             let e = err_text(load(jail));
             assert!(e.contains("cache.default_ttl_secs"), "{e}");
 
+            jail.create_file("config/default.toml", "[cache.redis]\nkey_prefix = \"\"\n")?;
+            let e = err_text(load(jail));
+            assert!(e.contains("cache.redis.key_prefix"), "{e}");
+
             jail.create_file("config/default.toml", "[cache]\nimpl = \"null\"\nttl = 5\n")?;
             let e = err_text(load(jail));
             assert!(e.contains("ttl"), "unknown keys are errors: {e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn restart_only_changes_are_named() {
+        let a = Settings::default();
+        let mut b = a.clone();
+        b.cache.imp = CacheImpl::Redis; // runtime: not listed
+        b.cache.value_version = 2;
+        b.bind_addr = "127.0.0.1:9".parse().expect("addr");
+        assert_eq!(
+            a.restart_only_changes(&b),
+            ["bind_addr", "cache.value_version"]
+        );
+        assert!(a.restart_only_changes(&a).is_empty());
     }
 
     #[test]

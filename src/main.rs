@@ -8,6 +8,7 @@ use std::time::Duration;
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::catalog::{self, AppContext, Origin};
 use cache_rollout::config::{LogFormat, Settings};
+use cache_rollout::http::AdminToken;
 use cache_rollout::replay::{self, TraceFormat};
 use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
 use clap::{Parser, Subcommand};
@@ -140,11 +141,18 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
             source,
         })?;
     tracing::info!(addr = %settings.bind_addr, env = settings.app_env.as_str(), "listening");
-    spawn_sighup_reload(registry.clone(), args.config_dir.clone());
+    let admin_token = AdminToken::new(settings.admin_token.clone());
+    spawn_sighup_reload(
+        registry.clone(),
+        admin_token.clone(),
+        settings.clone(),
+        args.config_dir.clone(),
+    );
     let app = catalog::app(AppContext {
         registry,
         origin,
         settings: Arc::new(settings),
+        admin_token,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
@@ -157,8 +165,14 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the configuration files (and the environment) and applies them; a bad file keeps the old state.
-fn spawn_sighup_reload(registry: CacheRegistry, dir: PathBuf) {
+/// SIGHUP re-reads the configuration files (and the environment) and applies the runtime part (policy, Redis
+/// options, admin token); a bad file keeps the old state. Keys that need a restart are named in a warning.
+fn spawn_sighup_reload(
+    registry: CacheRegistry,
+    admin_token: AdminToken,
+    mut current: Settings,
+    dir: PathBuf,
+) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -169,9 +183,21 @@ fn spawn_sighup_reload(registry: CacheRegistry, dir: PathBuf) {
         while hup.recv().await.is_some() {
             match Settings::load_from(&dir) {
                 Ok(s) => {
+                    for key in current.restart_only_changes(&s) {
+                        tracing::warn!(
+                            key,
+                            "SIGHUP: this setting changed but only takes effect after a restart"
+                        );
+                    }
                     if let Err(e) = registry.reload(s.policy(), s.redis_options()).await {
                         tracing::error!(error = %e, "SIGHUP: reload refused, previous state kept");
+                        continue;
                     }
+                    if s.admin_token != current.admin_token {
+                        admin_token.set(s.admin_token.clone());
+                        tracing::info!("SIGHUP: admin token replaced");
+                    }
+                    current = s;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: configuration invalid, previous state kept")
@@ -180,7 +206,7 @@ fn spawn_sighup_reload(registry: CacheRegistry, dir: PathBuf) {
         }
     });
     #[cfg(not(unix))]
-    let _ = (registry, dir);
+    let _ = (registry, admin_token, current, dir);
 }
 
 async fn shutdown_signal() {

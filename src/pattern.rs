@@ -20,6 +20,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -82,6 +83,17 @@ impl KeyPatterns {
         }
         default_pattern(key)
     }
+
+    /// [`pattern_of`](Self::pattern_of) without a heap allocation for patterns up to 256 bytes: a pattern with
+    /// an inner id is built in `buf`.
+    pub fn pattern_in<'a>(&'a self, key: &'a str, buf: &'a mut PatternBuf) -> Cow<'a, str> {
+        for t in self.templates.iter() {
+            if t.matches(key) {
+                return Cow::Borrowed(&t.text);
+            }
+        }
+        default_pattern_in(key, buf)
+    }
 }
 
 impl Template {
@@ -97,9 +109,34 @@ impl Template {
 
 /// The default rule alone (no templates). See the module documentation.
 pub fn default_pattern(key: &str) -> Cow<'_, str> {
-    // One pass over the bytes: find the end of the last non-id segment, and whether an id sits before it.
+    match scan(key) {
+        None => Cow::Borrowed("*"),
+        Some((kept, false)) => Cow::Borrowed(kept),
+        Some((kept, true)) => {
+            let mut out = Vec::with_capacity(kept.len());
+            write_stars(kept, |part| out.extend_from_slice(part));
+            Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| kept.to_string()))
+        }
+    }
+}
+
+/// Stack room for a pattern with an inner id, so that computing it on the hot path does not allocate.
+#[derive(Debug)]
+pub struct PatternBuf([u8; PATTERN_BUF_BYTES]);
+
+const PATTERN_BUF_BYTES: usize = 256;
+
+impl Default for PatternBuf {
+    fn default() -> Self {
+        PatternBuf([0; PATTERN_BUF_BYTES])
+    }
+}
+
+/// The key without its trailing ids, and whether an id sits inside it; `None` when every segment is an id.
+fn scan(key: &str) -> Option<(&str, bool)> {
+    // One pass over the bytes: the end of the last non-id segment, and whether an id comes before it.
     let b = key.as_bytes();
-    let mut end = 0usize; // byte offset just past the last non-id segment
+    let mut end = 0usize;
     let mut seen_id = false;
     let mut inner_id = false;
     let mut start = 0usize;
@@ -119,21 +156,43 @@ pub fn default_pattern(key: &str) -> Cow<'_, str> {
         }
         start = stop + 1;
     }
-    if end == 0 {
-        return Cow::Borrowed("*");
-    }
-    let kept = &key[..end];
-    if !inner_id {
-        return Cow::Borrowed(kept);
-    }
-    let mut out = String::with_capacity(kept.len());
+    (end > 0).then(|| (&key[..end], inner_id))
+}
+
+/// Feeds `kept` to `out` with every id segment replaced by `*`.
+fn write_stars(kept: &str, mut out: impl FnMut(&[u8])) {
     for (i, seg) in kept.split(':').enumerate() {
         if i > 0 {
-            out.push(':');
+            out(b":");
         }
-        out.push_str(if is_id(seg.as_bytes()) { "*" } else { seg });
+        out(if is_id(seg.as_bytes()) {
+            b"*"
+        } else {
+            seg.as_bytes()
+        });
     }
-    Cow::Owned(out)
+}
+
+/// [`default_pattern`] that builds a pattern with an inner id in `buf` instead of on the heap (patterns up to 256
+/// bytes; longer ones are allocated).
+fn default_pattern_in<'a>(key: &'a str, buf: &'a mut PatternBuf) -> Cow<'a, str> {
+    match scan(key) {
+        None => Cow::Borrowed("*"),
+        Some((kept, false)) => Cow::Borrowed(kept),
+        Some((kept, true)) if kept.len() <= PATTERN_BUF_BYTES => {
+            // A pattern is never longer than the key it comes from: `*` replaces a non-empty segment.
+            let mut n = 0;
+            write_stars(kept, |part| {
+                buf.0[n..n + part.len()].copy_from_slice(part);
+                n += part.len();
+            });
+            match std::str::from_utf8(&buf.0[..n]) {
+                Ok(p) => Cow::Borrowed(p),
+                Err(_) => default_pattern(key), // unreachable: whole UTF-8 segments and ASCII are copied
+            }
+        }
+        Some(_) => default_pattern(key),
+    }
 }
 
 /// True for a segment that identifies one object rather than a kind of object.
@@ -227,6 +286,7 @@ type Map<V> = HashMap<Box<str>, Arc<V>, foldhash::fast::RandomState>;
 pub struct PatternTable<V> {
     map: ArcSwap<Map<V>>,
     insert: Mutex<()>,
+    full: AtomicBool,
     max_patterns: usize,
     make: Box<dyn Fn(&str) -> V + Send + Sync>,
 }
@@ -246,6 +306,7 @@ impl<V> PatternTable<V> {
         PatternTable {
             map: ArcSwap::from_pointee(Map::default()),
             insert: Mutex::new(()),
+            full: AtomicBool::new(false),
             max_patterns,
             make: Box::new(make),
         }
@@ -254,9 +315,17 @@ impl<V> PatternTable<V> {
     /// The entry for `pattern`, created on first sight; [`OTHER`]'s entry once the table is full.
     /// Returns the name the entry is filed under and the entry.
     pub fn get(&self, pattern: &str) -> Arc<V> {
-        if let Some(v) = self.map.load().get(pattern) {
+        let map = self.map.load();
+        if let Some(v) = map.get(pattern) {
             return Arc::clone(v);
         }
+        if self.full.load(Ordering::Acquire) {
+            // Past the bound, unknown names go to `other` without the insert lock.
+            if let Some(v) = map.get(OTHER) {
+                return Arc::clone(v);
+            }
+        }
+        drop(map);
         self.insert_slow(pattern)
     }
 
@@ -283,6 +352,9 @@ impl<V> PatternTable<V> {
         let mut next = (*current).clone();
         next.insert(name.into(), Arc::clone(&value));
         self.map.store(Arc::new(next));
+        if name == OTHER {
+            self.full.store(true, Ordering::Release);
+        }
         value
     }
 
@@ -349,6 +421,31 @@ mod tests {
     fn key_of_only_ids_has_star_pattern() {
         assert_eq!(default_pattern("123"), "*");
         assert_eq!(default_pattern("1:2"), "*");
+    }
+
+    #[test]
+    fn pattern_in_a_buffer_matches_the_allocating_rule_without_allocating() {
+        let kp = KeyPatterns::default();
+        for key in [
+            "user:1",
+            "user:1:profile",
+            "a:1:b:2:c",
+            "1:2",
+            "x:550e8400-e29b-41d4-a716-446655440000:y",
+            "é:1:ü",
+        ] {
+            let mut buf = PatternBuf::default();
+            let p = kp.pattern_in(key, &mut buf);
+            assert_eq!(p, default_pattern(key), "{key}");
+            assert!(matches!(p, Cow::Borrowed(_)), "{key} allocated");
+        }
+        let long = format!("{}:1:x", "s".repeat(300));
+        let mut buf = PatternBuf::default();
+        assert_eq!(
+            kp.pattern_in(&long, &mut buf),
+            default_pattern(&long),
+            "long patterns fall back to the heap"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -36,7 +37,7 @@ use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
 use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics};
-use crate::pattern::{validate_key, validate_pattern, KeyPatterns, OTHER};
+use crate::pattern::{validate_key, validate_pattern, KeyPatterns, PatternBuf, OTHER};
 use crate::policy::{Policy, PolicyUpdate};
 
 /// How many swaps `GET /internal/cache` remembers.
@@ -206,7 +207,10 @@ struct Inner {
     flights: Arc<Flights>,
     swaps: Mutex<VecDeque<SwapRecord>>,
     switching: tokio::sync::Mutex<()>,
-    new_pattern: Mutex<()>,
+    /// Next free slot, under the lock that serializes new patterns.
+    new_pattern: Mutex<usize>,
+    /// Set once `other` has taken its slot: later unknown patterns go there without the lock.
+    table_full: AtomicBool,
     /// Pattern entries, never moved or dropped before the registry: a call can borrow its entry across the
     /// loader's await without holding the `ArcSwap` guard or cloning an `Arc`. The last slot is `other`'s.
     slots: Box<[OnceLock<PatternEntry>]>,
@@ -283,7 +287,8 @@ impl CacheRegistry {
                 flights: Arc::new(Flights::new()),
                 swaps: Mutex::new(VecDeque::new()),
                 switching: tokio::sync::Mutex::new(()),
-                new_pattern: Mutex::new(()),
+                new_pattern: Mutex::new(0),
+                table_full: AtomicBool::new(false),
                 slots: (0..=max_patterns).map(|_| OnceLock::new()).collect(),
                 clock: quanta::Clock::new(),
                 max_patterns,
@@ -343,13 +348,15 @@ impl CacheRegistry {
     fn entry(&self, state: &Active, pattern: &str) -> &PatternEntry {
         let idx = match state.patterns.get(pattern) {
             Some(&i) => i,
+            None if self.inner.table_full.load(Ordering::Acquire) => self.inner.max_patterns,
             None => self.new_entry(pattern),
         };
         self.slot(idx)
     }
 
     fn slot(&self, idx: usize) -> &PatternEntry {
-        // Indices come from the map, which only holds initialised slots.
+        // Every index handed out was initialised first; `other`'s slot is the only one that can be asked for
+        // before (never, in fact), so that is what a fallback creates.
         self.inner.slots[idx].get_or_init(|| PatternEntry {
             metrics: self.inner.metrics.pattern(OTHER),
         })
@@ -357,7 +364,7 @@ impl CacheRegistry {
 
     #[cold]
     fn new_entry(&self, pattern: &str) -> usize {
-        let _one_at_a_time = self
+        let mut next_slot = self
             .inner
             .new_pattern
             .lock()
@@ -367,9 +374,11 @@ impl CacheRegistry {
             return i;
         }
         let other = self.inner.max_patterns;
-        let real = cur.patterns.values().filter(|&&i| i != other).count();
-        let (name, idx) = if real < self.inner.max_patterns {
-            (pattern, real)
+        // Slots are handed out by a counter that only grows, never by the map's size, so no two names can ever
+        // share a slot whatever happens to the map.
+        let (name, idx) = if *next_slot < other {
+            *next_slot += 1;
+            (pattern, *next_slot - 1)
         } else {
             (OTHER, other)
         };
@@ -387,6 +396,9 @@ impl CacheRegistry {
                 ..Active::clone(cur)
             }
         });
+        if idx == other {
+            self.inner.table_full.store(true, Ordering::Release);
+        }
         idx
     }
 
@@ -440,7 +452,8 @@ impl CacheRegistry {
                 drop(state);
                 return loader().await;
             }
-            let pattern = self.inner.key_patterns.pattern_of(key);
+            let mut buf = PatternBuf::default();
+            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
             let served = state
                 .serves(&pattern)
@@ -611,9 +624,7 @@ impl CacheRegistry {
         key: &str,
         value: &T,
     ) -> Result<()> {
-        let version = self.inner.value_version;
-        self.set_encoded(key, |k| codec::encode(k, &JsonRef(value), version))
-            .await
+        self.set_value(key, &JsonRef(value)).await
     }
 
     /// [`set`](Self::set) for raw bytes.
@@ -621,37 +632,39 @@ impl CacheRegistry {
     /// # Errors
     /// As [`set`](Self::set).
     pub async fn set_bytes(&self, key: &str, value: Bytes) -> Result<()> {
-        let version = self.inner.value_version;
-        self.set_encoded(key, |k| codec::encode(k, &value, version))
-            .await
+        self.set_value(key, &value).await
     }
 
-    async fn set_encoded(
-        &self,
-        key: &str,
-        encode: impl FnOnce(&str) -> Result<Bytes>,
-    ) -> Result<()> {
+    async fn set_value<C: Codec>(&self, key: &str, value: &C) -> Result<()> {
         validate_key(key)?;
         let state = self.inner.state.load_full();
-        let pattern = self.pattern_of(key);
-        if !state.policy.enabled || !state.serves(&pattern) {
+        let (entry, ttl) = {
+            let mut buf = PatternBuf::default();
+            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
+            let entry = self.entry(&state, &pattern);
+            (entry, state.serves(&pattern).then(|| state.ttl(&pattern)))
+        };
+        // Whatever happens below, a load of this key in flight predates this value.
+        self.inner.flights.detach(key);
+        let Some(ttl) = ttl.filter(|_| state.policy.enabled) else {
             if state.policy.enabled {
-                let entry = self.entry(&state, &pattern);
+                // Observed: count the write, size one in `size_sample_every` without encoding.
                 entry.metrics.set(CacheImpl::Null);
-                if let Ok(bytes) = encode(key) {
-                    entry.metrics.value_size.observe(bytes.len() as f64);
+                if entry.metrics.sample_size(self.inner.size_sample_every) {
+                    entry
+                        .metrics
+                        .value_size
+                        .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
                 }
             }
-            self.inner.flights.detach(key);
+            // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
-        }
-        let entry = self.entry(&state, &pattern);
-        let bytes = encode(key)?;
+        };
+        let bytes = codec::encode(key, value, self.inner.value_version)?;
         let imp = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
             self.inner.metrics.error(imp, "too_large");
             // The old value is stale now that the caller has a new one: do not leave it behind.
-            self.inner.flights.detach(key);
             let _ = state.backend.delete(key).await;
             return Err(Error::ValueTooLarge {
                 key: key.to_string(),
@@ -660,15 +673,8 @@ impl CacheRegistry {
             });
         }
         entry.metrics.value_size.observe(bytes.len() as f64);
-        self.inner.flights.detach(key);
-        self.timed_set(
-            &*state.backend,
-            &entry.metrics,
-            key,
-            bytes,
-            state.ttl(&pattern),
-        )
-        .await
+        self.timed_set(&*state.backend, &entry.metrics, key, bytes, ttl)
+            .await
     }
 
     /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
@@ -687,7 +693,10 @@ impl CacheRegistry {
         if !state.policy.enabled {
             return state.backend.delete(key).await;
         }
-        let entry = self.entry(&state, &self.pattern_of(key));
+        let entry = {
+            let mut buf = PatternBuf::default();
+            self.entry(&state, &self.inner.key_patterns.pattern_in(key, &mut buf))
+        };
         let imp = state.backend.kind();
         entry.metrics.del(imp);
         self.inner.metrics.invalidated(imp, "key");
@@ -709,9 +718,13 @@ impl CacheRegistry {
     pub async fn invalidate_pattern(&self, pattern: &str) -> Result<u64> {
         validate_pattern(pattern)?;
         let kp = &self.inner.key_patterns;
-        self.inner
-            .flights
-            .detach_matching(|k| kp.pattern_of(k) == pattern);
+        if pattern == "*" {
+            self.inner.flights.detach_matching(|_| true);
+        } else {
+            self.inner
+                .flights
+                .detach_matching(|k| kp.pattern_of(k) == pattern);
+        }
         let state = self.inner.state.load_full();
         let imp = state.backend.kind();
         self.inner.metrics.invalidated(imp, "pattern");
@@ -794,15 +807,21 @@ impl CacheRegistry {
             whitelist: policy.whitelist.clone(),
             error: result.as_ref().err().map(ToString::to_string),
         };
-        self.inner.metrics.swap(result.is_ok());
         let backend = match result {
             Ok(b) => b,
+            Err(e) if source == "retry" => {
+                // The start-up failure is on record already; repeating it every 5 s would push the history out.
+                tracing::debug!(to = %policy.imp, error = %e, "cache: start-up retry failed");
+                return Err(e);
+            }
             Err(e) => {
+                self.inner.metrics.swap(false);
                 tracing::warn!(source, to = %policy.imp, error = %e, "cache: swap refused, previous state kept");
                 self.push_swap(record);
                 return Err(e);
             }
         };
+        self.inner.metrics.swap(true);
         let (enabled, imp) = (policy.enabled, policy.imp);
         let next = Active::new(policy, backend, redis, version, Arc::default());
         // rcu, not store: a pattern first seen during the swap must not be lost.
@@ -822,11 +841,16 @@ impl CacheRegistry {
         policy: &Policy,
         redis: &RedisOptions,
     ) -> Result<Arc<dyn Cache>> {
-        let reuse =
-            policy.imp == cur.policy.imp && (policy.imp != CacheImpl::Redis || *redis == cur.redis);
-        if reuse {
+        let same_impl = policy.imp == cur.policy.imp;
+        if same_impl && (policy.imp != CacheImpl::Redis || *redis == cur.redis) {
             return Ok(Arc::clone(&cur.backend));
         }
+        // The same Redis data behind a new connection (only a timeout changed): everything it holds saw every
+        // invalidation, so it is reconnected but not flushed.
+        let same_data = same_impl
+            && redis.url == cur.redis.url
+            && redis.key_prefix == cur.redis.key_prefix
+            && redis.tls_ca_file == cur.redis.tls_ca_file;
         let backend: Arc<dyn Cache> = match policy.imp {
             CacheImpl::Null => Arc::new(NullCache),
             CacheImpl::Memory => Arc::new(MemoryCache::new(
@@ -835,9 +859,9 @@ impl CacheRegistry {
             )),
             CacheImpl::Redis => Arc::new(RedisCache::connect(redis.clone()).await?),
         };
-        // The new backend missed every invalidation made while it was not active (in this process or a previous
-        // one): drop everything it holds under its prefix before it serves anything.
-        if !backend.always_misses() {
+        // Otherwise the new backend missed every invalidation made while it was not active (in this process or a
+        // previous one): drop everything it holds under its prefix before it serves anything.
+        if !backend.always_misses() && !same_data {
             let n = backend.delete_matching("", &|_| true).await?;
             tracing::info!(imp = %policy.imp, deleted = n, "cache: flushed the newly active backend");
         }
@@ -951,6 +975,9 @@ impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
     }
     fn type_tag() -> u32 {
         <Json<T> as Codec>::type_tag()
+    }
+    fn payload_len(&self) -> usize {
+        codec::json_len(self.0)
     }
 }
 

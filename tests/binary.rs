@@ -213,15 +213,19 @@ fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
 #[test]
 fn sighup_rereads_the_configuration_files() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let old_token = "first-token-0123456789";
     std::fs::write(
         dir.path().join("default.toml"),
-        "[cache]\nimpl = \"null\"\n",
+        format!("admin_token = \"{old_token}\"\n[cache]\nimpl = \"null\"\n"),
     )
     .expect("write");
     let svc = Service::start(dir.path(), &[]);
     std::fs::write(
         dir.path().join("default.toml"),
-        "[cache]\nimpl = \"memory\"\nwhitelist = [\"project\"]\n[cache.patterns.project]\nttl_secs = 30\n",
+        format!(
+            "admin_token = \"{TOKEN}\"\n[cache]\nimpl = \"memory\"\nwhitelist = [\"project\"]\nvalue_version = 3\n\
+             [cache.patterns.project]\nttl_secs = 30\n"
+        ),
     )
     .expect("write");
     svc.signal("-HUP");
@@ -240,6 +244,20 @@ fn sighup_rereads_the_configuration_files() {
             .expect("swap")["source"],
         "sighup"
     );
+    assert!(
+        svc.log().contains("cache.value_version"),
+        "restart-only keys are named: {}",
+        svc.log()
+    );
+    // The rotated token is in force (requests are sent with the new TOKEN).
+    let (s, _, text) = svc
+        .request(
+            reqwest::Method::PUT,
+            "/internal/cache/config",
+            Some(json!({"whitelist": ["user"]})),
+        )
+        .expect("PUT");
+    assert_eq!(s, 200, "{text}");
 
     // A broken file keeps the running state.
     std::fs::write(

@@ -159,7 +159,8 @@ async fn memory_cache_is_bounded_in_entries_and_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_live_under_the_prefix_and_pattern_deletion_uses_scan() {
-    let server = RedisServer::start();
+    // KEYS is disabled on this server: a pattern deletion that used it would fail.
+    let server = RedisServer::start_with(&["--rename-command", "KEYS", ""]);
     let c = redis_cache(&server).await;
     let mut raw = server.conn();
     // A foreign key in the same database is never touched.

@@ -10,6 +10,7 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use cache_rollout::catalog::{app, AppContext, Origin};
 use cache_rollout::config::{AppEnv, Settings};
+use cache_rollout::http::AdminToken;
 use cache_rollout::CacheRegistry;
 use serde_json::{json, Value};
 use support::{metric, RedisServer};
@@ -25,6 +26,7 @@ async fn service(mut settings: Settings) -> Router {
     app(AppContext {
         registry,
         origin: Origin::seeded(100, Duration::ZERO).expect("origin"),
+        admin_token: AdminToken::new(settings.admin_token.clone()),
         settings: Arc::new(settings),
     })
 }
@@ -331,6 +333,12 @@ async fn put_user_invalidates_the_cached_copy() {
     let app = service(s).await;
     let (_, before, _) = get(&app, "/users/5").await;
     assert_eq!(before["name"], "User 5");
+    get(&app, "/users/5").await;
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(
+        state["patterns"]["user"]["hits"], 1,
+        "the copy is cached before the write"
+    );
     let (s, _, _) = call(
         &app,
         Method::PUT,
@@ -366,7 +374,12 @@ async fn renaming_a_user_refreshes_the_member_lists_that_show_them() {
         .expect("an owner")["user_id"]
         .as_i64()
         .expect("id");
-    get(&app, "/projects/1/members").await; // served from the cache now
+    get(&app, "/projects/1/members").await;
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    assert_eq!(
+        state["patterns"]["project:*:members"]["hits"], 1,
+        "the list is cached before the rename"
+    );
     let (s, _, _) = call(
         &app,
         Method::PUT,

@@ -707,14 +707,120 @@ async fn hung_redis_times_out_to_the_loader_and_recovers() {
 async fn stored_values_carry_the_pattern_ttl() {
     let server = RedisServer::start();
     let mut opts = options(CacheImpl::Redis, &["*"], Some(server.url()));
-    opts.policy.patterns = [("user".to_string(), cache_rollout::PatternPolicy { ttl_secs: Some(60) })].into();
+    opts.policy.patterns = [(
+        "user".to_string(),
+        cache_rollout::PatternPolicy { ttl_secs: Some(60) },
+    )]
+    .into();
     let reg = CacheRegistry::new(opts).await.expect("registry");
     let calls = AtomicUsize::new(0);
     load(&reg, 1, &calls).await;
     let _: Result<u8, Infallible> = reg.get_or_load("project:1", || async { Ok(1) }).await;
     let mut raw = server.conn();
-    let user_ttl: i64 = redis::cmd("PTTL").arg("cr:user:1").query(&mut raw).expect("pttl");
-    let project_ttl: i64 = redis::cmd("PTTL").arg("cr:project:1").query(&mut raw).expect("pttl");
-    assert!((50_000..=60_000).contains(&user_ttl), "user: its own TTL of 60 s, found {user_ttl} ms");
-    assert!((290_000..=300_000).contains(&project_ttl), "project: the default 300 s, found {project_ttl} ms");
+    let user_ttl: i64 = redis::cmd("PTTL")
+        .arg("cr:user:1")
+        .query(&mut raw)
+        .expect("pttl");
+    let project_ttl: i64 = redis::cmd("PTTL")
+        .arg("cr:project:1")
+        .query(&mut raw)
+        .expect("pttl");
+    assert!(
+        (50_000..=60_000).contains(&user_ttl),
+        "user: its own TTL of 60 s, found {user_ttl} ms"
+    );
+    assert!(
+        (290_000..=300_000).contains(&project_ttl),
+        "project: the default 300 s, found {project_ttl} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_patterns_during_switches_keep_their_own_counts() {
+    let reg = registry(CacheImpl::Null, &[], None).await;
+    let switcher = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let imp = if i % 2 == 0 {
+                    CacheImpl::Memory
+                } else {
+                    CacheImpl::Null
+                };
+                reg.switch(&switch(imp, &["p1", "p7"]))
+                    .await
+                    .expect("switch");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut callers = Vec::new();
+    for t in 0..4u64 {
+        let reg = reg.clone();
+        callers.push(tokio::spawn(async move {
+            for round in 0..5u64 {
+                for p in 0..30u64 {
+                    let key = format!("p{p}:{}", t * 1000 + round);
+                    let _: Result<u64, Infallible> =
+                        reg.get_or_load(&key, || async { Ok(p) }).await;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for c in callers {
+        c.await.expect("caller");
+    }
+    switcher.await.expect("switcher");
+    let counts = reg.pattern_counts();
+    assert_eq!(counts.len(), 30, "{:?}", counts.keys().collect::<Vec<_>>());
+    for p in 0..30 {
+        assert_eq!(
+            counts[&format!("p{p}")].gets,
+            20,
+            "p{p}: 4 tasks x 5 rounds, no counts lost or shared"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_every_pattern_detaches_every_load_in_flight() {
+    let reg = registry(CacheImpl::Memory, &["*"], None).await;
+    let (started_tx, started_rx) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let old_load = {
+        let (reg, release) = (reg.clone(), release.clone());
+        tokio::spawn(async move {
+            reg.get_or_load("user:1", || async move {
+                let _ = started_tx.send(());
+                release.notified().await;
+                Ok::<_, Infallible>(user(1, 1))
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("old load running");
+    reg.invalidate_pattern("*").await.expect("flush everything");
+    release.notify_one();
+    assert_eq!(old_load.await.expect("task"), Ok(user(1, 1)));
+    let later: Result<User, Infallible> =
+        reg.get_or_load("user:1", || async { Ok(user(1, 2)) }).await;
+    assert_eq!(
+        later,
+        Ok(user(1, 2)),
+        "the load that began before the flush was not stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_key_prefix_is_refused() {
+    let server = RedisServer::start();
+    let mut opts = options(CacheImpl::Null, &["user"], Some(server.url()));
+    opts.redis.key_prefix = String::new();
+    let reg = CacheRegistry::new(opts).await.expect("registry");
+    let e = reg
+        .switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect_err("empty prefix");
+    assert!(e.to_string().contains("key_prefix"), "{e}");
 }

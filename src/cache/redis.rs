@@ -63,7 +63,8 @@ impl RedisCache {
     /// Connects now, and fails if Redis cannot be reached within `connect_timeout`.
     ///
     /// # Errors
-    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Io`] for an unreadable `tls_ca_file`.
+    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Io`] for an unreadable `tls_ca_file`;
+    /// [`Error::Config`] for an empty `key_prefix`.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
         let client = client(&opts)?;
         let conn = ConnectionManager::new_with_config(client, manager_config(&opts)).await?;
@@ -96,6 +97,15 @@ impl RedisCache {
 
 /// A client for `opts.url`; with `tls_ca_file`, one that trusts that CA (rustls, ring provider).
 fn client(opts: &RedisOptions) -> Result<redis::Client> {
+    if opts.key_prefix.is_empty() {
+        // Pattern deletion and the flush of a newly active backend are confined to the prefix; an empty prefix
+        // would let them delete every key in the database.
+        return Err(Error::config(
+            "cache.redis.key_prefix",
+            "",
+            "must not be empty",
+        ));
+    }
     match &opts.tls_ca_file {
         None => Ok(redis::Client::open(opts.url.as_str())?),
         Some(path) => {

@@ -10,6 +10,9 @@
 //! The token is compared in constant time. In production mount [`production_internal_router`] instead: every
 //! path under `/internal/` answers 404.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,17 +27,34 @@ use crate::error::Error;
 use crate::policy::PolicyUpdate;
 use crate::CacheRegistry;
 
+/// The bearer token for `PUT /internal/cache/config`, replaceable at runtime (the reference service replaces it
+/// on SIGHUP, so a leaked token can be rotated without a restart). Clones share the token.
+#[derive(Clone, Debug, Default)]
+pub struct AdminToken(Arc<ArcSwapOption<String>>);
+
+impl AdminToken {
+    /// `None` refuses every change with 403.
+    pub fn new(token: Option<String>) -> Self {
+        AdminToken(Arc::new(ArcSwapOption::from(token.map(Arc::new))))
+    }
+
+    /// Replaces the token; requests after this call are checked against the new one.
+    pub fn set(&self, token: Option<String>) {
+        self.0.store(token.map(Arc::new));
+    }
+}
+
 /// What the internal router needs.
 #[derive(Clone, Debug)]
 pub struct InternalState {
     registry: CacheRegistry,
-    admin_token: Option<String>,
+    admin_token: AdminToken,
     config: serde_json::Value,
 }
 
 impl InternalState {
-    /// `admin_token`: the bearer token for `PUT`; `None` refuses every change with 403.
-    pub fn new(registry: CacheRegistry, admin_token: Option<String>) -> Self {
+    /// `admin_token`: the bearer token for `PUT` (see [`AdminToken`]).
+    pub fn new(registry: CacheRegistry, admin_token: AdminToken) -> Self {
         InternalState {
             registry,
             admin_token,
@@ -117,7 +137,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn change(State(state): State<InternalState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(expected) = state.admin_token.as_deref() else {
+    let token = state.admin_token.0.load_full();
+    let Some(expected) = token.as_deref() else {
         return error(
             StatusCode::FORBIDDEN,
             "runtime changes are disabled: no CACHE_ADMIN_TOKEN is configured",

@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), cache_rollout::Error> {
 //! use axum::{routing::get, Router};
-//! use cache_rollout::http::{internal_router, metrics_router, CandidateLayer, InternalState};
+//! use cache_rollout::http::{internal_router, metrics_router, AdminToken, CandidateLayer, InternalState};
 //! use cache_rollout::{CacheRegistry, RegistryOptions};
 //!
 //! let registry = CacheRegistry::new(RegistryOptions::default()).await?;
@@ -11,7 +11,7 @@
 //!     .route("/users/{id}", get(|| async { "..." }))
 //!     .layer(CandidateLayer::new(registry.metrics()))          // counts the routes above it
 //!     .merge(metrics_router(registry.clone()))
-//!     .merge(internal_router(InternalState::new(registry, Some("a-long-admin-token".into()))));
+//!     .merge(internal_router(InternalState::new(registry, AdminToken::new(Some("a-long-admin-token".into())))));
 //! # let _ = app; Ok(()) }
 //! ```
 
@@ -19,7 +19,7 @@ mod candidate;
 mod internal;
 
 pub use self::candidate::{Candidate, CandidateLayer, CandidateResponseFuture, UNMATCHED_ROUTE};
-pub use self::internal::{internal_router, production_internal_router, InternalState};
+pub use self::internal::{internal_router, production_internal_router, AdminToken, InternalState};
 
 use axum::http::header;
 use axum::response::IntoResponse;
