@@ -86,7 +86,8 @@ impl KeyPatterns {
 
     /// [`pattern_of`](Self::pattern_of) without a heap allocation for patterns up to 256 bytes: a pattern with
     /// an inner id is built in `buf`.
-    pub fn pattern_in<'a>(&'a self, key: &'a str, buf: &'a mut PatternBuf) -> Cow<'a, str> {
+    /// `buf` starts as `None` and is only filled (256 bytes) for such a pattern.
+    pub fn pattern_in<'a>(&'a self, key: &'a str, buf: &'a mut Option<PatternBuf>) -> Cow<'a, str> {
         for t in self.templates.iter() {
             if t.matches(key) {
                 return Cow::Borrowed(&t.text);
@@ -133,6 +134,7 @@ impl Default for PatternBuf {
 }
 
 /// The key without its trailing ids, and whether an id sits inside it; `None` when every segment is an id.
+#[inline]
 fn scan(key: &str) -> Option<(&str, bool)> {
     // One pass over the bytes: the end of the last non-id segment, and whether an id comes before it.
     let b = key.as_bytes();
@@ -175,12 +177,13 @@ fn write_stars(kept: &str, mut out: impl FnMut(&[u8])) {
 
 /// [`default_pattern`] that builds a pattern with an inner id in `buf` instead of on the heap (patterns up to 256
 /// bytes; longer ones are allocated).
-fn default_pattern_in<'a>(key: &'a str, buf: &'a mut PatternBuf) -> Cow<'a, str> {
+fn default_pattern_in<'a>(key: &'a str, buf: &'a mut Option<PatternBuf>) -> Cow<'a, str> {
     match scan(key) {
         None => Cow::Borrowed("*"),
         Some((kept, false)) => Cow::Borrowed(kept),
         Some((kept, true)) if kept.len() <= PATTERN_BUF_BYTES => {
             // A pattern is never longer than the key it comes from: `*` replaces a non-empty segment.
+            let buf = buf.insert(PatternBuf::default());
             let mut n = 0;
             write_stars(kept, |part| {
                 buf.0[n..n + part.len()].copy_from_slice(part);
@@ -196,6 +199,7 @@ fn default_pattern_in<'a>(key: &'a str, buf: &'a mut PatternBuf) -> Cow<'a, str>
 }
 
 /// True for a segment that identifies one object rather than a kind of object.
+#[inline]
 fn is_id(b: &[u8]) -> bool {
     if b.is_empty() {
         return false;
@@ -434,13 +438,13 @@ mod tests {
             "x:550e8400-e29b-41d4-a716-446655440000:y",
             "é:1:ü",
         ] {
-            let mut buf = PatternBuf::default();
+            let mut buf = None;
             let p = kp.pattern_in(key, &mut buf);
             assert_eq!(p, default_pattern(key), "{key}");
             assert!(matches!(p, Cow::Borrowed(_)), "{key} allocated");
         }
         let long = format!("{}:1:x", "s".repeat(300));
-        let mut buf = PatternBuf::default();
+        let mut buf = None;
         assert_eq!(
             kp.pattern_in(&long, &mut buf),
             default_pattern(&long),

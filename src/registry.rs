@@ -37,7 +37,7 @@ use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
 use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics};
-use crate::pattern::{validate_key, validate_pattern, KeyPatterns, PatternBuf, OTHER};
+use crate::pattern::{validate_key, validate_pattern, KeyPatterns, OTHER};
 use crate::policy::{Policy, PolicyUpdate};
 
 /// How many swaps `GET /internal/cache` remembers.
@@ -133,7 +133,7 @@ pub const MAX_PATTERNS_LIMIT: usize = 10_000;
 
 /// Per-pattern entry of the pattern table.
 struct PatternEntry {
-    metrics: PatternMetrics,
+    metrics: Arc<PatternMetrics>,
 }
 
 /// Pattern name → index into `Inner::slots`.
@@ -348,7 +348,6 @@ impl CacheRegistry {
     fn entry(&self, state: &Active, pattern: &str) -> &PatternEntry {
         let idx = match state.patterns.get(pattern) {
             Some(&i) => i,
-            None if self.inner.table_full.load(Ordering::Acquire) => self.inner.max_patterns,
             None => self.new_entry(pattern),
         };
         self.slot(idx)
@@ -364,6 +363,9 @@ impl CacheRegistry {
 
     #[cold]
     fn new_entry(&self, pattern: &str) -> usize {
+        if self.inner.table_full.load(Ordering::Acquire) {
+            return self.inner.max_patterns; // past the bound: `other`, without the lock
+        }
         let mut next_slot = self
             .inner
             .new_pattern
@@ -452,7 +454,7 @@ impl CacheRegistry {
                 drop(state);
                 return loader().await;
             }
-            let mut buf = PatternBuf::default();
+            let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
             let served = state
@@ -479,9 +481,8 @@ impl CacheRegistry {
         let clock = &self.inner.clock;
         let start = clock.raw();
         let r = loader().await;
-        m.loader.observe_nanos(nanos_since(clock, start));
+        m.observed_load(nanos_since(clock, start), r.is_ok());
         if let Ok(v) = &r {
-            m.set(CacheImpl::Null);
             if m.sample_size(self.inner.size_sample_every) {
                 m.value_size
                     .observe((codec::HEADER_BYTES + v.payload_len()) as f64);
@@ -549,7 +550,7 @@ impl CacheRegistry {
         };
         let start = clock.raw();
         let loaded = loader().await;
-        m.loader.observe_nanos(nanos_since(clock, start));
+        m.loader_nanos(nanos_since(clock, start));
         let value = loaded?;
         if leader.as_ref().is_none_or(flight::LeaderGuard::is_detached) {
             // An invalidation arrived while loading (or we are a follower whose leader failed): this value may
@@ -639,7 +640,7 @@ impl CacheRegistry {
         validate_key(key)?;
         let state = self.inner.state.load_full();
         let (entry, ttl) = {
-            let mut buf = PatternBuf::default();
+            let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
             (entry, state.serves(&pattern).then(|| state.ttl(&pattern)))
@@ -694,7 +695,7 @@ impl CacheRegistry {
             return state.backend.delete(key).await;
         }
         let entry = {
-            let mut buf = PatternBuf::default();
+            let mut buf = None;
             self.entry(&state, &self.inner.key_patterns.pattern_in(key, &mut buf))
         };
         let imp = state.backend.kind();

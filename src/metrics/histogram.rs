@@ -18,6 +18,34 @@ use prometheus::proto;
 const FIRST_BOUND_NANOS: u64 = 50_000;
 /// Finite buckets; the last counter is `+Inf`.
 const FINITE_BUCKETS: usize = 17;
+/// Counters per histogram: the finite buckets and `+Inf`.
+pub(crate) const BUCKETS: usize = FINITE_BUCKETS + 1;
+
+/// The (non-cumulative) bucket of a duration of `nanos` nanoseconds.
+#[inline]
+pub(crate) fn bucket_index(nanos: u64) -> usize {
+    let q = nanos.saturating_sub(1) / FIRST_BOUND_NANOS;
+    ((u64::BITS - q.leading_zeros()) as usize).min(FINITE_BUCKETS)
+}
+
+/// A Prometheus histogram from per-bucket (non-cumulative) counts and a sum in nanoseconds.
+pub(crate) fn histogram_proto(counts: &[u64; BUCKETS], sum_nanos: u64) -> proto::Histogram {
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(FINITE_BUCKETS);
+    for (i, bound) in bucket_bounds_seconds().into_iter().enumerate() {
+        cumulative += counts[i];
+        let mut b = proto::Bucket::default();
+        b.set_cumulative_count(cumulative);
+        b.set_upper_bound(bound);
+        buckets.push(b);
+    }
+    cumulative += counts[FINITE_BUCKETS];
+    h.set_bucket(buckets);
+    h.set_sample_count(cumulative);
+    h.set_sample_sum(sum_nanos as f64 * 1e-9);
+    h
+}
 
 /// The bucket upper bounds in seconds (finite ones).
 pub fn bucket_bounds_seconds() -> Vec<f64> {
@@ -29,7 +57,7 @@ pub fn bucket_bounds_seconds() -> Vec<f64> {
 /// One histogram child (one label set).
 #[derive(Debug, Default)]
 pub struct DurationHistogram {
-    buckets: [AtomicU64; FINITE_BUCKETS + 1],
+    buckets: [AtomicU64; BUCKETS],
     sum_nanos: AtomicU64,
 }
 
@@ -37,9 +65,7 @@ impl DurationHistogram {
     /// Records one duration of `nanos` nanoseconds.
     #[inline]
     pub fn observe_nanos(&self, nanos: u64) {
-        let q = nanos.saturating_sub(1) / FIRST_BOUND_NANOS;
-        let idx = ((u64::BITS - q.leading_zeros()) as usize).min(FINITE_BUCKETS);
-        self.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket_index(nanos)].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
@@ -59,21 +85,8 @@ impl DurationHistogram {
     }
 
     fn proto(&self) -> proto::Histogram {
-        let mut h = proto::Histogram::default();
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(FINITE_BUCKETS);
-        for (i, bound) in bucket_bounds_seconds().into_iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let mut b = proto::Bucket::default();
-            b.set_cumulative_count(cumulative);
-            b.set_upper_bound(bound);
-            buckets.push(b);
-        }
-        cumulative += self.buckets[FINITE_BUCKETS].load(Ordering::Relaxed);
-        h.set_bucket(buckets);
-        h.set_sample_count(cumulative);
-        h.set_sample_sum(self.sum_seconds());
-        h
+        let counts = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        histogram_proto(&counts, self.sum_nanos.load(Ordering::Relaxed))
     }
 }
 

@@ -22,7 +22,6 @@
 //! Label handles are resolved once per pattern ([`PatternMetrics`]) or per route and cached; the hot path never
 //! looks a label up by string.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus::{
@@ -33,8 +32,11 @@ use prometheus::{
 use crate::cache::CacheImpl;
 
 mod histogram;
+mod pattern;
 
 pub use self::histogram::{bucket_bounds_seconds, DurationHistogram, DurationHistogramVec};
+use self::pattern::PatternCollector;
+pub use self::pattern::{PatternCounts, PatternMetrics, STRIPES};
 
 /// The `error_type` label values, in a fixed order (see [`Error::error_type`](crate::Error::error_type)).
 pub const ERROR_TYPES: [&str; 8] = [
@@ -84,12 +86,8 @@ impl Operation {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    hits: IntCounterVec,
-    miss: IntCounterVec,
-    set: IntCounterVec,
-    del: IntCounterVec,
+    patterns: Arc<PatternCollector>,
     coalesced: IntCounterVec,
-    loader: Arc<DurationHistogramVec>,
     value_size: HistogramVec,
     enabled: IntGaugeVec,
     swaps: IntCounterVec,
@@ -135,19 +133,10 @@ impl Metrics {
                 .expect("fresh registry");
             h
         };
-        let ip = &["impl", "key_pattern"];
-        let hits = counter("cache_hits_total", "Cache reads that found a value.", ip);
-        let miss = counter(
-            "cache_miss_total",
-            "Cache reads that found nothing (the loader ran).",
-            ip,
-        );
-        let set = counter("cache_set_total", "Cache writes.", ip);
-        let del = counter(
-            "cache_del_total",
-            "Cache deletes (invalidations of one key).",
-            ip,
-        );
+        let patterns = Arc::new(PatternCollector::new().expect("valid pattern families"));
+        registry
+            .register(Box::new(Shared(Arc::clone(&patterns))))
+            .expect("fresh registry");
         let coalesced = counter(
             "cache_coalesced_total",
             "Misses answered by another caller's load of the same key (single-flight).",
@@ -189,7 +178,7 @@ impl Metrics {
                 DurationHistogramVec::new(name, help, labels).expect("valid histogram definition"),
             );
             registry
-                .register(Box::new(SharedCollector(Arc::clone(&h))))
+                .register(Box::new(Shared(Arc::clone(&h))))
                 .expect("fresh registry");
             h
         };
@@ -198,11 +187,7 @@ impl Metrics {
             "Duration of cache backend operations in seconds.",
             &["impl", "operation"],
         );
-        let loader = fast(
-            "cache_loader_duration_seconds",
-            "Duration of loader (origin) calls in seconds.",
-            &["key_pattern"],
-        );
+
         let value_size = histogram(
             "cache_value_size_bytes",
             "Encoded size of loaded values in bytes.",
@@ -238,12 +223,8 @@ impl Metrics {
         }
         Metrics {
             registry,
-            hits,
-            miss,
-            set,
-            del,
+            patterns,
             coalesced,
-            loader,
             value_size,
             enabled,
             swaps,
@@ -268,20 +249,14 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// Resolves every label handle of one key pattern.
-    pub fn pattern(&self, pattern: &str) -> PatternMetrics {
-        let per_impl =
-            |v: &IntCounterVec| CacheImpl::ALL.map(|i| v.with_label_values(&[i.as_str(), pattern]));
-        PatternMetrics {
-            hits: per_impl(&self.hits),
-            miss: per_impl(&self.miss),
-            set: per_impl(&self.set),
-            del: per_impl(&self.del),
-            coalesced: self.coalesced.with_label_values(&[pattern]),
-            loader: self.loader.with_label_values(&[pattern]),
-            value_size: self.value_size.with_label_values(&[pattern]),
-            size_sample: AtomicU64::new(0),
-        }
+    /// Creates the metrics of one key pattern and adds them to the exposition.
+    pub fn pattern(&self, pattern: &str) -> Arc<PatternMetrics> {
+        let m = Arc::new(PatternMetrics::new(
+            self.coalesced.with_label_values(&[pattern]),
+            self.value_size.with_label_values(&[pattern]),
+        ));
+        self.patterns.add(pattern, Arc::clone(&m));
+        m
     }
 
     /// Resolves the label handles of one candidate route.
@@ -339,87 +314,10 @@ impl Default for Metrics {
     }
 }
 
-/// The cached label handles of one key pattern, one counter per impl.
-#[derive(Debug)]
-pub struct PatternMetrics {
-    hits: [IntCounter; 3],
-    miss: [IntCounter; 3],
-    set: [IntCounter; 3],
-    del: [IntCounter; 3],
-    coalesced: IntCounter,
-    pub(crate) loader: Arc<DurationHistogram>,
-    pub(crate) value_size: Histogram,
-    size_sample: AtomicU64,
-}
+/// Registers an `Arc`ed collector: the registry takes ownership of a `Box`, and we keep a handle to add children.
+pub(crate) struct Shared<C>(pub(crate) Arc<C>);
 
-/// Counters of one key pattern summed over impls, as `GET /internal/cache` shows them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PatternCounts {
-    /// Reads (`hits + misses`).
-    pub gets: u64,
-    /// Reads that found a value.
-    pub hits: u64,
-    /// Reads that found nothing.
-    pub misses: u64,
-    /// Writes.
-    pub sets: u64,
-    /// Deletes.
-    pub deletes: u64,
-    /// Misses answered by another caller's load (single-flight); included in `misses`.
-    pub coalesced: u64,
-}
-
-impl PatternMetrics {
-    pub(crate) fn hit(&self, imp: CacheImpl) {
-        self.hits[imp.index()].inc();
-    }
-    pub(crate) fn miss(&self, imp: CacheImpl) {
-        self.miss[imp.index()].inc();
-    }
-    pub(crate) fn set(&self, imp: CacheImpl) {
-        self.set[imp.index()].inc();
-    }
-    pub(crate) fn del(&self, imp: CacheImpl) {
-        self.del[imp.index()].inc();
-    }
-    pub(crate) fn coalesced(&self) {
-        self.coalesced.inc();
-    }
-
-    /// True once every `every` calls: which loads get their value size measured on the observe path.
-    pub(crate) fn sample_size(&self, every: u64) -> bool {
-        // A plain load and store, not a locked fetch_add: a lost increment under contention only shifts which
-        // value is sampled, and the observe path stays cheaper.
-        let n = self.size_sample.load(Ordering::Relaxed);
-        self.size_sample.store(n.wrapping_add(1), Ordering::Relaxed);
-        every <= 1 || n.is_multiple_of(every)
-    }
-
-    /// The counters summed over impls.
-    pub fn counts(&self) -> PatternCounts {
-        let sum = |c: &[IntCounter; 3]| c.iter().map(IntCounter::get).sum::<u64>();
-        let hits = sum(&self.hits);
-        let misses = sum(&self.miss);
-        PatternCounts {
-            gets: hits + misses,
-            hits,
-            misses,
-            sets: sum(&self.set),
-            deletes: sum(&self.del),
-            coalesced: self.coalesced.get(),
-        }
-    }
-
-    /// Hits of one impl only.
-    pub fn hits_of(&self, imp: CacheImpl) -> u64 {
-        self.hits[imp.index()].get()
-    }
-}
-
-/// Registers an `Arc`ed collector (the registry takes ownership of a `Box`; we keep a handle to add children).
-struct SharedCollector(Arc<DurationHistogramVec>);
-
-impl prometheus::core::Collector for SharedCollector {
+impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
         self.0.desc()
     }
