@@ -92,6 +92,18 @@ fn observe(c: &mut Criterion) {
             })
         })
     });
+    // A key with an id inside (`project:N:members` → `project:*:members`): the pattern is built on the stack.
+    let inner: Vec<String> = (0..1024).map(|i| format!("project:{i}:members")).collect();
+    g.bench_function("null_observe_inner_id", |b| {
+        b.iter_custom(|n| {
+            per_call(&rt, n, |i| {
+                let (r, k) = (&null, &inner[(i % 1024) as usize]);
+                async move {
+                    black_box(r.get_or_load(k, || loader(i)).await.ok());
+                }
+            })
+        })
+    });
     // Two threads, each with its own runtime, observing the same pattern through one registry: what the shared
     // counters and the ArcSwap cost under contention. Time per call on each thread.
     g.bench_function("null_observe_2_threads", |b| {
