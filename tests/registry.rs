@@ -61,6 +61,33 @@ async fn load(reg: &CacheRegistry, id: u64, calls: &AtomicUsize) -> User {
     .expect("infallible loader")
 }
 
+/// Starts `get_or_load(key)` in a task whose loader returns `value` only once released; returns when the loader is
+/// running, with the task and the release.
+async fn blocked_load(
+    reg: &CacheRegistry,
+    key: &'static str,
+    value: User,
+) -> (
+    tokio::task::JoinHandle<Result<User, Infallible>>,
+    Arc<Notify>,
+) {
+    let (started_tx, started_rx) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let task = {
+        let (reg, release) = (reg.clone(), release.clone());
+        tokio::spawn(async move {
+            reg.get_or_load(key, || async move {
+                let _ = started_tx.send(());
+                release.notified().await;
+                Ok::<_, Infallible>(value)
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("the load is running");
+    (task, release)
+}
+
 fn switch(imp: CacheImpl, whitelist: &[&str]) -> PolicyUpdate {
     PolicyUpdate {
         imp: Some(imp),
@@ -486,20 +513,8 @@ async fn followers_load_themselves_when_the_leader_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_detaches_the_load_in_flight() {
     let reg = registry(CacheImpl::Memory, &["user"], None).await;
-    let (started_tx, started_rx) = oneshot::channel();
-    let release = Arc::new(Notify::new());
-    let old_load = {
-        let (reg, release) = (reg.clone(), release.clone());
-        tokio::spawn(async move {
-            reg.get_or_load("user:1", || async move {
-                let _ = started_tx.send(());
-                release.notified().await;
-                Ok::<_, Infallible>(user(1, 1)) // read from the origin before the write below
-            })
-            .await
-        })
-    };
-    started_rx.await.expect("old load running");
+    // Reads version 1 from the origin, before the write below.
+    let (old_load, release) = blocked_load(&reg, "user:1", user(1, 1)).await;
     // The write: origin now holds version 2, then the key is invalidated.
     reg.invalidate("user:1").await.expect("invalidate");
     let fresh: Result<User, Infallible> =
@@ -786,20 +801,7 @@ async fn new_patterns_during_switches_keep_their_own_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidating_every_pattern_detaches_every_load_in_flight() {
     let reg = registry(CacheImpl::Memory, &["*"], None).await;
-    let (started_tx, started_rx) = oneshot::channel();
-    let release = Arc::new(Notify::new());
-    let old_load = {
-        let (reg, release) = (reg.clone(), release.clone());
-        tokio::spawn(async move {
-            reg.get_or_load("user:1", || async move {
-                let _ = started_tx.send(());
-                release.notified().await;
-                Ok::<_, Infallible>(user(1, 1))
-            })
-            .await
-        })
-    };
-    started_rx.await.expect("old load running");
+    let (old_load, release) = blocked_load(&reg, "user:1", user(1, 1)).await;
     reg.invalidate_pattern("*").await.expect("flush everything");
     release.notify_one();
     assert_eq!(old_load.await.expect("task"), Ok(user(1, 1)));
