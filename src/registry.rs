@@ -354,8 +354,8 @@ impl CacheRegistry {
     }
 
     fn slot(&self, idx: usize) -> &PatternEntry {
-        // Every index handed out was initialised first; `other`'s slot is the only one that can be asked for
-        // before (never, in fact), so that is what a fallback creates.
+        // `new_entry` initialises a slot before its index reaches the map (or `table_full`), so this never
+        // creates anything; `get_or_init` only spares an `expect`.
         self.inner.slots[idx].get_or_init(|| PatternEntry {
             metrics: self.inner.metrics.pattern(OTHER),
         })
@@ -645,8 +645,12 @@ impl CacheRegistry {
             let entry = self.entry(&state, &pattern);
             (entry, state.serves(&pattern).then(|| state.ttl(&pattern)))
         };
-        // Whatever happens below, a load of this key in flight predates this value.
-        self.inner.flights.detach(key);
+        // Under the NullCache there is nothing to detach or delete: a load left over from an earlier backend can
+        // only store into a backend that is flushed before it is active again.
+        if state.stores {
+            // Whatever happens below, a load of this key in flight predates this value.
+            self.inner.flights.detach(key);
+        }
         let Some(ttl) = ttl.filter(|_| state.policy.enabled) else {
             if state.policy.enabled {
                 // Observed: count the write, size one in `size_sample_every` without encoding.
@@ -657,6 +661,9 @@ impl CacheRegistry {
                         .value_size
                         .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
                 }
+            }
+            if !state.stores {
+                return Ok(());
             }
             // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
@@ -689,8 +696,10 @@ impl CacheRegistry {
     /// remain until its TTL.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
-        self.inner.flights.detach(key);
         let state = self.inner.state.load_full();
+        if state.stores {
+            self.inner.flights.detach(key);
+        }
         if !state.policy.enabled {
             return state.backend.delete(key).await;
         }
@@ -701,6 +710,9 @@ impl CacheRegistry {
         let imp = state.backend.kind();
         entry.metrics.del(imp);
         self.inner.metrics.invalidated(imp, "key");
+        if !state.stores {
+            return Ok(false); // the NullCache holds nothing
+        }
         let clock = &self.inner.clock;
         let start = clock.raw();
         let r = state.backend.delete(key).await;
