@@ -30,6 +30,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::analysis::AnalysisOptions;
 use crate::cache::{CacheImpl, RedisOptions};
 use crate::error::{Error, Result};
 use crate::pattern::KeyPatterns;
@@ -143,6 +144,8 @@ pub struct CacheSettings {
     pub redis: RedisSettings,
     /// `[cache.patterns.<pattern>]`.
     pub patterns: BTreeMap<String, PatternPolicy>,
+    /// `[cache.analysis]`: the phase-2 estimators.
+    pub analysis: AnalysisOptions,
 }
 
 /// The `[cache.memory]` table.
@@ -206,6 +209,7 @@ impl Default for Settings {
                     max_entries: 100_000,
                     max_bytes: 256 * 1024 * 1024,
                 },
+                analysis: AnalysisOptions::default(),
                 redis: RedisSettings {
                     url: "redis://127.0.0.1:6379".into(),
                     key_prefix: "cr:".into(),
@@ -331,6 +335,7 @@ impl Settings {
             ));
         }
         KeyPatterns::new(&c.templates)?;
+        c.analysis.validate()?;
         self.policy().validate()
     }
 
@@ -373,6 +378,8 @@ impl Settings {
             max_value_bytes: c.max_value_bytes,
             size_sample_every: c.size_sample_every,
             value_version: c.value_version,
+            analysis: c.analysis.clone(),
+            clock: None,
         })
     }
 
@@ -396,6 +403,7 @@ impl Settings {
                 a.size_sample_every != b.size_sample_every,
             ),
             ("cache.value_version", a.value_version != b.value_version),
+            ("cache.analysis", a.analysis != b.analysis),
             (
                 "cache.memory.max_entries",
                 a.memory.max_entries != b.memory.max_entries,

@@ -92,6 +92,14 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// `cache-rollout report` could not fetch or read a service's report.
+    #[error("report from {url}: {reason}")]
+    Report {
+        /// The URL asked.
+        url: String,
+        /// What went wrong (connection, HTTP status, body).
+        reason: String,
+    },
 }
 
 impl Error {

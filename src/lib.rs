@@ -5,7 +5,8 @@
 //!
 //! 1. **Observe** (`CACHE_IMPL=null`): the [`NullCache`](cache::NullCache) stores nothing and always misses, so the
 //!    application behaves exactly as before, while every call is measured per key pattern (`user:123` → `user`).
-//! 2. **Analyse**: the measurements say what a cache would buy (the analysis itself is the subject of later work).
+//! 2. **Analyse**: online miss ratio curves per key pattern (fixed-size SHARDS) predict what a cache would buy at
+//!    each size, and [`CacheRegistry::report`] recommends what to whitelist with which TTL.
 //! 3. **Serve** (`CACHE_IMPL=redis`, `CACHE_PATTERNS=user,project`): whitelisted patterns are served from Redis,
 //!    switched at runtime without a restart; Redis errors and timeouts fail open to the loader.
 //!
@@ -35,6 +36,7 @@
 //!
 //! | module | what lives there |
 //! |---|---|
+//! | [`analysis`] | SHARDS miss-ratio-curve estimators, route × pattern, the phase-2 report and recommendation |
 //! | [`error`] | the one [`Error`] type, with predicates |
 //! | [`pattern`] | key → key pattern, templates, the bounded pattern table |
 //! | [`cache`] | the [`Cache`](cache::Cache) trait and the null, memory and Redis backends |
@@ -47,6 +49,7 @@
 //! | [`replay`] | trace readers (Twitter cache-trace, ARC `.lis`) and the replay driver |
 //! | [`catalog`] | the reference service: a catalog API over SQLite, cached through the registry |
 
+pub mod analysis;
 pub mod cache;
 pub mod catalog;
 pub mod codec;

@@ -1,4 +1,4 @@
-//! The `cache-rollout` binary: `serve` (the reference service; the default), `replay TRACE`.
+//! The `cache-rollout` binary: `serve` (the reference service; the default), `replay TRACE`, `report --url URL`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,8 @@ use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::catalog::{self, AppContext, Origin};
 use cache_rollout::config::{LogFormat, Settings};
 use cache_rollout::http::AdminToken;
-use cache_rollout::replay::{self, TraceFormat};
+use cache_rollout::analysis::{AnalysisOptions, Report};
+use cache_rollout::replay::{self, ReplayOptions, TraceFormat};
 use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
 use clap::{Parser, Subcommand};
 
@@ -25,8 +26,21 @@ struct Cli {
 enum Command {
     /// Run the reference service (the default): a catalog API over SQLite, cached through the registry.
     Serve(ServeArgs),
-    /// Run an access trace through a registry and print per-pattern hits, misses and hit ratio.
+    /// Run an access trace through a registry and print per-pattern hits, misses, hit ratio, and the predicted
+    /// LRU hit ratio at each capacity.
     Replay(ReplayArgs),
+    /// Fetch a running service's analysis (`GET /internal/cache/report`) and print it as a table.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Base URL of the service.
+    #[arg(long, default_value = "http://127.0.0.1:8900")]
+    url: String,
+    /// Print the JSON as served instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Default)]
@@ -70,6 +84,15 @@ struct ReplayArgs {
     /// Capacity of --impl memory in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     memory_bytes: u64,
+    /// Cache capacities in objects at which to predict the LRU hit ratio (1 to 8, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,100000")]
+    capacities: Vec<u64>,
+    /// Model this TTL in seconds (against the trace's timestamps); without it entries never expire.
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// Keys sampled per pattern by the estimator (SHARDS s_max).
+    #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
+    sample_keys: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -99,6 +122,7 @@ fn main() -> ExitCode {
         })) {
             Command::Serve(args) => serve(args).await,
             Command::Replay(args) => run_replay(args).await,
+            Command::Report(args) => run_report(args).await,
         }
     });
     match result {
@@ -231,6 +255,50 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining requests");
 }
 
+/// The server's `maxmemory` in bytes (0: unlimited).
+async fn redis_maxmemory(url: &str) -> cache_rollout::Result<u64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (_, value): (String, u64) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query_async(&mut conn)
+        .await?;
+    Ok(value)
+}
+
+async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {
+    let url = format!("{}/internal/cache/report", args.url.trim_end_matches('/'));
+    let fail = |reason: String| cache_rollout::Error::Report { url: url.clone(), reason };
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| fail(e.to_string()))?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp.text().await.map_err(|e| fail(e.to_string()))?;
+    if !status.is_success() {
+        return Err(fail(format!(
+            "HTTP {status}{}",
+            if status == reqwest::StatusCode::NOT_FOUND {
+                " (in production every /internal/ path answers 404)"
+            } else {
+                ""
+            }
+        )));
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: Report = serde_json::from_str(&body).map_err(|e| fail(format!("not a report: {e}")))?;
+    print!("{}", report.to_table());
+    Ok(())
+}
+
 async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
     let format = match args.format.or_else(|| TraceFormat::guess(&args.trace)) {
         Some(f) => f,
@@ -249,13 +317,23 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         ImplArg::Memory => CacheImpl::Memory,
         ImplArg::Redis => CacheImpl::Redis,
     };
+    let (clock, mock) = quanta::Clock::mock();
     let opts = RegistryOptions {
         policy: Policy {
             imp,
             whitelist: vec!["*".into()],
-            default_ttl_secs: 86_400,
+            default_ttl_secs: args.ttl.unwrap_or(86_400),
             ..Policy::default()
         },
+        analysis: AnalysisOptions {
+            capacities: args.capacities.clone(),
+            ignore_ttl: args.ttl.is_none(),
+            sample_keys: args.sample_keys,
+            shared_sample_keys: args.sample_keys.max(AnalysisOptions::default().shared_sample_keys),
+            max_patterns: 10_000,
+            ..AnalysisOptions::default()
+        },
+        clock: Some(clock),
         max_patterns: 10_000,
         redis: RedisOptions {
             url: args.redis_url.clone(),
@@ -278,10 +356,18 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         ));
     }
     let reader = replay::open(&args.trace)?;
-    let report = replay::replay(&registry, reader, format, args.strict, |e| {
-        eprintln!("skipped: {e}")
-    })
-    .await?;
+    let ropts = ReplayOptions {
+        strict: args.strict,
+        clock: Some(mock),
+    };
+    let mut report = replay::replay(&registry, reader, format, &ropts, |e| eprintln!("skipped: {e}")).await?;
+    if imp == CacheImpl::Redis {
+        let maxmemory = redis_maxmemory(&args.redis_url).await?;
+        report.redis_maxmemory_bytes = Some(maxmemory);
+        if maxmemory > 0 {
+            report.predicted_hit_ratio_at_maxmemory = registry.predicted_hit_ratio_at_bytes(maxmemory);
+        }
+    }
     if args.json {
         println!(
             "{}",

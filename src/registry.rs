@@ -32,6 +32,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
 use crate::cache::{Cache, CacheImpl, Health, MemoryCache, NullCache, RedisCache, RedisOptions};
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
@@ -66,6 +67,11 @@ pub struct RegistryOptions {
     /// Version of the application's cached value formats, mixed into every entry's type tag: bump it when a cached
     /// type changes meaning in a way serde would still decode, and every older entry becomes a miss.
     pub value_version: u32,
+    /// Phase 2: the miss-ratio-curve estimators and the report.
+    pub analysis: AnalysisOptions,
+    /// The clock for durations and TTLs; `None`: the TSC-backed [`quanta::Clock::new`]. Trace replay passes a mock
+    /// clock ([`quanta::Clock::mock`]) that follows the trace's timestamps.
+    pub clock: Option<quanta::Clock>,
 }
 
 impl Default for RegistryOptions {
@@ -80,6 +86,8 @@ impl Default for RegistryOptions {
             max_value_bytes: 1024 * 1024,
             size_sample_every: 16,
             value_version: 0,
+            analysis: AnalysisOptions::default(),
+            clock: None,
         }
     }
 }
@@ -134,6 +142,24 @@ pub const MAX_PATTERNS_LIMIT: usize = 10_000;
 /// Per-pattern entry of the pattern table.
 struct PatternEntry {
     metrics: Arc<PatternMetrics>,
+    /// Its slot: the pattern's tag in the shared estimator and in route × pattern.
+    tag: u32,
+    /// Its own miss-ratio-curve estimator (the first `analysis.max_patterns` patterns).
+    shards: Option<Shards>,
+}
+
+/// The estimators shared by all patterns, and the origin of their seconds.
+struct Analysis {
+    opts: AnalysisOptions,
+    shared: Shards,
+    epoch: u64,
+}
+
+/// Where a sampled call goes in the estimators.
+struct Track {
+    hash: u64,
+    ttl: Option<u32>,
+    key_bytes: u64,
 }
 
 /// Pattern name → index into `Inner::slots`.
@@ -215,6 +241,9 @@ struct Inner {
     /// loader's await without holding the `ArcSwap` guard or cloning an `Arc`. The last slot is `other`'s.
     slots: Box<[OnceLock<PatternEntry>]>,
     clock: quanta::Clock,
+    /// Raw clock reading at creation.
+    started: u64,
+    analysis: Option<Analysis>,
     max_patterns: usize,
     memory_max_entries: u64,
     memory_max_bytes: u64,
@@ -267,6 +296,13 @@ impl CacheRegistry {
     /// An invalid policy.
     pub async fn new(opts: RegistryOptions) -> Result<Self> {
         opts.policy.validate()?;
+        opts.analysis.validate()?;
+        let clock = opts.clock.unwrap_or_default();
+        let analysis = opts.analysis.enabled.then(|| Analysis {
+            shared: Shards::new(opts.analysis.shared_sample_keys),
+            epoch: clock.raw(),
+            opts: opts.analysis,
+        });
         let max_patterns = opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT);
         let observe = Policy {
             imp: CacheImpl::Null,
@@ -290,7 +326,9 @@ impl CacheRegistry {
                 new_pattern: Mutex::new(0),
                 table_full: AtomicBool::new(false),
                 slots: (0..=max_patterns).map(|_| OnceLock::new()).collect(),
-                clock: quanta::Clock::new(),
+                started: clock.raw(),
+                clock,
+                analysis,
                 max_patterns,
                 memory_max_entries: opts.memory_max_entries,
                 memory_max_bytes: opts.memory_max_bytes,
@@ -299,6 +337,12 @@ impl CacheRegistry {
                 value_version: opts.value_version,
             }),
         };
+        if registry.inner.analysis.is_some() {
+            let gauge = PredictedHitRatio::new(Arc::downgrade(&registry.inner));
+            if let Err(e) = registry.inner.metrics.registry().register(Box::new(gauge)) {
+                tracing::warn!(error = %e, "cache: cache_predicted_hit_ratio not registered");
+            }
+        }
         let target = opts.policy;
         registry
             .inner
@@ -356,9 +400,19 @@ impl CacheRegistry {
     fn slot(&self, idx: usize) -> &PatternEntry {
         // `new_entry` initialises a slot before its index reaches the map (or `table_full`), so this never
         // creates anything; `get_or_init` only spares an `expect`.
-        self.inner.slots[idx].get_or_init(|| PatternEntry {
-            metrics: self.inner.metrics.pattern(OTHER),
-        })
+        self.inner.slots[idx].get_or_init(|| self.new_pattern_entry(OTHER, idx))
+    }
+
+    fn new_pattern_entry(&self, name: &str, idx: usize) -> PatternEntry {
+        let shards = self.inner.analysis.as_ref().and_then(|a| {
+            (idx < a.opts.max_patterns && idx < self.inner.max_patterns)
+                .then(|| Shards::new(a.opts.sample_keys))
+        });
+        PatternEntry {
+            metrics: self.inner.metrics.pattern(name),
+            tag: idx as u32,
+            shards,
+        }
     }
 
     #[cold]
@@ -387,9 +441,7 @@ impl CacheRegistry {
         if let Some(&i) = cur.patterns.get(name) {
             return i;
         }
-        self.inner.slots[idx].get_or_init(|| PatternEntry {
-            metrics: self.inner.metrics.pattern(name),
-        });
+        self.inner.slots[idx].get_or_init(|| self.new_pattern_entry(name, idx));
         self.inner.state.rcu(|cur| {
             let mut patterns = PatternMap::clone(&cur.patterns);
             patterns.insert(name.into(), idx);
@@ -441,7 +493,7 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
-        let (entry, served) = {
+        let (entry, served, track) = {
             let state = self.inner.state.load();
             if !state.policy.enabled {
                 drop(state);
@@ -457,44 +509,93 @@ impl CacheRegistry {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
+            let track = self.track(&state, entry, &pattern, key);
             let served = state
                 .serves(&pattern)
                 .then(|| (Arc::clone(&state.backend), state.ttl(&pattern)));
-            (entry, served)
+            (entry, served, track)
         };
         match served {
-            None => self.observe(&entry.metrics, loader).await,
+            None => self.observe(entry, track, loader).await,
             Some((backend, ttl)) => {
-                self.serve(key, &entry.metrics, &*backend, ttl, loader)
+                self.serve(key, entry, track, &*backend, ttl, loader)
                     .await
             }
         }
     }
 
-    async fn observe<C, E, F, Fut>(&self, m: &PatternMetrics, loader: F) -> Result<C, E>
+    /// The call's place in the estimators when its key is sampled by the pattern's or the shared one.
+    #[inline]
+    fn track(&self, state: &Active, entry: &PatternEntry, pattern: &str, key: &str) -> Option<Track> {
+        let a = self.inner.analysis.as_ref()?;
+        let hash = key_hash(key);
+        if !(a.shared.samples(hash) || entry.shards.as_ref().is_some_and(|s| s.samples(hash))) {
+            return None;
+        }
+        Some(self.track_cold(state, pattern, key, hash, a))
+    }
+
+    #[cold]
+    fn track_cold(&self, state: &Active, pattern: &str, key: &str, hash: u64, a: &Analysis) -> Track {
+        let ttl = (!a.opts.ignore_ttl).then(|| state.ttl(pattern).as_secs().min(u64::from(u32::MAX)) as u32);
+        Track {
+            hash,
+            ttl,
+            key_bytes: (key.len() + state.redis.key_prefix.len()) as u64,
+        }
+    }
+
+    /// Feeds a sampled access, made at raw clock reading `at`, to the pattern's and the shared estimators.
+    /// `value_bytes`: the encoded value's size, when known.
+    fn record(&self, entry: &PatternEntry, t: &Track, access: Access, at: u64, value_bytes: Option<usize>) {
+        let Some(a) = &self.inner.analysis else { return };
+        let now = (self.inner.clock.delta_as_nanos(a.epoch, at) / 1_000_000_000).min(u64::from(u32::MAX)) as u32;
+        let weight = value_bytes.map(|v| {
+            (v as u64 + t.key_bytes + u64::from(a.opts.per_key_overhead_bytes)).min(u64::from(u32::MAX)) as u32
+        });
+        if let Some(s) = &entry.shards {
+            s.access(t.hash, access, now, weight, t.ttl, entry.tag);
+        }
+        a.shared.access(t.hash, access, now, weight, t.ttl, entry.tag);
+    }
+
+    async fn observe<C, E, F, Fut>(&self, entry: &PatternEntry, track: Option<Track>, loader: F) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
+        let m = &entry.metrics;
         m.miss(CacheImpl::Null);
         let clock = &self.inner.clock;
         let start = clock.raw();
         let r = loader().await;
-        m.observed_load(nanos_since(clock, start), r.is_ok());
+        let nanos = nanos_since(clock, start);
+        m.observed_load(nanos, r.is_ok());
+        analysis::record_call(entry.tag, nanos);
+        let mut size = None;
         if let Ok(v) = &r {
-            if m.sample_size(self.inner.size_sample_every) {
-                m.value_size
-                    .observe((codec::HEADER_BYTES + v.payload_len()) as f64);
+            let sized = m.sample_size(self.inner.size_sample_every);
+            if sized || track.is_some() {
+                let bytes = codec::HEADER_BYTES + v.payload_len();
+                if sized {
+                    m.value_size.observe(bytes as f64);
+                }
+                size = Some(bytes);
             }
+        }
+        if let Some(t) = &track {
+            self.record(entry, t, Access::Get, start, size);
         }
         r
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve<C, E, F, Fut>(
         &self,
         key: &str,
-        m: &PatternMetrics,
+        entry: &PatternEntry,
+        track: Option<Track>,
         backend: &dyn Cache,
         ttl: Duration,
         loader: F,
@@ -504,23 +605,31 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
+        let m = &entry.metrics;
         let imp = backend.kind();
         let metrics = &self.inner.metrics;
         let version = self.inner.value_version;
         let clock = &self.inner.clock;
         let start = clock.raw();
+        let record = |size: Option<usize>| {
+            if let Some(t) = &track {
+                self.record(entry, t, Access::Get, start, size);
+            }
+        };
         let got = backend.get(key).await;
         metrics
             .op_duration(imp, Operation::Get)
             .observe_nanos(nanos_since(clock, start));
         let mut backend_ok = true;
         match got {
-            Ok(Some(bytes)) => match codec::decode::<C>(bytes, version) {
-                Ok(v) => {
+            Ok(Some(bytes)) => match (bytes.len(), codec::decode::<C>(bytes, version)) {
+                (len, Ok(v)) => {
                     m.hit(imp);
+                    analysis::record_call(entry.tag, 0);
+                    record(Some(len));
                     return Ok(v);
                 }
-                Err(e) => {
+                (_, Err(e)) => {
                     metrics.error(imp, e.error_type());
                     tracing::warn!(key, error = %e, "cache: corrupted entry deleted");
                     if let Err(e) = backend.delete(key).await {
@@ -539,8 +648,11 @@ impl CacheRegistry {
         let leader = match self.inner.flights.join(key) {
             Join::Follower(rx) => {
                 if let Some(bytes) = flight::wait(rx).await {
+                    let len = bytes.len();
                     if let Ok(v) = codec::decode::<C>(bytes, version) {
                         m.coalesced();
+                        analysis::record_call(entry.tag, 0);
+                        record(Some(len));
                         return Ok(v);
                     }
                 }
@@ -548,13 +660,22 @@ impl CacheRegistry {
             }
             Join::Leader(guard) => Some(guard),
         };
-        let start = clock.raw();
+        let load_start = clock.raw();
         let loaded = loader().await;
-        m.loader_nanos(nanos_since(clock, start));
-        let value = loaded?;
+        let nanos = nanos_since(clock, load_start);
+        m.loader_nanos(nanos);
+        analysis::record_call(entry.tag, nanos);
+        let value = match loaded {
+            Ok(v) => v,
+            Err(e) => {
+                record(None);
+                return Err(e);
+            }
+        };
         if leader.as_ref().is_none_or(flight::LeaderGuard::is_detached) {
             // An invalidation arrived while loading (or we are a follower whose leader failed): this value may
             // predate a write, so it is returned to this caller only, never shared or stored.
+            record(track.as_ref().map(|_| codec::HEADER_BYTES + value.payload_len()));
             return Ok(value);
         }
         let bytes = match codec::encode(key, &value, version) {
@@ -562,9 +683,11 @@ impl CacheRegistry {
             Err(e) => {
                 metrics.error(imp, e.error_type());
                 tracing::warn!(key, error = %e, "cache: value not stored");
+                record(None);
                 return Ok(value);
             }
         };
+        record(Some(bytes.len()));
         m.value_size.observe(bytes.len() as f64);
         if let Some(g) = &leader {
             g.publish(bytes.clone());
@@ -639,12 +762,24 @@ impl CacheRegistry {
     async fn set_value<C: Codec>(&self, key: &str, value: &C) -> Result<()> {
         validate_key(key)?;
         let state = self.inner.state.load_full();
-        let (entry, ttl) = {
+        let (entry, ttl, track) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
-            (entry, state.serves(&pattern).then(|| state.ttl(&pattern)))
+            let track = state
+                .policy
+                .enabled
+                .then(|| self.track(&state, entry, &pattern, key))
+                .flatten();
+            (entry, state.serves(&pattern).then(|| state.ttl(&pattern)), track)
         };
+        if state.policy.enabled {
+            entry.metrics.write();
+        }
+        if let Some(t) = &track {
+            let size = codec::HEADER_BYTES + value.payload_len();
+            self.record(entry, t, Access::Set, self.inner.clock.raw(), Some(size));
+        }
         // Under the NullCache there is nothing to detach or delete: a load left over from an earlier backend can
         // only store into a backend that is flushed before it is active again.
         if state.stores {
@@ -710,6 +845,13 @@ impl CacheRegistry {
         let imp = state.backend.kind();
         entry.metrics.del(imp);
         self.inner.metrics.invalidated(imp, "key");
+        if let Some(a) = &self.inner.analysis {
+            let hash = key_hash(key);
+            if let Some(s) = &entry.shards {
+                s.delete(hash, entry.tag);
+            }
+            a.shared.delete(hash, entry.tag);
+        }
         if !state.stores {
             return Ok(false); // the NullCache holds nothing
         }
@@ -741,6 +883,22 @@ impl CacheRegistry {
         let state = self.inner.state.load_full();
         let imp = state.backend.kind();
         self.inner.metrics.invalidated(imp, "pattern");
+        if let Some(a) = &self.inner.analysis {
+            if pattern == "*" {
+                for &i in state.patterns.values() {
+                    if let Some(s) = &self.slot(i).shards {
+                        s.delete_all(None);
+                    }
+                }
+                a.shared.delete_all(None);
+            } else if let Some(&i) = state.patterns.get(pattern) {
+                let entry = self.slot(i);
+                if let Some(s) = &entry.shards {
+                    s.delete_all(None);
+                }
+                a.shared.delete_all(Some(entry.tag));
+            }
+        }
         let clock = &self.inner.clock;
         let start = clock.raw();
         let r = self.delete_pattern_in(&*state.backend, pattern).await;
@@ -929,6 +1087,119 @@ impl CacheRegistry {
             .collect()
     }
 
+    /// The phase-2 analysis (`GET /internal/cache/report`): per-pattern and shared miss ratio curves, memory,
+    /// origin time saved, route × pattern, and the recommendation. Empty predictions when the analysis is disabled.
+    pub fn report(&self) -> analysis::Report {
+        use prometheus::core::Metric as _;
+        let s = self.inner.state.load_full();
+        let (capacities, overhead, ignore_ttl) = match &self.inner.analysis {
+            Some(a) => (a.opts.capacities.clone(), a.opts.per_key_overhead_bytes, a.opts.ignore_ttl),
+            None => (AnalysisOptions::default().capacities, analysis::REDIS_PER_KEY_OVERHEAD_BYTES, false),
+        };
+        let observed_seconds = self.observed_seconds();
+        let mut names: Vec<(&str, usize)> = s.patterns.iter().map(|(n, &i)| (&**n, i)).collect();
+        names.sort_unstable_by_key(|&(_, i)| i);
+        let mut total_gets = 0;
+        let (mut loader_secs, mut loader_calls) = (0.0, 0u64);
+        let patterns: Vec<_> = names
+            .iter()
+            .map(|&(name, i)| {
+                let e = self.slot(i);
+                let counts = e.metrics.counts();
+                total_gets += counts.gets;
+                let loader = e.metrics.loader_proto();
+                loader_secs += loader.get_sample_sum();
+                loader_calls += loader.get_sample_count();
+                analysis::PatternInput {
+                    name: name.to_string(),
+                    gets: counts.gets,
+                    hits: counts.hits,
+                    writes: counts.writes,
+                    deletes: counts.deletes,
+                    served: s.serves(name),
+                    ttl_secs: (!ignore_ttl).then(|| s.ttl(name).as_secs()),
+                    policy_ttl_secs: s.ttl(name).as_secs(),
+                    loader,
+                    value_size: e.metrics.value_size.metric().get_histogram().clone(),
+                    curve: e.shards.as_ref().map(|sh| sh.curve(counts.gets)),
+                }
+            })
+            .collect();
+        let shared = self.inner.analysis.as_ref().map(|a| {
+            let (curve, stats) = a.shared.curve(total_gets);
+            let mean_loader = if loader_calls > 0 { loader_secs / loader_calls as f64 } else { 0.0 };
+            analysis::shared_report(total_gets, &curve, &stats, &capacities, observed_seconds, mean_loader)
+        });
+        let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
+        let routes = self
+            .inner
+            .metrics
+            .routes()
+            .into_iter()
+            .map(|(route, method, m)| analysis::RouteInput {
+                method,
+                route,
+                requests: m.requests.get(),
+                seconds: m.duration.get_sample_sum(),
+                calls: m
+                    .calls
+                    .snapshot()
+                    .into_iter()
+                    .map(|(t, n, ns)| (tags.get(&t).map_or(OTHER, |n| *n).to_string(), n, ns))
+                    .collect(),
+            })
+            .collect();
+        analysis::build(
+            patterns,
+            shared,
+            routes,
+            &capacities,
+            overhead,
+            observed_seconds,
+            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        )
+    }
+
+    /// Predicted hit ratio of every pattern together in one LRU cache of `bytes` bytes (keys, values and the
+    /// per-key overhead counted); `None` when the analysis is disabled.
+    pub fn predicted_hit_ratio_at_bytes(&self, bytes: u64) -> Option<f64> {
+        let a = self.inner.analysis.as_ref()?;
+        let s = self.inner.state.load();
+        let gets = s.patterns.values().map(|&i| self.slot(i).metrics.counts().gets).sum();
+        Some(a.shared.curve(gets).0.hit_ratio_at_bytes(bytes as f64))
+    }
+
+    /// Seconds since the registry started, on its clock.
+    fn observed_seconds(&self) -> f64 {
+        let epoch = self.inner.analysis.as_ref().map_or(self.inner.started, |a| a.epoch);
+        self.inner.clock.delta_as_nanos(epoch, self.inner.clock.raw()) as f64 * 1e-9
+    }
+
+    /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
+    /// together (`key_pattern="*"`), for the `cache_predicted_hit_ratio` gauge: (pattern, capacity, ratio).
+    pub(crate) fn predicted_hit_ratios(&self) -> Vec<(String, u64, f64)> {
+        let Some(a) = &self.inner.analysis else { return Vec::new() };
+        let s = self.inner.state.load();
+        let mut out = Vec::new();
+        let mut total = 0;
+        for (name, &i) in s.patterns.iter() {
+            let e = self.slot(i);
+            let gets = e.metrics.counts().gets;
+            total += gets;
+            if let Some(sh) = &e.shards {
+                let (curve, _) = sh.curve(gets);
+                for &c in &a.opts.capacities {
+                    out.push((name.to_string(), c, curve.hit_ratio_at_objects(c as f64)));
+                }
+            }
+        }
+        let (curve, _) = a.shared.curve(total);
+        for &c in &a.opts.capacities {
+            out.push(("*".to_string(), c, curve.hit_ratio_at_objects(c as f64)));
+        }
+        out
+    }
+
     /// A snapshot for `GET /internal/cache`, with a Redis health check (at most 250 ms) when the impl is `redis`.
     pub async fn state(&self) -> StateView {
         let s = self.inner.state.load_full();
@@ -962,6 +1233,66 @@ impl CacheRegistry {
                 .collect(),
             redis,
         }
+    }
+}
+
+/// `cache_predicted_hit_ratio{key_pattern,capacity}`: the estimators' predictions at the configured capacities,
+/// computed at scrape time. `key_pattern` is a pattern with its own estimator (at most `analysis.max_patterns`) or
+/// `*` for all patterns in one cache; `capacity` one of the (at most 8) configured capacities, in objects.
+struct PredictedHitRatio {
+    registry: std::sync::Weak<Inner>,
+    desc: prometheus::core::Desc,
+}
+
+impl PredictedHitRatio {
+    fn new(registry: std::sync::Weak<Inner>) -> Self {
+        let desc = prometheus::core::Desc::new(
+            "cache_predicted_hit_ratio".into(),
+            "Predicted LRU hit ratio (0-1) of a cache of `capacity` objects, per key pattern (`*`: all patterns in \
+             one cache), from the SHARDS miss ratio curve."
+                .into(),
+            vec!["key_pattern".into(), "capacity".into()],
+            HashMap::new(),
+        )
+        .expect("valid gauge description");
+        PredictedHitRatio { registry, desc }
+    }
+}
+
+impl prometheus::core::Collector for PredictedHitRatio {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto;
+        let Some(inner) = self.registry.upgrade() else { return Vec::new() };
+        let registry = CacheRegistry { inner };
+        let metrics = registry
+            .predicted_hit_ratios()
+            .into_iter()
+            .map(|(pattern, capacity, ratio)| {
+                let mut m = proto::Metric::default();
+                let mut labels = Vec::with_capacity(2);
+                for (n, v) in [("key_pattern", pattern), ("capacity", capacity.to_string())] {
+                    let mut l = proto::LabelPair::default();
+                    l.set_name(n.to_string());
+                    l.set_value(v);
+                    labels.push(l);
+                }
+                m.set_label(labels);
+                let mut g = proto::Gauge::default();
+                g.set_value(ratio);
+                m.set_gauge(g);
+                m
+            })
+            .collect();
+        let mut family = proto::MetricFamily::default();
+        family.set_name("cache_predicted_hit_ratio".into());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(proto::MetricType::GAUGE);
+        family.set_metric(metrics);
+        vec![family]
     }
 }
 

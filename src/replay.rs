@@ -74,8 +74,10 @@ fn checked_size(size: Option<usize>, what: &str) -> std::result::Result<usize, S
 }
 
 /// One parsed trace request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TraceRequest {
+    /// Seconds from the trace start (Twitter format; `None` for ARC, which has no time).
+    pub timestamp: Option<f64>,
     /// Cache key.
     pub key: String,
     /// Operation.
@@ -105,6 +107,12 @@ pub fn parse_line(
                     cols.len()
                 ));
             }
+            let timestamp: f64 = cols[0]
+                .parse()
+                .map_err(|_| format!("timestamp {:?} is not a number", cols[0]))?;
+            if !(timestamp.is_finite() && timestamp >= 0.0) {
+                return Err(format!("timestamp {:?} is not a non-negative number", cols[0]));
+            }
             let key = cols[1];
             if key.is_empty() {
                 return Err("empty key".into());
@@ -120,6 +128,7 @@ pub fn parse_line(
                 other => return Err(format!("unknown operation {other:?}")),
             };
             Ok(Some(TraceRequest {
+                timestamp: Some(timestamp),
                 key: key.to_string(),
                 op,
                 value_size,
@@ -137,6 +146,7 @@ pub fn parse_line(
                 .parse()
                 .map_err(|_| format!("block count {blocks:?} is not a number"))?;
             Ok(Some(TraceRequest {
+                timestamp: None,
                 key: format!("block:{start}"),
                 op: Op::Get,
                 value_size: checked_size(blocks.checked_mul(512), "512 × N_BLOCKS")?,
@@ -164,7 +174,7 @@ pub fn open(path: &Path) -> Result<Box<dyn BufRead>> {
 }
 
 /// Per-pattern (or overall) replay figures.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReplayCounts {
     /// Trace requests of any operation.
     pub requests: u64,
@@ -174,8 +184,14 @@ pub struct ReplayCounts {
     pub hits: u64,
     /// Reads that ran the loader.
     pub misses: u64,
-    /// `hits / gets` (0 when there were no gets).
+    /// `hits / gets` (0 when there were no gets): the measured hit ratio of the impl replayed.
     pub hit_ratio: f64,
+    /// Estimated distinct keys (from the SHARDS sample; exact below `sample_keys` distinct keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_keys: Option<u64>,
+    /// Predicted LRU hit ratio at each capacity in objects (`--capacities`), from the estimator the service runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_hit_ratio: Option<BTreeMap<String, f64>>,
 }
 
 /// The result of a replay: `{"patterns": {...}, "overall": {...}, "malformed_lines": n}`.
@@ -187,10 +203,28 @@ pub struct ReplayReport {
     pub overall: ReplayCounts,
     /// Lines skipped because they could not be parsed.
     pub malformed_lines: u64,
+    /// With `--impl redis`: the server's `maxmemory` in bytes (0: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_maxmemory_bytes: Option<u64>,
+    /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one LRU cache of that many
+    /// bytes (byte miss ratio curve, keys, values and per-key overhead counted), beside the measured `hit_ratio`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_hit_ratio_at_maxmemory: Option<f64>,
 }
 
-/// Replays `reader` through `registry`. With `strict`, the first malformed line stops the run with its error;
-/// otherwise `on_malformed` is told about it and the line is skipped.
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Stop at the first malformed line.
+    pub strict: bool,
+    /// The registry's mock clock ([`quanta::Clock::mock`]): moved to each request's timestamp, so TTLs and rates
+    /// follow trace time.
+    pub clock: Option<std::sync::Arc<quanta::Mock>>,
+}
+
+/// Replays `reader` through `registry`. With `opts.strict`, the first malformed line stops the run with its error;
+/// otherwise `on_malformed` is told about it and the line is skipped. The predictions come from the registry's
+/// [`report`](CacheRegistry::report).
 ///
 /// Figures come from the registry's own per-pattern counters, so use a fresh registry (and enough
 /// `max_patterns`) for a trace.
@@ -201,9 +235,11 @@ pub async fn replay(
     registry: &CacheRegistry,
     mut reader: impl BufRead,
     format: TraceFormat,
-    strict: bool,
+    opts: &ReplayOptions,
     mut on_malformed: impl FnMut(&Error),
 ) -> Result<ReplayReport> {
+    let strict = opts.strict;
+    let mut clock_nanos = 0u64;
     let mut line = String::new();
     let mut line_no = 0u64;
     let mut requests: HashMap<String, u64> = HashMap::new();
@@ -236,6 +272,13 @@ pub async fn replay(
                 continue;
             }
         };
+        if let (Some(mock), Some(t)) = (&opts.clock, req.timestamp) {
+            let nanos = (t * 1e9) as u64;
+            if nanos > clock_nanos {
+                mock.increment(nanos - clock_nanos);
+                clock_nanos = nanos;
+            }
+        }
         let pattern = registry.pattern_of(&req.key);
         if let Some(c) = requests.get_mut(pattern.as_ref()) {
             *c += 1;
@@ -268,14 +311,18 @@ pub async fn replay(
         ..ReplayReport::default()
     };
     let counts = registry.pattern_counts();
+    let analysis = registry.report();
     for (pattern, n) in requests {
         let c = counts.get(&pattern).copied().unwrap_or_default();
+        let predicted = analysis.patterns.get(&pattern).filter(|p| p.estimated);
         let r = ReplayCounts {
             requests: n,
             gets: c.gets,
             hits: c.hits,
             misses: c.misses,
             hit_ratio: ratio(c.hits, c.gets),
+            unique_keys: predicted.map(|p| p.unique_keys),
+            predicted_hit_ratio: predicted.map(|p| p.predicted_hit_ratio.clone()),
         };
         report.overall.requests += r.requests;
         report.overall.gets += r.gets;
@@ -284,6 +331,10 @@ pub async fn replay(
         report.patterns.insert(pattern, r);
     }
     report.overall.hit_ratio = ratio(report.overall.hits, report.overall.gets);
+    if let Some(shared) = &analysis.shared {
+        report.overall.unique_keys = Some(shared.unique_keys);
+        report.overall.predicted_hit_ratio = Some(shared.predicted_hit_ratio.clone());
+    }
     Ok(report)
 }
 
@@ -298,20 +349,54 @@ fn ratio(a: u64, b: u64) -> f64 {
 impl ReplayReport {
     /// A plain-text table: one row per pattern, then the overall row.
     pub fn to_table(&self) -> String {
+        let caps: Vec<String> = self
+            .overall
+            .predicted_hit_ratio
+            .as_ref()
+            .map(|m| {
+                let mut k: Vec<String> = m.keys().cloned().collect();
+                k.sort_by_key(|c| c.parse::<u64>().unwrap_or(0));
+                k
+            })
+            .unwrap_or_default();
         let mut out = format!(
-            "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
-            "pattern", "requests", "gets", "hits", "misses", "hit_ratio"
+            "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10}",
+            "pattern", "requests", "gets", "hits", "misses", "hit_ratio", "unique"
         );
+        for c in &caps {
+            out.push_str(&format!(" {:>10}", format!("pred@{c}")));
+        }
+        out.push('\n');
         let row = |name: &str, c: &ReplayCounts| {
-            format!(
-                "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9.5}\n",
-                name, c.requests, c.gets, c.hits, c.misses, c.hit_ratio
-            )
+            let mut line = format!(
+                "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9.5} {:>10}",
+                name,
+                c.requests,
+                c.gets,
+                c.hits,
+                c.misses,
+                c.hit_ratio,
+                c.unique_keys.map_or("-".to_string(), |u| u.to_string())
+            );
+            for cap in &caps {
+                match c.predicted_hit_ratio.as_ref().and_then(|m| m.get(cap)) {
+                    Some(v) => line.push_str(&format!(" {v:>10.5}")),
+                    None => line.push_str(&format!(" {:>10}", "-")),
+                }
+            }
+            line.push('\n');
+            line
         };
         for (p, c) in &self.patterns {
             out.push_str(&row(p, c));
         }
         out.push_str(&row("(overall)", &self.overall));
+        if let (Some(max), Some(p)) = (self.redis_maxmemory_bytes, self.predicted_hit_ratio_at_maxmemory) {
+            out.push_str(&format!(
+                "redis maxmemory {max} bytes: measured hit ratio {:.5}, predicted {p:.5}\n",
+                self.overall.hit_ratio
+            ));
+        }
         if self.malformed_lines > 0 {
             out.push_str(&format!(
                 "{} malformed lines skipped\n",
@@ -334,6 +419,7 @@ mod tests {
         assert_eq!(
             r,
             TraceRequest {
+                timestamp: Some(0.0),
                 key: "oltp:page:17".into(),
                 op: Op::Get,
                 value_size: 512
@@ -367,6 +453,7 @@ mod tests {
         assert_eq!(
             r,
             TraceRequest {
+                timestamp: None,
                 key: "block:1024".into(),
                 op: Op::Get,
                 value_size: 4096

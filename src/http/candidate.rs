@@ -5,6 +5,9 @@
 //! app's routes; a request that matched no route is counted under [`UNMATCHED_ROUTE`]. Methods outside the
 //! standard nine are counted as `OTHER`. Add the layer with `Router::layer` after the routes it should count (see
 //! the example in [`crate::http`]).
+//!
+//! Each request also runs inside a task-local [`RequestScope`]: the registry's gets made by the request's task are
+//! attributed to its route (route × key pattern in the report, see [`crate::analysis`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +17,10 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
+use crate::analysis::{RequestScope, ROUTE_SCOPE};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pattern::PatternTable;
 
@@ -111,7 +116,7 @@ where
         let handles = self.routes.get(&name);
         handles.requests.inc();
         CandidateResponseFuture {
-            inner: self.inner.call(req),
+            inner: ROUTE_SCOPE.scope(RequestScope::new(), self.inner.call(req)),
             start: Instant::now(),
             handles,
         }
@@ -119,10 +124,11 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// Response future of [`Candidate`]: records the duration when the response is ready.
+    /// Response future of [`Candidate`]: runs the request in its [`RequestScope`], and records the duration and
+    /// the scope's cache calls when the response is ready.
     pub struct CandidateResponseFuture<F> {
         #[pin]
-        inner: F,
+        inner: TaskLocalFuture<RequestScope, F>,
         start: Instant,
         handles: Arc<RouteMetrics>,
     }
@@ -132,11 +138,14 @@ impl<F: Future> Future for CandidateResponseFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
+        let mut this = self.project();
+        let out = std::task::ready!(this.inner.as_mut().poll(cx));
         this.handles
             .duration
             .observe(this.start.elapsed().as_secs_f64());
+        if let Some(scope) = this.inner.take_value() {
+            this.handles.calls.merge(scope);
+        }
         Poll::Ready(out)
     }
 }

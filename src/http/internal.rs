@@ -3,6 +3,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted) |
+//! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
 //! | the same when no token is configured | 403: changes are refused |
@@ -70,10 +71,11 @@ impl InternalState {
     }
 }
 
-/// `GET /internal/cache` and `PUT /internal/cache/config`.
+/// `GET /internal/cache`, `GET /internal/cache/report` and `PUT /internal/cache/config`.
 pub fn internal_router(state: InternalState) -> Router {
     Router::new()
         .route("/internal/cache", get(show))
+        .route("/internal/cache/report", get(report))
         .route("/internal/cache/config", put(change))
         .with_state(state)
 }
@@ -130,6 +132,10 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
 
 async fn show(State(state): State<InternalState>) -> Json<serde_json::Value> {
     Json(view(&state).await)
+}
+
+async fn report(State(state): State<InternalState>) -> Json<crate::analysis::Report> {
+    Json(state.registry.report())
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

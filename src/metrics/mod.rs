@@ -22,7 +22,9 @@
 //! Label handles are resolved once per pattern ([`PatternMetrics`]) or per route and cached; the hot path never
 //! looks a label up by string.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::analysis::RouteCalls;
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -94,6 +96,7 @@ pub struct Metrics {
     invalidate: IntCounterVec,
     candidate_requests: IntCounterVec,
     candidate_duration: HistogramVec,
+    routes: Arc<Mutex<Vec<(String, String, RouteMetrics)>>>,
     errors: Vec<Vec<IntCounter>>,                  // [impl][error_type]
     op_duration: Vec<Vec<Arc<DurationHistogram>>>, // [impl][operation]
 }
@@ -231,6 +234,7 @@ impl Metrics {
             invalidate,
             candidate_requests,
             candidate_duration,
+            routes: Arc::default(),
             errors,
             op_duration,
         }
@@ -261,10 +265,25 @@ impl Metrics {
 
     /// Resolves the label handles of one candidate route.
     pub fn route(&self, route: &str, method: &str) -> RouteMetrics {
-        RouteMetrics {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, _, m)) = routes.iter().find(|(r, me, _)| r == route && me == method) {
+            return m.clone();
+        }
+        let m = RouteMetrics {
             requests: self.candidate_requests.with_label_values(&[route, method]),
             duration: self.candidate_duration.with_label_values(&[route, method]),
-        }
+            calls: Arc::default(),
+        };
+        routes.push((route.to_string(), method.to_string(), m.clone()));
+        m
+    }
+
+    /// Every candidate route seen: (route, method, handles).
+    pub(crate) fn routes(&self) -> Vec<(String, String, RouteMetrics)> {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn error(&self, imp: CacheImpl, error_type: &str) {
@@ -331,4 +350,5 @@ impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
 pub struct RouteMetrics {
     pub(crate) requests: IntCounter,
     pub(crate) duration: Histogram,
+    pub(crate) calls: Arc<RouteCalls>,
 }

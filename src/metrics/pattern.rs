@@ -26,6 +26,8 @@ enum Kind {
     Miss = 1,
     Set = 2,
     Del = 3,
+    /// Application writes (`set`), not the fills counted under `Set`; not exposed, for the write ratio.
+    Write = 4,
 }
 
 const KINDS: [(&str, &str, Kind); 4] = [
@@ -50,7 +52,7 @@ const KINDS: [(&str, &str, Kind); 4] = [
 #[derive(Default)]
 #[repr(align(128))]
 struct Stripe {
-    counters: [[AtomicU64; 3]; 4], // [kind][impl]
+    counters: [[AtomicU64; 3]; 5], // [kind][impl]
     loader: [AtomicU64; BUCKETS],
     loader_sum_nanos: AtomicU64,
 }
@@ -107,6 +109,8 @@ pub struct PatternCounts {
     pub deletes: u64,
     /// Misses answered by another caller's load (single-flight); included in `misses`.
     pub coalesced: u64,
+    /// Application writes (`set` calls), as opposed to the fills after a miss that `sets` also counts.
+    pub writes: u64,
 }
 
 impl PatternMetrics {
@@ -143,6 +147,11 @@ impl PatternMetrics {
     #[inline]
     pub(crate) fn del(&self, imp: CacheImpl) {
         self.add(Kind::Del, imp);
+    }
+    /// An application write (`CacheRegistry::set`).
+    #[inline]
+    pub(crate) fn write(&self) {
+        self.add(Kind::Write, CacheImpl::Null);
     }
     pub(crate) fn coalesced(&self) {
         self.coalesced.inc();
@@ -200,6 +209,7 @@ impl PatternMetrics {
             sets: self.total_all(Kind::Set),
             deletes: self.total_all(Kind::Del),
             coalesced: self.coalesced.get(),
+            writes: self.total(Kind::Write, CacheImpl::Null),
         }
     }
 
@@ -212,6 +222,12 @@ impl PatternMetrics {
     pub fn loader_totals(&self) -> (u64, f64) {
         let (counts, sum) = self.loader_histogram();
         (counts.iter().sum(), sum as f64 * 1e-9)
+    }
+
+    /// The loader histogram as Prometheus exposes it.
+    pub(crate) fn loader_proto(&self) -> proto::Histogram {
+        let (counts, sum) = self.loader_histogram();
+        histogram_proto(&counts, sum)
     }
 
     fn loader_histogram(&self) -> ([u64; BUCKETS], u64) {

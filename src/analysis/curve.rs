@@ -1,0 +1,212 @@
+//! Histograms of reuse distances and the miss ratio curves read off them.
+
+use serde::Serialize;
+
+/// Sub-buckets per power of two: a bucket is at most 1/32 (about 3%) of its lower bound wide.
+const SUB_BITS: u32 = 5;
+const SUB: usize = 1 << SUB_BITS;
+/// Buckets of a [`LogHistogram`]: exact below 32, then 32 per power of two up to 2^63.
+pub(crate) const LOG_BUCKETS: usize = SUB + (63 - SUB_BITS as usize) * SUB;
+
+/// A histogram of non-negative values (reuse distances in objects or bytes) with log-linear buckets: width 1 below
+/// 32, then 32 buckets per power of two, so a bucket is at most about 3% of its value wide. Counts are `f64`
+/// because every sampled event weighs `1 / sampling rate`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LogHistogram {
+    counts: Box<[f64]>,
+}
+
+impl Default for LogHistogram {
+    fn default() -> Self {
+        LogHistogram {
+            counts: vec![0.0; LOG_BUCKETS].into_boxed_slice(),
+        }
+    }
+}
+
+/// The bucket of `x` (floored to an integer).
+pub(crate) fn bucket_of(x: f64) -> usize {
+    let v = if x.is_finite() && x > 0.0 {
+        x as u64
+    } else {
+        0
+    };
+    if v < SUB as u64 {
+        return v as usize;
+    }
+    let octave = 63 - v.leading_zeros(); // ≥ SUB_BITS
+    let shift = octave - SUB_BITS;
+    let mantissa = (v >> shift) as usize - SUB; // 0..SUB
+    (SUB + (octave - SUB_BITS) as usize * SUB + mantissa).min(LOG_BUCKETS - 1)
+}
+
+/// `[lower, upper)` of bucket `i`.
+pub(crate) fn bucket_bounds(i: usize) -> (f64, f64) {
+    if i < SUB {
+        return (i as f64, i as f64 + 1.0);
+    }
+    let octave = (i - SUB) / SUB + SUB_BITS as usize;
+    let mantissa = (i - SUB) % SUB;
+    let width = (1u64 << (octave - SUB_BITS as usize)) as f64;
+    let lower = (SUB + mantissa) as f64 * width;
+    (lower, lower + width)
+}
+
+impl LogHistogram {
+    pub(crate) fn add(&mut self, x: f64, weight: f64) {
+        self.counts[bucket_of(x)] += weight;
+    }
+
+    pub(crate) fn total(&self) -> f64 {
+        self.counts.iter().sum()
+    }
+
+    /// Weight of values `< c`, interpolating linearly inside the bucket that holds `c`.
+    pub(crate) fn below(&self, c: f64) -> f64 {
+        let mut sum = 0.0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n == 0.0 {
+                continue;
+            }
+            let (lo, hi) = bucket_bounds(i);
+            if hi <= c {
+                sum += n;
+            } else if lo < c {
+                sum += n * (c - lo) / (hi - lo);
+            } else {
+                break;
+            }
+        }
+        sum
+    }
+
+    /// Smallest `c` with `below(c) >= target` (`None` when the histogram never reaches it).
+    pub(crate) fn inverse(&self, target: f64) -> Option<f64> {
+        if target <= 0.0 {
+            return Some(0.0);
+        }
+        let mut sum = 0.0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n <= 0.0 {
+                continue;
+            }
+            let (lo, hi) = bucket_bounds(i);
+            if sum + n >= target {
+                return Some(lo + (hi - lo) * ((target - sum) / n).clamp(0.0, 1.0));
+            }
+            sum += n;
+        }
+        None
+    }
+
+    /// Bytes of heap this histogram holds.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.counts.len() * std::mem::size_of::<f64>()
+    }
+}
+
+/// A miss ratio curve read off a reuse-distance histogram: the predicted LRU hit ratio of a cache of a given
+/// capacity, in objects or in bytes.
+///
+/// Every get is one of: a reuse at some distance (a hit in every cache larger than the distance), a cold miss (the
+/// key's first get), an expiry miss (the reuse came after the TTL), or an invalidation miss (the key was deleted
+/// since). The SHARDS_adj correction (Waldspurger et al., FAST 2015, §4.3) is already applied: the difference between
+/// the gets offered and the gets the sample accounts for is added to the smallest distance.
+#[derive(Clone, Debug)]
+pub struct Curve {
+    pub(crate) objects: LogHistogram,
+    pub(crate) bytes: LogHistogram,
+    /// Every get offered to the estimator, sampled or not.
+    pub(crate) gets: f64,
+}
+
+impl Curve {
+    /// Predicted hit ratio (0–1) of an LRU cache holding `objects` entries. 0 when no get was seen.
+    pub fn hit_ratio_at_objects(&self, objects: f64) -> f64 {
+        self.ratio(self.objects.below(objects))
+    }
+
+    /// Predicted hit ratio (0–1) of an LRU cache of `bytes` bytes (keys, values and the per-key overhead counted).
+    pub fn hit_ratio_at_bytes(&self, bytes: f64) -> f64 {
+        self.ratio(self.bytes.below(bytes))
+    }
+
+    /// The best hit ratio any size reaches: every get that is not a cold, expiry or invalidation miss.
+    pub fn max_hit_ratio(&self) -> f64 {
+        self.ratio(self.objects.total())
+    }
+
+    /// Fewest objects at which the predicted hit ratio reaches `hit_ratio`; `None` if no size reaches it.
+    pub fn objects_for(&self, hit_ratio: f64) -> Option<f64> {
+        if self.gets <= 0.0 {
+            return None;
+        }
+        self.objects.inverse(hit_ratio * self.gets).map(f64::ceil)
+    }
+
+    /// Fewest bytes at which the predicted hit ratio reaches `hit_ratio`; `None` if no size reaches it.
+    pub fn bytes_for(&self, hit_ratio: f64) -> Option<f64> {
+        if self.gets <= 0.0 {
+            return None;
+        }
+        self.bytes.inverse(hit_ratio * self.gets).map(f64::ceil)
+    }
+
+    fn ratio(&self, hits: f64) -> f64 {
+        if self.gets <= 0.0 {
+            0.0
+        } else {
+            (hits / self.gets).clamp(0.0, 1.0)
+        }
+    }
+}
+
+/// One point of a miss ratio curve, as the report shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    /// Cache capacity in objects.
+    pub objects: u64,
+    /// Predicted hit ratio at that capacity (0–1).
+    pub hit_ratio: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_tile_the_line() {
+        let mut prev_hi = 0.0;
+        for i in 0..LOG_BUCKETS {
+            let (lo, hi) = bucket_bounds(i);
+            assert_eq!(lo, prev_hi, "bucket {i}");
+            assert!(hi > lo);
+            if i >= 32 {
+                assert!((hi - lo) / lo <= 1.0 / 32.0 + 1e-12, "bucket {i}");
+            } else {
+                assert_eq!(hi - lo, 1.0, "bucket {i}");
+            }
+            prev_hi = hi;
+        }
+        for x in [0.0, 1.0, 31.0, 32.0, 33.5, 1000.0, 1e6, 123_456_789.0, 1e18] {
+            let (lo, hi) = bucket_bounds(bucket_of(x));
+            assert!(lo <= x.floor() && x.floor() < hi, "{x} in [{lo}, {hi})");
+        }
+        assert_eq!(bucket_of(-3.0), 0);
+        assert_eq!(bucket_of(f64::NAN), 0);
+    }
+
+    #[test]
+    fn below_and_inverse_agree() {
+        let mut h = LogHistogram::default();
+        for d in 0..1000 {
+            h.add(d as f64, 1.0);
+        }
+        assert_eq!(h.below(10.0), 10.0);
+        assert!((h.below(500.0) - 500.0).abs() < 1e-9);
+        assert!((h.below(777.0) - 777.0).abs() < 1.0);
+        let c = h.inverse(600.0).expect("reached");
+        assert!((c - 600.0).abs() < 1.0, "{c}");
+        assert_eq!(h.inverse(1001.0), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! Phase 2: what a cache would buy, predicted while observing.
+//!
+//! Every get, set and invalidation that goes through the [`CacheRegistry`](crate::CacheRegistry), whatever the
+//! impl, also feeds an online estimator of the LRU miss ratio curve: one per key pattern (for the first
+//! [`AnalysisOptions::max_patterns`] patterns) and one shared by every pattern (one Redis holds them all). The
+//! estimator is fixed-size SHARDS ([`Shards`], Waldspurger et al., FAST 2015), TTL-aware and invalidation-aware,
+//! in a fixed amount of memory per pattern. [`Report`] turns the curves and the registry's counters into
+//! per-pattern predictions (hit ratio, memory, origin time saved) and a recommendation that
+//! `PUT /internal/cache/config` takes as it is. `docs/analysis.md` gives the method, its sources, and the measured
+//! accuracy and cost.
+
+mod curve;
+mod report;
+mod route;
+mod shards;
+
+pub use self::curve::{Curve, CurvePoint};
+pub(crate) use self::report::{build, shared_report, PatternInput, RouteInput};
+pub use self::report::{
+    LoaderStats, MemoryPoint, MissCauses, PatternReport, Recommendation, Report, RoutePatternReport,
+    RouteReport, SharedReport, SizePoint, ValueSizes, MAX_WRITE_RATIO, METHOD, MIN_GETS,
+    MIN_HIT_RATIO, SIZE_SHARE_OF_MAX, TTL_REUSE_SHARE,
+};
+pub(crate) use self::route::{record_call, RouteCalls};
+pub use self::route::{RequestScope, ROUTE_SCOPE};
+pub use self::shards::{key_hash, Access, SampleStats, Shards};
+
+use serde::{Deserialize, Serialize};
+
+/// Redis memory per key besides the key and value bytes, in bytes: measured on Redis 7.0 (jemalloc) with
+/// `SET key value EX 300` (see `docs/analysis.md`, "Memory").
+pub const REDIS_PER_KEY_OVERHEAD_BYTES: u32 = 128;
+
+/// Settings of the analysis (`[cache.analysis]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisOptions {
+    /// Run the estimators at all. Off, the observe path skips the key hash and the sample check.
+    pub enabled: bool,
+    /// Keys sampled per key pattern (SHARDS `s_max`, at least 64). Memory per pattern is bounded by
+    /// [`Shards::heap_bytes_bound`] of this (about 530 KiB for the default 7,168).
+    pub sample_keys: usize,
+    /// Keys sampled by the estimator shared by all patterns.
+    pub shared_sample_keys: usize,
+    /// Patterns with their own estimator (the first seen); later patterns only feed the shared one.
+    pub max_patterns: usize,
+    /// Redis memory per key besides key and value, in bytes.
+    pub per_key_overhead_bytes: u32,
+    /// Cache capacities, in objects, at which the report and the `cache_predicted_hit_ratio` gauge give the
+    /// predicted hit ratio.
+    pub capacities: Vec<u64>,
+    /// Predict as if entries never expired (trace replay without `--ttl`); otherwise each pattern's TTL applies.
+    pub ignore_ttl: bool,
+}
+
+impl Default for AnalysisOptions {
+    fn default() -> Self {
+        AnalysisOptions {
+            enabled: true,
+            sample_keys: 7168,
+            shared_sample_keys: 16_384,
+            max_patterns: 64,
+            per_key_overhead_bytes: REDIS_PER_KEY_OVERHEAD_BYTES,
+            capacities: vec![1_000, 10_000, 100_000, 1_000_000],
+            ignore_ttl: false,
+        }
+    }
+}
+
+/// Most capacities the report and the gauge take (the gauge's `capacity` label stays bounded).
+pub const MAX_CAPACITIES: usize = 8;
+
+impl AnalysisOptions {
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) naming the key and the value.
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::Error;
+        if !(64..=1 << 20).contains(&self.sample_keys) {
+            return Err(Error::config(
+                "cache.analysis.sample_keys",
+                self.sample_keys.to_string(),
+                "must be between 64 and 1048576",
+            ));
+        }
+        if !(64..=1 << 20).contains(&self.shared_sample_keys) {
+            return Err(Error::config(
+                "cache.analysis.shared_sample_keys",
+                self.shared_sample_keys.to_string(),
+                "must be between 64 and 1048576",
+            ));
+        }
+        if self.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {
+            return Err(Error::config(
+                "cache.analysis.max_patterns",
+                self.max_patterns.to_string(),
+                "must be at most 10000",
+            ));
+        }
+        if self.capacities.is_empty()
+            || self.capacities.len() > MAX_CAPACITIES
+            || self.capacities.contains(&0)
+        {
+            return Err(Error::config(
+                "cache.analysis.capacities",
+                format!("{:?}", self.capacities),
+                "must list 1 to 8 capacities, each at least 1 object",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,652 @@
+//! Fixed-size SHARDS: an online, TTL-aware estimate of the LRU miss ratio curve in bounded memory.
+//!
+//! Source: C. A. Waldspurger, N. Park, A. Garthwaite and I. Ahmad, "Efficient MRC Construction with SHARDS",
+//! USENIX FAST 2015 (<https://www.usenix.org/conference/fast15/technical-sessions/presentation/waldspurger>).
+//!
+//! - **Spatial sampling.** A key is sampled when its 64-bit hash is below a threshold `T`; the rate is
+//!   `R = T / 2^64`, and every reference of a sampled key is seen, so reuse distances between sampled keys are
+//!   exact among them and scale to the whole stream by `1 / R` (§3).
+//! - **Fixed size** (§4.2). At most `max_keys` keys are sampled. When one more arrives, the sampled key with the
+//!   largest hash is dropped and `T` becomes that hash, so the rate only falls. Every event is weighted `1 / R` at
+//!   the time it happens, which is the paper's histogram rescaling done incrementally.
+//! - **SHARDS_adj** (§4.3): the gets offered minus the gets the sample accounts for are added to the smallest
+//!   distance ([`Curve`]), which removes most of the bias of an unlucky sample of hot keys.
+//! - **Distances.** The LRU stack is a Fenwick tree over logical access times (one per sampled reference), compacted
+//!   when it fills: a key's reuse distance is the number (and total size) of distinct sampled keys touched since
+//!   its previous access, in `O(log max_keys)`.
+//! - **TTL** ("TTLs Matter", Sultan et al., EuroSys 2024): an entry is written with the pattern's TTL on a miss
+//!   and not refreshed by hits, so a get later than `TTL` after the write is a miss, as in Redis with `SET … EX`.
+//!   The write time is that of the last miss at unbounded capacity; a smaller cache misses (and rewrites) more
+//!   often, so at small sizes expiries are slightly over-counted and the prediction errs low.
+//! - **Invalidations.** A delete takes the key out of the stack (it no longer occupies the cache); its next get is
+//!   a miss.
+//!
+//! Memory is bounded by `max_keys`, whatever the number of distinct keys: see [`Shards::heap_bytes_bound`].
+
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use super::curve::{Curve, LogHistogram};
+
+/// The 64-bit hash that decides sampling: foldhash with a fixed seed, finished with MurmurHash3's `fmix64` so the
+/// high bits compared with the threshold are uniform. The same key gives the same hash in every process.
+pub fn key_hash(key: &str) -> u64 {
+    let mut h = foldhash::fast::FixedState::with_seed(0x5eed_cafe_f00d_beef).build_hasher();
+    h.write(key.as_bytes());
+    fmix64(h.finish())
+}
+
+/// MurmurHash3's 64-bit finalizer (Austin Appleby, public domain).
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+/// Keys are hashes already: the map uses them as they are.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// One sampled key.
+#[derive(Clone, Copy)]
+struct Entry {
+    /// Logical time of its last access; 0 when it is not in the cache (invalidated).
+    ts: u32,
+    /// Bytes it occupies (key, value and per-key overhead).
+    weight: u32,
+    /// When its current copy was written, seconds.
+    written: u32,
+    /// When it was last accessed, seconds.
+    last: u32,
+    /// Which key pattern it belongs to (for pattern invalidations of a shared estimator).
+    tag: u32,
+}
+
+/// A Fenwick (binary indexed) tree of (objects, bytes) over logical access times `1..=n`.
+#[derive(Default)]
+struct Fenwick {
+    count: Vec<u32>,
+    bytes: Vec<u64>,
+}
+
+impl Fenwick {
+    fn len(&self) -> usize {
+        self.count.len().saturating_sub(1)
+    }
+
+    fn add(&mut self, mut i: usize, count: i64, bytes: i64) {
+        while i < self.count.len() {
+            self.count[i] = (i64::from(self.count[i]) + count) as u32;
+            self.bytes[i] = (self.bytes[i] as i64 + bytes) as u64;
+            i += i & i.wrapping_neg();
+        }
+    }
+
+    /// (objects, bytes) at times `1..=i`.
+    fn prefix(&self, mut i: usize) -> (u64, u64) {
+        let (mut c, mut b) = (0u64, 0u64);
+        while i > 0 {
+            c += u64::from(self.count[i]);
+            b += self.bytes[i];
+            i &= i - 1;
+        }
+        (c, b)
+    }
+
+    /// A tree of `n` positions holding `items` (time, weight), built in `O(n)`.
+    fn build(n: usize, items: impl Iterator<Item = (usize, u32)>) -> Self {
+        let mut f = Fenwick {
+            count: vec![0; n + 1],
+            bytes: vec![0; n + 1],
+        };
+        for (t, w) in items {
+            f.count[t] += 1;
+            f.bytes[t] += u64::from(w);
+        }
+        for i in 1..=n {
+            let j = i + (i & i.wrapping_neg());
+            if j <= n {
+                f.count[j] += f.count[i];
+                f.bytes[j] += f.bytes[i];
+            }
+        }
+        f
+    }
+}
+
+struct State {
+    threshold: u64,
+    /// `1 / R`: what one sampled event stands for.
+    weight: f64,
+    entries: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
+    /// Hashes of `entries`, largest on top: the next to drop when the sample is full.
+    heap: BinaryHeap<u64>,
+    tree: Fenwick,
+    next_ts: usize,
+    live_count: u64,
+    live_bytes: u64,
+    objects: LogHistogram,
+    bytes: LogHistogram,
+    /// Seconds between a key's accesses, log2 buckets.
+    reuse_secs: [f64; 34],
+    cold: f64,
+    expired: f64,
+    invalidated: f64,
+    sampled_gets: u64,
+}
+
+/// What a reference does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A read: counted in the curve.
+    Get,
+    /// A write: the key is (re)written and becomes most recent; not counted in the curve.
+    Set,
+}
+
+/// The fixed-size SHARDS estimator of one key pattern (or of several patterns sharing one cache).
+///
+/// The check [`samples`](Shards::samples) is one relaxed atomic load; only sampled references take the mutex, and
+/// the fraction sampled falls as `max_keys / distinct keys` once more than `max_keys` distinct keys were seen.
+pub struct Shards {
+    threshold: AtomicU64,
+    max_keys: usize,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Shards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shards")
+            .field("max_keys", &self.max_keys)
+            .field("rate", &self.rate())
+            .finish()
+    }
+}
+
+/// Seconds-bucket of a reuse interval: 0 for < 1 s, then `1 + floor(log2 secs)`.
+fn reuse_bucket(secs: u32) -> usize {
+    if secs == 0 {
+        0
+    } else {
+        (33 - secs.leading_zeros()) as usize
+    }
+}
+
+/// Summary of the sample, besides the curve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleStats {
+    /// Current sampling rate `R` (0–1].
+    pub rate: f64,
+    /// Keys in the sample now (at most `max_keys`).
+    pub sampled_keys: u64,
+    /// Sampled gets since the start.
+    pub sampled_gets: u64,
+    /// Estimated distinct keys seen (first references, weighted `1 / R`).
+    pub distinct_keys: f64,
+    /// Mean bytes per key in the sample (key, value and per-key overhead); 0 when empty.
+    pub mean_key_bytes: f64,
+    /// Estimated gets that were cold misses (first get of a key).
+    pub cold_misses: f64,
+    /// Estimated gets later than the TTL after the key's write.
+    pub expired_misses: f64,
+    /// Estimated gets of a key invalidated since its last access.
+    pub invalidated_misses: f64,
+    /// Estimated reuse intervals: `[i]` counts reuses of `[2^(i-1), 2^i)` seconds (`[0]`: under one second).
+    pub reuse_secs: [f64; 34],
+}
+
+impl Shards {
+    /// An estimator sampling at most `max_keys` keys (at least 64).
+    pub fn new(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(64);
+        Shards {
+            threshold: AtomicU64::new(u64::MAX),
+            max_keys,
+            state: Mutex::new(State {
+                threshold: u64::MAX,
+                weight: 1.0,
+                entries: HashMap::default(),
+                heap: BinaryHeap::new(),
+                tree: Fenwick::build(64, std::iter::empty()),
+                next_ts: 1,
+                live_count: 0,
+                live_bytes: 0,
+                objects: LogHistogram::default(),
+                bytes: LogHistogram::default(),
+                reuse_secs: [0.0; 34],
+                cold: 0.0,
+                expired: 0.0,
+                invalidated: 0.0,
+                sampled_gets: 0,
+            }),
+        }
+    }
+
+    /// The most keys it samples.
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// Whether a key of hash `h` ([`key_hash`]) is in the sample: one relaxed load, no lock.
+    #[inline]
+    pub fn samples(&self, h: u64) -> bool {
+        h < self.threshold.load(Ordering::Relaxed)
+    }
+
+    /// The current sampling rate (0–1].
+    pub fn rate(&self) -> f64 {
+        self.threshold.load(Ordering::Relaxed) as f64 / 2f64.powi(64)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a get or set of the key of hash `h` at `now` (seconds, any fixed origin). `weight` is the bytes the
+    /// entry takes (`None`: unknown, the sample's mean is used), `ttl` the pattern's TTL in seconds (`None`: no
+    /// expiry), `tag` the key's pattern. Does nothing when `h` is not sampled.
+    pub fn access(
+        &self,
+        h: u64,
+        access: Access,
+        now: u32,
+        weight: Option<u32>,
+        ttl: Option<u32>,
+        tag: u32,
+    ) {
+        if !self.samples(h) {
+            return;
+        }
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if h >= s.threshold {
+            return; // the threshold fell while we waited
+        }
+        let w = s.weight;
+        let weight = weight.unwrap_or_else(|| s.mean_weight());
+        let get = access == Access::Get;
+        if get {
+            s.sampled_gets += 1;
+        }
+        match s.entries.get(&h).copied() {
+            Some(e) if e.ts != 0 => {
+                let expired = ttl.is_some_and(|ttl| now.saturating_sub(e.written) >= ttl);
+                if get {
+                    s.reuse_secs[reuse_bucket(now.saturating_sub(e.last))] += w;
+                    if expired {
+                        s.expired += w;
+                    } else {
+                        let (c, b) = s.tree.prefix(e.ts as usize);
+                        let after_count = s.live_count - c;
+                        let after_bytes = s.live_bytes - b;
+                        // A hit in every LRU cache of more than `after_count` objects, and of at least
+                        // `after_bytes + own size` bytes: both recorded so that "hit at capacity c" is "value < c".
+                        s.objects.add(after_count as f64 * w, w);
+                        s.bytes
+                            .add(after_bytes as f64 * w + f64::from(e.weight) - 1.0, w);
+                    }
+                }
+                s.unlink(e);
+                let written = if !get || expired { now } else { e.written };
+                let ts = s.push(weight);
+                s.entries.insert(
+                    h,
+                    Entry {
+                        ts,
+                        weight,
+                        written,
+                        last: now,
+                        tag,
+                    },
+                );
+            }
+            Some(e) => {
+                // Invalidated since its last access: a miss, then rewritten.
+                if get {
+                    s.invalidated += w;
+                    s.reuse_secs[reuse_bucket(now.saturating_sub(e.last))] += w;
+                }
+                let ts = s.push(weight);
+                s.entries.insert(
+                    h,
+                    Entry {
+                        ts,
+                        weight,
+                        written: now,
+                        last: now,
+                        tag,
+                    },
+                );
+            }
+            None => {
+                if get {
+                    s.cold += w;
+                }
+                let ts = s.push(weight);
+                s.entries.insert(
+                    h,
+                    Entry {
+                        ts,
+                        weight,
+                        written: now,
+                        last: now,
+                        tag,
+                    },
+                );
+                s.heap.push(h);
+                if s.entries.len() > self.max_keys {
+                    s.evict_largest();
+                    self.threshold.store(s.threshold, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The key of hash `h` (of pattern `tag`) was deleted: it leaves the cache, and its next get is a miss. A key
+    /// first seen in a delete still counts as a distinct key.
+    pub fn delete(&self, h: u64, tag: u32) {
+        if !self.samples(h) {
+            return;
+        }
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if h >= s.threshold {
+            return;
+        }
+        match s.entries.get(&h).copied() {
+            Some(e) if e.ts != 0 => {
+                s.unlink(e);
+                if let Some(e) = s.entries.get_mut(&h) {
+                    e.ts = 0;
+                }
+            }
+            Some(_) => {}
+            None => {
+                s.entries.insert(
+                    h,
+                    Entry {
+                        ts: 0,
+                        weight: 0,
+                        written: 0,
+                        last: 0,
+                        tag,
+                    },
+                );
+                s.heap.push(h);
+                if s.entries.len() > self.max_keys {
+                    s.evict_largest();
+                    self.threshold.store(s.threshold, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Every key with `tag` (or every key, with `None`) was deleted.
+    pub fn delete_all(&self, tag: Option<u32>) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut removed = Vec::new();
+        for e in s.entries.values_mut() {
+            if e.ts != 0 && tag.is_none_or(|t| t == e.tag) {
+                removed.push(*e);
+                e.ts = 0;
+            }
+        }
+        for e in removed {
+            s.unlink(e);
+        }
+    }
+
+    /// The miss ratio curve over `gets_offered` gets (every get of the keys this estimator is for, sampled or not,
+    /// since it was created), with the SHARDS_adj correction, and the sample's statistics.
+    pub fn curve(&self, gets_offered: u64) -> (Curve, SampleStats) {
+        let s = self.lock();
+        let mut objects = s.objects.clone();
+        let mut bytes = s.bytes.clone();
+        let accounted = objects.total() + s.cold + s.expired + s.invalidated;
+        let adj = gets_offered as f64 - accounted;
+        if s.sampled_gets > 0 {
+            objects.add(0.0, adj);
+            bytes.add(0.0, adj);
+        }
+        let stats = SampleStats {
+            rate: s.threshold as f64 / 2f64.powi(64),
+            sampled_keys: s.entries.len() as u64,
+            sampled_gets: s.sampled_gets,
+            distinct_keys: s.entries.len() as f64 * s.weight,
+            mean_key_bytes: s.mean_weight_opt().unwrap_or(0.0),
+            cold_misses: s.cold,
+            expired_misses: s.expired,
+            invalidated_misses: s.invalidated,
+            reuse_secs: s.reuse_secs,
+        };
+        let curve = Curve {
+            objects,
+            bytes,
+            gets: if s.sampled_gets > 0 {
+                gets_offered as f64
+            } else {
+                0.0
+            },
+        };
+        (curve, stats)
+    }
+
+    /// Heap bytes held now.
+    pub fn heap_bytes(&self) -> usize {
+        let s = self.lock();
+        s.heap_bytes()
+    }
+
+    /// The most heap bytes an estimator of `max_keys` can ever hold: the key table at its largest
+    /// (32 bytes and a control byte per bucket, `8/7 × max_keys` buckets rounded up to a power of two), the heap
+    /// of hashes, a Fenwick tree of `2 × max_keys` times at 12 bytes, the transient compaction buffer, and three
+    /// fixed histograms.
+    pub fn heap_bytes_bound(max_keys: usize) -> usize {
+        let max_keys = max_keys.max(64);
+        let table = table_bytes(max_keys + 1);
+        let heap = (max_keys + 1).next_power_of_two() * 8;
+        let tree = (2 * max_keys + 2) * 12;
+        let compaction = (max_keys + 1).next_power_of_two() * 16;
+        let histograms = 2 * LogHistogram::default().heap_bytes() + 34 * 8;
+        table + heap + tree + compaction + histograms
+    }
+}
+
+/// Heap bytes of a key table that can hold `capacity` entries without growing (hashbrown's sizing: buckets are the
+/// next power of two of `8/7 × capacity`; 32 bytes per (hash, entry) pair, one control byte per bucket, plus a group
+/// of trailing control bytes).
+fn table_bytes(capacity: usize) -> usize {
+    let buckets = if capacity < 8 {
+        (capacity + 1).next_power_of_two()
+    } else {
+        (capacity * 8).div_ceil(7).next_power_of_two()
+    };
+    buckets * (std::mem::size_of::<(u64, Entry)>() + 1) + 16
+}
+
+impl State {
+    fn mean_weight_opt(&self) -> Option<f64> {
+        (self.live_count > 0).then(|| self.live_bytes as f64 / self.live_count as f64)
+    }
+
+    fn mean_weight(&self) -> u32 {
+        self.mean_weight_opt().map_or(0, |m| m as u32)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        table_bytes(self.entries.capacity())
+            + self.heap.capacity() * 8
+            + self.tree.count.capacity() * 4
+            + self.tree.bytes.capacity() * 8
+            + 2 * self.objects.heap_bytes()
+    }
+
+    /// Removes an entry's access from the stack.
+    fn unlink(&mut self, e: Entry) {
+        if e.ts == 0 {
+            return;
+        }
+        self.tree.add(e.ts as usize, -1, -i64::from(e.weight));
+        self.live_count -= 1;
+        self.live_bytes -= u64::from(e.weight);
+    }
+
+    /// Adds an access at the next logical time (compacting or growing the tree first if it is full).
+    fn push(&mut self, weight: u32) -> u32 {
+        if self.next_ts > self.tree.len() {
+            self.compact();
+        }
+        let ts = self.next_ts;
+        self.next_ts += 1;
+        self.tree.add(ts, 1, i64::from(weight));
+        self.live_count += 1;
+        self.live_bytes += u64::from(weight);
+        ts as u32
+    }
+
+    /// Renumbers the live accesses `1..=live` in order, in a tree at least twice as large as what is live.
+    fn compact(&mut self) {
+        let mut live: Vec<(u32, u64)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.ts != 0)
+            .map(|(&h, e)| (e.ts, h))
+            .collect();
+        live.sort_unstable();
+        let n = (2 * (live.len() + 1)).max(64).max(self.tree.len());
+        for (i, &(_, h)) in live.iter().enumerate() {
+            if let Some(e) = self.entries.get_mut(&h) {
+                e.ts = i as u32 + 1;
+            }
+        }
+        let entries = &self.entries;
+        self.tree = Fenwick::build(
+            n,
+            live.iter().enumerate().map(|(i, (_, h))| {
+                (i + 1, entries.get(h).map_or(0, |e| e.weight))
+            }),
+        );
+        self.next_ts = live.len() + 1;
+    }
+
+    /// Drops the sampled key with the largest hash and lowers the threshold to it.
+    fn evict_largest(&mut self) {
+        while let Some(h) = self.heap.pop() {
+            if let Some(e) = self.entries.remove(&h) {
+                self.unlink(e);
+                self.threshold = h;
+                self.weight = 2f64.powi(64) / h.max(1) as f64;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_while_every_key_is_sampled() {
+        // a b c a b c … : every reuse at distance 2, after the three cold misses.
+        let s = Shards::new(1000);
+        for i in 0..30u64 {
+            s.access(i % 3, Access::Get, 0, Some(10), None, 0);
+        }
+        let (c, st) = s.curve(30);
+        assert_eq!(st.rate, 1.0);
+        assert!((st.distinct_keys - 3.0).abs() < 1e-9);
+        assert_eq!(c.hit_ratio_at_objects(2.0), 0.0, "LRU of 2 thrashes a cycle of 3");
+        assert!((c.hit_ratio_at_objects(3.0) - 0.9).abs() < 1e-9);
+        assert!((c.max_hit_ratio() - 0.9).abs() < 1e-9);
+        // bytes: two others of 10 bytes in between, plus itself.
+        assert_eq!(c.hit_ratio_at_bytes(29.0), 0.0);
+        assert!((c.hit_ratio_at_bytes(30.0) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ttl_and_deletes_make_misses() {
+        let s = Shards::new(1000);
+        s.access(1, Access::Get, 0, Some(1), Some(10), 0); // cold
+        s.access(1, Access::Get, 5, Some(1), Some(10), 0); // hit
+        s.access(1, Access::Get, 10, Some(1), Some(10), 0); // written at 0, TTL 10: expired
+        s.access(1, Access::Get, 15, Some(1), Some(10), 0); // rewritten at 10: hit
+        s.delete(1, 0);
+        s.delete(2, 0); // first seen in a delete: a distinct key, not in the cache
+        s.access(1, Access::Get, 16, Some(1), Some(10), 0); // invalidated
+        let (c, st) = s.curve(5);
+        assert_eq!(st.cold_misses, 1.0);
+        assert_eq!(st.expired_misses, 1.0);
+        assert_eq!(st.invalidated_misses, 1.0);
+        assert_eq!(st.distinct_keys, 2.0);
+        assert!((c.max_hit_ratio() - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_set_refreshes_without_counting() {
+        let s = Shards::new(1000);
+        s.access(1, Access::Set, 0, Some(1), Some(10), 0);
+        s.access(2, Access::Get, 1, Some(1), Some(10), 0);
+        s.access(1, Access::Get, 2, Some(1), Some(10), 0); // distance 1
+        let (c, st) = s.curve(2);
+        assert_eq!(st.sampled_gets, 2);
+        assert_eq!(c.hit_ratio_at_objects(1.0), 0.0);
+        assert!((c.hit_ratio_at_objects(2.0) - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pattern_deletes_only_touch_their_tag() {
+        let s = Shards::new(1000);
+        s.access(1, Access::Get, 0, Some(1), None, 7);
+        s.access(2, Access::Get, 0, Some(1), None, 8);
+        s.delete_all(Some(7));
+        s.access(1, Access::Get, 0, Some(1), None, 7);
+        s.access(2, Access::Get, 0, Some(1), None, 8);
+        let (_, st) = s.curve(4);
+        assert_eq!(st.invalidated_misses, 1.0);
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_distinct_keys_are_estimated() {
+        let s = Shards::new(1024);
+        let n = 2_000_000u64;
+        for i in 0..n {
+            let h = fmix64(i);
+            s.access(h, Access::Get, 0, Some(100), None, 0);
+        }
+        let (_, st) = s.curve(n);
+        assert!(st.sampled_keys <= 1024);
+        assert!(
+            (st.distinct_keys / n as f64 - 1.0).abs() < 0.1,
+            "{}",
+            st.distinct_keys
+        );
+        assert!(s.heap_bytes() <= Shards::heap_bytes_bound(1024));
+        assert!(st.rate < 0.001);
+    }
+
+    #[test]
+    fn key_hash_is_stable() {
+        assert_eq!(key_hash("user:1"), key_hash("user:1"));
+        assert_ne!(key_hash("user:1"), key_hash("user:2"));
+    }
+}
