@@ -1274,7 +1274,7 @@ impl prometheus::core::Collector for PredictedHitRatio {
             .map(|(pattern, capacity, ratio)| {
                 let mut m = proto::Metric::default();
                 let mut labels = Vec::with_capacity(2);
-                for (n, v) in [("key_pattern", pattern), ("capacity", capacity.to_string())] {
+                for (n, v) in [("capacity", capacity.to_string()), ("key_pattern", pattern)] {
                     let mut l = proto::LabelPair::default();
                     l.set_name(n.to_string());
                     l.set_value(v);

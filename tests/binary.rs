@@ -389,3 +389,142 @@ fn replay_skips_malformed_lines_or_stops_with_strict() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"));
 }
+
+/// Mean absolute error of `predicted` against `exact`, over the capacities of `exact`, and the largest error.
+fn errors(predicted: &Value, exact: &Value) -> (f64, f64) {
+    let exact = exact.as_object().expect("capacity map");
+    let mut sum = 0.0;
+    let mut max: f64 = 0.0;
+    for (capacity, e) in exact {
+        let p = predicted[capacity]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no prediction at {capacity}: {predicted}"));
+        let err = (p - e.as_f64().expect("exact ratio")).abs();
+        sum += err;
+        max = max.max(err);
+    }
+    (sum / exact.len() as f64, max)
+}
+
+#[test]
+fn replay_predicts_the_exact_lru_hit_ratios_of_the_mixed_trace() {
+    // Target of issue 3: mean absolute error at most 0.02 per pattern over capacities 1,000 to 100,000.
+    let exact: Value = serde_json::from_str(
+        &std::fs::read_to_string(trace("mixed.lru-exact.json")).expect("exact LRU figures"),
+    )
+    .expect("JSON");
+    let out = command()
+        .args(["replay", "--json", "--capacities", "1000,10000,50000,100000"])
+        .arg(trace("mixed.twitter.csv.zst"))
+        .output()
+        .expect("run replay");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    for (name, e) in exact["patterns"].as_object().expect("patterns") {
+        let p = &report["patterns"][name];
+        let (mae, max) = errors(&p["predicted_hit_ratio"], &e["lru_hit_ratio"]);
+        eprintln!("{name}: mean absolute error {mae:.4}, largest {max:.4}");
+        assert!(mae <= 0.02, "{name}: MAE {mae} > 0.02: {p}");
+        let unique = p["unique_keys"].as_f64().expect("unique_keys");
+        let exact_unique = e["unique_keys"].as_f64().expect("exact unique");
+        assert!(
+            (unique / exact_unique - 1.0).abs() < 0.05,
+            "{name}: {unique} distinct keys estimated, {exact_unique} exact"
+        );
+    }
+    let (mae, max) = errors(
+        &report["overall"]["predicted_hit_ratio"],
+        &exact["overall"]["lru_hit_ratio"],
+    );
+    eprintln!("all patterns in one cache: mean absolute error {mae:.4}, largest {max:.4}");
+    assert!(mae <= 0.02, "overall MAE {mae}: {}", report["overall"]);
+}
+
+#[test]
+fn replay_against_a_redis_with_maxmemory_prints_measured_beside_predicted() {
+    // The first 200,000 requests of the mixed trace into a Redis of 8 MiB evicting by (approximate) LRU.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slice = dir.path().join("slice.twitter.csv");
+    let reader = BufReader::new(
+        zstd::stream::read::Decoder::new(
+            std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace"),
+        )
+        .expect("zstd"),
+    );
+    let lines: Vec<String> = reader
+        .lines()
+        .take(200_000)
+        .map(|l| l.expect("line"))
+        .collect();
+    std::fs::write(&slice, lines.join("\n")).expect("write slice");
+    let redis = RedisServer::start_with(&["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru"]);
+    let out = command()
+        .args(["replay", "--impl", "redis", "--json", "--redis-url"])
+        .arg(redis.url())
+        .arg(&slice)
+        .output()
+        .expect("run replay");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["redis_maxmemory_bytes"], 8 * 1024 * 1024);
+    let measured = report["overall"]["hit_ratio"].as_f64().expect("measured");
+    let predicted = report["predicted_hit_ratio_at_maxmemory"]
+        .as_f64()
+        .expect("prediction at maxmemory");
+    eprintln!("8 MiB allkeys-lru: measured {measured:.4}, predicted {predicted:.4}");
+    assert!(measured > 0.0, "{report}");
+    assert!(
+        (measured - predicted).abs() < 0.1,
+        "measured {measured} vs predicted {predicted}"
+    );
+    // The table shows both.
+    let out = command()
+        .args(["replay", "--impl", "redis", "--redis-url"])
+        .arg(redis.url())
+        .arg(&slice)
+        .output()
+        .expect("run replay");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("redis maxmemory 8388608 bytes: measured hit ratio"),
+        "{table}"
+    );
+}
+
+#[test]
+fn report_subcommand_prints_the_running_service_analysis() {
+    let svc = Service::start(&repo().join("config"), &[("CACHE_ADMIN_TOKEN", TOKEN)]);
+    for round in 0..3 {
+        for id in 1..=400 {
+            assert_eq!(svc.get(&format!("/users/{id}")).0, 200, "round {round}");
+        }
+    }
+    let out = command()
+        .args(["report", "--url", &svc.base])
+        .output()
+        .expect("run report");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("key_pattern") && table.contains("user "), "{table}");
+    assert!(table.contains("recommended whitelist: [user"), "{table}");
+    assert!(table.contains("GET /users/{id}"), "{table}");
+
+    let out = command()
+        .args(["report", "--json", "--url", &svc.base])
+        .output()
+        .expect("run report");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["patterns"]["user"]["gets"], 1200);
+    assert_eq!(report["patterns"]["user"]["unique_keys"], 400);
+
+    let out = command()
+        .args(["report", "--url", "http://127.0.0.1:1"])
+        .output()
+        .expect("run report");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("report from http://127.0.0.1:1/internal/cache/report"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -37,12 +37,14 @@ pub const REDIS_PER_KEY_OVERHEAD_BYTES: u32 = 128;
 pub struct AnalysisOptions {
     /// Run the estimators at all. Off, the observe path skips the key hash and the sample check.
     pub enabled: bool,
-    /// Keys sampled per key pattern (SHARDS `s_max`, at least 64). Memory per pattern is bounded by
-    /// [`Shards::heap_bytes_bound`] of this (about 530 KiB for the default 7,168).
+    /// Keys sampled per key pattern (SHARDS `s_max`, 64 to 1,048,576). Memory per pattern is bounded by
+    /// [`Shards::heap_bytes_bound`] of this: about 0.9 MiB for the default 7,168, reached only by patterns with more
+    /// distinct keys than that.
     pub sample_keys: usize,
     /// Keys sampled by the estimator shared by all patterns.
     pub shared_sample_keys: usize,
-    /// Patterns with their own estimator (the first seen); later patterns only feed the shared one.
+    /// Patterns with their own estimator (the first seen, default 32); later patterns only feed the shared one. With
+    /// the defaults the estimators hold at most 32 × 0.9 MiB + 1.9 MiB (shared) ≈ 31 MiB.
     pub max_patterns: usize,
     /// Redis memory per key besides key and value, in bytes.
     pub per_key_overhead_bytes: u32,
@@ -59,7 +61,7 @@ impl Default for AnalysisOptions {
             enabled: true,
             sample_keys: 7168,
             shared_sample_keys: 16_384,
-            max_patterns: 64,
+            max_patterns: 32,
             per_key_overhead_bytes: REDIS_PER_KEY_OVERHEAD_BYTES,
             capacities: vec![1_000, 10_000, 100_000, 1_000_000],
             ignore_ttl: false,

@@ -181,12 +181,13 @@ impl std::fmt::Debug for Shards {
     }
 }
 
-/// Seconds-bucket of a reuse interval: 0 for < 1 s, then `1 + floor(log2 secs)`.
+/// Seconds-bucket of a reuse interval: 0 for < 1 s, then `1 + floor(log2 secs)` (bucket `i` holds
+/// `[2^(i-1), 2^i)` seconds).
 fn reuse_bucket(secs: u32) -> usize {
     if secs == 0 {
         0
     } else {
-        (33 - secs.leading_zeros()) as usize
+        (32 - secs.leading_zeros()) as usize
     }
 }
 
@@ -305,6 +306,9 @@ impl Shards {
                     }
                 }
                 s.unlink(e);
+                if let Some(x) = s.entries.get_mut(&h) {
+                    x.ts = 0; // out of the stack until re-pushed: a compaction in `push` must not count it
+                }
                 let written = if !get || expired { now } else { e.written };
                 let ts = s.push(weight);
                 s.entries.insert(
@@ -340,6 +344,9 @@ impl Shards {
                 if get {
                     s.cold += w;
                 }
+                if !self.make_room(s, h) {
+                    return;
+                }
                 let ts = s.push(weight);
                 s.entries.insert(
                     h,
@@ -352,12 +359,24 @@ impl Shards {
                     },
                 );
                 s.heap.push(h);
-                if s.entries.len() > self.max_keys {
-                    s.evict_largest();
-                    self.threshold.store(s.threshold, Ordering::Relaxed);
-                }
             }
         }
+    }
+
+    /// Before a new key of hash `h` joins a full sample, drops the largest hash of the sample and `h` together and
+    /// lowers the threshold to it; `false` when that is `h` itself (the key is not kept).
+    fn make_room(&self, s: &mut State, h: u64) -> bool {
+        if s.entries.len() < self.max_keys {
+            return true;
+        }
+        let keep = s.heap.peek().is_some_and(|&top| h < top);
+        if keep {
+            s.evict_largest();
+        } else {
+            s.lower_threshold(h);
+        }
+        self.threshold.store(s.threshold, Ordering::Relaxed);
+        keep
     }
 
     /// The key of hash `h` (of pattern `tag`) was deleted: it leaves the cache, and its next get is a miss. A key
@@ -380,6 +399,9 @@ impl Shards {
             }
             Some(_) => {}
             None => {
+                if !self.make_room(s, h) {
+                    return;
+                }
                 s.entries.insert(
                     h,
                     Entry {
@@ -391,10 +413,6 @@ impl Shards {
                     },
                 );
                 s.heap.push(h);
-                if s.entries.len() > self.max_keys {
-                    s.evict_largest();
-                    self.threshold.store(s.threshold, Ordering::Relaxed);
-                }
             }
         }
     }
@@ -456,16 +474,17 @@ impl Shards {
         s.heap_bytes()
     }
 
-    /// The most heap bytes an estimator of `max_keys` can ever hold: the key table at its largest
-    /// (32 bytes and a control byte per bucket, `8/7 × max_keys` buckets rounded up to a power of two), the heap
-    /// of hashes, a Fenwick tree of `2 × max_keys` times at 12 bytes, the transient compaction buffer, and three
-    /// fixed histograms.
+    /// The most heap bytes an estimator of `max_keys` can ever hold: the key table at its largest (32 bytes and a
+    /// control byte per bucket; the table of a full sample grows to room for `2 × max_keys` keys, because removals
+    /// leave tombstones and hashbrown only rehashes in place below half its capacity), the heap of hashes, a Fenwick
+    /// tree of `2 × max_keys` logical times at 12 bytes, the transient compaction buffer (16 bytes per key), and two
+    /// fixed histograms of 1,888 `f64` buckets. About 0.9 MiB for the default 7,168 keys.
     pub fn heap_bytes_bound(max_keys: usize) -> usize {
         let max_keys = max_keys.max(64);
-        let table = table_bytes(max_keys + 1);
-        let heap = (max_keys + 1).next_power_of_two() * 8;
-        let tree = (2 * max_keys + 2) * 12;
-        let compaction = (max_keys + 1).next_power_of_two() * 16;
+        let table = table_bytes(2 * max_keys);
+        let heap = max_keys.next_power_of_two() * 8;
+        let tree = (2 * max_keys + 3) * 12;
+        let compaction = max_keys * 16;
         let histograms = 2 * LogHistogram::default().heap_bytes() + 34 * 8;
         table + heap + tree + compaction + histograms
     }
@@ -553,11 +572,16 @@ impl State {
         while let Some(h) = self.heap.pop() {
             if let Some(e) = self.entries.remove(&h) {
                 self.unlink(e);
-                self.threshold = h;
-                self.weight = 2f64.powi(64) / h.max(1) as f64;
+                self.lower_threshold(h);
                 return;
             }
         }
+    }
+
+    /// Samples only hashes below `h` from now on: `R = h / 2^64`.
+    fn lower_threshold(&mut self, h: u64) {
+        self.threshold = h;
+        self.weight = 2f64.powi(64) / h.max(1) as f64;
     }
 }
 
@@ -581,6 +605,24 @@ mod tests {
         // bytes: two others of 10 bytes in between, plus itself.
         assert_eq!(c.hit_ratio_at_bytes(29.0), 0.0);
         assert!((c.hit_ratio_at_bytes(30.0) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn compactions_keep_distances_exact() {
+        // A cycle over 20 keys (distances below 32 have exact buckets), many times: the 64-slot tree compacts
+        // every ~44 accesses, and every reuse stays at distance 19.
+        let s = Shards::new(1000);
+        let rounds = 50u64;
+        for i in 0..20 * rounds {
+            s.access(i % 20, Access::Get, 0, Some(1), None, 0);
+        }
+        let (c, st) = s.curve(20 * rounds);
+        assert_eq!(st.sampled_keys, 20);
+        assert_eq!(c.hit_ratio_at_objects(19.0), 0.0);
+        let expect = (rounds - 1) as f64 / rounds as f64;
+        assert!((c.hit_ratio_at_objects(20.0) - expect).abs() < 1e-9);
+        assert!((c.hit_ratio_at_bytes(20.0) - expect).abs() < 1e-9);
+        assert_eq!(c.hit_ratio_at_bytes(19.0), 0.0);
     }
 
     #[test]
