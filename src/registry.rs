@@ -160,6 +160,8 @@ struct Track {
     hash: u64,
     ttl: Option<u32>,
     key_bytes: u64,
+    /// The whitelist's estimator, when the key's pattern is served.
+    whitelisted: Option<Arc<WhitelistShards>>,
 }
 
 /// Pattern name → index into `Inner::slots`.
@@ -180,6 +182,16 @@ struct Active {
     default_ttl: Duration,
     version: u64,
     patterns: Arc<PatternMap>,
+    /// The estimator of the whitelisted patterns together, while a storing impl serves a whitelist.
+    whitelisted: Option<Arc<WhitelistShards>>,
+}
+
+/// The miss ratio curve of the cache that serves the whitelist: every whitelisted pattern in one cache. Created when
+/// a whitelist starts being served, kept while impl and whitelist stay the same.
+struct WhitelistShards {
+    shards: Shards,
+    /// Gets of whitelisted patterns since it was created.
+    gets: std::sync::atomic::AtomicU64,
 }
 
 impl Active {
@@ -206,6 +218,7 @@ impl Active {
             redis,
             version,
             patterns,
+            whitelisted: None,
         }
     }
 
@@ -299,7 +312,7 @@ impl CacheRegistry {
         opts.analysis.validate()?;
         let clock = opts.clock.unwrap_or_default();
         let analysis = opts.analysis.enabled.then(|| Analysis {
-            shared: Shards::new(opts.analysis.shared_sample_keys),
+            shared: Shards::with_max_rate(opts.analysis.shared_sample_keys, opts.analysis.max_sampling_rate),
             epoch: clock.raw(),
             opts: opts.analysis,
         });
@@ -406,7 +419,7 @@ impl CacheRegistry {
     fn new_pattern_entry(&self, name: &str, idx: usize) -> PatternEntry {
         let shards = self.inner.analysis.as_ref().and_then(|a| {
             (idx < a.opts.max_patterns && idx < self.inner.max_patterns)
-                .then(|| Shards::new(a.opts.sample_keys))
+                .then(|| Shards::with_max_rate(a.opts.sample_keys, a.opts.max_sampling_rate))
         });
         PatternEntry {
             metrics: self.inner.metrics.pattern(name),
@@ -509,10 +522,14 @@ impl CacheRegistry {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
-            let track = self.track(&state, entry, &pattern, key);
-            let served = state
-                .serves(&pattern)
-                .then(|| (Arc::clone(&state.backend), state.ttl(&pattern)));
+            let serves = state.serves(&pattern);
+            let track = self.track(&state, entry, &pattern, key, serves);
+            if serves {
+                if let Some(w) = &state.whitelisted {
+                    w.gets.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let served = serves.then(|| (Arc::clone(&state.backend), state.ttl(&pattern)));
             (entry, served, track)
         };
         match served {
@@ -525,23 +542,37 @@ impl CacheRegistry {
     }
 
     /// The call's place in the estimators when its key is sampled by the pattern's or the shared one.
+    /// `served`: whether the pattern is served now (its calls also feed the whitelist's estimator).
     #[inline]
-    fn track(&self, state: &Active, entry: &PatternEntry, pattern: &str, key: &str) -> Option<Track> {
+    fn track(&self, state: &Active, entry: &PatternEntry, pattern: &str, key: &str, served: bool) -> Option<Track> {
         let a = self.inner.analysis.as_ref()?;
         let hash = key_hash(key);
-        if !(a.shared.samples(hash) || entry.shards.as_ref().is_some_and(|s| s.samples(hash))) {
+        let whitelisted = state.whitelisted.as_ref().filter(|_| served);
+        if !(a.shared.samples(hash)
+            || entry.shards.as_ref().is_some_and(|s| s.samples(hash))
+            || whitelisted.is_some_and(|w| w.shards.samples(hash)))
+        {
             return None;
         }
-        Some(self.track_cold(state, pattern, key, hash, a))
+        Some(self.track_cold(state, pattern, key, hash, a, whitelisted))
     }
 
     #[cold]
-    fn track_cold(&self, state: &Active, pattern: &str, key: &str, hash: u64, a: &Analysis) -> Track {
+    fn track_cold(
+        &self,
+        state: &Active,
+        pattern: &str,
+        key: &str,
+        hash: u64,
+        a: &Analysis,
+        whitelisted: Option<&Arc<WhitelistShards>>,
+    ) -> Track {
         let ttl = (!a.opts.ignore_ttl).then(|| state.ttl(pattern).as_secs().min(u64::from(u32::MAX)) as u32);
         Track {
             hash,
             ttl,
             key_bytes: (key.len() + state.redis.key_prefix.len()) as u64,
+            whitelisted: whitelisted.cloned(),
         }
     }
 
@@ -557,6 +588,9 @@ impl CacheRegistry {
             s.access(t.hash, access, now, weight, t.ttl, entry.tag);
         }
         a.shared.access(t.hash, access, now, weight, t.ttl, entry.tag);
+        if let Some(w) = &t.whitelisted {
+            w.shards.access(t.hash, access, now, weight, t.ttl, entry.tag);
+        }
     }
 
     async fn observe<C, E, F, Fut>(&self, entry: &PatternEntry, track: Option<Track>, loader: F) -> Result<C, E>
@@ -769,7 +803,7 @@ impl CacheRegistry {
             let track = state
                 .policy
                 .enabled
-                .then(|| self.track(&state, entry, &pattern, key))
+                .then(|| self.track(&state, entry, &pattern, key, state.serves(&pattern)))
                 .flatten();
             (entry, state.serves(&pattern).then(|| state.ttl(&pattern)), track)
         };
@@ -838,9 +872,10 @@ impl CacheRegistry {
         if !state.policy.enabled {
             return state.backend.delete(key).await;
         }
-        let entry = {
+        let (entry, served) = {
             let mut buf = None;
-            self.entry(&state, &self.inner.key_patterns.pattern_in(key, &mut buf))
+            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
+            (self.entry(&state, &pattern), state.serves(&pattern))
         };
         let imp = state.backend.kind();
         entry.metrics.del(imp);
@@ -851,6 +886,9 @@ impl CacheRegistry {
                 s.delete(hash, entry.tag);
             }
             a.shared.delete(hash, entry.tag);
+            if let Some(w) = state.whitelisted.as_ref().filter(|_| served) {
+                w.shards.delete(hash, entry.tag);
+            }
         }
         if !state.stores {
             return Ok(false); // the NullCache holds nothing
@@ -891,12 +929,18 @@ impl CacheRegistry {
                     }
                 }
                 a.shared.delete_all(None);
+                if let Some(w) = &state.whitelisted {
+                    w.shards.delete_all(None);
+                }
             } else if let Some(&i) = state.patterns.get(pattern) {
                 let entry = self.slot(i);
                 if let Some(s) = &entry.shards {
                     s.delete_all(None);
                 }
                 a.shared.delete_all(Some(entry.tag));
+                if let Some(w) = &state.whitelisted {
+                    w.shards.delete_all(Some(entry.tag));
+                }
             }
         }
         let clock = &self.inner.clock;
@@ -994,7 +1038,8 @@ impl CacheRegistry {
         };
         self.inner.metrics.swap(true);
         let (enabled, imp) = (policy.enabled, policy.imp);
-        let next = Active::new(policy, backend, redis, version, Arc::default());
+        let mut next = Active::new(policy, backend, redis, version, Arc::default());
+        next.whitelisted = self.whitelist_estimator(&cur, &next);
         // rcu, not store: a pattern first seen during the swap must not be lost.
         self.inner.state.rcu(|cur| Active {
             patterns: Arc::clone(&cur.patterns),
@@ -1004,6 +1049,24 @@ impl CacheRegistry {
         self.push_swap(record);
         tracing::info!(source, version, "{}", self.state_line());
         Ok(())
+    }
+
+    /// The whitelist's estimator for `next`: the current one while impl and whitelist stay, a new one when they
+    /// change, none when nothing is served (or the analysis is off).
+    fn whitelist_estimator(&self, cur: &Active, next: &Active) -> Option<Arc<WhitelistShards>> {
+        let a = self.inner.analysis.as_ref()?;
+        if !next.stores || next.policy.whitelist.is_empty() {
+            return None;
+        }
+        if cur.policy.imp == next.policy.imp && cur.policy.whitelist == next.policy.whitelist {
+            if let Some(w) = &cur.whitelisted {
+                return Some(Arc::clone(w));
+            }
+        }
+        Some(Arc::new(WhitelistShards {
+            shards: Shards::with_max_rate(a.opts.shared_sample_keys, a.opts.max_sampling_rate),
+            gets: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
     async fn prepare(
@@ -1125,10 +1188,15 @@ impl CacheRegistry {
                 }
             })
             .collect();
+        let mean_loader = if loader_calls > 0 { loader_secs / loader_calls as f64 } else { 0.0 };
         let shared = self.inner.analysis.as_ref().map(|a| {
             let (curve, stats) = a.shared.curve(total_gets);
-            let mean_loader = if loader_calls > 0 { loader_secs / loader_calls as f64 } else { 0.0 };
             analysis::shared_report(total_gets, &curve, &stats, &capacities, observed_seconds, mean_loader)
+        });
+        let whitelisted = s.whitelisted.as_ref().map(|w| {
+            let gets = w.gets.load(Ordering::Relaxed);
+            let (curve, stats) = w.shards.curve(gets);
+            analysis::shared_report(gets, &curve, &stats, &capacities, observed_seconds, mean_loader)
         });
         let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
         let routes = self
@@ -1152,6 +1220,7 @@ impl CacheRegistry {
         analysis::build(
             patterns,
             shared,
+            whitelisted,
             routes,
             &capacities,
             overhead,

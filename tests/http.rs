@@ -414,3 +414,104 @@ async fn config_shows_the_configuration_in_force_after_a_switch() {
     assert_eq!(state["config"]["cache"]["patterns"]["user"]["ttl_secs"], 60);
     assert_eq!(state["config"]["admin_token"], "***");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_accepts() {
+    let redis = RedisServer::start();
+    let app = service(settings(Some(redis.url()), Some(TOKEN))).await;
+    // Load: 15 rounds over the 100 users (1,500 gets of `user`), 12 rounds over 10 projects' member lists, and a
+    // few renames (writes that invalidate).
+    for round in 0..15 {
+        let calls = (1..=100).map(|id| {
+            let app = app.clone();
+            async move { get(&app, &format!("/users/{id}")).await.0 }
+        });
+        for s in futures_util::future::join_all(calls).await {
+            assert_eq!(s, StatusCode::OK, "round {round}");
+        }
+        if round < 12 {
+            for p in 1..=10 {
+                assert_eq!(get(&app, &format!("/projects/{p}/members")).await.0, StatusCode::OK);
+            }
+        }
+        let (s, _, text) = call(
+            &app,
+            Method::PUT,
+            &format!("/users/{}", round + 1),
+            None,
+            Some(json!({"name": format!("renamed {round}"), "email": format!("r{round}@example.com")})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+    }
+    let (s, report, text) = get(&app, "/internal/cache/report").await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let user = &report["patterns"]["user"];
+    assert_eq!(user["gets"], 1500, "{user}");
+    assert_eq!(user["unique_keys"], 100, "{user}");
+    assert_eq!(user["estimated"], true);
+    // 100 cold misses, up to 15 reads after an invalidation: the rest hit in any cache of 100 objects or more.
+    let at_1000 = user["predicted_hit_ratio"]["1000"].as_f64().expect("prediction");
+    assert!((1385.0 / 1500.0..=1400.0 / 1500.0).contains(&at_1000), "{user}");
+    assert_eq!(user["recommended"], true, "{user}");
+    assert!(user["loader"]["calls"].as_u64() == Some(1500), "{user}");
+    assert!(user["sizes"][0]["memory_bytes"].as_u64().unwrap_or(0) > 100 * 128, "{user}");
+
+    // Route × pattern: every GET /users/{id} makes one `user` get; its loader time is a share of the route's time.
+    let routes = report["routes"].as_array().expect("routes");
+    let users = routes
+        .iter()
+        .find(|r| r["route"] == "/users/{id}" && r["method"] == "GET")
+        .unwrap_or_else(|| panic!("no GET /users/{{id}} in {routes:?}"));
+    assert_eq!(users["requests"], 1500);
+    let p = &users["patterns"][0];
+    assert_eq!(p["key_pattern"], "user");
+    assert_eq!(p["calls"], 1500);
+    assert_eq!(p["calls_per_request"], 1.0);
+    let share = p["share_of_route_time"].as_f64().expect("share");
+    assert!(share > 0.0 && share < 1.0, "{users}");
+    let members = routes
+        .iter()
+        .find(|r| r["route"] == "/projects/{id}/members")
+        .expect("members route");
+    assert!(
+        members["patterns"].as_array().is_some_and(|p| !p.is_empty()),
+        "{members}"
+    );
+
+    // The gauge, bounded to the configured capacities.
+    let (_, _, metrics) = get(&app, "/metrics").await;
+    assert!(
+        (metric(&metrics, r#"cache_predicted_hit_ratio{capacity="1000",key_pattern="user"}"#) - at_1000).abs()
+            < 0.01,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.matches("cache_predicted_hit_ratio{").count(),
+        4 * (report["patterns"].as_object().map_or(0, |p| p.len()) + 1),
+        "4 capacities per pattern with an estimator, and for all patterns together"
+    );
+
+    // The recommendation is a PUT body as it is.
+    let apply = report["recommendation"]["apply"].clone();
+    assert_eq!(apply["impl"], "redis");
+    let (s, state, text) = call(&app, Method::PUT, "/internal/cache/config", Some(TOKEN), Some(apply)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(
+        state["whitelist"].as_array().is_some_and(|w| w.contains(&json!("user"))),
+        "{state}"
+    );
+    for _ in 0..2 {
+        assert_eq!(get(&app, "/users/50").await.0, StatusCode::OK);
+    }
+    let (_, _, metrics) = get(&app, "/metrics").await;
+    assert_eq!(
+        metric(&metrics, r#"cache_hits_total{impl="redis",key_pattern="user"}"#),
+        1.0
+    );
+    // The whitelist now has its own curve: the cache that serves it, since the switch.
+    let (_, report, _) = get(&app, "/internal/cache/report").await;
+    assert_eq!(report["whitelist"]["gets"], 2, "{}", report["whitelist"]);
+    assert_eq!(report["whitelist"]["unique_keys"], 1);
+    assert_eq!(report["patterns"]["user"]["served"], true);
+}

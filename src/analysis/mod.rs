@@ -23,7 +23,7 @@ pub use self::report::{
 };
 pub(crate) use self::route::{record_call, RouteCalls};
 pub use self::route::{RequestScope, ROUTE_SCOPE};
-pub use self::shards::{key_hash, Access, SampleStats, Shards};
+pub use self::shards::{key_hash, Access, SampleStats, Shards, WARMUP_GETS};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +43,10 @@ pub struct AnalysisOptions {
     pub sample_keys: usize,
     /// Keys sampled by the estimator shared by all patterns.
     pub shared_sample_keys: usize,
+    /// Largest share of keys an estimator samples once it has seen [`WARMUP_GETS`](WARMUP_GETS) sampled
+    /// gets (0–1]: small key spaces are exact at first, then a hot small key space costs the lock on at most this
+    /// share of its calls.
+    pub max_sampling_rate: f64,
     /// Patterns with their own estimator (the first seen, default 32); later patterns only feed the shared one. With
     /// the defaults the estimators hold at most 32 × 0.9 MiB + 1.9 MiB (shared) ≈ 31 MiB.
     pub max_patterns: usize,
@@ -61,6 +65,7 @@ impl Default for AnalysisOptions {
             enabled: true,
             sample_keys: 7168,
             shared_sample_keys: 16_384,
+            max_sampling_rate: 0.125,
             max_patterns: 32,
             per_key_overhead_bytes: REDIS_PER_KEY_OVERHEAD_BYTES,
             capacities: vec![1_000, 10_000, 100_000, 1_000_000],
@@ -91,6 +96,13 @@ impl AnalysisOptions {
                 "cache.analysis.shared_sample_keys",
                 self.shared_sample_keys.to_string(),
                 "must be between 64 and 1048576",
+            ));
+        }
+        if !(self.max_sampling_rate > 0.0 && self.max_sampling_rate <= 1.0) {
+            return Err(Error::config(
+                "cache.analysis.max_sampling_rate",
+                self.max_sampling_rate.to_string(),
+                "must be above 0 and at most 1",
             ));
         }
         if self.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {

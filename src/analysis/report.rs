@@ -241,6 +241,9 @@ pub struct Report {
     pub patterns: BTreeMap<String, PatternReport>,
     /// All patterns in one cache.
     pub shared: Option<SharedReport>,
+    /// The whitelisted patterns in one cache (the one serving them), since the whitelist was last changed; `None`
+    /// while nothing is served.
+    pub whitelist: Option<SharedReport>,
     /// Route × pattern.
     pub routes: Vec<RouteReport>,
     /// What to whitelist, with which TTL.
@@ -577,6 +580,7 @@ fn route_report(r: RouteInput) -> RouteReport {
 pub(crate) fn build(
     patterns: Vec<PatternInput>,
     shared: Option<SharedReport>,
+    whitelisted: Option<SharedReport>,
     routes: Vec<RouteInput>,
     capacities: &[u64],
     per_key_overhead_bytes: u32,
@@ -624,6 +628,7 @@ pub(crate) fn build(
         per_key_overhead_bytes,
         patterns: out,
         shared,
+        whitelist: whitelisted,
         routes: routes.into_iter().map(route_report).collect(),
         recommendation: Recommendation {
             whitelist,
@@ -671,11 +676,12 @@ impl Report {
                 if p.recommended { "yes" } else { "no" }
             );
         }
-        if let Some(s) = &self.shared {
+        for (label, shared) in [("(all, one cache)", &self.shared), ("(whitelist, one cache)", &self.whitelist)] {
+            let Some(s) = shared else { continue };
             let _ = write!(
                 out,
                 "{:<24} {:>10} {:>7} {:>10} {:>8.4}",
-                "(all patterns, one cache)", s.gets, "", s.unique_keys, s.max_hit_ratio
+                label, s.gets, "", s.unique_keys, s.max_hit_ratio
             );
             for c in &self.capacities {
                 let v = s.predicted_hit_ratio.get(&c.to_string()).copied().unwrap_or(0.0);

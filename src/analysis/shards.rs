@@ -169,6 +169,8 @@ pub enum Access {
 pub struct Shards {
     threshold: AtomicU64,
     max_keys: usize,
+    /// Highest threshold once warmed up (`max_rate × 2^64`).
+    rate_cap: u64,
     state: Mutex<State>,
 }
 
@@ -214,13 +216,30 @@ pub struct SampleStats {
     pub reuse_secs: [f64; 34],
 }
 
+/// Sampled gets after which an estimator's rate is capped by its `max_rate`.
+pub const WARMUP_GETS: u64 = 65_536;
+
 impl Shards {
-    /// An estimator sampling at most `max_keys` keys (at least 64).
+    /// An estimator sampling at most `max_keys` keys (at least 64), at any rate.
     pub fn new(max_keys: usize) -> Self {
+        Self::with_max_rate(max_keys, 1.0)
+    }
+
+    /// An estimator sampling at most `max_keys` keys (at least 64) which, after [`WARMUP_GETS`] sampled gets,
+    /// also samples at most `max_rate` (0–1] of the keys: exact for small or young key spaces, and a bounded share
+    /// of the calls of a hot small key space takes the lock. Lowering the rate is the same step as the fixed-size
+    /// rule's, so the estimate stays consistent.
+    pub fn with_max_rate(max_keys: usize, max_rate: f64) -> Self {
         let max_keys = max_keys.max(64);
+        let rate_cap = if max_rate >= 1.0 {
+            u64::MAX
+        } else {
+            (max_rate.max(1e-9) * 2f64.powi(64)) as u64
+        };
         Shards {
             threshold: AtomicU64::new(u64::MAX),
             max_keys,
+            rate_cap,
             state: Mutex::new(State {
                 threshold: u64::MAX,
                 weight: 1.0,
@@ -281,9 +300,16 @@ impl Shards {
         if h >= s.threshold {
             return; // the threshold fell while we waited
         }
+        let get = access == Access::Get;
+        if get && s.sampled_gets >= WARMUP_GETS && s.threshold > self.rate_cap {
+            s.lower_to(self.rate_cap);
+            self.threshold.store(s.threshold, Ordering::Relaxed);
+            if h >= s.threshold {
+                return;
+            }
+        }
         let w = s.weight;
         let weight = weight.unwrap_or_else(|| s.mean_weight());
-        let get = access == Access::Get;
         if get {
             s.sampled_gets += 1;
         }
@@ -578,6 +604,18 @@ impl State {
         }
     }
 
+    /// Drops every sampled key of hash `cap` or more and samples below `cap` from now on.
+    fn lower_to(&mut self, cap: u64) {
+        while self.heap.peek().is_some_and(|&top| top >= cap) {
+            if let Some(h) = self.heap.pop() {
+                if let Some(e) = self.entries.remove(&h) {
+                    self.unlink(e);
+                }
+            }
+        }
+        self.lower_threshold(cap);
+    }
+
     /// Samples only hashes below `h` from now on: `R = h / 2^64`.
     fn lower_threshold(&mut self, h: u64) {
         self.threshold = h;
@@ -684,6 +722,23 @@ mod tests {
         );
         assert!(s.heap_bytes() <= Shards::heap_bytes_bound(1024));
         assert!(st.rate < 0.001);
+    }
+
+    #[test]
+    fn the_rate_is_capped_after_the_warm_up() {
+        let s = Shards::with_max_rate(100_000, 0.125);
+        let keys = 1024u64;
+        let n = 4 * WARMUP_GETS;
+        for i in 0..n {
+            s.access(fmix64(i % keys), Access::Get, 0, Some(1), None, 0);
+        }
+        let (c, st) = s.curve(n);
+        assert!((st.rate - 0.125).abs() < 1e-9, "{}", st.rate);
+        assert!((st.sampled_keys as f64 / keys as f64 - 0.125).abs() < 0.05, "{}", st.sampled_keys);
+        assert!(st.sampled_gets < WARMUP_GETS + n / 4, "{}", st.sampled_gets);
+        // Still about right: every reuse is at distance 1023.
+        assert!(c.hit_ratio_at_objects(900.0) < 0.1, "{}", c.hit_ratio_at_objects(900.0));
+        assert!(c.hit_ratio_at_objects(1100.0) > 0.9, "{}", c.hit_ratio_at_objects(1100.0));
     }
 
     #[test]

@@ -1,0 +1,70 @@
+//! Instruction counts of the observe path, for `valgrind --tool=callgrind` (which counts instructions, not seconds,
+//! so the figure repeats on a shared machine whatever else runs). Each run warms a registry up with 300,000 calls
+//! (past the estimators' warm-up); with a third argument it then makes N timed calls. The difference between the
+//! two runs' totals, divided by N, is the cost per call:
+//!
+//! ```text
+//! cargo build --release --example observe_probe
+//! for s in null_plain null null200k_plain null200k memory_plain memory; do
+//!   a=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/examples/observe_probe $s 100000 2>&1 | awk '/Collected/ {print $4}')
+//!   b=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/examples/observe_probe $s 100000 run 2>&1 | awk '/Collected/ {print $4}')
+//!   echo "$s $(( (b - a) / 100000 )) instructions per call"
+//! done
+//! ```
+//!
+//! Scenarios: `null` (observe through the NullCache) or `memory` (MemoryCache hits), over 1,024 keys or, with
+//! `200k`, 200,000 keys; `_plain` turns the phase-2 estimators off.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+
+use cache_rollout::analysis::AnalysisOptions;
+use cache_rollout::cache::CacheImpl;
+use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scenario = args.get(1).cloned().unwrap_or_else(|| "null".into());
+    let n: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let run = args.get(3).is_some();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let imp = if scenario.starts_with("memory") {
+            CacheImpl::Memory
+        } else {
+            CacheImpl::Null
+        };
+        let keys_n: u64 = if scenario.contains("200k") { 200_000 } else { 1024 };
+        let registry = CacheRegistry::new(RegistryOptions {
+            policy: Policy {
+                imp,
+                whitelist: vec!["*".into()],
+                ..Policy::default()
+            },
+            analysis: AnalysisOptions {
+                enabled: !scenario.ends_with("_plain"),
+                ..AnalysisOptions::default()
+            },
+            ..RegistryOptions::default()
+        })
+        .await
+        .expect("registry");
+        let keys: Vec<String> = (0..keys_n).map(|i| format!("user:{i}")).collect();
+        for i in 0..300_000u64 {
+            let k = &keys[(i % keys_n) as usize];
+            let _: Result<u64, Infallible> = registry.get_or_load(k, || async move { Ok(i) }).await;
+        }
+        if run {
+            for i in 0..n {
+                let k = &keys[(i % keys_n) as usize];
+                let r: Result<u64, Infallible> = registry
+                    .get_or_load(k, || async move { Ok(black_box(i)) })
+                    .await;
+                black_box(r.ok());
+            }
+        }
+    });
+}
