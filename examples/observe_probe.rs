@@ -37,7 +37,11 @@ fn main() {
         } else {
             CacheImpl::Null
         };
-        let keys_n: u64 = if scenario.contains("200k") { 200_000 } else { 1024 };
+        let keys_n: u64 = if scenario.contains("200k") {
+            200_000
+        } else {
+            1024
+        };
         let registry = CacheRegistry::new(RegistryOptions {
             policy: Policy {
                 imp,

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cache_rollout::analysis::{AnalysisOptions, Report};
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::catalog::{self, AppContext, Origin};
 use cache_rollout::config::{LogFormat, Settings};
 use cache_rollout::http::AdminToken;
-use cache_rollout::analysis::{AnalysisOptions, Report};
 use cache_rollout::replay::{self, ReplayOptions, TraceFormat};
 use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
 use clap::{Parser, Subcommand};
@@ -255,21 +255,33 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining requests");
 }
 
-/// The server's `maxmemory` in bytes (0: unlimited).
-async fn redis_maxmemory(url: &str) -> cache_rollout::Result<u64> {
+/// The server's `maxmemory` (0: unlimited) and `used_memory`, in bytes.
+async fn redis_memory(url: &str) -> cache_rollout::Result<(u64, u64)> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let (_, value): (String, u64) = redis::cmd("CONFIG")
+    let (_, maxmemory): (String, u64) = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory")
         .query_async(&mut conn)
         .await?;
-    Ok(value)
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((maxmemory, used))
 }
 
 async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {
     let url = format!("{}/internal/cache/report", args.url.trim_end_matches('/'));
-    let fail = |reason: String| cache_rollout::Error::Report { url: url.clone(), reason };
+    let fail = |reason: String| cache_rollout::Error::Report {
+        url: url.clone(),
+        reason,
+    };
     let resp = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -294,8 +306,14 @@ async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let report: Report = serde_json::from_str(&body).map_err(|e| fail(format!("not a report: {e}")))?;
-    print!("{}", report.to_table());
+    let report: Report =
+        serde_json::from_str(&body).map_err(|e| fail(format!("not a report: {e}")))?;
+    print!(
+        "{}",
+        report
+            .to_table()
+            .replace("<url>", args.url.trim_end_matches('/'))
+    );
     Ok(())
 }
 
@@ -329,7 +347,9 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
             capacities: args.capacities.clone(),
             ignore_ttl: args.ttl.is_none(),
             sample_keys: args.sample_keys,
-            shared_sample_keys: args.sample_keys.max(AnalysisOptions::default().shared_sample_keys),
+            shared_sample_keys: args
+                .sample_keys
+                .max(AnalysisOptions::default().shared_sample_keys),
             max_patterns: 10_000,
             ..AnalysisOptions::default()
         },
@@ -360,12 +380,22 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         strict: args.strict,
         clock: Some(mock),
     };
-    let mut report = replay::replay(&registry, reader, format, &ropts, |e| eprintln!("skipped: {e}")).await?;
-    if imp == CacheImpl::Redis {
-        let maxmemory = redis_maxmemory(&args.redis_url).await?;
+    // What Redis holds besides this replay's keys (its own structures, other prefixes): not room for the cache.
+    let baseline = if imp == CacheImpl::Redis {
+        Some(redis_memory(&args.redis_url).await?)
+    } else {
+        None
+    };
+    let mut report = replay::replay(&registry, reader, format, &ropts, |e| {
+        eprintln!("skipped: {e}")
+    })
+    .await?;
+    if let Some((maxmemory, used)) = baseline {
         report.redis_maxmemory_bytes = Some(maxmemory);
-        if maxmemory > 0 {
-            report.predicted_hit_ratio_at_maxmemory = registry.predicted_hit_ratio_at_bytes(maxmemory);
+        report.redis_baseline_bytes = Some(used);
+        if maxmemory > used {
+            report.predicted_hit_ratio_at_maxmemory =
+                registry.predicted_hit_ratio_at_bytes(maxmemory - used);
         }
     }
     if args.json {

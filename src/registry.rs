@@ -312,7 +312,10 @@ impl CacheRegistry {
         opts.analysis.validate()?;
         let clock = opts.clock.unwrap_or_default();
         let analysis = opts.analysis.enabled.then(|| Analysis {
-            shared: Shards::with_max_rate(opts.analysis.shared_sample_keys, opts.analysis.max_sampling_rate),
+            shared: Shards::with_max_rate(
+                opts.analysis.shared_sample_keys,
+                opts.analysis.max_sampling_rate,
+            ),
             epoch: clock.raw(),
             opts: opts.analysis,
         });
@@ -534,17 +537,21 @@ impl CacheRegistry {
         };
         match served {
             None => self.observe(entry, track, loader).await,
-            Some((backend, ttl)) => {
-                self.serve(key, entry, track, &*backend, ttl, loader)
-                    .await
-            }
+            Some((backend, ttl)) => self.serve(key, entry, track, &*backend, ttl, loader).await,
         }
     }
 
     /// The call's place in the estimators when its key is sampled by the pattern's or the shared one.
     /// `served`: whether the pattern is served now (its calls also feed the whitelist's estimator).
     #[inline]
-    fn track(&self, state: &Active, entry: &PatternEntry, pattern: &str, key: &str, served: bool) -> Option<Track> {
+    fn track(
+        &self,
+        state: &Active,
+        entry: &PatternEntry,
+        pattern: &str,
+        key: &str,
+        served: bool,
+    ) -> Option<Track> {
         let a = self.inner.analysis.as_ref()?;
         let hash = key_hash(key);
         let whitelisted = state.whitelisted.as_ref().filter(|_| served);
@@ -567,7 +574,8 @@ impl CacheRegistry {
         a: &Analysis,
         whitelisted: Option<&Arc<WhitelistShards>>,
     ) -> Track {
-        let ttl = (!a.opts.ignore_ttl).then(|| state.ttl(pattern).as_secs().min(u64::from(u32::MAX)) as u32);
+        let ttl = (!a.opts.ignore_ttl)
+            .then(|| state.ttl(pattern).as_secs().min(u64::from(u32::MAX)) as u32);
         Track {
             hash,
             ttl,
@@ -578,22 +586,40 @@ impl CacheRegistry {
 
     /// Feeds a sampled access, made at raw clock reading `at`, to the pattern's and the shared estimators.
     /// `value_bytes`: the encoded value's size, when known.
-    fn record(&self, entry: &PatternEntry, t: &Track, access: Access, at: u64, value_bytes: Option<usize>) {
-        let Some(a) = &self.inner.analysis else { return };
-        let now = (self.inner.clock.delta_as_nanos(a.epoch, at) / 1_000_000_000).min(u64::from(u32::MAX)) as u32;
+    fn record(
+        &self,
+        entry: &PatternEntry,
+        t: &Track,
+        access: Access,
+        at: u64,
+        value_bytes: Option<usize>,
+    ) {
+        let Some(a) = &self.inner.analysis else {
+            return;
+        };
+        let now = (self.inner.clock.delta_as_nanos(a.epoch, at) / 1_000_000_000)
+            .min(u64::from(u32::MAX)) as u32;
         let weight = value_bytes.map(|v| {
-            (v as u64 + t.key_bytes + u64::from(a.opts.per_key_overhead_bytes)).min(u64::from(u32::MAX)) as u32
+            analysis::redis_entry_bytes(t.key_bytes, v as u64, a.opts.per_key_overhead_bytes)
+                .min(u64::from(u32::MAX)) as u32
         });
         if let Some(s) = &entry.shards {
             s.access(t.hash, access, now, weight, t.ttl, entry.tag);
         }
-        a.shared.access(t.hash, access, now, weight, t.ttl, entry.tag);
+        a.shared
+            .access(t.hash, access, now, weight, t.ttl, entry.tag);
         if let Some(w) = &t.whitelisted {
-            w.shards.access(t.hash, access, now, weight, t.ttl, entry.tag);
+            w.shards
+                .access(t.hash, access, now, weight, t.ttl, entry.tag);
         }
     }
 
-    async fn observe<C, E, F, Fut>(&self, entry: &PatternEntry, track: Option<Track>, loader: F) -> Result<C, E>
+    async fn observe<C, E, F, Fut>(
+        &self,
+        entry: &PatternEntry,
+        track: Option<Track>,
+        loader: F,
+    ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
@@ -709,7 +735,11 @@ impl CacheRegistry {
         if leader.as_ref().is_none_or(flight::LeaderGuard::is_detached) {
             // An invalidation arrived while loading (or we are a follower whose leader failed): this value may
             // predate a write, so it is returned to this caller only, never shared or stored.
-            record(track.as_ref().map(|_| codec::HEADER_BYTES + value.payload_len()));
+            record(
+                track
+                    .as_ref()
+                    .map(|_| codec::HEADER_BYTES + value.payload_len()),
+            );
             return Ok(value);
         }
         let bytes = match codec::encode(key, &value, version) {
@@ -805,7 +835,11 @@ impl CacheRegistry {
                 .enabled
                 .then(|| self.track(&state, entry, &pattern, key, state.serves(&pattern)))
                 .flatten();
-            (entry, state.serves(&pattern).then(|| state.ttl(&pattern)), track)
+            (
+                entry,
+                state.serves(&pattern).then(|| state.ttl(&pattern)),
+                track,
+            )
         };
         if state.policy.enabled {
             entry.metrics.write();
@@ -1156,8 +1190,16 @@ impl CacheRegistry {
         use prometheus::core::Metric as _;
         let s = self.inner.state.load_full();
         let (capacities, overhead, ignore_ttl) = match &self.inner.analysis {
-            Some(a) => (a.opts.capacities.clone(), a.opts.per_key_overhead_bytes, a.opts.ignore_ttl),
-            None => (AnalysisOptions::default().capacities, analysis::REDIS_PER_KEY_OVERHEAD_BYTES, false),
+            Some(a) => (
+                a.opts.capacities.clone(),
+                a.opts.per_key_overhead_bytes,
+                a.opts.ignore_ttl,
+            ),
+            None => (
+                AnalysisOptions::default().capacities,
+                analysis::REDIS_PER_KEY_OVERHEAD_BYTES,
+                false,
+            ),
         };
         let observed_seconds = self.observed_seconds();
         let mut names: Vec<(&str, usize)> = s.patterns.iter().map(|(n, &i)| (&**n, i)).collect();
@@ -1188,15 +1230,33 @@ impl CacheRegistry {
                 }
             })
             .collect();
-        let mean_loader = if loader_calls > 0 { loader_secs / loader_calls as f64 } else { 0.0 };
+        let mean_loader = if loader_calls > 0 {
+            loader_secs / loader_calls as f64
+        } else {
+            0.0
+        };
         let shared = self.inner.analysis.as_ref().map(|a| {
             let (curve, stats) = a.shared.curve(total_gets);
-            analysis::shared_report(total_gets, &curve, &stats, &capacities, observed_seconds, mean_loader)
+            analysis::shared_report(
+                total_gets,
+                &curve,
+                &stats,
+                &capacities,
+                observed_seconds,
+                mean_loader,
+            )
         });
         let whitelisted = s.whitelisted.as_ref().map(|w| {
             let gets = w.gets.load(Ordering::Relaxed);
             let (curve, stats) = w.shards.curve(gets);
-            analysis::shared_report(gets, &curve, &stats, &capacities, observed_seconds, mean_loader)
+            analysis::shared_report(
+                gets,
+                &curve,
+                &stats,
+                &capacities,
+                observed_seconds,
+                mean_loader,
+            )
         });
         let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
         let routes = self
@@ -1218,14 +1278,16 @@ impl CacheRegistry {
             })
             .collect();
         analysis::build(
+            analysis::ReportContext {
+                capacities: &capacities,
+                per_key_overhead_bytes: overhead,
+                observed_seconds,
+                generated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            },
             patterns,
             shared,
             whitelisted,
             routes,
-            &capacities,
-            overhead,
-            observed_seconds,
-            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         )
     }
 
@@ -1234,20 +1296,33 @@ impl CacheRegistry {
     pub fn predicted_hit_ratio_at_bytes(&self, bytes: u64) -> Option<f64> {
         let a = self.inner.analysis.as_ref()?;
         let s = self.inner.state.load();
-        let gets = s.patterns.values().map(|&i| self.slot(i).metrics.counts().gets).sum();
+        let gets = s
+            .patterns
+            .values()
+            .map(|&i| self.slot(i).metrics.counts().gets)
+            .sum();
         Some(a.shared.curve(gets).0.hit_ratio_at_bytes(bytes as f64))
     }
 
     /// Seconds since the registry started, on its clock.
     fn observed_seconds(&self) -> f64 {
-        let epoch = self.inner.analysis.as_ref().map_or(self.inner.started, |a| a.epoch);
-        self.inner.clock.delta_as_nanos(epoch, self.inner.clock.raw()) as f64 * 1e-9
+        let epoch = self
+            .inner
+            .analysis
+            .as_ref()
+            .map_or(self.inner.started, |a| a.epoch);
+        self.inner
+            .clock
+            .delta_as_nanos(epoch, self.inner.clock.raw()) as f64
+            * 1e-9
     }
 
     /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
     /// together (`key_pattern="*"`), for the `cache_predicted_hit_ratio` gauge: (pattern, capacity, ratio).
     pub(crate) fn predicted_hit_ratios(&self) -> Vec<(String, u64, f64)> {
-        let Some(a) = &self.inner.analysis else { return Vec::new() };
+        let Some(a) = &self.inner.analysis else {
+            return Vec::new();
+        };
         let s = self.inner.state.load();
         let mut out = Vec::new();
         let mut total = 0;
@@ -1335,7 +1410,9 @@ impl prometheus::core::Collector for PredictedHitRatio {
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         use prometheus::proto;
-        let Some(inner) = self.registry.upgrade() else { return Vec::new() };
+        let Some(inner) = self.registry.upgrade() else {
+            return Vec::new();
+        };
         let registry = CacheRegistry { inner };
         let metrics = registry
             .predicted_hit_ratios()

@@ -111,7 +111,10 @@ pub fn parse_line(
                 .parse()
                 .map_err(|_| format!("timestamp {:?} is not a number", cols[0]))?;
             if !(timestamp.is_finite() && timestamp >= 0.0) {
-                return Err(format!("timestamp {:?} is not a non-negative number", cols[0]));
+                return Err(format!(
+                    "timestamp {:?} is not a non-negative number",
+                    cols[0]
+                ));
             }
             let key = cols[1];
             if key.is_empty() {
@@ -206,8 +209,13 @@ pub struct ReplayReport {
     /// With `--impl redis`: the server's `maxmemory` in bytes (0: unlimited).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_maxmemory_bytes: Option<u64>,
-    /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one LRU cache of that many
-    /// bytes (byte miss ratio curve, keys, values and per-key overhead counted), beside the measured `hit_ratio`.
+    /// With `--impl redis`: the server's `used_memory` before the replay, in bytes (its own structures and anything
+    /// outside the replay's prefix), which the cache cannot use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_baseline_bytes: Option<u64>,
+    /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one LRU cache of
+    /// `maxmemory − baseline` bytes (byte miss ratio curve: keys, values and per-key overhead), beside the measured
+    /// overall `hit_ratio`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_hit_ratio_at_maxmemory: Option<f64>,
 }
@@ -391,9 +399,13 @@ impl ReplayReport {
             out.push_str(&row(p, c));
         }
         out.push_str(&row("(overall)", &self.overall));
-        if let (Some(max), Some(p)) = (self.redis_maxmemory_bytes, self.predicted_hit_ratio_at_maxmemory) {
+        if let (Some(max), Some(p)) = (
+            self.redis_maxmemory_bytes,
+            self.predicted_hit_ratio_at_maxmemory,
+        ) {
             out.push_str(&format!(
-                "redis maxmemory {max} bytes: measured hit ratio {:.5}, predicted {p:.5}\n",
+                "redis maxmemory {max} bytes ({} before the replay): measured hit ratio {:.5}, predicted {p:.5}\n",
+                self.redis_baseline_bytes.unwrap_or(0),
                 self.overall.hit_ratio
             ));
         }

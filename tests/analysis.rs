@@ -80,7 +80,11 @@ fn mixed_slice(n: usize) -> Vec<String> {
         .collect()
 }
 
-async fn replay_registry(lines: &[String], analysis: AnalysisOptions, ttl: Option<u64>) -> CacheRegistry {
+async fn replay_registry(
+    lines: &[String],
+    analysis: AnalysisOptions,
+    ttl: Option<u64>,
+) -> CacheRegistry {
     let (clock, mock) = quanta::Clock::mock();
     let registry = CacheRegistry::new(RegistryOptions {
         policy: Policy {
@@ -102,9 +106,15 @@ async fn replay_registry(lines: &[String], analysis: AnalysisOptions, ttl: Optio
         strict: true,
         clock: Some(mock),
     };
-    replay::replay(&registry, text.as_bytes(), TraceFormat::Twitter, &opts, |_| {})
-        .await
-        .expect("replay");
+    replay::replay(
+        &registry,
+        text.as_bytes(),
+        TraceFormat::Twitter,
+        &opts,
+        |_| {},
+    )
+    .await
+    .expect("replay");
     registry
 }
 
@@ -115,15 +125,21 @@ async fn predictions_match_an_exact_lru_simulation_on_a_trace_slice() {
     let capacities = [1_000u64, 5_000, 10_000, 50_000];
     // Exact LRU, one cache per pattern and one for all.
     let mut exact: BTreeMap<String, Vec<ExactLru>> = BTreeMap::new();
-    let mut all: Vec<ExactLru> = capacities.iter().map(|&c| ExactLru::new(c as usize)).collect();
+    let mut all: Vec<ExactLru> = capacities
+        .iter()
+        .map(|&c| ExactLru::new(c as usize))
+        .collect();
     for line in &lines {
         let req = replay::parse_line(TraceFormat::Twitter, line)
             .expect("valid")
             .expect("line");
         let pattern = req.key.rsplit_once(':').expect("namespaced").0.to_string();
-        let caches = exact
-            .entry(pattern)
-            .or_insert_with(|| capacities.iter().map(|&c| ExactLru::new(c as usize)).collect());
+        let caches = exact.entry(pattern).or_insert_with(|| {
+            capacities
+                .iter()
+                .map(|&c| ExactLru::new(c as usize))
+                .collect()
+        });
         for lru in caches.iter_mut().chain(all.iter_mut()) {
             match req.op {
                 Op::Get => lru.get(&req.key),
@@ -148,7 +164,10 @@ async fn predictions_match_an_exact_lru_simulation_on_a_trace_slice() {
             let p = predicted[&c.to_string()];
             let e = lru.hit_ratio();
             eprintln!("{name} @{c}: predicted {p:.4}, exact {e:.4}");
-            assert!((p - e).abs() <= 0.04, "{name} @{c}: predicted {p}, exact {e}");
+            assert!(
+                (p - e).abs() <= 0.04,
+                "{name} @{c}: predicted {p}, exact {e}"
+            );
             sum += (p - e).abs();
         }
         let mae = sum / capacities.len() as f64;
@@ -172,13 +191,25 @@ async fn ttl_turns_late_reuses_into_misses() {
     let none = replay_registry(&lines, AnalysisOptions::default(), None).await;
     let max = |r: &CacheRegistry| r.report().patterns["item"].max_hit_ratio;
     // With a TTL of 600 s a key is rewritten every 600 s: 1 miss in 12 reads after the first.
-    assert!((max(&long) - (1.0 - 50.0 / 5000.0 - 50.0 * 8.0 / 5000.0)).abs() < 0.02, "{}", max(&long));
+    assert!(
+        (max(&long) - (1.0 - 50.0 / 5000.0 - 50.0 * 8.0 / 5000.0)).abs() < 0.02,
+        "{}",
+        max(&long)
+    );
     assert_eq!(max(&short), 0.0, "every reuse comes after a 30 s TTL");
     assert!((max(&none) - 0.99).abs() < 1e-9);
     let r = short.report();
     let item = &r.patterns["item"];
-    assert!(item.misses_at_any_size.expired > 0.98, "{:?}", item.misses_at_any_size);
-    assert_eq!(item.recommended_ttl_secs, Some(64), "the shortest power of two above 50 s");
+    assert!(
+        item.misses_at_any_size.expired > 0.98,
+        "{:?}",
+        item.misses_at_any_size
+    );
+    assert_eq!(
+        item.recommended_ttl_secs,
+        Some(64),
+        "the shortest power of two above 50 s"
+    );
 }
 
 #[tokio::test]
@@ -192,7 +223,10 @@ async fn invalidations_end_reuse() {
                 .get_or_load(&format!("order:{id}"), || async { Ok(id) })
                 .await;
             if round % 2 == 1 {
-                registry.invalidate(&format!("order:{id}")).await.expect("invalidate");
+                registry
+                    .invalidate(&format!("order:{id}"))
+                    .await
+                    .expect("invalidate");
             }
         }
     }
@@ -251,9 +285,16 @@ async fn the_recommendation_applies_as_it_is() {
     assert!((user.max_hit_ratio - 0.9).abs() < 1e-9);
     assert_eq!(user.recommended_objects, Some(200));
     assert!(user.loader.mean_seconds > 40e-6, "{:?}", user.loader);
-    assert!(user.sizes.iter().all(|s| s.origin_seconds_saved_per_second > 0.0));
+    assert!(user
+        .sizes
+        .iter()
+        .all(|s| s.origin_seconds_saved_per_second > 0.0));
     // key "cr:user:NNN" + envelope + JSON string + 128 bytes of overhead
-    assert!((150.0..220.0).contains(&user.mean_key_bytes), "{}", user.mean_key_bytes);
+    assert!(
+        (150.0..220.0).contains(&user.mean_key_bytes),
+        "{}",
+        user.mean_key_bytes
+    );
     assert!(!report.patterns["rare"].recommended);
     let rec = &report.recommendation;
     assert_eq!(rec.whitelist, vec!["user".to_string()]);
@@ -297,9 +338,16 @@ fn estimator_memory_stays_within_its_bound_over_ten_million_keys() {
         stats.sampled_keys, stats.rate, stats.distinct_keys
     );
     assert!(peak <= bound, "{peak} > {bound}");
-    assert!(bound < 950 * 1024, "the documented bound is about 0.9 MiB: {bound}");
+    assert!(
+        bound < 950 * 1024,
+        "the documented bound is about 0.9 MiB: {bound}"
+    );
     assert!(stats.sampled_keys as usize <= s.max_keys());
-    assert!((stats.distinct_keys / n as f64 - 1.0).abs() < 0.05, "{}", stats.distinct_keys);
+    assert!(
+        (stats.distinct_keys / n as f64 - 1.0).abs() < 0.05,
+        "{}",
+        stats.distinct_keys
+    );
     // No key is read twice; what remains is SHARDS_adj moving the sample's ±1/sqrt(s_max) (about 1.2%) count
     // error to distance 0.
     assert!(curve.max_hit_ratio() < 0.03, "{}", curve.max_hit_ratio());

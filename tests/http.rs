@@ -431,7 +431,10 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
         }
         if round < 12 {
             for p in 1..=10 {
-                assert_eq!(get(&app, &format!("/projects/{p}/members")).await.0, StatusCode::OK);
+                assert_eq!(
+                    get(&app, &format!("/projects/{p}/members")).await.0,
+                    StatusCode::OK
+                );
             }
         }
         let (s, _, text) = call(
@@ -451,11 +454,19 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
     assert_eq!(user["unique_keys"], 100, "{user}");
     assert_eq!(user["estimated"], true);
     // 100 cold misses, up to 15 reads after an invalidation: the rest hit in any cache of 100 objects or more.
-    let at_1000 = user["predicted_hit_ratio"]["1000"].as_f64().expect("prediction");
-    assert!((1385.0 / 1500.0..=1400.0 / 1500.0).contains(&at_1000), "{user}");
+    let at_1000 = user["predicted_hit_ratio"]["1000"]
+        .as_f64()
+        .expect("prediction");
+    assert!(
+        (1385.0 / 1500.0..=1400.0 / 1500.0).contains(&at_1000),
+        "{user}"
+    );
     assert_eq!(user["recommended"], true, "{user}");
     assert!(user["loader"]["calls"].as_u64() == Some(1500), "{user}");
-    assert!(user["sizes"][0]["memory_bytes"].as_u64().unwrap_or(0) > 100 * 128, "{user}");
+    assert!(
+        user["sizes"][0]["memory_bytes"].as_u64().unwrap_or(0) > 100 * 128,
+        "{user}"
+    );
 
     // Route × pattern: every GET /users/{id} makes one `user` get; its loader time is a share of the route's time.
     let routes = report["routes"].as_array().expect("routes");
@@ -475,14 +486,20 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
         .find(|r| r["route"] == "/projects/{id}/members")
         .expect("members route");
     assert!(
-        members["patterns"].as_array().is_some_and(|p| !p.is_empty()),
+        members["patterns"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
         "{members}"
     );
 
     // The gauge, bounded to the configured capacities.
     let (_, _, metrics) = get(&app, "/metrics").await;
     assert!(
-        (metric(&metrics, r#"cache_predicted_hit_ratio{capacity="1000",key_pattern="user"}"#) - at_1000).abs()
+        (metric(
+            &metrics,
+            r#"cache_predicted_hit_ratio{capacity="1000",key_pattern="user"}"#
+        ) - at_1000)
+            .abs()
             < 0.01,
         "{metrics}"
     );
@@ -495,10 +512,19 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
     // The recommendation is a PUT body as it is.
     let apply = report["recommendation"]["apply"].clone();
     assert_eq!(apply["impl"], "redis");
-    let (s, state, text) = call(&app, Method::PUT, "/internal/cache/config", Some(TOKEN), Some(apply)).await;
+    let (s, state, text) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(TOKEN),
+        Some(apply),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{text}");
     assert!(
-        state["whitelist"].as_array().is_some_and(|w| w.contains(&json!("user"))),
+        state["whitelist"]
+            .as_array()
+            .is_some_and(|w| w.contains(&json!("user"))),
         "{state}"
     );
     for _ in 0..2 {
@@ -506,7 +532,10 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
     }
     let (_, _, metrics) = get(&app, "/metrics").await;
     assert_eq!(
-        metric(&metrics, r#"cache_hits_total{impl="redis",key_pattern="user"}"#),
+        metric(
+            &metrics,
+            r#"cache_hits_total{impl="redis",key_pattern="user"}"#
+        ),
         1.0
     );
     // The whitelist now has its own curve: the cache that serves it, since the switch.

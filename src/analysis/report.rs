@@ -28,6 +28,13 @@ pub const SIZE_SHARE_OF_MAX: f64 = 0.95;
 /// The suggested TTL covers this share of the observed reuse intervals.
 pub const TTL_REUSE_SHARE: f64 = 0.90;
 
+/// Shortest recommended TTL, in seconds: a short observation window only sees short reuse intervals, and a TTL
+/// below a minute would turn every pause in traffic into misses.
+pub const MIN_RECOMMENDED_TTL_SECS: u64 = 60;
+
+/// Longest recommended TTL, in seconds (one day).
+pub const MAX_RECOMMENDED_TTL_SECS: u64 = 86_400;
+
 /// Shares of the best hit ratio at which the report gives the memory needed.
 const MEMORY_SHARES: [f64; 5] = [0.5, 0.8, 0.9, 0.95, 0.99];
 
@@ -152,7 +159,7 @@ pub struct PatternReport {
     /// Redis memory of the recommended capacity, in bytes.
     pub recommended_memory_bytes: Option<u64>,
     /// Recommended TTL in seconds: the shortest power of two covering 90% of observed reuse intervals, within
-    /// 1 s … 1 day (the current TTL when no reuse was seen).
+    /// 60 s … 1 day (the current TTL when no reuse was seen).
     pub recommended_ttl_secs: Option<u64>,
     /// Why (or why not).
     pub reasons: Vec<String>,
@@ -251,7 +258,8 @@ pub struct Report {
 }
 
 /// The method line of every report.
-pub const METHOD: &str = "fixed-size SHARDS with SHARDS_adj (Waldspurger et al., FAST 2015), TTL-aware \
+pub const METHOD: &str =
+    "fixed-size SHARDS with SHARDS_adj (Waldspurger et al., FAST 2015), TTL-aware \
 (Sultan et al., EuroSys 2024), deletes end reuse; LRU hit ratio by object count and by bytes";
 
 /// Everything the registry knows about one pattern.
@@ -394,11 +402,7 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn pattern_report(
-    p: &PatternInput,
-    capacities: &[u64],
-    observed_seconds: f64,
-) -> PatternReport {
+fn pattern_report(p: &PatternInput, capacities: &[u64], observed_seconds: f64) -> PatternReport {
     let requests = p.gets + p.writes + p.deletes;
     let write_ratio = ratio((p.writes + p.deletes) as f64, requests as f64);
     let gets_per_second = ratio(p.gets as f64, observed_seconds);
@@ -412,7 +416,10 @@ fn pattern_report(
     };
     let value_bytes = ValueSizes {
         count: p.value_size.get_sample_count(),
-        mean: ratio(p.value_size.get_sample_sum(), p.value_size.get_sample_count() as f64),
+        mean: ratio(
+            p.value_size.get_sample_sum(),
+            p.value_size.get_sample_count() as f64,
+        ),
         p50: quantile(&p.value_size, 0.5),
         p90: quantile(&p.value_size, 0.9),
         p99: quantile(&p.value_size, 0.99),
@@ -454,7 +461,13 @@ fn pattern_report(
     r.unique_keys = stats.distinct_keys.round() as u64;
     r.predicted_hit_ratio = capacity_map(capacities, curve);
     r.max_hit_ratio = round5(max);
-    r.sizes = sizes(capacities, curve, stats, gets_per_second, r.loader.mean_seconds);
+    r.sizes = sizes(
+        capacities,
+        curve,
+        stats,
+        gets_per_second,
+        r.loader.mean_seconds,
+    );
     r.memory_for_hit_ratio = memory_points(curve);
     let gets = (p.gets as f64).max(1.0);
     r.misses_at_any_size = MissCauses {
@@ -468,17 +481,16 @@ fn pattern_report(
     let target = max * SIZE_SHARE_OF_MAX;
     r.recommended_objects = curve.objects_for(target).map(|x| x as u64);
     r.recommended_memory_bytes = curve.bytes_for(target).map(|x| x as u64);
-    r.recommended_ttl_secs = Some(
-        suggested_ttl(&stats.reuse_secs, TTL_REUSE_SHARE)
-            .unwrap_or(p.policy_ttl_secs)
-            .clamp(1, MAX_TTL_SECS),
-    );
+    r.recommended_ttl_secs = Some(match suggested_ttl(&stats.reuse_secs, TTL_REUSE_SHARE) {
+        Some(ttl) => ttl.clamp(MIN_RECOMMENDED_TTL_SECS, MAX_RECOMMENDED_TTL_SECS),
+        None => p.policy_ttl_secs.clamp(1, MAX_TTL_SECS),
+    });
 
     let mut ok = true;
     if p.gets < MIN_GETS {
         ok = false;
         r.reasons.push(format!(
-            "only {} gets observed; at least {MIN_GETS} are needed to recommend",
+            "too little traffic: {} of the {MIN_GETS} gets needed to recommend",
             p.gets
         ));
     }
@@ -503,7 +515,8 @@ fn pattern_report(
     }
     if ok {
         let objects = r.recommended_objects.unwrap_or(0);
-        let saved = curve.hit_ratio_at_objects(objects as f64) * gets_per_second * r.loader.mean_seconds;
+        let saved =
+            curve.hit_ratio_at_objects(objects as f64) * gets_per_second * r.loader.mean_seconds;
         r.reasons.push(format!(
             "predicted hit ratio {:.1}% at {} objects ({}), {:.0}% of the best any size reaches; saves {:.3} s of \
              origin time per second",
@@ -515,7 +528,8 @@ fn pattern_report(
         ));
         if let Some(ttl) = r.recommended_ttl_secs {
             r.reasons.push(format!(
-                "TTL {ttl} s keeps {:.0}% of the observed reuse intervals",
+                "TTL {ttl} s keeps {:.0}% of the observed reuse intervals (the shortest power of two of seconds \
+                 that does, at least {MIN_RECOMMENDED_TTL_SECS} s, at most a day)",
                 TTL_REUSE_SHARE * 100.0
             ));
         }
@@ -576,20 +590,34 @@ fn route_report(r: RouteInput) -> RouteReport {
     }
 }
 
+/// What every part of a report shares.
+pub(crate) struct ReportContext<'a> {
+    pub(crate) capacities: &'a [u64],
+    pub(crate) per_key_overhead_bytes: u32,
+    pub(crate) observed_seconds: f64,
+    pub(crate) generated_at: String,
+}
+
 /// Builds the report.
 pub(crate) fn build(
+    ctx: ReportContext<'_>,
     patterns: Vec<PatternInput>,
     shared: Option<SharedReport>,
     whitelisted: Option<SharedReport>,
     routes: Vec<RouteInput>,
-    capacities: &[u64],
-    per_key_overhead_bytes: u32,
-    observed_seconds: f64,
-    generated_at: String,
 ) -> Report {
+    let ReportContext {
+        capacities,
+        per_key_overhead_bytes,
+        observed_seconds,
+        generated_at,
+    } = ctx;
     let mut out = BTreeMap::new();
     for p in &patterns {
-        out.insert(p.name.clone(), pattern_report(p, capacities, observed_seconds));
+        out.insert(
+            p.name.clone(),
+            pattern_report(p, capacities, observed_seconds),
+        );
     }
     let whitelist: Vec<String> = out
         .iter()
@@ -604,13 +632,23 @@ pub(crate) fn build(
     for name in &whitelist {
         let r = &out[name];
         memory += r.recommended_memory_bytes.unwrap_or(0);
-        if let (Some(objects), Some(p)) = (r.recommended_objects, patterns.iter().find(|p| &p.name == name)) {
+        if let (Some(objects), Some(p)) = (
+            r.recommended_objects,
+            patterns.iter().find(|p| &p.name == name),
+        ) {
             if let Some((curve, _)) = &p.curve {
-                saved += curve.hit_ratio_at_objects(objects as f64) * r.gets_per_second * r.loader.mean_seconds;
+                saved += curve.hit_ratio_at_objects(objects as f64)
+                    * r.gets_per_second
+                    * r.loader.mean_seconds;
             }
         }
         if let Some(ttl) = r.recommended_ttl_secs {
-            apply_patterns.insert(name.clone(), PatternPolicy { ttl_secs: Some(ttl) });
+            apply_patterns.insert(
+                name.clone(),
+                PatternPolicy {
+                    ttl_secs: Some(ttl),
+                },
+            );
             let _ = write!(toml, "\n[cache.patterns.{:?}]\nttl_secs = {ttl}\n", name);
         }
     }
@@ -665,7 +703,11 @@ impl Report {
                 p.max_hit_ratio
             );
             for c in &self.capacities {
-                let v = p.predicted_hit_ratio.get(&c.to_string()).copied().unwrap_or(0.0);
+                let v = p
+                    .predicted_hit_ratio
+                    .get(&c.to_string())
+                    .copied()
+                    .unwrap_or(0.0);
                 let _ = write!(out, " {v:>10.4}");
             }
             let _ = writeln!(
@@ -676,7 +718,10 @@ impl Report {
                 if p.recommended { "yes" } else { "no" }
             );
         }
-        for (label, shared) in [("(all, one cache)", &self.shared), ("(whitelist, one cache)", &self.whitelist)] {
+        for (label, shared) in [
+            ("(all, one cache)", &self.shared),
+            ("(whitelist, one cache)", &self.whitelist),
+        ] {
             let Some(s) = shared else { continue };
             let _ = write!(
                 out,
@@ -684,7 +729,11 @@ impl Report {
                 label, s.gets, "", s.unique_keys, s.max_hit_ratio
             );
             for c in &self.capacities {
-                let v = s.predicted_hit_ratio.get(&c.to_string()).copied().unwrap_or(0.0);
+                let v = s
+                    .predicted_hit_ratio
+                    .get(&c.to_string())
+                    .copied()
+                    .unwrap_or(0.0);
                 let _ = write!(out, " {v:>10.4}");
             }
             out.push('\n');

@@ -167,11 +167,24 @@ pub enum Access {
 /// The check [`samples`](Shards::samples) is one relaxed atomic load; only sampled references take the mutex, and
 /// the fraction sampled falls as `max_keys / distinct keys` once more than `max_keys` distinct keys were seen.
 pub struct Shards {
-    threshold: AtomicU64,
+    /// Read by every call, written only when the rate falls: kept off the mutex's cache line, which sampled calls
+    /// write, so that unsampled calls on other threads do not miss on it.
+    threshold: Padded<AtomicU64>,
     max_keys: usize,
     /// Highest threshold once warmed up (`max_rate × 2^64`).
     rate_cap: u64,
-    state: Mutex<State>,
+    state: Padded<Mutex<State>>,
+}
+
+/// A value alone on its (pair of) cache line(s).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Shards {
@@ -237,10 +250,10 @@ impl Shards {
             (max_rate.max(1e-9) * 2f64.powi(64)) as u64
         };
         Shards {
-            threshold: AtomicU64::new(u64::MAX),
+            threshold: Padded(AtomicU64::new(u64::MAX)),
             max_keys,
             rate_cap,
-            state: Mutex::new(State {
+            state: Padded(Mutex::new(State {
                 threshold: u64::MAX,
                 weight: 1.0,
                 entries: HashMap::default(),
@@ -256,7 +269,7 @@ impl Shards {
                 expired: 0.0,
                 invalidated: 0.0,
                 sampled_gets: 0,
-            }),
+            })),
         }
     }
 
@@ -586,9 +599,9 @@ impl State {
         let entries = &self.entries;
         self.tree = Fenwick::build(
             n,
-            live.iter().enumerate().map(|(i, (_, h))| {
-                (i + 1, entries.get(h).map_or(0, |e| e.weight))
-            }),
+            live.iter()
+                .enumerate()
+                .map(|(i, (_, h))| (i + 1, entries.get(h).map_or(0, |e| e.weight))),
         );
         self.next_ts = live.len() + 1;
     }
@@ -637,7 +650,11 @@ mod tests {
         let (c, st) = s.curve(30);
         assert_eq!(st.rate, 1.0);
         assert!((st.distinct_keys - 3.0).abs() < 1e-9);
-        assert_eq!(c.hit_ratio_at_objects(2.0), 0.0, "LRU of 2 thrashes a cycle of 3");
+        assert_eq!(
+            c.hit_ratio_at_objects(2.0),
+            0.0,
+            "LRU of 2 thrashes a cycle of 3"
+        );
         assert!((c.hit_ratio_at_objects(3.0) - 0.9).abs() < 1e-9);
         assert!((c.max_hit_ratio() - 0.9).abs() < 1e-9);
         // bytes: two others of 10 bytes in between, plus itself.
@@ -734,11 +751,23 @@ mod tests {
         }
         let (c, st) = s.curve(n);
         assert!((st.rate - 0.125).abs() < 1e-9, "{}", st.rate);
-        assert!((st.sampled_keys as f64 / keys as f64 - 0.125).abs() < 0.05, "{}", st.sampled_keys);
+        assert!(
+            (st.sampled_keys as f64 / keys as f64 - 0.125).abs() < 0.05,
+            "{}",
+            st.sampled_keys
+        );
         assert!(st.sampled_gets < WARMUP_GETS + n / 4, "{}", st.sampled_gets);
         // Still about right: every reuse is at distance 1023.
-        assert!(c.hit_ratio_at_objects(900.0) < 0.1, "{}", c.hit_ratio_at_objects(900.0));
-        assert!(c.hit_ratio_at_objects(1100.0) > 0.9, "{}", c.hit_ratio_at_objects(1100.0));
+        assert!(
+            c.hit_ratio_at_objects(900.0) < 0.1,
+            "{}",
+            c.hit_ratio_at_objects(900.0)
+        );
+        assert!(
+            c.hit_ratio_at_objects(1100.0) > 0.9,
+            "{}",
+            c.hit_ratio_at_objects(1100.0)
+        );
     }
 
     #[test]
