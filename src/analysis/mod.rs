@@ -2,7 +2,8 @@
 //!
 //! Every get, set and invalidation that goes through the [`CacheRegistry`](crate::CacheRegistry), whatever the
 //! impl, also feeds an online estimator of the LRU miss ratio curve: one per key pattern (for the first
-//! [`AnalysisOptions::max_patterns`] patterns) and one shared by every pattern (one Redis holds them all). The
+//! [`AnalysisOptions::max_patterns`] patterns), one shared by every pattern (one Redis holds them all), and, while a
+//! whitelist is served, one for the whitelisted patterns together (the cache that serves them). The
 //! estimator is fixed-size SHARDS ([`Shards`], Waldspurger et al., FAST 2015), TTL-aware and invalidation-aware,
 //! in a fixed amount of memory per pattern. [`Report`] turns the curves and the registry's counters into
 //! per-pattern predictions (hit ratio, memory, origin time saved) and a recommendation that
