@@ -100,12 +100,17 @@ pub fn parse_line(
     }
     match format {
         TraceFormat::Twitter => {
-            let cols: Vec<&str> = line.split(',').collect();
-            if cols.len() != 7 {
-                return Err(format!(
-                    "expected 7 comma-separated columns, found {}",
-                    cols.len()
-                ));
+            // Split into a fixed array: no allocation per line.
+            let mut cols = [""; 7];
+            let mut n = 0;
+            for col in line.split(',') {
+                if n < 7 {
+                    cols[n] = col;
+                }
+                n += 1;
+            }
+            if n != 7 {
+                return Err(format!("expected 7 comma-separated columns, found {n}"));
             }
             let timestamp: f64 = cols[0]
                 .parse()
@@ -250,7 +255,7 @@ pub async fn replay(
     let mut clock_nanos = 0u64;
     let mut line = String::new();
     let mut line_no = 0u64;
-    let mut requests: HashMap<String, u64> = HashMap::new();
+    let mut requests: HashMap<String, u64, foldhash::fast::RandomState> = HashMap::default();
     let mut malformed = 0u64;
     let mut zeros = Bytes::from(vec![0u8; 1 << 16]);
     let max_patterns = 10_000;
