@@ -652,6 +652,47 @@ mod tests {
             jail.create_file("config/default.toml", "[cache]\nimpl = \"null\"\nttl = 5\n")?;
             let e = err_text(load(jail));
             assert!(e.contains("ttl"), "unknown keys are errors: {e}");
+
+            for (toml, key, value) in [
+                ("sample_keys = 10", "cache.analysis.sample_keys", "10"),
+                (
+                    "shared_sample_keys = 0",
+                    "cache.analysis.shared_sample_keys",
+                    "0",
+                ),
+                (
+                    "max_sampling_rate = 0.0",
+                    "cache.analysis.max_sampling_rate",
+                    "0",
+                ),
+                ("capacities = []", "cache.analysis.capacities", "[]"),
+                ("capacities = [1, 0]", "cache.analysis.capacities", "0"),
+                (
+                    "max_patterns = 20000",
+                    "cache.analysis.max_patterns",
+                    "20000",
+                ),
+            ] {
+                jail.create_file(
+                    "config/default.toml",
+                    &format!("[cache.analysis]\n{toml}\n"),
+                )?;
+                let e = err_text(load(jail));
+                assert!(e.contains(key) && e.contains(value), "{toml}: {e}");
+            }
+            jail.create_file("config/default.toml", "[cache.analysis]\nsample = 5\n")?;
+            let e = err_text(load(jail));
+            assert!(
+                e.contains("sample"),
+                "unknown analysis keys are errors: {e}"
+            );
+            jail.set_env("CACHE_ROLLOUT_CACHE__ANALYSIS__SAMPLE_KEYS", "32");
+            jail.create_file("config/default.toml", "")?;
+            let e = err_text(load(jail));
+            assert!(
+                e.contains("cache.analysis.sample_keys") && e.contains("32"),
+                "{e}"
+            );
             Ok(())
         });
     }
