@@ -67,7 +67,7 @@ pub struct AnalysisOptions {
     pub sample_keys: usize,
     /// Keys sampled by the estimator shared by all patterns.
     pub shared_sample_keys: usize,
-    /// Largest share of keys an estimator samples once it has seen [`WARMUP_GETS`](WARMUP_GETS) sampled
+    /// Largest share of keys an estimator samples once it has seen [`WARMUP_GETS`] sampled
     /// gets (0–1]: small key spaces are exact at first, then a hot small key space costs the lock on at most this
     /// share of its calls.
     pub max_sampling_rate: f64,
