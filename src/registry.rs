@@ -164,6 +164,39 @@ struct Track {
     whitelisted: Option<Arc<WhitelistShards>>,
 }
 
+/// A sampled get not yet fed to the estimators. It is fed when the call completes ([`PendingGet::finish`]), or, if
+/// the caller's future is dropped first (a timeout, a client gone), on drop as a get whose value was not stored: the
+/// gets offered count it either way, and a sampled get missing from the sample would be taken for a hit by
+/// SHARDS_adj.
+struct PendingGet<'a> {
+    registry: &'a CacheRegistry,
+    entry: &'a PatternEntry,
+    track: Option<Track>,
+    /// Raw clock reading when the get started.
+    at: u64,
+}
+
+impl PendingGet<'_> {
+    /// Feeds the get. `value_bytes`: the encoded value's size, when known; `stored`: whether a cache would hold
+    /// the value now (not when the loader failed or the value is over `max_value_bytes`: then the key leaves the
+    /// cache, and its next get misses).
+    fn finish(&mut self, value_bytes: Option<usize>, stored: bool) {
+        if let Some(t) = self.track.take() {
+            self.registry
+                .record(self.entry, &t, Access::Get, self.at, value_bytes);
+            if !stored {
+                self.registry.forget(self.entry, &t);
+            }
+        }
+    }
+}
+
+impl Drop for PendingGet<'_> {
+    fn drop(&mut self) {
+        self.finish(None, false);
+    }
+}
+
 /// Pattern name → index into `Inner::slots`.
 type PatternMap = HashMap<Box<str>, usize, foldhash::fast::RandomState>;
 
@@ -192,6 +225,8 @@ struct WhitelistShards {
     shards: Shards,
     /// Gets of whitelisted patterns since it was created.
     gets: std::sync::atomic::AtomicU64,
+    /// Raw clock reading when it was created.
+    since: u64,
 }
 
 impl Active {
@@ -614,6 +649,20 @@ impl CacheRegistry {
         }
     }
 
+    /// Takes a sampled key out of the estimators' caches (its value was not stored).
+    fn forget(&self, entry: &PatternEntry, t: &Track) {
+        let Some(a) = &self.inner.analysis else {
+            return;
+        };
+        if let Some(s) = &entry.shards {
+            s.delete(t.hash, entry.tag);
+        }
+        a.shared.delete(t.hash, entry.tag);
+        if let Some(w) = &t.whitelisted {
+            w.shards.delete(t.hash, entry.tag);
+        }
+    }
+
     async fn observe<C, E, F, Fut>(
         &self,
         entry: &PatternEntry,
@@ -629,6 +678,12 @@ impl CacheRegistry {
         m.miss(CacheImpl::Null);
         let clock = &self.inner.clock;
         let start = clock.raw();
+        let mut pending = PendingGet {
+            registry: self,
+            entry,
+            track,
+            at: start,
+        };
         let r = loader().await;
         let nanos = nanos_since(clock, start);
         m.observed_load(nanos, r.is_ok());
@@ -636,7 +691,7 @@ impl CacheRegistry {
         let mut size = None;
         if let Ok(v) = &r {
             let sized = m.sample_size(self.inner.size_sample_every);
-            if sized || track.is_some() {
+            if sized || pending.track.is_some() {
                 let bytes = codec::HEADER_BYTES + v.payload_len();
                 if sized {
                     m.value_size.observe(bytes as f64);
@@ -644,9 +699,9 @@ impl CacheRegistry {
                 size = Some(bytes);
             }
         }
-        if let Some(t) = &track {
-            self.record(entry, t, Access::Get, start, size);
-        }
+        // A cache would not store a failed load, nor a value over `max_value_bytes`.
+        let stored = r.is_ok() && size.is_none_or(|b| b <= self.inner.max_value_bytes);
+        pending.finish(size, stored);
         r
     }
 
@@ -671,10 +726,11 @@ impl CacheRegistry {
         let version = self.inner.value_version;
         let clock = &self.inner.clock;
         let start = clock.raw();
-        let record = |size: Option<usize>| {
-            if let Some(t) = &track {
-                self.record(entry, t, Access::Get, start, size);
-            }
+        let mut pending = PendingGet {
+            registry: self,
+            entry,
+            track,
+            at: start,
         };
         let got = backend.get(key).await;
         metrics
@@ -686,7 +742,7 @@ impl CacheRegistry {
                 (len, Ok(v)) => {
                     m.hit(imp);
                     analysis::record_call(entry.tag, 0);
-                    record(Some(len));
+                    pending.finish(Some(len), true);
                     return Ok(v);
                 }
                 (_, Err(e)) => {
@@ -712,7 +768,7 @@ impl CacheRegistry {
                     if let Ok(v) = codec::decode::<C>(bytes, version) {
                         m.coalesced();
                         analysis::record_call(entry.tag, 0);
-                        record(Some(len));
+                        pending.finish(Some(len), true);
                         return Ok(v);
                     }
                 }
@@ -728,18 +784,18 @@ impl CacheRegistry {
         let value = match loaded {
             Ok(v) => v,
             Err(e) => {
-                record(None);
+                pending.finish(None, false);
                 return Err(e);
             }
         };
         if leader.as_ref().is_none_or(flight::LeaderGuard::is_detached) {
             // An invalidation arrived while loading (or we are a follower whose leader failed): this value may
             // predate a write, so it is returned to this caller only, never shared or stored.
-            record(
-                track
-                    .as_ref()
-                    .map(|_| codec::HEADER_BYTES + value.payload_len()),
-            );
+            let size = pending
+                .track
+                .as_ref()
+                .map(|_| codec::HEADER_BYTES + value.payload_len());
+            pending.finish(size, false);
             return Ok(value);
         }
         let bytes = match codec::encode(key, &value, version) {
@@ -747,11 +803,11 @@ impl CacheRegistry {
             Err(e) => {
                 metrics.error(imp, e.error_type());
                 tracing::warn!(key, error = %e, "cache: value not stored");
-                record(None);
+                pending.finish(None, false);
                 return Ok(value);
             }
         };
-        record(Some(bytes.len()));
+        pending.finish(Some(bytes.len()), bytes.len() <= self.inner.max_value_bytes);
         m.value_size.observe(bytes.len() as f64);
         if let Some(g) = &leader {
             g.publish(bytes.clone());
@@ -846,7 +902,11 @@ impl CacheRegistry {
         }
         if let Some(t) = &track {
             let size = codec::HEADER_BYTES + value.payload_len();
-            self.record(entry, t, Access::Set, self.inner.clock.raw(), Some(size));
+            if size <= self.inner.max_value_bytes {
+                self.record(entry, t, Access::Set, self.inner.clock.raw(), Some(size));
+            } else {
+                self.forget(entry, t); // refused as too large: the key is not in the cache after this
+            }
         }
         // Under the NullCache there is nothing to detach or delete: a load left over from an earlier backend can
         // only store into a backend that is flushed before it is active again.
@@ -1100,6 +1160,7 @@ impl CacheRegistry {
         Some(Arc::new(WhitelistShards {
             shards: Shards::with_max_rate(a.opts.shared_sample_keys, a.opts.max_sampling_rate),
             gets: std::sync::atomic::AtomicU64::new(0),
+            since: self.inner.clock.raw(),
         }))
     }
 
@@ -1249,14 +1310,12 @@ impl CacheRegistry {
         let whitelisted = s.whitelisted.as_ref().map(|w| {
             let gets = w.gets.load(Ordering::Relaxed);
             let (curve, stats) = w.shards.curve(gets);
-            analysis::shared_report(
-                gets,
-                &curve,
-                &stats,
-                &capacities,
-                observed_seconds,
-                mean_loader,
-            )
+            let since = self
+                .inner
+                .clock
+                .delta_as_nanos(w.since, self.inner.clock.raw()) as f64
+                * 1e-9;
+            analysis::shared_report(gets, &curve, &stats, &capacities, since, mean_loader)
         });
         let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
         let routes = self

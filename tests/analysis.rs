@@ -352,3 +352,56 @@ fn estimator_memory_stays_within_its_bound_over_ten_million_keys() {
     // error to distance 0.
     assert!(curve.max_hit_ratio() < 0.03, "{}", curve.max_hit_ratio());
 }
+
+#[tokio::test]
+async fn values_a_cache_would_refuse_are_not_predicted_as_hits() {
+    let registry = CacheRegistry::new(RegistryOptions {
+        max_value_bytes: 100,
+        ..RegistryOptions::default()
+    })
+    .await
+    .expect("registry");
+    for _ in 0..10 {
+        for id in 0..50 {
+            let _: Result<String, Infallible> = registry
+                .get_or_load(&format!("big:{id}"), || async { Ok("x".repeat(200)) })
+                .await;
+            let _: Result<String, Infallible> = registry
+                .get_or_load(&format!("small:{id}"), || async { Ok("x".repeat(20)) })
+                .await;
+        }
+    }
+    let report = registry.report();
+    assert_eq!(
+        report.patterns["big"].max_hit_ratio, 0.0,
+        "over max_value_bytes: never stored"
+    );
+    assert!(!report.patterns["big"].recommended);
+    assert!((report.patterns["small"].max_hit_ratio - 0.9).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn cancelled_gets_are_not_taken_for_hits() {
+    let registry = CacheRegistry::new(RegistryOptions::default())
+        .await
+        .expect("registry");
+    // One get completes; then every call gives up before its loader answers (a request timeout, a client gone).
+    // Left out of the sample, those 200 gets would be taken for hits at distance 0 by SHARDS_adj.
+    let _: Result<u32, Infallible> = registry.get_or_load("slow:0", || async { Ok(0) }).await;
+    for id in 1..=200 {
+        let key = format!("slow:{id}");
+        let call = registry.get_or_load(&key, || async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, Infallible>(id)
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(1), call)
+            .await
+            .is_err());
+    }
+    let slow = &registry.report().patterns["slow"];
+    assert_eq!(slow.gets, 201);
+    assert_eq!(
+        slow.max_hit_ratio, 0.0,
+        "201 distinct keys read once: nothing can hit"
+    );
+}

@@ -85,13 +85,14 @@ impl LogHistogram {
         if target <= 0.0 {
             return Some(0.0);
         }
+        // The same running sum as `below`, negative buckets (a negative SHARDS_adj) included.
         let mut sum = 0.0;
         for (i, &n) in self.counts.iter().enumerate() {
-            if n <= 0.0 {
+            if n == 0.0 {
                 continue;
             }
             let (lo, hi) = bucket_bounds(i);
-            if sum + n >= target {
+            if n > 0.0 && sum + n >= target {
                 return Some(lo + (hi - lo) * ((target - sum) / n).clamp(0.0, 1.0));
             }
             sum += n;
@@ -208,5 +209,9 @@ mod tests {
         let c = h.inverse(600.0).expect("reached");
         assert!((c - 600.0).abs() < 1.0, "{c}");
         assert_eq!(h.inverse(1001.0), None);
+        // A negative adjustment at distance 0 counts in both.
+        h.add(0.0, -100.0);
+        let c = h.inverse(500.0).expect("reached");
+        assert!((h.below(c) - 500.0).abs() < 1.0, "{c}: {}", h.below(c));
     }
 }

@@ -65,6 +65,9 @@ impl Hasher for IdHasher {
     }
 }
 
+/// `Entry::last` of a key only ever deleted: it has no access to measure a reuse interval from.
+const NEVER: u32 = u32::MAX;
+
 /// One sampled key.
 #[derive(Clone, Copy)]
 struct Entry {
@@ -362,10 +365,15 @@ impl Shards {
                 );
             }
             Some(e) => {
-                // Invalidated since its last access: a miss, then rewritten.
+                // Not in the cache: invalidated since its last access (a miss, then rewritten), or only ever
+                // deleted so far (its first access: a cold miss, with no reuse interval).
                 if get {
-                    s.invalidated += w;
-                    s.reuse_secs[reuse_bucket(now.saturating_sub(e.last))] += w;
+                    if e.last == NEVER {
+                        s.cold += w;
+                    } else {
+                        s.invalidated += w;
+                        s.reuse_secs[reuse_bucket(now.saturating_sub(e.last))] += w;
+                    }
                 }
                 let ts = s.push(weight);
                 s.entries.insert(
@@ -447,7 +455,7 @@ impl Shards {
                         ts: 0,
                         weight: 0,
                         written: 0,
-                        last: 0,
+                        last: NEVER,
                         tag,
                     },
                 );
@@ -692,10 +700,29 @@ mod tests {
         s.access(1, Access::Get, 16, Some(1), Some(10), 0); // invalidated
         let (c, st) = s.curve(5);
         assert_eq!(st.cold_misses, 1.0);
+        assert_eq!(
+            st.reuse_secs.iter().sum::<f64>(),
+            4.0,
+            "four gets of key 1 after its first"
+        );
         assert_eq!(st.expired_misses, 1.0);
         assert_eq!(st.invalidated_misses, 1.0);
         assert_eq!(st.distinct_keys, 2.0);
         assert!((c.max_hit_ratio() - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_key_first_seen_in_a_delete_is_cold_on_its_first_get() {
+        let s = Shards::new(1000);
+        s.delete(9, 0);
+        s.access(9, Access::Get, 86_000, Some(1), None, 0);
+        let (_, st) = s.curve(1);
+        assert_eq!((st.cold_misses, st.invalidated_misses), (1.0, 0.0));
+        assert_eq!(
+            st.reuse_secs.iter().sum::<f64>(),
+            0.0,
+            "no reuse interval from the delete"
+        );
     }
 
     #[test]
