@@ -826,3 +826,96 @@ async fn an_empty_key_prefix_is_refused() {
         .expect_err("empty prefix");
     assert!(e.to_string().contains("key_prefix"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refusing_writes_with_oom_fails_no_call_and_recovers() {
+    // `maxmemory` with `noeviction`: once over it, Redis answers every SET with an OOM error (reads still work).
+    // A limit of one byte puts it over at once, whatever the baseline.
+    let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let mut conn = server.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut conn)
+        .expect("config set");
+    let calls = AtomicUsize::new(0);
+    for id in 0..20 {
+        assert_eq!(
+            load(&reg, id, &calls).await,
+            user(id, 1),
+            "the loader's value"
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 20);
+    assert!(
+        reg.metrics().errors(CacheImpl::Redis, "redis") >= 20,
+        "each refused SET counted"
+    );
+    for id in 0..20 {
+        load(&reg, id, &calls).await;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        40,
+        "nothing was stored, nothing is served stale"
+    );
+
+    // Room again: values are stored and served.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut conn)
+        .expect("config set");
+    load(&reg, 1, &calls).await;
+    load(&reg, 1, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 41, "stored, then a hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_pause_falls_back_to_the_loader_and_recovers() {
+    let server = RedisServer::start();
+    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let calls = AtomicUsize::new(0);
+    load(&reg, 1, &calls).await;
+    load(&reg, 1, &calls).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "cached");
+
+    // CLIENT PAUSE holds every client's commands (the connection stays up) for 2 s.
+    let mut conn = server.conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("ALL")
+        .query(&mut conn)
+        .expect("pause");
+    for _ in 0..3 {
+        assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "every paused read fell back to the loader"
+    );
+    assert!(
+        reg.metrics().errors(CacheImpl::Redis, "timeout") >= 3,
+        "counted as timeouts"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = calls.load(Ordering::SeqCst);
+        load(&reg, 1, &calls).await;
+        load(&reg, 1, &calls).await;
+        if calls.load(Ordering::SeqCst) - before <= 1 {
+            break; // a hit again
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caching did not resume after the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
