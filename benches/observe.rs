@@ -65,6 +65,21 @@ where
     })
 }
 
+/// `iters` calls of `get_or_load` on `registry`, cycling over `keys`.
+fn cycle(
+    rt: &tokio::runtime::Runtime,
+    registry: &CacheRegistry,
+    keys: &[String],
+    iters: u64,
+) -> Duration {
+    per_call(rt, iters, |i| {
+        let k = &keys[(i % keys.len() as u64) as usize];
+        async move {
+            black_box(registry.get_or_load(k, || loader(i)).await.ok());
+        }
+    })
+}
+
 fn observe(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,135 +112,53 @@ fn observe(c: &mut Criterion) {
             })
         })
     });
-    g.bench_function("disabled", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&disabled, &keys[(i % 1024) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
-    g.bench_function("null_observe", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&null, &keys[(i % 1024) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
-    g.bench_function("null_observe_no_analysis", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&null_plain, &keys[(i % 1024) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
-    let null_many_plain = registry(&rt, CacheImpl::Null, true, false);
-    g.bench_function("null_observe_200k_keys_no_analysis", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&null_many_plain, &many[(i % 200_000) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
-    g.bench_function("null_observe_200k_keys", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&null_many, &many[(i % 200_000) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
     // A key with an id inside (`project:N:members` → `project:*:members`): the pattern is built on the stack.
     let inner: Vec<String> = (0..1024).map(|i| format!("project:{i}:members")).collect();
-    g.bench_function("null_observe_inner_id", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&null, &inner[(i % 1024) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
+    let null_many_plain = registry(&rt, CacheImpl::Null, true, false);
+    for (name, reg, keys) in [
+        ("disabled", &disabled, &keys),
+        ("null_observe", &null, &keys),
+        ("null_observe_no_analysis", &null_plain, &keys),
+        (
+            "null_observe_200k_keys_no_analysis",
+            &null_many_plain,
+            &many,
+        ),
+        ("null_observe_200k_keys", &null_many, &many),
+        ("null_observe_inner_id", &null, &inner),
+        ("memory_hit", &memory, &keys),
+    ] {
+        g.bench_function(name, |b| b.iter_custom(|n| cycle(&rt, reg, keys, n)));
+    }
     // Two threads, each with its own runtime, observing the same pattern through one registry: what the shared
-    // counters and the ArcSwap cost under contention. Time per call on each thread.
-    g.bench_function("null_observe_2_threads", |b| {
-        b.iter_custom(|n| {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..2)
-                    .map(|_| {
-                        let (null, keys) = (&null, &keys);
-                        s.spawn(move || {
-                            let rt = tokio::runtime::Builder::new_current_thread()
-                                .build()
-                                .expect("runtime");
-                            per_call(&rt, n, |i| {
-                                let k = &keys[(i % 1024) as usize];
-                                async move {
-                                    black_box(null.get_or_load(k, || loader(i)).await.ok());
-                                }
+    // counters, the estimators and the ArcSwap cost under contention. Time per call on each thread.
+    for (name, reg) in [
+        ("null_observe_2_threads", &null),
+        ("null_observe_2_threads_no_analysis", &null_plain),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..2)
+                        .map(|_| {
+                            let keys = &keys;
+                            s.spawn(move || {
+                                let rt = tokio::runtime::Builder::new_current_thread()
+                                    .build()
+                                    .expect("runtime");
+                                cycle(&rt, reg, keys, n)
                             })
                         })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("bench thread"))
-                    .max()
-                    .unwrap_or_default()
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("bench thread"))
+                        .max()
+                        .unwrap_or_default()
+                })
             })
-        })
-    });
-    g.bench_function("null_observe_2_threads_no_analysis", |b| {
-        b.iter_custom(|n| {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..2)
-                    .map(|_| {
-                        let (null, keys) = (&null_plain, &keys);
-                        s.spawn(move || {
-                            let rt = tokio::runtime::Builder::new_current_thread()
-                                .build()
-                                .expect("runtime");
-                            per_call(&rt, n, |i| {
-                                let k = &keys[(i % 1024) as usize];
-                                async move {
-                                    black_box(null.get_or_load(k, || loader(i)).await.ok());
-                                }
-                            })
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("bench thread"))
-                    .max()
-                    .unwrap_or_default()
-            })
-        })
-    });
-    g.bench_function("memory_hit", |b| {
-        b.iter_custom(|n| {
-            per_call(&rt, n, |i| {
-                let (r, k) = (&memory, &keys[(i % 1024) as usize]);
-                async move {
-                    black_box(r.get_or_load(k, || loader(i)).await.ok());
-                }
-            })
-        })
-    });
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("pattern");

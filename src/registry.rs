@@ -176,17 +176,34 @@ struct PendingGet<'a> {
     at: u64,
 }
 
-impl PendingGet<'_> {
+impl<'a> PendingGet<'a> {
+    /// A get starting at raw clock reading `at`; nothing to feed when `track` is `None` (not sampled).
+    fn new(
+        registry: &'a CacheRegistry,
+        entry: &'a PatternEntry,
+        track: Option<Track>,
+        at: u64,
+    ) -> Self {
+        PendingGet {
+            registry,
+            entry,
+            track,
+            at,
+        }
+    }
+
     /// Feeds the get. `value_bytes`: the encoded value's size, when known; `stored`: whether a cache would hold
-    /// the value now (not when the loader failed or the value is over `max_value_bytes`: then the key leaves the
-    /// cache, and its next get misses).
+    /// the value now (not when the loader failed or the value is over `max_value_bytes`:
+    /// [`Access::GetNotStored`]).
     fn finish(&mut self, value_bytes: Option<usize>, stored: bool) {
         if let Some(t) = self.track.take() {
+            let access = if stored {
+                Access::Get
+            } else {
+                Access::GetNotStored
+            };
             self.registry
-                .record(self.entry, &t, Access::Get, self.at, value_bytes);
-            if !stored {
-                self.registry.forget(self.entry, &t);
-            }
+                .record(self.entry, &t, access, self.at, value_bytes);
         }
     }
 }
@@ -649,7 +666,7 @@ impl CacheRegistry {
         }
     }
 
-    /// Takes a sampled key out of the estimators' caches (its value was not stored).
+    /// Takes a sampled key out of the estimators' caches (a write of it was refused, and its old copy deleted).
     fn forget(&self, entry: &PatternEntry, t: &Track) {
         let Some(a) = &self.inner.analysis else {
             return;
@@ -678,12 +695,7 @@ impl CacheRegistry {
         m.miss(CacheImpl::Null);
         let clock = &self.inner.clock;
         let start = clock.raw();
-        let mut pending = PendingGet {
-            registry: self,
-            entry,
-            track,
-            at: start,
-        };
+        let mut pending = PendingGet::new(self, entry, track, start);
         let r = loader().await;
         let nanos = nanos_since(clock, start);
         m.observed_load(nanos, r.is_ok());
@@ -726,12 +738,7 @@ impl CacheRegistry {
         let version = self.inner.value_version;
         let clock = &self.inner.clock;
         let start = clock.raw();
-        let mut pending = PendingGet {
-            registry: self,
-            entry,
-            track,
-            at: start,
-        };
+        let mut pending = PendingGet::new(self, entry, track, start);
         let got = backend.get(key).await;
         metrics
             .op_duration(imp, Operation::Get)
@@ -886,16 +893,13 @@ impl CacheRegistry {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
+            let serves = state.serves(&pattern);
             let track = state
                 .policy
                 .enabled
-                .then(|| self.track(&state, entry, &pattern, key, state.serves(&pattern)))
+                .then(|| self.track(&state, entry, &pattern, key, serves))
                 .flatten();
-            (
-                entry,
-                state.serves(&pattern).then(|| state.ttl(&pattern)),
-                track,
-            )
+            (entry, serves.then(|| state.ttl(&pattern)), track)
         };
         if state.policy.enabled {
             entry.metrics.write();

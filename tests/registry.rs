@@ -88,6 +88,21 @@ async fn blocked_load(
     (task, release)
 }
 
+/// Loads user 1 twice in a row until the second is a hit again (at most 20 s), after a fault ended.
+async fn hits_resume(reg: &CacheRegistry, calls: &AtomicUsize, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = calls.load(Ordering::SeqCst);
+        load(reg, 1, calls).await;
+        load(reg, 1, calls).await;
+        if calls.load(Ordering::SeqCst) - before <= 1 {
+            return; // a hit again
+        }
+        assert!(Instant::now() < deadline, "caching did not resume {after}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn switch(imp: CacheImpl, whitelist: &[&str]) -> PolicyUpdate {
     PolicyUpdate {
         imp: Some(imp),
@@ -702,20 +717,7 @@ async fn hung_redis_times_out_to_the_loader_and_recovers() {
     );
     server.resume();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = calls.load(Ordering::SeqCst);
-        load(&reg, 1, &calls).await;
-        load(&reg, 1, &calls).await;
-        if calls.load(Ordering::SeqCst) - before <= 1 {
-            break; // a hit again
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caching did not resume after SIGCONT"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hits_resume(&reg, &calls, "after SIGCONT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -904,18 +906,5 @@ async fn client_pause_falls_back_to_the_loader_and_recovers() {
         "counted as timeouts"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = calls.load(Ordering::SeqCst);
-        load(&reg, 1, &calls).await;
-        load(&reg, 1, &calls).await;
-        if calls.load(Ordering::SeqCst) - before <= 1 {
-            break; // a hit again
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caching did not resume after the pause"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hits_resume(&reg, &calls, "after the pause").await;
 }

@@ -402,7 +402,13 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn pattern_report(p: &PatternInput, capacities: &[u64], observed_seconds: f64) -> PatternReport {
+/// The pattern's report, and the origin seconds per second its recommended size would save (0 when not
+/// recommended).
+fn pattern_report(
+    p: &PatternInput,
+    capacities: &[u64],
+    observed_seconds: f64,
+) -> (PatternReport, f64) {
     let requests = p.gets + p.writes + p.deletes;
     let write_ratio = ratio((p.writes + p.deletes) as f64, requests as f64);
     let gets_per_second = ratio(p.gets as f64, observed_seconds);
@@ -455,7 +461,7 @@ fn pattern_report(p: &PatternInput, capacities: &[u64], observed_seconds: f64) -
     let Some((curve, stats)) = &p.curve else {
         r.reasons
             .push("no estimator: the pattern came after cache.analysis.max_patterns others".into());
-        return r;
+        return (r, 0.0);
     };
     let max = curve.max_hit_ratio();
     r.unique_keys = stats.distinct_keys.round() as u64;
@@ -513,14 +519,15 @@ fn pattern_report(p: &PatternInput, capacities: &[u64], observed_seconds: f64) -
             r.misses_at_any_size.invalidated * 100.0
         ));
     }
+    let mut saved = 0.0;
     if ok {
         let objects = r.recommended_objects.unwrap_or(0);
-        let saved =
-            curve.hit_ratio_at_objects(objects as f64) * gets_per_second * r.loader.mean_seconds;
+        let hit_ratio = curve.hit_ratio_at_objects(objects as f64);
+        saved = hit_ratio * gets_per_second * r.loader.mean_seconds;
         r.reasons.push(format!(
             "predicted hit ratio {:.1}% at {} objects ({}), {:.0}% of the best any size reaches; saves {:.3} s of \
              origin time per second",
-            curve.hit_ratio_at_objects(objects as f64) * 100.0,
+            hit_ratio * 100.0,
             objects,
             human_bytes(r.recommended_memory_bytes.unwrap_or(0)),
             SIZE_SHARE_OF_MAX * 100.0,
@@ -535,7 +542,7 @@ fn pattern_report(p: &PatternInput, capacities: &[u64], observed_seconds: f64) -
         }
     }
     r.recommended = ok;
-    r
+    (r, saved)
 }
 
 pub(crate) fn shared_report(
@@ -613,11 +620,11 @@ pub(crate) fn build(
         generated_at,
     } = ctx;
     let mut out = BTreeMap::new();
+    let mut saved = 0.0;
     for p in &patterns {
-        out.insert(
-            p.name.clone(),
-            pattern_report(p, capacities, observed_seconds),
-        );
+        let (r, pattern_saved) = pattern_report(p, capacities, observed_seconds);
+        saved += pattern_saved;
+        out.insert(p.name.clone(), r);
     }
     let whitelist: Vec<String> = out
         .iter()
@@ -628,20 +635,9 @@ pub(crate) fn build(
     let mut toml = String::from("[cache]\nimpl = \"redis\"\n");
     let _ = writeln!(toml, "whitelist = {:?}", whitelist);
     let mut memory = 0u64;
-    let mut saved = 0.0;
     for name in &whitelist {
         let r = &out[name];
         memory += r.recommended_memory_bytes.unwrap_or(0);
-        if let (Some(objects), Some(p)) = (
-            r.recommended_objects,
-            patterns.iter().find(|p| &p.name == name),
-        ) {
-            if let Some((curve, _)) = &p.curve {
-                saved += curve.hit_ratio_at_objects(objects as f64)
-                    * r.gets_per_second
-                    * r.loader.mean_seconds;
-            }
-        }
         if let Some(ttl) = r.recommended_ttl_secs {
             apply_patterns.insert(
                 name.clone(),

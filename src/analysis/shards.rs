@@ -161,6 +161,10 @@ struct State {
 pub enum Access {
     /// A read: counted in the curve.
     Get,
+    /// A read whose value a cache would not keep (the load failed, or the value is over the size limit): counted
+    /// in the curve like [`Access::Get`], but when it missed at every size the key is not in the cache afterwards,
+    /// so its next get misses too.
+    GetNotStored,
     /// A write: the key is (re)written and becomes most recent; not counted in the curve.
     Set,
 }
@@ -316,7 +320,7 @@ impl Shards {
         if h >= s.threshold {
             return; // the threshold fell while we waited
         }
-        let get = access == Access::Get;
+        let get = access != Access::Set;
         if get && s.sampled_gets >= WARMUP_GETS && s.threshold > self.rate_cap {
             s.lower_to(self.rate_cap);
             self.threshold.store(s.threshold, Ordering::Relaxed);
@@ -329,7 +333,8 @@ impl Shards {
         if get {
             s.sampled_gets += 1;
         }
-        match s.entries.get(&h).copied() {
+        // Count the access; then when the key's copy was written, and whether this get missed at every size.
+        let (written, missed_everywhere) = match s.entries.get(&h).copied() {
             Some(e) if e.ts != 0 => {
                 let expired = ttl.is_some_and(|ttl| now.saturating_sub(e.written) >= ttl);
                 if get {
@@ -352,17 +357,7 @@ impl Shards {
                     x.ts = 0; // out of the stack until re-pushed: a compaction in `push` must not count it
                 }
                 let written = if !get || expired { now } else { e.written };
-                let ts = s.push(weight);
-                s.entries.insert(
-                    h,
-                    Entry {
-                        ts,
-                        weight,
-                        written,
-                        last: now,
-                        tag,
-                    },
-                );
+                (written, get && expired)
             }
             Some(e) => {
                 // Not in the cache: invalidated since its last access (a miss, then rewritten), or only ever
@@ -375,17 +370,7 @@ impl Shards {
                         s.reuse_secs[reuse_bucket(now.saturating_sub(e.last))] += w;
                     }
                 }
-                let ts = s.push(weight);
-                s.entries.insert(
-                    h,
-                    Entry {
-                        ts,
-                        weight,
-                        written: now,
-                        last: now,
-                        tag,
-                    },
-                );
+                (now, get)
             }
             None => {
                 if get {
@@ -394,20 +379,26 @@ impl Shards {
                 if !self.make_room(s, h) {
                     return;
                 }
-                let ts = s.push(weight);
-                s.entries.insert(
-                    h,
-                    Entry {
-                        ts,
-                        weight,
-                        written: now,
-                        last: now,
-                        tag,
-                    },
-                );
                 s.heap.push(h);
+                (now, get)
             }
-        }
+        };
+        // A miss whose value a cache would not keep leaves the key out of the cache: its next get misses too.
+        let ts = if missed_everywhere && access == Access::GetNotStored {
+            0
+        } else {
+            s.push(weight)
+        };
+        s.entries.insert(
+            h,
+            Entry {
+                ts,
+                weight,
+                written,
+                last: now,
+                tag,
+            },
+        );
     }
 
     /// Before a new key of hash `h` joins a full sample, drops the largest hash of the sample and `h` together and
@@ -723,6 +714,18 @@ mod tests {
             0.0,
             "no reuse interval from the delete"
         );
+    }
+
+    #[test]
+    fn a_miss_not_stored_leaves_the_key_out_but_a_hit_keeps_it() {
+        let s = Shards::new(1000);
+        s.access(1, Access::GetNotStored, 0, Some(1), None, 0); // cold, not stored
+        s.access(1, Access::Get, 1, Some(1), None, 0); // so a miss again, then stored
+        s.access(1, Access::GetNotStored, 2, Some(1), None, 0); // a hit: the cached copy stays
+        s.access(1, Access::Get, 3, Some(1), None, 0); // a hit
+        let (c, st) = s.curve(4);
+        assert_eq!((st.cold_misses, st.invalidated_misses), (1.0, 1.0));
+        assert!((c.max_hit_ratio() - 0.5).abs() < 1e-9);
     }
 
     #[test]
