@@ -162,6 +162,24 @@ pub fn decode<C: Codec>(bytes: Bytes, value_version: u32) -> Result<C> {
     C::read_payload(payload).map_err(Error::Corrupt)
 }
 
+/// Whether two envelopes hold the same value: the same bytes, or the same header and payloads that parse to equal
+/// JSON values (so that maps serialized in another order still match). Used by shadow mode.
+pub fn same_value(a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.len() < HEADER_BYTES || b.len() < HEADER_BYTES || a[..7] != b[..7] {
+        return false;
+    }
+    match (
+        serde_json::from_slice::<serde_json::Value>(&a[HEADER_BYTES..]),
+        serde_json::from_slice::<serde_json::Value>(&b[HEADER_BYTES..]),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// FNV-1a, 32-bit (Fowler, Noll, Vo; <http://www.isthe.com/chongo/tech/comp/fnv/>).
 fn fnv1a(data: &[u8]) -> u32 {
     data.iter().fold(0x811c_9dc5u32, |h, b| {

@@ -146,6 +146,14 @@ pub struct CacheSettings {
     pub patterns: BTreeMap<String, PatternPolicy>,
     /// `[cache.analysis]`: the phase-2 estimators.
     pub analysis: AnalysisOptions,
+    /// Deadline of a cache read in milliseconds (per pattern: `[cache.patterns.<p>] read_timeout_ms`).
+    pub read_timeout_ms: u64,
+    /// Lifetime of a fill lease in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// Longest wait for another process's fill before loading, in milliseconds.
+    pub lease_wait_ms: u64,
+    /// `[cache.rollback]`: automatic rollback rules.
+    pub rollback: crate::policy::RollbackRules,
 }
 
 /// The `[cache.memory]` table.
@@ -218,6 +226,10 @@ impl Default for Settings {
                     tls_ca_file: None,
                 },
                 patterns: BTreeMap::new(),
+                read_timeout_ms: Policy::default().read_timeout_ms,
+                lease_ttl_ms: Policy::default().lease_ttl_ms,
+                lease_wait_ms: Policy::default().lease_wait_ms,
+                rollback: crate::policy::RollbackRules::default(),
             },
         }
     }
@@ -347,6 +359,10 @@ impl Settings {
             whitelist: normalize_whitelist(&self.cache.whitelist),
             default_ttl_secs: self.cache.default_ttl_secs,
             patterns: self.cache.patterns.clone(),
+            read_timeout_ms: self.cache.read_timeout_ms,
+            lease_ttl_ms: self.cache.lease_ttl_ms,
+            lease_wait_ms: self.cache.lease_wait_ms,
+            rollback: self.cache.rollback.clone(),
         }
     }
 

@@ -22,6 +22,8 @@ const SHARDS: usize = 16;
 struct Slot {
     rx: watch::Receiver<Option<Bytes>>,
     detached: Arc<AtomicBool>,
+    /// The tags of the load (an invalidation of one of them detaches it).
+    tags: Box<[String]>,
 }
 
 type Shard = Mutex<HashMap<Box<str>, Slot>>;
@@ -57,7 +59,7 @@ impl Flights {
         &self.shards[idx]
     }
 
-    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Join {
+    pub(crate) fn join(self: &Arc<Self>, key: &str, tags: &[String]) -> Join {
         let mut map = self
             .shard(key)
             .lock()
@@ -72,6 +74,7 @@ impl Flights {
             Slot {
                 rx,
                 detached: Arc::clone(&detached),
+                tags: tags.into(),
             },
         );
         Join::Leader(LeaderGuard {
@@ -95,10 +98,19 @@ impl Flights {
 
     /// Detaches every flight whose key satisfies `matches` (an invalidation of a pattern).
     pub(crate) fn detach_matching(&self, matches: impl Fn(&str) -> bool) {
+        self.detach_where(|k, _| matches(k));
+    }
+
+    /// Detaches every flight loading with `tag` (an invalidation of a tag).
+    pub(crate) fn detach_tagged(&self, tag: &str) {
+        self.detach_where(|_, tags| tags.iter().any(|t| t == tag));
+    }
+
+    fn detach_where(&self, matches: impl Fn(&str, &[String]) -> bool) {
         for shard in self.shards.iter() {
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
             map.retain(|k, slot| {
-                let doomed = matches(k);
+                let doomed = matches(k, &slot.tags);
                 if doomed {
                     slot.detached.store(true, Ordering::SeqCst);
                 }
@@ -122,14 +134,7 @@ impl LeaderGuard {
         self.tx.send_replace(Some(value));
     }
 
-    /// True once an invalidation detached this flight: its value may predate a write.
-    pub(crate) fn is_detached(&self) -> bool {
-        self.detached.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for LeaderGuard {
-    fn drop(&mut self) {
+    fn remove_slot(&self) {
         let mut map = self
             .flights
             .shard(&self.key)
@@ -141,6 +146,17 @@ impl Drop for LeaderGuard {
         {
             map.remove(&*self.key);
         }
+    }
+
+    /// True once an invalidation detached this flight: its value may predate a write.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.remove_slot();
         // `tx` drops after this: waiters that saw no value wake up and load themselves.
     }
 }
@@ -162,10 +178,10 @@ mod tests {
     #[tokio::test]
     async fn second_caller_follows_and_gets_the_published_value() {
         let f = Arc::new(Flights::new());
-        let Join::Leader(lead) = f.join("k") else {
+        let Join::Leader(lead) = f.join("k", &[]) else {
             panic!("first caller leads")
         };
-        let Join::Follower(rx) = f.join("k") else {
+        let Join::Follower(rx) = f.join("k", &[]) else {
             panic!("second caller follows")
         };
         lead.publish(Bytes::from_static(b"v"));
@@ -177,16 +193,16 @@ mod tests {
     #[tokio::test]
     async fn followers_get_none_when_the_leader_fails() {
         let f = Arc::new(Flights::new());
-        let Join::Leader(lead) = f.join("k") else {
+        let Join::Leader(lead) = f.join("k", &[]) else {
             panic!("first caller leads")
         };
-        let Join::Follower(rx) = f.join("k") else {
+        let Join::Follower(rx) = f.join("k", &[]) else {
             panic!("second caller follows")
         };
         drop(lead);
         assert_eq!(wait(rx).await, None);
         assert!(
-            matches!(f.join("k"), Join::Leader(_)),
+            matches!(f.join("k", &[]), Join::Leader(_)),
             "a new flight starts after the failed one"
         );
     }
@@ -194,21 +210,28 @@ mod tests {
     #[tokio::test]
     async fn detaching_starts_a_new_flight_and_marks_the_old_leader() {
         let f = Arc::new(Flights::new());
-        let Join::Leader(old) = f.join("k") else {
+        let Join::Leader(old) = f.join("k", &[]) else {
             panic!("first caller leads")
         };
         f.detach("k");
         assert!(old.is_detached());
-        let Join::Leader(new) = f.join("k") else {
+        let Join::Leader(new) = f.join("k", &[]) else {
             panic!("after a detach, a new caller leads")
         };
         drop(old);
         assert!(
-            matches!(f.join("k"), Join::Follower(_)),
+            matches!(f.join("k", &[]), Join::Follower(_)),
             "the old leader's end does not remove the new flight"
         );
         assert!(!new.is_detached());
         f.detach_matching(|k| k == "k");
         assert!(new.is_detached());
+        let Join::Leader(tagged) = f.join("k", &["t".to_string()]) else {
+            panic!("after a detach, a new caller leads")
+        };
+        f.detach_tagged("u");
+        assert!(!tagged.is_detached(), "another tag leaves it alone");
+        f.detach_tagged("t");
+        assert!(tagged.is_detached());
     }
 }

@@ -62,7 +62,8 @@ pub mod pattern;
 pub mod policy;
 pub mod registry;
 pub mod replay;
+pub mod rollout;
 
 pub use crate::error::{Error, Result};
-pub use crate::policy::{PatternPolicy, Policy, PolicyUpdate};
+pub use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
 pub use crate::registry::{CacheRegistry, RegistryOptions};

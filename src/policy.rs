@@ -25,7 +25,7 @@ fn check_ttl(key: &str, ttl: u64) -> Result<()> {
 }
 
 /// The part of the configuration that can change at runtime.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     /// Master switch; `false` sends every call straight to its loader, unmeasured.
     pub enabled: bool,
@@ -38,6 +38,32 @@ pub struct Policy {
     pub default_ttl_secs: u64,
     /// Per-pattern settings.
     pub patterns: BTreeMap<String, PatternPolicy>,
+    /// Deadline of a cache read (and of a lease request) of patterns without their own, in milliseconds: past it
+    /// the read counts as a `timeout` and the loader runs. Writes after a load are bounded by the same deadline
+    /// counted from the start of the call, then finish in the background.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// How long a lease (the right to fill a missed key) lives in the backend, in milliseconds: a holder that dies
+    /// blocks fills of that key for at most this long (callers still get their loader's value).
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// How long a caller that misses while another process holds the key's lease waits for that process's value
+    /// (polling every 5 ms) before it runs its own loader, in milliseconds; 0 loads at once.
+    #[serde(default = "default_lease_wait_ms")]
+    pub lease_wait_ms: u64,
+    /// The automatic rollback rules (`[cache.rollback]`).
+    #[serde(default)]
+    pub rollback: RollbackRules,
+}
+
+fn default_read_timeout_ms() -> u64 {
+    50
+}
+fn default_lease_ttl_ms() -> u64 {
+    10_000
+}
+fn default_lease_wait_ms() -> u64 {
+    100
 }
 
 impl Default for Policy {
@@ -48,17 +74,189 @@ impl Default for Policy {
             whitelist: Vec::new(),
             default_ttl_secs: 300,
             patterns: BTreeMap::new(),
+            read_timeout_ms: default_read_timeout_ms(),
+            lease_ttl_ms: default_lease_ttl_ms(),
+            lease_wait_ms: default_lease_wait_ms(),
+            rollback: RollbackRules::default(),
+        }
+    }
+}
+
+/// What a whitelisted key pattern does (`[cache.patterns.<pattern>] mode`). A pattern that is not whitelisted is
+/// observed whatever its mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Through the NullCache: measured, nothing stored.
+    Observe,
+    /// Shadow mode: the loader's value is always served; in the background the cache is read, what it returned is
+    /// compared with the loader's value (match, mismatch, miss, error), and the loader's value is stored.
+    Shadow,
+    /// Served from the cache (cache-aside).
+    #[default]
+    Serve,
+}
+
+impl Mode {
+    /// The lowercase name used in configuration and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Observe => "observe",
+            Mode::Shadow => "shadow",
+            Mode::Serve => "serve",
         }
     }
 }
 
 /// Settings of one key pattern (`[cache.patterns.<pattern>]`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatternPolicy {
     /// TTL in seconds (at least 1); `None`: the default TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
+    /// What the pattern does when whitelisted; `None`: `serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Share of the pattern's keys, in percent (0 to 100), that `mode` applies to; the other keys are observed.
+    /// A key is in the ramp when a stable hash of it (XXH3-64) falls under the percentage, so raising the ramp
+    /// only adds keys. `None`: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_percent: Option<f64>,
+    /// Deadline of a cache read of this pattern, in milliseconds; `None`: `read_timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout_ms: Option<u64>,
+}
+
+/// Where a tripped rollback sends the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RollbackScope {
+    /// The tripped pattern returns to `observe`; other patterns keep their mode.
+    #[default]
+    Pattern,
+    /// The whole impl returns to `null`.
+    Impl,
+}
+
+/// Automatic rollback (`[cache.rollback]`): a circuit breaker per key pattern over a sliding window of its cache
+/// calls. A rule trips when the window holds at least `min_calls` reads and a rate is over its bound; the pattern
+/// then returns to `observe` (or the impl to `null`, with `scope = "impl"`), and after `cooldown_secs` comes back
+/// half-open: served for `probe_percent` of its ramp until `probe_calls` reads pass without tripping, then closed.
+/// A configuration change that names the pattern (or a SIGHUP reload) closes its breaker at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollbackRules {
+    /// `false` never rolls back.
+    pub enabled: bool,
+    /// Length of the sliding window, in seconds (kept as 10 buckets).
+    pub window_secs: u64,
+    /// Fewest cache reads in the window before any rule is judged.
+    pub min_calls: u64,
+    /// Highest share (0–1) of reads failing with a backend error (not timeouts), corrupt entries included.
+    pub max_error_rate: f64,
+    /// Highest share (0–1) of reads past their deadline.
+    pub max_timeout_rate: f64,
+    /// Highest p99 of cache read latency, in milliseconds: trips when more than 1% of the window's reads took
+    /// longer.
+    pub max_p99_ms: f64,
+    /// Highest share (0–1) of shadow comparisons that found a different value.
+    pub max_mismatch_rate: f64,
+    /// Seconds in `observe` before the half-open probe.
+    pub cooldown_secs: u64,
+    /// Share of the pattern's ramp, in percent, served while half-open.
+    pub probe_percent: f64,
+    /// Reads served while half-open without tripping that close the breaker.
+    pub probe_calls: u64,
+    /// What a trip rolls back.
+    pub scope: RollbackScope,
+}
+
+impl Default for RollbackRules {
+    fn default() -> Self {
+        RollbackRules {
+            enabled: true,
+            window_secs: 30,
+            min_calls: 100,
+            max_error_rate: 0.05,
+            max_timeout_rate: 0.05,
+            max_p99_ms: 25.0,
+            max_mismatch_rate: 0.01,
+            cooldown_secs: 60,
+            probe_percent: 10.0,
+            probe_calls: 100,
+            scope: RollbackScope::Pattern,
+        }
+    }
+}
+
+impl RollbackRules {
+    fn validate(&self) -> Result<()> {
+        let rate = |key: &str, v: f64| -> Result<()> {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::config(key, v.to_string(), "must be between 0 and 1"))
+            }
+        };
+        rate("cache.rollback.max_error_rate", self.max_error_rate)?;
+        rate("cache.rollback.max_timeout_rate", self.max_timeout_rate)?;
+        rate("cache.rollback.max_mismatch_rate", self.max_mismatch_rate)?;
+        if !(1..=86_400).contains(&self.window_secs) {
+            return Err(Error::config(
+                "cache.rollback.window_secs",
+                self.window_secs.to_string(),
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        if !(self.max_p99_ms.is_finite() && self.max_p99_ms > 0.0) {
+            return Err(Error::config(
+                "cache.rollback.max_p99_ms",
+                self.max_p99_ms.to_string(),
+                "must be a positive number of milliseconds",
+            ));
+        }
+        if !(1..=86_400).contains(&self.cooldown_secs) {
+            return Err(Error::config(
+                "cache.rollback.cooldown_secs",
+                self.cooldown_secs.to_string(),
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        check_percent("cache.rollback.probe_percent", self.probe_percent)?;
+        if self.probe_calls == 0 {
+            return Err(Error::config(
+                "cache.rollback.probe_calls",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_percent(key: &str, v: f64) -> Result<()> {
+    if (0.0..=100.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            v.to_string(),
+            "must be between 0 and 100",
+        ))
+    }
+}
+
+fn check_deadline_ms(key: &str, v: u64) -> Result<()> {
+    if (1..=60_000).contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            key,
+            v.to_string(),
+            "must be between 1 and 60000 milliseconds",
+        ))
+    }
 }
 
 /// A change to the [`Policy`]: the body of `PUT /internal/cache/config`. Absent fields keep their value.
@@ -66,7 +264,7 @@ pub struct PatternPolicy {
 /// ```json
 /// {"impl": "redis", "whitelist": ["user"], "patterns": {"user": {"ttl_secs": 60}}}
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyUpdate {
     /// New master switch.
@@ -81,9 +279,16 @@ pub struct PolicyUpdate {
     /// New default TTL in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_ttl_secs: Option<u64>,
-    /// Per-pattern settings, merged into the current ones pattern by pattern.
+    /// Per-pattern settings, merged into the current ones pattern by pattern (a pattern's entry replaces its old
+    /// one). Naming a pattern here also closes its rollback breaker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patterns: Option<BTreeMap<String, PatternPolicy>>,
+    /// New default read deadline in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout_ms: Option<u64>,
+    /// New rollback rules (replace the old ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackRules>,
 }
 
 impl Policy {
@@ -104,8 +309,29 @@ impl Policy {
             if let Some(ttl) = s.ttl_secs {
                 check_ttl(&format!("cache.patterns.{p}.ttl_secs"), ttl)?;
             }
+            if let Some(r) = s.ramp_percent {
+                check_percent(&format!("cache.patterns.{p}.ramp_percent"), r)?;
+            }
+            if let Some(t) = s.read_timeout_ms {
+                check_deadline_ms(&format!("cache.patterns.{p}.read_timeout_ms"), t)?;
+            }
         }
-        Ok(())
+        check_deadline_ms("cache.read_timeout_ms", self.read_timeout_ms)?;
+        if !(1..=600_000).contains(&self.lease_ttl_ms) {
+            return Err(Error::config(
+                "cache.lease_ttl_ms",
+                self.lease_ttl_ms.to_string(),
+                "must be between 1 and 600000 milliseconds",
+            ));
+        }
+        if self.lease_wait_ms > 60_000 {
+            return Err(Error::config(
+                "cache.lease_wait_ms",
+                self.lease_wait_ms.to_string(),
+                "must be at most 60000 milliseconds",
+            ));
+        }
+        self.rollback.validate()
     }
 
     /// This policy with `update` applied.
@@ -130,6 +356,12 @@ impl Policy {
             for (k, v) in pats {
                 p.patterns.insert(k.clone(), v.clone());
             }
+        }
+        if let Some(t) = update.read_timeout_ms {
+            p.read_timeout_ms = t;
+        }
+        if let Some(r) = &update.rollback {
+            p.rollback = r.clone();
         }
         p.validate()?;
         Ok(p)
@@ -167,7 +399,10 @@ mod tests {
         let bad = PolicyUpdate {
             patterns: Some(BTreeMap::from([(
                 "user".into(),
-                PatternPolicy { ttl_secs: Some(0) },
+                PatternPolicy {
+                    ttl_secs: Some(0),
+                    ..PatternPolicy::default()
+                },
             )])),
             ..Default::default()
         };
@@ -175,6 +410,44 @@ mod tests {
         assert!(
             e.to_string().contains("cache.patterns.user.ttl_secs"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn modes_ramps_deadlines_and_rules_are_validated() {
+        let u: PolicyUpdate = serde_json::from_str(
+            r#"{"patterns":{"user":{"mode":"shadow","ramp_percent":12.5,"read_timeout_ms":20}}}"#,
+        )
+        .expect("parses");
+        let m = Policy::default().merged(&u).expect("valid");
+        assert_eq!(m.patterns["user"].mode, Some(Mode::Shadow));
+        assert_eq!(m.patterns["user"].ramp_percent, Some(12.5));
+        for (body, key) in [
+            (
+                r#"{"patterns":{"user":{"ramp_percent":101}}}"#,
+                "cache.patterns.user.ramp_percent",
+            ),
+            (
+                r#"{"patterns":{"user":{"read_timeout_ms":0}}}"#,
+                "cache.patterns.user.read_timeout_ms",
+            ),
+            (r#"{"read_timeout_ms":0}"#, "cache.read_timeout_ms"),
+            (
+                r#"{"rollback":{"max_error_rate":1.5}}"#,
+                "cache.rollback.max_error_rate",
+            ),
+            (
+                r#"{"rollback":{"probe_calls":0}}"#,
+                "cache.rollback.probe_calls",
+            ),
+        ] {
+            let u: PolicyUpdate = serde_json::from_str(body).expect("parses");
+            let e = Policy::default().merged(&u).expect_err(body);
+            assert!(e.to_string().contains(key), "{body}: {e}");
+        }
+        assert!(
+            serde_json::from_str::<PolicyUpdate>(r#"{"patterns":{"user":{"mode":"serv"}}}"#)
+                .is_err()
         );
     }
 

@@ -33,13 +33,16 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
-use crate::cache::{Cache, CacheImpl, Health, MemoryCache, NullCache, RedisCache, RedisOptions};
+use crate::cache::{
+    Cache, CacheImpl, Health, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
+};
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
-use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics};
+use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics, RolloutMetrics};
 use crate::pattern::{validate_key, validate_pattern, KeyPatterns, OTHER};
-use crate::policy::{Policy, PolicyUpdate};
+use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
+use crate::rollout::{self, Breaker, BreakerState, Event, Reason, Route, Window, WindowCounts};
 
 /// How many swaps `GET /internal/cache` remembers.
 pub const SWAP_HISTORY: usize = 20;
@@ -97,7 +100,8 @@ impl Default for RegistryOptions {
 pub struct SwapRecord {
     /// When, RFC 3339 UTC.
     pub at: String,
-    /// What asked for it: `startup`, `api`, `sighup`, `retry` or `library`.
+    /// What asked for it: `startup`, `api`, `sighup`, `retry`, `library`, or `rollback` (an automatic rollback, its
+    /// half-open probe, or its recovery).
     pub source: String,
     /// State version after the swap (unchanged when it failed).
     pub version: u64,
@@ -112,6 +116,9 @@ pub struct SwapRecord {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a rollback: the pattern, the rule and the new breaker state (`user: timeout_rate -> observe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A snapshot of the registry as `GET /internal/cache` shows it.
@@ -134,6 +141,75 @@ pub struct StateView {
     pub swaps: Vec<SwapRecord>,
     /// Redis health when the active impl is `redis`.
     pub redis: Option<Health>,
+    /// Every pattern seen that is whitelisted, configured or rolled back: its mode, ramp, breaker, window, and the
+    /// ramped and unramped arms side by side.
+    pub routes: BTreeMap<String, RouteView>,
+}
+
+/// One pattern's rollout, as `GET /internal/cache` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    /// The mode in effect now (`observe` while rolled back or not whitelisted).
+    pub mode: Mode,
+    /// The configured mode.
+    pub configured_mode: Mode,
+    /// The configured ramp, in percent of keys.
+    pub ramp_percent: f64,
+    /// The read deadline, in milliseconds.
+    pub read_timeout_ms: u64,
+    /// The TTL, in seconds.
+    pub ttl_secs: u64,
+    /// The breaker, while tripped.
+    pub breaker: Option<Breaker>,
+    /// The sliding window the rollback rules judge.
+    pub window: WindowCounts,
+    /// Calls of keys in the ramp (served, or shadowed).
+    pub ramped: ArmView,
+    /// Calls of keys outside the ramp (observed).
+    pub unramped: ArmView,
+    /// Shadow comparisons by result (`match`, `mismatch`, `miss`, `error`).
+    pub shadow: BTreeMap<&'static str, u64>,
+}
+
+/// One arm of a ramp: whole-call counts and latency.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArmView {
+    /// Calls.
+    pub calls: u64,
+    /// Hits among them (the unramped arm never hits).
+    pub hits: u64,
+    /// `hits / calls`, when there were calls.
+    pub hit_ratio: Option<f64>,
+    /// Mean call duration, in milliseconds.
+    pub mean_ms: Option<f64>,
+    /// 99th percentile call duration, in milliseconds: the upper bound of the histogram bucket that holds it
+    /// (buckets double from 50 µs).
+    pub p99_ms: Option<f64>,
+}
+
+impl ArmView {
+    fn of(h: &prometheus::Histogram, hits: u64) -> Self {
+        use prometheus::core::Metric as _;
+        let proto = h.metric();
+        let p = proto.get_histogram();
+        let calls = p.get_sample_count();
+        let p99 = (calls > 0)
+            .then(|| {
+                let want = (calls as f64 * 0.99).ceil() as u64;
+                p.get_bucket()
+                    .iter()
+                    .find(|b| b.cumulative_count() >= want)
+                    .map_or(f64::INFINITY, |b| b.upper_bound() * 1e3)
+            })
+            .filter(|v| v.is_finite());
+        ArmView {
+            calls,
+            hits,
+            hit_ratio: (calls > 0).then(|| hits.min(calls) as f64 / calls as f64),
+            mean_ms: (calls > 0).then(|| p.get_sample_sum() / calls as f64 * 1e3),
+            p99_ms: p99,
+        }
+    }
 }
 
 /// Most distinct key patterns a registry tracks (`max_patterns` is clamped to it).
@@ -141,7 +217,13 @@ pub const MAX_PATTERNS_LIMIT: usize = 10_000;
 
 /// Per-pattern entry of the pattern table.
 struct PatternEntry {
+    /// The pattern's name (`other` for the folded ones).
+    name: Box<str>,
     metrics: Arc<PatternMetrics>,
+    /// The window the rollback rules judge.
+    window: Window,
+    /// Ramp and shadow handles, resolved when the pattern is first routed.
+    rollout: OnceLock<RolloutMetrics>,
     /// Its slot: the pattern's tag in the shared estimator and in route × pattern.
     tag: u32,
     /// Its own miss-ratio-curve estimator (the first `analysis.max_patterns` patterns).
@@ -225,6 +307,10 @@ struct Active {
     backend: Arc<dyn Cache>,
     /// `!backend.always_misses()`, asked once instead of through a virtual call per request.
     stores: bool,
+    /// Routes of the patterns that are configured or rolled back; whitelisted patterns without either take
+    /// `default_route`.
+    routes: HashMap<String, Route>,
+    default_route: Route,
     redis: RedisOptions,
     whitelist: HashSet<String>,
     serves_all: bool,
@@ -246,6 +332,45 @@ struct WhitelistShards {
     since: u64,
 }
 
+/// The route of a pattern with settings `pp`, whitelisted or not, under its breaker.
+fn build_route(
+    policy: &Policy,
+    pp: Option<&PatternPolicy>,
+    whitelisted: bool,
+    breaker: Option<&Breaker>,
+) -> Route {
+    let none = PatternPolicy::default();
+    let pp = pp.unwrap_or(&none);
+    let rules = &policy.rollback;
+    let mut percent = pp.ramp_percent.unwrap_or(100.0);
+    let mut mode = if whitelisted {
+        pp.mode.unwrap_or_default()
+    } else {
+        Mode::Observe
+    };
+    let mut probe = None;
+    match breaker {
+        Some(b) if b.state == BreakerState::Open => mode = Mode::Observe,
+        Some(b) => {
+            percent *= rules.probe_percent / 100.0;
+            probe = Some(Arc::clone(&b.probe));
+        }
+        None => {}
+    }
+    Route {
+        mode,
+        ramp: rollout::ramp_threshold(percent),
+        ttl: Duration::from_secs(pp.ttl_secs.unwrap_or(policy.default_ttl_secs)),
+        read_timeout: Duration::from_millis(pp.read_timeout_ms.unwrap_or(policy.read_timeout_ms)),
+        lease_ttl: Duration::from_millis(policy.lease_ttl_ms),
+        lease_wait: Duration::from_millis(policy.lease_wait_ms),
+        slow_nanos: (rules.max_p99_ms * 1e6) as u64,
+        bucket_nanos: (rules.window_secs * 100_000_000).max(1),
+        probe,
+        probe_calls: rules.probe_calls,
+    }
+}
+
 impl Active {
     fn new(
         policy: Policy,
@@ -253,16 +378,22 @@ impl Active {
         redis: RedisOptions,
         version: u64,
         patterns: Arc<PatternMap>,
+        breakers: &BTreeMap<String, Breaker>,
     ) -> Self {
         let ttls = policy
             .patterns
             .iter()
             .filter_map(|(p, s)| s.ttl_secs.map(|t| (p.clone(), Duration::from_secs(t))))
             .collect();
+        let whitelist: HashSet<String> = policy.whitelist.iter().cloned().collect();
+        let serves_all = policy.serves_all();
+        let (routes, default_route) = routes_of(&policy, &whitelist, serves_all, breakers);
         Active {
             stores: !backend.always_misses(),
-            whitelist: policy.whitelist.iter().cloned().collect(),
-            serves_all: policy.serves_all(),
+            routes,
+            default_route,
+            whitelist,
+            serves_all,
             default_ttl: Duration::from_secs(policy.default_ttl_secs),
             ttls,
             policy,
@@ -274,12 +405,101 @@ impl Active {
         }
     }
 
+    /// The route of a pattern in shadow or serve mode; `None`: observed.
+    #[inline]
+    fn route(&self, pattern: &str) -> Option<&Route> {
+        if !self.stores {
+            return None;
+        }
+        match self.routes.get(pattern) {
+            Some(r) => (r.mode != Mode::Observe).then_some(r),
+            None => {
+                (self.serves_all || self.whitelist.contains(pattern)).then_some(&self.default_route)
+            }
+        }
+    }
+
+    /// Whether the pattern's keys go to the backend (shadow or serve mode; writes of every key, reads of the
+    /// ramped ones).
     fn serves(&self, pattern: &str) -> bool {
-        self.stores && (self.serves_all || self.whitelist.contains(pattern))
+        self.route(pattern).is_some()
+    }
+
+    fn whitelisted(&self, pattern: &str) -> bool {
+        self.serves_all || self.whitelist.contains(pattern)
+    }
+
+    /// This state with its routes rebuilt under `breakers`.
+    fn with_breakers(&self, breakers: &BTreeMap<String, Breaker>) -> Self {
+        let (routes, default_route) =
+            routes_of(&self.policy, &self.whitelist, self.serves_all, breakers);
+        Active {
+            routes,
+            default_route,
+            ..self.clone()
+        }
     }
 
     fn ttl(&self, pattern: &str) -> Duration {
         self.ttls.get(pattern).copied().unwrap_or(self.default_ttl)
+    }
+}
+
+fn routes_of(
+    policy: &Policy,
+    whitelist: &HashSet<String>,
+    serves_all: bool,
+    breakers: &BTreeMap<String, Breaker>,
+) -> (HashMap<String, Route>, Route) {
+    let listed = |p: &str| serves_all || whitelist.contains(p);
+    let mut routes: HashMap<String, Route> = policy
+        .patterns
+        .iter()
+        .map(|(p, pp)| {
+            (
+                p.clone(),
+                build_route(policy, Some(pp), listed(p), breakers.get(p)),
+            )
+        })
+        .collect();
+    for (p, b) in breakers {
+        routes
+            .entry(p.clone())
+            .or_insert_with(|| build_route(policy, None, listed(p), Some(b)));
+    }
+    (routes, build_route(policy, None, true, None))
+}
+
+/// How a cache read ended, for the rollback window.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadResult {
+    Ok,
+    Error,
+    Timeout,
+}
+
+impl ReadResult {
+    fn of(e: &Error) -> Self {
+        if matches!(e, Error::Timeout { .. }) {
+            ReadResult::Timeout
+        } else {
+            ReadResult::Error
+        }
+    }
+}
+
+/// Runs a cache operation with `budget` as its deadline.
+async fn bounded<T>(
+    budget: Duration,
+    operation: &'static str,
+    f: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(budget, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            operation,
+            after: budget,
+        }),
     }
 }
 
@@ -309,6 +529,14 @@ struct Inner {
     /// Raw clock reading at creation.
     started: u64,
     analysis: Option<Analysis>,
+    /// Tripped rollback breakers by pattern; every change to it rebuilds the active routes under this lock.
+    breakers: Mutex<BTreeMap<String, Breaker>>,
+    /// Set while an impl-wide rollback is in force.
+    impl_rolled_back: AtomicBool,
+    /// Counter behind lease tokens and trip ids.
+    next_id: std::sync::atomic::AtomicU64,
+    /// Random per process, so lease tokens of different processes differ.
+    token_seed: u64,
     max_patterns: usize,
     memory_max_entries: u64,
     memory_max_bytes: u64,
@@ -382,6 +610,7 @@ impl CacheRegistry {
             opts.redis.clone(),
             0,
             Arc::default(),
+            &BTreeMap::new(),
         );
         let registry = CacheRegistry {
             inner: Arc::new(Inner {
@@ -397,6 +626,13 @@ impl CacheRegistry {
                 started: clock.raw(),
                 clock,
                 analysis,
+                breakers: Mutex::new(BTreeMap::new()),
+                impl_rolled_back: AtomicBool::new(false),
+                next_id: std::sync::atomic::AtomicU64::new(1),
+                token_seed: {
+                    use std::hash::BuildHasher;
+                    std::hash::RandomState::new().hash_one(std::process::id())
+                },
                 max_patterns,
                 memory_max_entries: opts.memory_max_entries,
                 memory_max_bytes: opts.memory_max_bytes,
@@ -477,7 +713,10 @@ impl CacheRegistry {
                 .then(|| Shards::with_max_rate(a.opts.sample_keys, a.opts.max_sampling_rate))
         });
         PatternEntry {
+            name: name.into(),
             metrics: self.inner.metrics.pattern(name),
+            window: Window::default(),
+            rollout: OnceLock::new(),
             tag: idx as u32,
             shards,
         }
@@ -538,7 +777,29 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.get_or_load_with(key, || async { loader().await.map(Json) })
+        self.get_or_load_with(key, &[], || async { loader().await.map(Json) })
+            .await
+            .map(|Json(v)| v)
+    }
+
+    /// [`get_or_load`](Self::get_or_load) whose stored value is recorded under `tags`, so that
+    /// [`invalidate_tag`](Self::invalidate_tag) of any of them removes it (and revokes a fill in progress). A tag
+    /// follows the rules of a key ([`validate_key`]); a malformed one bypasses the cache like a malformed key.
+    ///
+    /// # Errors
+    /// Only the loader's own error.
+    pub async fn get_or_load_tagged<T, E, F, Fut>(
+        &self,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.get_or_load_with(key, tags, || async { loader().await.map(Json) })
             .await
             .map(|Json(v)| v)
     }
@@ -552,45 +813,334 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
-        self.get_or_load_with(key, loader).await
+        self.get_or_load_with(key, &[], loader).await
     }
 
-    async fn get_or_load_with<C, E, F, Fut>(&self, key: &str, loader: F) -> Result<C, E>
+    async fn get_or_load_with<C, E, F, Fut>(
+        &self,
+        key: &str,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
-        let (entry, served, track) = {
+        let mut buf = None;
+        let (entry, plan, track, pattern) = {
             let state = self.inner.state.load();
             if !state.policy.enabled {
                 drop(state);
                 return loader().await;
             }
-            if validate_key(key).is_err() {
+            if validate_key(key).is_err() || tags.iter().any(|t| validate_key(t).is_err()) {
                 self.inner
                     .metrics
                     .error(state.backend.kind(), "invalid_key");
                 drop(state);
                 return loader().await;
             }
-            let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
-            let serves = state.serves(&pattern);
+            let plan = state
+                .route(&pattern)
+                .map(|r| (r.includes(key), r.clone(), Arc::clone(&state.backend)));
+            let serves = plan.as_ref().is_some_and(|p| p.0);
             let track = self.track(&state, entry, &pattern, key, serves);
             if serves {
                 if let Some(w) = &state.whitelisted {
                     w.gets.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            let served = serves.then(|| (Arc::clone(&state.backend), state.ttl(&pattern)));
-            (entry, served, track)
+            (entry, plan, track, pattern)
         };
-        match served {
+        match plan {
             None => self.observe(entry, track, loader).await,
-            Some((backend, ttl)) => self.serve(key, entry, track, &*backend, ttl, loader).await,
+            Some((false, _, _)) => {
+                let start = self.inner.clock.raw();
+                let r = self.observe(entry, track, loader).await;
+                self.rollout_metrics(entry)
+                    .unramped
+                    .observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
+                r
+            }
+            Some((true, route, backend)) => {
+                let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
+                let start = self.inner.clock.raw();
+                let r = if route.mode == Mode::Shadow {
+                    self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader)
+                        .await
+                } else {
+                    self.serve(
+                        key, &pattern, entry, track, &*backend, &route, &tags, loader,
+                    )
+                    .await
+                };
+                self.rollout_metrics(entry)
+                    .ramped
+                    .observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
+                r
+            }
         }
+    }
+
+    fn rollout_metrics<'e>(&self, entry: &'e PatternEntry) -> &'e RolloutMetrics {
+        entry
+            .rollout
+            .get_or_init(|| self.inner.metrics.rollout(&entry.name))
+    }
+
+    /// A fresh lease token: random per process, unique within it.
+    fn next_token(&self) -> u64 {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        (self.inner.token_seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+    }
+
+    /// Counts one cache read of a routed pattern in its window, judges the rules when it went wrong, and counts
+    /// half-open probes.
+    fn read_done(
+        &self,
+        entry: &PatternEntry,
+        pattern: &str,
+        route: &Route,
+        at: u64,
+        nanos: u64,
+        result: ReadResult,
+    ) {
+        let bucket = self.inner.clock.delta_as_nanos(self.inner.started, at) / route.bucket_nanos;
+        let w = &entry.window;
+        w.add(Event::Read, bucket);
+        let mut bad = match result {
+            ReadResult::Ok => false,
+            ReadResult::Error => {
+                w.add(Event::Error, bucket);
+                true
+            }
+            ReadResult::Timeout => {
+                w.add(Event::Timeout, bucket);
+                true
+            }
+        };
+        if nanos > route.slow_nanos {
+            w.add(Event::Slow, bucket);
+            bad = true;
+        }
+        if bad {
+            self.judge(entry, pattern, route, bucket);
+        } else if let Some(p) = &route.probe {
+            if p.fetch_add(1, Ordering::Relaxed) + 1 >= route.probe_calls {
+                self.close_breaker(pattern);
+            }
+        }
+    }
+
+    /// Counts one shadow comparison in the window.
+    fn compared(&self, entry: &PatternEntry, pattern: &str, route: &Route, at: u64, same: bool) {
+        let bucket = self.inner.clock.delta_as_nanos(self.inner.started, at) / route.bucket_nanos;
+        entry.window.add(Event::Compared, bucket);
+        if !same {
+            entry.window.add(Event::Mismatch, bucket);
+            self.judge(entry, pattern, route, bucket);
+        }
+    }
+
+    #[cold]
+    fn judge(&self, entry: &PatternEntry, pattern: &str, route: &Route, bucket: u64) {
+        let state = self.inner.state.load();
+        let rules = &state.policy.rollback;
+        if !rules.enabled {
+            return;
+        }
+        // Half-open, a few calls are enough to send the pattern back.
+        let min = if route.probe.is_some() {
+            rules.min_calls.min(10)
+        } else {
+            rules.min_calls
+        };
+        let counts = entry.window.counts(bucket);
+        if let Some(reason) = rollout::judge(rules, &counts, min) {
+            let (rules, imp) = (rules.clone(), state.policy.imp);
+            drop(state);
+            self.trip(entry, pattern, reason, counts, &rules, imp);
+        }
+    }
+
+    fn breakers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Breaker>> {
+        self.inner
+            .breakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Rebuilds the active routes under `breakers` (called with the breakers' lock held, so no change is lost).
+    fn apply_breakers(&self, breakers: &BTreeMap<String, Breaker>) {
+        self.inner.state.rcu(|cur| cur.with_breakers(breakers));
+    }
+
+    /// Records an automatic rollback, or one of its steps, in the swap history.
+    fn push_rollback(&self, pattern: &str, what: String) {
+        let s = self.inner.state.load();
+        self.push_swap(SwapRecord {
+            at: now_rfc3339(),
+            source: "rollback".into(),
+            version: s.version,
+            ok: true,
+            from_impl: s.policy.imp,
+            to_impl: s.policy.imp,
+            whitelist: s.policy.whitelist.clone(),
+            error: None,
+            reason: Some(format!("{pattern}: {what}")),
+        });
+    }
+
+    #[cold]
+    fn trip(
+        &self,
+        entry: &PatternEntry,
+        pattern: &str,
+        reason: Reason,
+        counts: WindowCounts,
+        rules: &RollbackRules,
+        imp: CacheImpl,
+    ) {
+        if rules.scope == RollbackScope::Impl {
+            self.trip_impl(entry, pattern, reason, counts, rules, imp);
+            return;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut b = self.breakers();
+            let trips = match b.get(pattern) {
+                Some(x) if x.state == BreakerState::Open => return, // tripped already
+                Some(x) => x.trips + 1,
+                None => 1,
+            };
+            b.insert(
+                pattern.to_string(),
+                Breaker {
+                    state: BreakerState::Open,
+                    reason,
+                    window: counts,
+                    since: now_rfc3339(),
+                    trips,
+                    id,
+                    probe: Arc::default(),
+                },
+            );
+            entry.window.reset();
+            self.apply_breakers(&b);
+        }
+        self.inner
+            .metrics
+            .rollback(imp, &entry.name, reason.as_str());
+        tracing::warn!(
+            key_pattern = pattern,
+            reason = reason.as_str(),
+            reads = counts.reads,
+            errors = counts.errors,
+            timeouts = counts.timeouts,
+            slow = counts.slow,
+            mismatched = counts.mismatched,
+            cooldown_secs = rules.cooldown_secs,
+            "cache: rolled back to observe"
+        );
+        self.push_rollback(pattern, format!("{} -> observe", reason.as_str()));
+        let weak = Arc::downgrade(&self.inner);
+        let pattern = pattern.to_string();
+        let cooldown = Duration::from_secs(rules.cooldown_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(cooldown).await;
+            if let Some(inner) = weak.upgrade() {
+                CacheRegistry { inner }.half_open(&pattern, id);
+            }
+        });
+    }
+
+    /// `scope = "impl"`: the whole impl goes to `null`, and after the cool-down back to what it was, unless the
+    /// configuration changed in between.
+    #[cold]
+    fn trip_impl(
+        &self,
+        entry: &PatternEntry,
+        pattern: &str,
+        reason: Reason,
+        counts: WindowCounts,
+        rules: &RollbackRules,
+        imp: CacheImpl,
+    ) {
+        if self.inner.impl_rolled_back.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        entry.window.reset();
+        self.inner
+            .metrics
+            .rollback(imp, &entry.name, reason.as_str());
+        tracing::warn!(
+            key_pattern = pattern,
+            reason = reason.as_str(),
+            reads = counts.reads,
+            cooldown_secs = rules.cooldown_secs,
+            "cache: rolled the impl back to null"
+        );
+        let reg = self.clone();
+        let why = format!("{pattern}: {} -> impl null", reason.as_str());
+        let cooldown = Duration::from_secs(rules.cooldown_secs);
+        tokio::spawn(async move {
+            let before = reg.policy();
+            let update = PolicyUpdate {
+                imp: Some(CacheImpl::Null),
+                ..PolicyUpdate::default()
+            };
+            let done = reg
+                .install_why(Change::Update(update), "rollback", Some(why))
+                .await;
+            let since = reg.inner.state.load().version;
+            tokio::time::sleep(cooldown).await;
+            reg.inner.impl_rolled_back.store(false, Ordering::Release);
+            if done.is_ok() {
+                let back = Some(format!("cool-down over -> impl {}", before.imp));
+                let _ = reg
+                    .install_why(Change::Retry(before, since), "rollback", back)
+                    .await;
+            }
+        });
+    }
+
+    fn half_open(&self, pattern: &str, id: u64) {
+        let mut b = self.breakers();
+        match b.get_mut(pattern) {
+            Some(x) if x.id == id && x.state == BreakerState::Open => {
+                x.state = BreakerState::HalfOpen;
+                x.probe = Arc::default();
+            }
+            _ => return, // closed by configuration, or tripped again since
+        }
+        if let Some(&i) = self.inner.state.load().patterns.get(pattern) {
+            self.slot(i).window.reset();
+        }
+        self.apply_breakers(&b);
+        drop(b);
+        tracing::info!(
+            key_pattern = pattern,
+            "cache: rollback cool-down over, probing (half-open)"
+        );
+        self.push_rollback(pattern, "cool-down over -> half-open".into());
+    }
+
+    fn close_breaker(&self, pattern: &str) {
+        let mut b = self.breakers();
+        if !matches!(b.get(pattern), Some(x) if x.state == BreakerState::HalfOpen) {
+            return;
+        }
+        b.remove(pattern);
+        self.apply_breakers(&b);
+        drop(b);
+        tracing::info!(
+            key_pattern = pattern,
+            "cache: probe passed, pattern restored"
+        );
+        self.push_rollback(pattern, "probe passed -> closed".into());
     }
 
     /// The call's place in the estimators when its key is sampled by the pattern's or the shared one.
@@ -721,10 +1271,12 @@ impl CacheRegistry {
     async fn serve<C, E, F, Fut>(
         &self,
         key: &str,
+        pattern: &str,
         entry: &PatternEntry,
         track: Option<Track>,
         backend: &dyn Cache,
-        ttl: Duration,
+        route: &Route,
+        tags: &[String],
         loader: F,
     ) -> Result<C, E>
     where
@@ -739,50 +1291,126 @@ impl CacheRegistry {
         let clock = &self.inner.clock;
         let start = clock.raw();
         let mut pending = PendingGet::new(self, entry, track, start);
-        let got = backend.get(key).await;
+        let got = bounded(route.read_timeout, "get", backend.get(key)).await;
+        let read_ns = nanos_since(clock, start);
         metrics
             .op_duration(imp, Operation::Get)
-            .observe_nanos(nanos_since(clock, start));
+            .observe_nanos(read_ns);
+        // Time spent waiting on the cache in this call: reads, lease and fill share one deadline.
+        let mut cache_ns = read_ns;
         let mut backend_ok = true;
         match got {
             Ok(Some(bytes)) => match (bytes.len(), codec::decode::<C>(bytes, version)) {
                 (len, Ok(v)) => {
+                    self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
                     m.hit(imp);
                     analysis::record_call(entry.tag, 0);
                     pending.finish(Some(len), true);
                     return Ok(v);
                 }
                 (_, Err(e)) => {
+                    self.read_done(entry, pattern, route, start, read_ns, ReadResult::Error);
                     metrics.error(imp, e.error_type());
                     tracing::warn!(key, error = %e, "cache: corrupted entry deleted");
-                    if let Err(e) = backend.delete(key).await {
+                    let t0 = clock.raw();
+                    let budget = route
+                        .read_timeout
+                        .saturating_sub(Duration::from_nanos(cache_ns));
+                    if let Err(e) = bounded(budget, "delete", backend.delete(key)).await {
                         metrics.error(imp, e.error_type());
                     }
+                    cache_ns += nanos_since(clock, t0);
                 }
             },
-            Ok(None) => {}
+            Ok(None) => self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok),
             Err(e) => {
+                self.read_done(entry, pattern, route, start, read_ns, ReadResult::of(&e));
                 metrics.error(imp, e.error_type());
                 tracing::debug!(key, error = %e, "cache: get failed, falling back to the loader");
                 backend_ok = false;
             }
         }
         m.miss(imp);
-        let leader = match self.inner.flights.join(key) {
+        let leader = match self.inner.flights.join(key, tags) {
             Join::Follower(rx) => {
-                if let Some(bytes) = flight::wait(rx).await {
-                    let len = bytes.len();
-                    if let Ok(v) = codec::decode::<C>(bytes, version) {
-                        m.coalesced();
-                        analysis::record_call(entry.tag, 0);
-                        pending.finish(Some(len), true);
-                        return Ok(v);
+                // The leader signals once the cache holds the key's value; the follower then reads it from the
+                // cache rather than taking the leader's copy: a read made after the follower started cannot
+                // predate an invalidation (from any process) that returned before it started, since every fill is
+                // made under a lease that invalidation revokes.
+                if flight::wait(rx).await.is_some() {
+                    let t0 = clock.raw();
+                    let budget = route
+                        .read_timeout
+                        .saturating_sub(Duration::from_nanos(cache_ns));
+                    let again = bounded(budget, "get", backend.get(key)).await;
+                    metrics
+                        .op_duration(imp, Operation::Get)
+                        .observe_nanos(nanos_since(clock, t0));
+                    if let Ok(Some(bytes)) = again {
+                        let len = bytes.len();
+                        if let Ok(v) = codec::decode::<C>(bytes, version) {
+                            m.coalesced();
+                            analysis::record_call(entry.tag, 0);
+                            pending.finish(Some(len), true);
+                            return Ok(v);
+                        }
                     }
                 }
                 None // the leader failed or was detached: load ourselves, without storing over a newer load
             }
             Join::Leader(guard) => Some(guard),
         };
+        // The leader asks for the key's lease before it reads the origin: an invalidation from now on revokes it,
+        // so a value read before a write can never be stored after that write's invalidation.
+        let mut lease = None;
+        if leader.is_some() && backend_ok {
+            let t0 = clock.raw();
+            let budget = route
+                .read_timeout
+                .saturating_sub(Duration::from_nanos(cache_ns));
+            let asked = self.next_token();
+            let r = bounded(
+                budget,
+                "lease",
+                backend.lease(key, asked, route.lease_ttl, tags),
+            )
+            .await;
+            cache_ns += nanos_since(clock, t0);
+            let filled = match r {
+                Ok(Lookup::Lease(t)) => {
+                    metrics.lease(imp, "granted");
+                    lease = Some(t);
+                    None
+                }
+                Ok(Lookup::Hit(bytes)) => Some(bytes),
+                Ok(Lookup::Held) => {
+                    metrics.lease(imp, "held");
+                    let got = self.wait_for_fill(backend, key, route).await;
+                    if got.is_some() {
+                        metrics.lease(imp, "waited");
+                    }
+                    got
+                }
+                Err(e) => {
+                    metrics.error(imp, e.error_type());
+                    backend_ok = false;
+                    None
+                }
+            };
+            if let Some(bytes) = filled {
+                let len = bytes.len();
+                if let Ok(v) = codec::decode::<C>(bytes.clone(), version) {
+                    // Another caller (another process) filled it: as good as a coalesced miss.
+                    if let Some(g) = &leader {
+                        g.publish(bytes);
+                    }
+                    m.coalesced();
+                    analysis::record_call(entry.tag, 0);
+                    pending.finish(Some(len), true);
+                    return Ok(v);
+                }
+            }
+        }
         let load_start = clock.raw();
         let loaded = loader().await;
         let nanos = nanos_since(clock, load_start);
@@ -816,9 +1444,9 @@ impl CacheRegistry {
         };
         pending.finish(Some(bytes.len()), bytes.len() <= self.inner.max_value_bytes);
         m.value_size.observe(bytes.len() as f64);
-        if let Some(g) = &leader {
-            g.publish(bytes.clone());
-        }
+        // Followers are told only once the value is stored under a lease that was still valid (they then read it
+        // from the cache). Without a fill (the cache failing, another process's lease, a value too large) they
+        // load for themselves.
         if bytes.len() > self.inner.max_value_bytes {
             metrics.error(imp, "too_large");
             tracing::warn!(
@@ -827,12 +1455,153 @@ impl CacheRegistry {
                 max = self.inner.max_value_bytes,
                 "cache: value too large, not stored"
             );
-        } else if backend_ok {
-            // A failed set is counted inside; the caller has its value either way.
-            let _ = self.timed_set(backend, m, key, bytes, ttl).await;
+        } else if let (Some(token), true) = (lease, backend_ok) {
+            // The fill gets what is left of the deadline; past it the caller goes on and the fill is dropped (the
+            // lease then expires by itself).
+            let budget = route
+                .read_timeout
+                .saturating_sub(Duration::from_nanos(cache_ns));
+            let t0 = clock.raw();
+            let r = bounded(
+                budget,
+                "set",
+                backend.set_leased(key, bytes.clone(), route.ttl, token, tags),
+            )
+            .await;
+            metrics
+                .op_duration(imp, Operation::Set)
+                .observe_nanos(nanos_since(clock, t0));
+            match r {
+                Ok(true) => {
+                    m.set(imp);
+                    if let Some(g) = &leader {
+                        g.publish(bytes);
+                    }
+                }
+                Ok(false) => {
+                    metrics.lease(imp, "revoked");
+                    tracing::debug!(
+                        key,
+                        "cache: lease revoked by an invalidation, value not stored"
+                    );
+                }
+                Err(e) => {
+                    metrics.error(imp, e.error_type());
+                    tracing::debug!(key, error = %e, "cache: fill failed");
+                }
+            }
         }
         drop(leader);
         Ok(value)
+    }
+
+    /// Another process holds the key's lease: polls for its fill every 5 ms for at most `lease_wait`.
+    async fn wait_for_fill(&self, backend: &dyn Cache, key: &str, route: &Route) -> Option<Bytes> {
+        let until = tokio::time::Instant::now() + route.lease_wait;
+        while tokio::time::Instant::now() + Duration::from_millis(5) <= until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            match bounded(route.read_timeout, "get", backend.get(key)).await {
+                Ok(Some(b)) => return Some(b),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Shadow mode: the caller always gets the loader's value. Before the loader runs, the cache is read (a lease
+    /// on a miss, so that the fill is safe); afterwards what it held is compared with the loader's value, and a
+    /// miss is filled (or a differing copy deleted) in the background.
+    #[allow(clippy::too_many_arguments)]
+    async fn shadow<C, E, F, Fut>(
+        &self,
+        key: &str,
+        pattern: &str,
+        entry: &PatternEntry,
+        track: Option<Track>,
+        backend: Arc<dyn Cache>,
+        route: &Route,
+        tags: &[String],
+        loader: F,
+    ) -> Result<C, E>
+    where
+        C: Codec,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<C, E>>,
+    {
+        let imp = backend.kind();
+        let clock = &self.inner.clock;
+        let start = clock.raw();
+        let token = self.next_token();
+        let looked = bounded(
+            route.read_timeout,
+            "lease",
+            backend.lease(key, token, route.lease_ttl, tags),
+        )
+        .await;
+        let read_ns = nanos_since(clock, start);
+        self.inner
+            .metrics
+            .op_duration(imp, Operation::Get)
+            .observe_nanos(read_ns);
+        let rm = self.rollout_metrics(entry);
+        let looked = match looked {
+            Ok(l) => {
+                self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
+                Some(l)
+            }
+            Err(e) => {
+                self.read_done(entry, pattern, route, start, read_ns, ReadResult::of(&e));
+                self.inner.metrics.error(imp, e.error_type());
+                rm.shadow[3].inc();
+                None
+            }
+        };
+        let r = self.observe(entry, track, loader).await;
+        let (Ok(v), Some(looked)) = (&r, looked) else {
+            return r;
+        };
+        let bytes = match codec::encode(key, v, self.inner.value_version) {
+            Ok(b) => b,
+            Err(e) => {
+                self.inner.metrics.error(imp, e.error_type());
+                return r;
+            }
+        };
+        match looked {
+            Lookup::Hit(cached) => {
+                let same = codec::same_value(&cached, &bytes);
+                rm.shadow[usize::from(!same)].inc();
+                self.compared(entry, pattern, route, start, same);
+                if !same {
+                    tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
+                    let (reg, key) = (self.clone(), key.to_string());
+                    tokio::spawn(async move {
+                        if let Err(e) = backend.delete(&key).await {
+                            reg.inner.metrics.error(imp, e.error_type());
+                        }
+                    });
+                }
+            }
+            Lookup::Lease(token) => {
+                rm.shadow[2].inc();
+                if bytes.len() > self.inner.max_value_bytes {
+                    self.inner.metrics.error(imp, "too_large");
+                } else {
+                    let (reg, key, tags) = (self.clone(), key.to_string(), tags.to_vec());
+                    let (ttl, idx) = (route.ttl, entry.tag as usize);
+                    tokio::spawn(async move {
+                        match backend.set_leased(&key, bytes, ttl, token, &tags).await {
+                            Ok(true) => reg.slot(idx).metrics.set(imp),
+                            Ok(false) => reg.inner.metrics.lease(imp, "revoked"),
+                            Err(e) => reg.inner.metrics.error(imp, e.error_type()),
+                        }
+                    });
+                }
+            }
+            Lookup::Held => rm.shadow[2].inc(),
+        }
+        r
     }
 
     async fn timed_set(
@@ -842,11 +1611,12 @@ impl CacheRegistry {
         key: &str,
         bytes: Bytes,
         ttl: Duration,
+        tags: &[String],
     ) -> Result<()> {
         let imp = backend.kind();
         let clock = &self.inner.clock;
         let start = clock.raw();
-        let r = backend.set(key, bytes, Some(ttl)).await;
+        let r = backend.set_tagged(key, bytes, Some(ttl), tags).await;
         self.inner
             .metrics
             .op_duration(imp, Operation::Set)
@@ -875,7 +1645,20 @@ impl CacheRegistry {
         key: &str,
         value: &T,
     ) -> Result<()> {
-        self.set_value(key, &JsonRef(value)).await
+        self.set_value(key, &JsonRef(value), &[]).await
+    }
+
+    /// [`set`](Self::set), recording the entry under `tags` (see [`invalidate_tag`](Self::invalidate_tag)).
+    ///
+    /// # Errors
+    /// As [`set`](Self::set); a malformed tag is an [`Error::InvalidKey`].
+    pub async fn set_tagged<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &T,
+        tags: &[&str],
+    ) -> Result<()> {
+        self.set_value(key, &JsonRef(value), tags).await
     }
 
     /// [`set`](Self::set) for raw bytes.
@@ -883,23 +1666,27 @@ impl CacheRegistry {
     /// # Errors
     /// As [`set`](Self::set).
     pub async fn set_bytes(&self, key: &str, value: Bytes) -> Result<()> {
-        self.set_value(key, &value).await
+        self.set_value(key, &value, &[]).await
     }
 
-    async fn set_value<C: Codec>(&self, key: &str, value: &C) -> Result<()> {
+    async fn set_value<C: Codec>(&self, key: &str, value: &C, tags: &[&str]) -> Result<()> {
         validate_key(key)?;
+        for t in tags {
+            validate_key(t)?;
+        }
         let state = self.inner.state.load_full();
         let (entry, ttl, track) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
-            let serves = state.serves(&pattern);
+            let route = state.route(&pattern);
+            let serves = route.is_some();
             let track = state
                 .policy
                 .enabled
                 .then(|| self.track(&state, entry, &pattern, key, serves))
                 .flatten();
-            (entry, serves.then(|| state.ttl(&pattern)), track)
+            (entry, route.map(|r| r.ttl), track)
         };
         if state.policy.enabled {
             entry.metrics.write();
@@ -948,8 +1735,38 @@ impl CacheRegistry {
             });
         }
         entry.metrics.value_size.observe(bytes.len() as f64);
-        self.timed_set(&*state.backend, &entry.metrics, key, bytes, ttl)
+        let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
+        self.timed_set(&*state.backend, &entry.metrics, key, bytes, ttl, &tags)
             .await
+    }
+
+    /// Deletes every entry stored with `tag` ([`get_or_load_tagged`](Self::get_or_load_tagged),
+    /// [`set_tagged`](Self::set_tagged)) from the active backend, revokes the leases of loads in progress with it
+    /// (in every process: the tag's keys are kept in the backend), and detaches this process's loads with it;
+    /// returns how many entries were deleted. Counted in `cache_invalidate_total{tag}` (the first 32 tags by
+    /// name, later ones as `other`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for a malformed tag, or the backend's error (also counted).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        validate_key(tag)?;
+        let state = self.inner.state.load_full();
+        if state.stores {
+            self.inner.flights.detach_tagged(tag);
+        }
+        let imp = state.backend.kind();
+        self.inner.metrics.invalidated_tag(imp, tag);
+        if !state.stores {
+            return Ok(0);
+        }
+        let clock = &self.inner.clock;
+        let start = clock.raw();
+        let r = state.backend.invalidate_tag(tag).await;
+        self.inner
+            .metrics
+            .op_duration(imp, Operation::InvalidateTag)
+            .observe_nanos(nanos_since(clock, start));
+        r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
     }
 
     /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
@@ -1093,8 +1910,28 @@ impl CacheRegistry {
     }
 
     async fn install(&self, change: Change, source: &str) -> Result<()> {
+        self.install_why(change, source, None).await
+    }
+
+    async fn install_why(
+        &self,
+        change: Change,
+        source: &str,
+        reason: Option<String>,
+    ) -> Result<()> {
         let _one_at_a_time = self.inner.switching.lock().await;
         let cur = self.inner.state.load_full();
+        // Breakers a successful swap closes: those of the patterns it names, or all of them on a full reload.
+        let closes: Option<Vec<String>> = match &change {
+            Change::Update(u) => Some(
+                u.patterns
+                    .as_ref()
+                    .map(|p| p.keys().cloned().collect())
+                    .unwrap_or_default(),
+            ),
+            Change::Replace(..) => None,
+            Change::Retry(..) => Some(Vec::new()),
+        };
         let (policy, redis) = match change {
             Change::Update(u) => (cur.policy.merged(&u)?, cur.redis.clone()),
             Change::Replace(p, r) => {
@@ -1119,6 +1956,7 @@ impl CacheRegistry {
             to_impl: policy.imp,
             whitelist: policy.whitelist.clone(),
             error: result.as_ref().err().map(ToString::to_string),
+            reason,
         };
         let backend = match result {
             Ok(b) => b,
@@ -1136,13 +1974,26 @@ impl CacheRegistry {
         };
         self.inner.metrics.swap(true);
         let (enabled, imp) = (policy.enabled, policy.imp);
-        let mut next = Active::new(policy, backend, redis, version, Arc::default());
+        let mut breakers = self.breakers();
+        match closes {
+            None => breakers.clear(),
+            Some(names) => {
+                for n in names {
+                    if breakers.remove(&n).is_some() {
+                        tracing::info!(key_pattern = %n, "cache: breaker closed by configuration");
+                    }
+                }
+            }
+        }
+        let mut next = Active::new(policy, backend, redis, version, Arc::default(), &breakers);
         next.whitelisted = self.whitelist_estimator(&cur, &next);
-        // rcu, not store: a pattern first seen during the swap must not be lost.
+        // rcu, not store: a pattern first seen during the swap must not be lost. Under the breakers' lock, so a
+        // trip cannot slip in between.
         self.inner.state.rcu(|cur| Active {
             patterns: Arc::clone(&cur.patterns),
             ..next.clone()
         });
+        drop(breakers);
         self.inner.metrics.set_enabled(enabled, imp);
         self.push_swap(record);
         tracing::info!(source, version, "{}", self.state_line());
@@ -1439,8 +2290,59 @@ impl CacheRegistry {
                 .cloned()
                 .collect(),
             redis,
+            routes: self.route_views(&s),
         }
     }
+
+    fn route_views(&self, s: &Active) -> BTreeMap<String, RouteView> {
+        let breakers = self.breakers().clone();
+        let bucket_nanos = s.default_route.bucket_nanos;
+        let bucket = self
+            .inner
+            .clock
+            .delta_as_nanos(self.inner.started, self.inner.clock.raw())
+            / bucket_nanos;
+        s.patterns
+            .iter()
+            .filter(|(name, _)| {
+                s.whitelisted(name)
+                    || s.policy.patterns.contains_key(&***name)
+                    || breakers.contains_key(&***name)
+            })
+            .map(|(name, &i)| {
+                let e = self.slot(i);
+                let pp = s.policy.patterns.get(&**name);
+                let route = s.routes.get(&**name).unwrap_or(&s.default_route);
+                let rm = self.rollout_metrics(e);
+                let hits = e.metrics.hits_of(s.policy.imp);
+                let view = RouteView {
+                    mode: if s.route(name).is_some() {
+                        route.mode
+                    } else {
+                        Mode::Observe
+                    },
+                    configured_mode: pp.and_then(|p| p.mode).unwrap_or_default(),
+                    ramp_percent: pp.and_then(|p| p.ramp_percent).unwrap_or(100.0),
+                    read_timeout_ms: route.read_timeout.as_millis() as u64,
+                    ttl_secs: route.ttl.as_secs(),
+                    breaker: breakers.get(&**name).cloned(),
+                    window: e.window.counts(bucket),
+                    ramped: ArmView::of(&rm.ramped, hits),
+                    unramped: ArmView::of(&rm.unramped, 0),
+                    shadow: crate::metrics::SHADOW_RESULTS
+                        .iter()
+                        .zip(&rm.shadow)
+                        .map(|(r, c)| (*r, c.get()))
+                        .collect(),
+                };
+                (name.to_string(), view)
+            })
+            .collect()
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 /// `cache_predicted_hit_ratio{key_pattern,capacity}`: the estimators' predictions at the configured capacities,
@@ -1540,7 +2442,14 @@ mod tests {
     use crate::policy::PatternPolicy;
 
     fn active(policy: Policy, backend: Arc<dyn Cache>) -> Active {
-        Active::new(policy, backend, RedisOptions::default(), 1, Arc::default())
+        Active::new(
+            policy,
+            backend,
+            RedisOptions::default(),
+            1,
+            Arc::default(),
+            &BTreeMap::new(),
+        )
     }
 
     #[test]
@@ -1567,7 +2476,13 @@ mod tests {
     #[test]
     fn pattern_ttl_overrides_default() {
         let policy = Policy {
-            patterns: BTreeMap::from([("user".into(), PatternPolicy { ttl_secs: Some(60) })]),
+            patterns: BTreeMap::from([(
+                "user".into(),
+                PatternPolicy {
+                    ttl_secs: Some(60),
+                    ..PatternPolicy::default()
+                },
+            )]),
             ..Policy::default()
         };
         let a = active(policy, Arc::new(NullCache));

@@ -327,62 +327,6 @@ async fn switch_to_unreachable_redis_keeps_the_old_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_during_load_falls_back_and_recovers() {
-    let mut server = RedisServer::start();
-    let reg = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
-    assert_eq!(reg.policy().imp, CacheImpl::Redis);
-    let wrong = Arc::new(AtomicUsize::new(0));
-    let run = |n: u64| {
-        let reg = reg.clone();
-        let wrong = wrong.clone();
-        async move {
-            for i in 0..n {
-                let id = i % 20;
-                let got: Result<User, Infallible> = reg
-                    .get_or_load(&format!("user:{id}"), || async { Ok(user(id, 1)) })
-                    .await;
-                if got != Ok(user(id, 1)) {
-                    wrong.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    };
-    run(200).await;
-    let hits_before = reg.pattern_counts()["user"].hits;
-    assert!(hits_before > 0);
-
-    server.kill();
-    run(200).await;
-    let errors: u64 = ["connection", "timeout", "redis"]
-        .iter()
-        .map(|t| reg.metrics().errors(CacheImpl::Redis, t))
-        .sum();
-    assert!(errors > 0, "the outage is counted");
-    assert_eq!(
-        wrong.load(Ordering::Relaxed),
-        0,
-        "every call got the loader's value during the outage"
-    );
-
-    server.restart();
-    // Caching resumes by itself once the connection manager has reconnected (bounded wait).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let hits_at_restart = reg.pattern_counts()["user"].hits;
-    loop {
-        run(40).await;
-        if reg.pattern_counts()["user"].hits > hits_at_restart + 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caching did not resume after Redis came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(wrong.load(Ordering::Relaxed), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appears() {
     let port = support::free_port();
     let reg = registry(
@@ -610,7 +554,10 @@ async fn concurrent_switches_both_apply() {
     let b = {
         let reg = reg.clone();
         tokio::spawn(async move {
-            let ttl = cache_rollout::PatternPolicy { ttl_secs: Some(42) };
+            let ttl = cache_rollout::PatternPolicy {
+                ttl_secs: Some(42),
+                ..Default::default()
+            };
             reg.switch(&PolicyUpdate {
                 patterns: Some([("user".to_string(), ttl)].into()),
                 ..PolicyUpdate::default()
@@ -726,7 +673,10 @@ async fn stored_values_carry_the_pattern_ttl() {
     let mut opts = options(CacheImpl::Redis, &["*"], Some(server.url()));
     opts.policy.patterns = [(
         "user".to_string(),
-        cache_rollout::PatternPolicy { ttl_secs: Some(60) },
+        cache_rollout::PatternPolicy {
+            ttl_secs: Some(60),
+            ..Default::default()
+        },
     )]
     .into();
     let reg = CacheRegistry::new(opts).await.expect("registry");

@@ -643,6 +643,7 @@ pub(crate) fn build(
                 name.clone(),
                 PatternPolicy {
                     ttl_secs: Some(ttl),
+                    ..PatternPolicy::default()
                 },
             );
             let _ = write!(toml, "\n[cache.patterns.{:?}]\nttl_secs = {ttl}\n", name);

@@ -1,5 +1,8 @@
 //! [`MemoryCache`]: an in-process cache on moka, bounded in entries and in bytes, with a TTL per entry.
 
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -7,7 +10,7 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use moka::future::Cache as Moka;
 use moka::Expiry;
 
-use super::{Cache, CacheImpl, Health};
+use super::{Cache, CacheImpl, Health, Lookup};
 use crate::error::Result;
 
 #[derive(Clone)]
@@ -40,10 +43,23 @@ impl Expiry<String, Entry> for PerEntryTtl {
 /// enforced with one moka weigher: an entry weighs `max(key + value bytes, max_bytes / max_entries)` against a
 /// capacity of `max_bytes`, so neither bound can be exceeded (small entries are counted as the average size the
 /// bounds allow). Eviction is asynchronous in moka, so the bounds may be overshot briefly between maintenance runs.
+///
+/// Leases and tags are kept beside the entries: a lease lives in one of 16 lease maps, each behind an async lock
+/// that a fill under a lease and a delete both take, so a revoked lease can never fill; a tag keeps the set of its
+/// keys, pruned of keys no longer held when it grows past `max_entries`.
 #[derive(Clone)]
 pub struct MemoryCache {
     inner: Moka<String, Entry>,
+    leases: Arc<[LeaseShard]>,
+    tags: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    hasher: foldhash::fast::FixedState,
+    max_entries: u64,
 }
+
+const LEASE_SHARDS: usize = 16;
+
+/// Key → (lease token, expiry), behind the lock a fill under a lease and a delete of the key both take.
+type LeaseShard = tokio::sync::Mutex<HashMap<String, (u64, Instant)>>;
 
 impl std::fmt::Debug for MemoryCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,7 +84,34 @@ impl MemoryCache {
             })
             .expire_after(PerEntryTtl)
             .build();
-        MemoryCache { inner }
+        MemoryCache {
+            inner,
+            leases: (0..LEASE_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(HashMap::new()))
+                .collect(),
+            tags: Arc::default(),
+            hasher: foldhash::fast::FixedState::default(),
+            max_entries,
+        }
+    }
+
+    fn lease_shard(&self, key: &str) -> &LeaseShard {
+        let i = usize::try_from(self.hasher.hash_one(key) % LEASE_SHARDS as u64).unwrap_or(0);
+        &self.leases[i]
+    }
+
+    fn record_tags(&self, key: &str, tags: &[String]) {
+        if tags.is_empty() {
+            return;
+        }
+        let mut map = self.tags.lock().unwrap_or_else(PoisonError::into_inner);
+        for t in tags {
+            let keys = map.entry(t.clone()).or_default();
+            keys.insert(key.to_string());
+            if keys.len() as u64 > self.max_entries.saturating_mul(2) {
+                keys.retain(|k| self.inner.contains_key(k));
+            }
+        }
     }
 
     /// Number of entries (approximate until moka's pending maintenance has run).
@@ -97,7 +140,20 @@ impl Cache for MemoryCache {
         value: Bytes,
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, Result<()>> {
+        self.set_tagged(key, value, ttl, &[])
+    }
+
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<()>> {
         async move {
+            let mut leases = self.lease_shard(key).lock().await;
+            leases.remove(key);
+            self.record_tags(key, tags);
             self.inner
                 .insert(key.to_string(), Entry { value, ttl })
                 .await;
@@ -106,8 +162,88 @@ impl Cache for MemoryCache {
         .boxed()
     }
 
+    fn lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        async move {
+            let mut leases = self.lease_shard(key).lock().await;
+            if let Some(e) = self.inner.get(key).await {
+                return Ok(Lookup::Hit(e.value));
+            }
+            let now = Instant::now();
+            if leases.get(key).is_some_and(|&(_, until)| until > now) {
+                return Ok(Lookup::Held);
+            }
+            if leases.len() >= 1024 {
+                leases.retain(|_, &mut (_, until)| until > now);
+            }
+            leases.insert(key.to_string(), (token, now + lease_ttl));
+            self.record_tags(key, tags);
+            Ok(Lookup::Lease(token))
+        }
+        .boxed()
+    }
+
+    fn set_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        token: u64,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            let mut leases = self.lease_shard(key).lock().await;
+            match leases.get(key) {
+                Some(&(t, until)) if t == token && until > Instant::now() => {}
+                _ => return Ok(false),
+            }
+            leases.remove(key);
+            self.record_tags(key, tags);
+            self.inner
+                .insert(
+                    key.to_string(),
+                    Entry {
+                        value,
+                        ttl: Some(ttl),
+                    },
+                )
+                .await;
+            Ok(true)
+        }
+        .boxed()
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
+        async move {
+            let keys = self
+                .tags
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(tag)
+                .unwrap_or_default();
+            let mut n = 0;
+            for k in keys {
+                if self.delete(&k).await? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        .boxed()
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        async move { Ok(self.inner.remove(key).await.is_some()) }.boxed()
+        async move {
+            let mut leases = self.lease_shard(key).lock().await;
+            leases.remove(key);
+            Ok(self.inner.remove(key).await.is_some())
+        }
+        .boxed()
     }
 
     fn delete_matching<'a>(

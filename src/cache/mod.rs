@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -103,6 +103,25 @@ impl Health {
     }
 }
 
+/// The answer to [`Cache::lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key holds a value.
+    Hit(Bytes),
+    /// The key is empty and this caller now holds its lease under the given token: only a
+    /// [`Cache::set_leased`] with that token can fill it, and only until the key is deleted or the lease expires.
+    Lease(u64),
+    /// The key is empty and someone else holds its lease (another caller is loading it).
+    Held,
+}
+
+/// Suffix of the backend key that holds a key's lease. Valid keys never contain a space, so it cannot collide with
+/// a key, and pattern deletion (which scans `prefix*`) also removes the leases of the pattern's keys.
+pub const LEASE_SUFFIX: &str = " ~lease";
+
+/// Prefix (after the namespace prefix) of the backend key of a tag's set of keys.
+pub const TAG_PREFIX: &str = " ~tag:";
+
 /// A byte cache. Implementations must be cheap to call concurrently from many tasks.
 ///
 /// Keys are already validated ([`validate_key`](crate::pattern::validate_key)); values are opaque.
@@ -127,7 +146,7 @@ pub trait Cache: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, Result<()>>;
 
-    /// Removes `key`; `true` when it was present.
+    /// Removes `key` and revokes its lease, if any; `true` when the key was present.
     ///
     /// # Errors
     /// Backend failures.
@@ -145,6 +164,74 @@ pub trait Cache: Send + Sync + 'static {
         prefix: &'a str,
         belongs: &'a (dyn Fn(&str) -> bool + Send + Sync),
     ) -> BoxFuture<'a, Result<u64>>;
+
+    /// The value under `key`, or else a lease on it (Facebook's leases, "Scaling Memcache at Facebook", NSDI 2013,
+    /// §3.2.1): one atomic step that either returns the value, or grants `token` the right to fill the key for
+    /// `lease_ttl`, or says that another caller holds that right. `tags` are recorded with the lease, so an
+    /// [`invalidate_tag`](Cache::invalidate_tag) made while the caller loads also revokes it.
+    ///
+    /// The default (for backends that are only used inside one process) grants every lease.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        _lease_ttl: Duration,
+        _tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        async move {
+            Ok(match self.get(key).await? {
+                Some(v) => Lookup::Hit(v),
+                None => Lookup::Lease(token),
+            })
+        }
+        .boxed()
+    }
+
+    /// Fills `key` only if `token` still holds its lease, and ends the lease; `false` when the lease was revoked
+    /// (the key was deleted or set since, or the lease expired): the value may predate a write, and is dropped.
+    /// `tags`: tags of the entry ([`invalidate_tag`](Cache::invalidate_tag) removes it).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn set_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        _token: u64,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            self.set_tagged(key, value, Some(ttl), tags).await?;
+            Ok(true)
+        }
+        .boxed()
+    }
+
+    /// [`set`](Cache::set), recording the entry under each of `tags`.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        _tags: &'a [String],
+    ) -> BoxFuture<'a, Result<()>> {
+        self.set(key, value, ttl)
+    }
+
+    /// Deletes every entry recorded under `tag` (and revokes the leases taken with it); returns how many entries.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn invalidate_tag<'a>(&'a self, _tag: &'a str) -> BoxFuture<'a, Result<u64>> {
+        futures_util::future::ready(Ok(0)).boxed()
+    }
 
     /// Checks that the backend answers.
     fn health(&self) -> BoxFuture<'_, Health>;

@@ -12,8 +12,77 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use super::{Cache, CacheImpl, Health};
+use super::{Cache, CacheImpl, Health, Lookup, LEASE_SUFFIX, TAG_PREFIX};
 use crate::error::{Error, Result};
+
+/// Value or lease, atomically. KEYS: key, lease key, tag sets…; ARGV: token, lease ms, the key without prefix.
+/// Returns `{1, value}`, `{2, token}` (granted) or `{3, ""}` (held by another caller).
+static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, ''} end
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[3])
+  local t = redis.call('PTTL', KEYS[i])
+  if t >= 0 and t < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+return {2, ARGV[1]}
+",
+    )
+});
+
+/// Fill under a lease. KEYS: key, lease key, tag sets…; ARGV: token, value, TTL ms, the key without prefix.
+static SET_LEASED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[4])
+  local t = redis.call('PTTL', KEYS[i])
+  if t == -1 or t < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+return 1
+",
+    )
+});
+
+/// An application write: set, revoke any lease, record tags. KEYS: key, lease key, tag sets…; ARGV: value, TTL ms
+/// (0: none), the key without prefix.
+static SET_TAGGED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl) else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('DEL', KEYS[2])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[3])
+  local t = redis.call('PTTL', KEYS[i])
+  if ttl == 0 then redis.call('PERSIST', KEYS[i])
+  elseif t == -1 or t < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return 1
+",
+    )
+});
+
+/// Deletes a tag's entries and their leases. KEYS: tag set; ARGV: namespace prefix, lease suffix.
+static INVALIDATE_TAG: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = 0
+for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  n = n + redis.call('DEL', ARGV[1] .. k)
+  redis.call('DEL', ARGV[1] .. k .. ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return n
+",
+    )
+});
 
 /// How to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +162,37 @@ impl RedisCache {
         k.push_str(key);
         k
     }
+
+    /// The Redis key of `key`'s lease.
+    pub fn lease_key(&self, key: &str) -> String {
+        let mut k = self.redis_key(key);
+        k.push_str(LEASE_SUFFIX);
+        k
+    }
+
+    /// The Redis key of the set of keys recorded under `tag`.
+    pub fn tag_key(&self, tag: &str) -> String {
+        format!("{}{TAG_PREFIX}{tag}", self.opts.key_prefix)
+    }
+
+    /// The script invocation with a key, its lease, and its tag sets as KEYS.
+    fn invocation<'s>(
+        &self,
+        script: &'s redis::Script,
+        key: &str,
+        tags: &[String],
+    ) -> redis::ScriptInvocation<'s> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.redis_key(key)).key(self.lease_key(key));
+        for t in tags {
+            inv.key(self.tag_key(t));
+        }
+        inv
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// A client for `opts.url`; with `tls_ca_file`, one that trusts that CA (rustls, ring provider).
@@ -182,19 +282,74 @@ impl Cache for RedisCache {
         value: Bytes,
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, Result<()>> {
+        self.set_tagged(key, value, ttl, &[])
+    }
+
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<()>> {
         async move {
             let mut c = self.conn.clone();
-            let k = self.redis_key(key);
-            match ttl {
-                Some(ttl) => {
-                    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                    let () = bounded(&self.opts, "set", c.pset_ex(k, value.as_ref(), ms)).await?;
-                }
-                None => {
-                    let () = bounded(&self.opts, "set", c.set(k, value.as_ref())).await?;
-                }
-            }
+            let mut inv = self.invocation(&SET_TAGGED, key, tags);
+            inv.arg(value.as_ref()).arg(ttl.map_or(0, millis)).arg(key);
+            let _: i64 = bounded(&self.opts, "set", inv.invoke_async(&mut c)).await?;
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn lease<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        async move {
+            let mut c = self.conn.clone();
+            let mut inv = self.invocation(&LEASE, key, tags);
+            inv.arg(token).arg(millis(lease_ttl)).arg(key);
+            let (kind, v): (i64, Vec<u8>) =
+                bounded(&self.opts, "lease", inv.invoke_async(&mut c)).await?;
+            Ok(match kind {
+                1 => Lookup::Hit(Bytes::from(v)),
+                2 => Lookup::Lease(token),
+                _ => Lookup::Held,
+            })
+        }
+        .boxed()
+    }
+
+    fn set_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        token: u64,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<bool>> {
+        async move {
+            let mut c = self.conn.clone();
+            let mut inv = self.invocation(&SET_LEASED, key, tags);
+            inv.arg(token).arg(value.as_ref()).arg(millis(ttl)).arg(key);
+            let n: i64 = bounded(&self.opts, "set", inv.invoke_async(&mut c)).await?;
+            Ok(n == 1)
+        }
+        .boxed()
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
+        async move {
+            let mut c = self.conn.clone();
+            let mut inv = INVALIDATE_TAG.prepare_invoke();
+            inv.key(self.tag_key(tag))
+                .arg(&self.opts.key_prefix)
+                .arg(LEASE_SUFFIX);
+            bounded(&self.opts, "invalidate_tag", inv.invoke_async(&mut c)).await
         }
         .boxed()
     }
@@ -202,7 +357,12 @@ impl Cache for RedisCache {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
         async move {
             let mut c = self.conn.clone();
-            let n: u64 = bounded(&self.opts, "delete", c.del(self.redis_key(key))).await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .del(self.redis_key(key))
+                .del(self.lease_key(key));
+            let (n, _): (u64, u64) =
+                bounded(&self.opts, "delete", pipe.query_async(&mut c)).await?;
             Ok(n > 0)
         }
         .boxed()
@@ -228,7 +388,15 @@ impl Cache for RedisCache {
                     .arg(1000);
                 let (next, keys): (u64, Vec<String>) =
                     bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
-                let doomed: Vec<&String> = keys.iter().filter(|k| belongs(&k[strip..])).collect();
+                // A lease goes with its key; a tag set only with a flush (`belongs` never accepts a name with a
+                // space otherwise, since patterns cannot contain one).
+                let doomed: Vec<&String> = keys
+                    .iter()
+                    .filter(|k| {
+                        let k = &k[strip..];
+                        belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
+                    })
+                    .collect();
                 if !doomed.is_empty() {
                     let n: u64 = redis::cmd("UNLINK")
                         .arg(&doomed)

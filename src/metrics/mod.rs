@@ -10,7 +10,11 @@
 //! | `cache_hits_total`, `cache_miss_total`, `cache_set_total`, `cache_del_total` | counter | `impl`, `key_pattern` |
 //! | `cache_coalesced_total` | counter | `key_pattern` (misses answered by another caller's load: single-flight) |
 //! | `cache_errors_total` | counter | `impl`, `error_type` |
-//! | `cache_invalidate_total` | counter | `impl`, `tag` (`key` or `pattern` for now) |
+//! | `cache_invalidate_total` | counter | `impl`, `tag` (`key`, `pattern`, or an application tag: the first 32 seen, then `other`) |
+//! | `cache_call_duration_seconds` | histogram | `key_pattern`, `arm` (`ramped`, `unramped`): whole calls of routed patterns |
+//! | `cache_shadow_total` | counter | `key_pattern`, `result` (`match`, `mismatch`, `miss`, `error`) |
+//! | `cache_rollback_total` | counter | `impl`, `key_pattern`, `reason` |
+//! | `cache_lease_total` | counter | `impl`, `result` (`granted`, `held`, `revoked`, `waited`) |
 //! | `cache_enabled` | gauge | `impl` (1 for the active impl while enabled) |
 //! | `cache_swaps_total` | counter | `result` (`ok`, `error`) |
 //! | `cache_operation_duration_seconds` | histogram | `impl`, `operation` |
@@ -22,6 +26,7 @@
 //! Label handles are resolved once per pattern ([`PatternMetrics`]) or per route and cached; the hot path never
 //! looks a label up by string.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::analysis::RouteCalls;
@@ -64,14 +69,17 @@ pub enum Operation {
     Delete,
     /// A delete of every key of a pattern.
     DeletePattern,
+    /// A delete of every entry of a tag.
+    InvalidateTag,
 }
 
 impl Operation {
-    const ALL: [Operation; 4] = [
+    const ALL: [Operation; 5] = [
         Operation::Get,
         Operation::Set,
         Operation::Delete,
         Operation::DeletePattern,
+        Operation::InvalidateTag,
     ];
 
     fn as_str(self) -> &'static str {
@@ -80,6 +88,7 @@ impl Operation {
             Operation::Set => "set",
             Operation::Delete => "delete",
             Operation::DeletePattern => "delete_pattern",
+            Operation::InvalidateTag => "invalidate_tag",
         }
     }
 }
@@ -97,6 +106,11 @@ pub struct Metrics {
     candidate_requests: IntCounterVec,
     candidate_duration: HistogramVec,
     routes: Arc<Mutex<Vec<(String, String, RouteMetrics)>>>,
+    call_duration: HistogramVec,
+    shadow: IntCounterVec,
+    rollbacks: IntCounterVec,
+    leases: IntCounterVec,
+    tag_labels: Arc<Mutex<HashSet<String>>>,
     errors: Vec<Vec<IntCounter>>,                  // [impl][error_type]
     op_duration: Vec<Vec<Arc<DurationHistogram>>>, // [impl][operation]
 }
@@ -203,6 +217,28 @@ impl Metrics {
             &["route", "method"],
             duration_buckets(),
         );
+        let call_duration = histogram(
+            "cache_call_duration_seconds",
+            "Duration of whole cache calls (read, load, fill) of patterns in shadow or serve mode, in seconds, for \
+             the keys in the ramp and the keys outside it.",
+            &["key_pattern", "arm"],
+            duration_buckets(),
+        );
+        let shadow = counter(
+            "cache_shadow_total",
+            "Shadow comparisons of the cached value with the loader's, by result.",
+            &["key_pattern", "result"],
+        );
+        let rollbacks = counter(
+            "cache_rollback_total",
+            "Automatic rollbacks, by the rule that tripped.",
+            &["impl", "key_pattern", "reason"],
+        );
+        let leases = counter(
+            "cache_lease_total",
+            "Fill leases: granted, held by another caller, revoked before the fill, waited for another's fill.",
+            &["impl", "result"],
+        );
         let errors = CacheImpl::ALL
             .iter()
             .map(|i| {
@@ -235,6 +271,11 @@ impl Metrics {
             candidate_requests,
             candidate_duration,
             routes: Arc::default(),
+            call_duration,
+            shadow,
+            rollbacks,
+            leases,
+            tag_labels: Arc::default(),
             errors,
             op_duration,
         }
@@ -318,6 +359,42 @@ impl Metrics {
             .inc();
     }
 
+    /// `cache_invalidate_total` for an application tag: the first [`MAX_TAG_LABELS`] tags seen keep their name,
+    /// later ones count under `other`.
+    pub(crate) fn invalidated_tag(&self, imp: CacheImpl, tag: &str) {
+        let label = {
+            let mut seen = self
+                .tag_labels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if seen.contains(tag) || (seen.len() < MAX_TAG_LABELS && seen.insert(tag.to_string())) {
+                tag.to_string()
+            } else {
+                crate::pattern::OTHER.to_string()
+            }
+        };
+        self.invalidated(imp, &label);
+    }
+
+    /// The ramp and shadow handles of one pattern (resolved when the pattern is first routed).
+    pub(crate) fn rollout(&self, pattern: &str) -> RolloutMetrics {
+        RolloutMetrics {
+            ramped: self.call_duration.with_label_values(&[pattern, "ramped"]),
+            unramped: self.call_duration.with_label_values(&[pattern, "unramped"]),
+            shadow: SHADOW_RESULTS.map(|r| self.shadow.with_label_values(&[pattern, r])),
+        }
+    }
+
+    pub(crate) fn rollback(&self, imp: CacheImpl, pattern: &str, reason: &str) {
+        self.rollbacks
+            .with_label_values(&[imp.as_str(), pattern, reason])
+            .inc();
+    }
+
+    pub(crate) fn lease(&self, imp: CacheImpl, result: &str) {
+        self.leases.with_label_values(&[imp.as_str(), result]).inc();
+    }
+
     /// Total of `cache_errors_total` for one impl and error type (for tests and the JSON state).
     pub fn errors(&self, imp: CacheImpl, error_type: &str) -> u64 {
         ERROR_TYPES
@@ -343,6 +420,21 @@ impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.0.collect()
     }
+}
+
+/// Most application tags with their own `tag` label in `cache_invalidate_total`.
+pub const MAX_TAG_LABELS: usize = 32;
+
+/// The `result` label values of `cache_shadow_total`, in [`RolloutMetrics::shadow`] order.
+pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
+
+/// The label handles of one routed pattern.
+#[derive(Debug, Clone)]
+pub(crate) struct RolloutMetrics {
+    pub(crate) ramped: Histogram,
+    pub(crate) unramped: Histogram,
+    /// By [`SHADOW_RESULTS`].
+    pub(crate) shadow: [IntCounter; 4],
 }
 
 /// The cached label handles of one candidate route.
