@@ -696,6 +696,52 @@ mod tests {
                 let e = err_text(load(jail));
                 assert!(e.contains(key) && e.contains(value), "{toml}: {e}");
             }
+            for (toml, key, value) in [
+                ("[cache]\nread_timeout_ms = 0", "cache.read_timeout_ms", "0"),
+                ("[cache]\nlease_ttl_ms = 0", "cache.lease_ttl_ms", "0"),
+                (
+                    "[cache.rollback]\nmax_error_rate = 2.0",
+                    "cache.rollback.max_error_rate",
+                    "2",
+                ),
+                (
+                    "[cache.rollback]\ncooldown_secs = 0",
+                    "cache.rollback.cooldown_secs",
+                    "0",
+                ),
+                (
+                    "[cache.patterns.user]\nramp_percent = 150.0",
+                    "cache.patterns.user.ramp_percent",
+                    "150",
+                ),
+                (
+                    "[cache.patterns.user]\nmode = \"serving\"",
+                    "serving",
+                    "serving",
+                ),
+            ] {
+                jail.create_file("config/default.toml", toml)?;
+                let e = err_text(load(jail));
+                assert!(e.contains(key) && e.contains(value), "{toml}: {e}");
+            }
+            jail.create_file(
+                "config/default.toml",
+                "[cache]\nread_timeout_ms = 20\n[cache.rollback]\nscope = \"impl\"\nmin_calls = 5\n\
+                 [cache.patterns.user]\nmode = \"shadow\"\nramp_percent = 12.5\nread_timeout_ms = 10\n",
+            )?;
+            let policy = load(jail).expect("valid").policy();
+            assert_eq!(policy.read_timeout_ms, 20);
+            assert_eq!(policy.rollback.scope, crate::policy::RollbackScope::Impl);
+            assert_eq!(policy.rollback.min_calls, 5);
+            assert_eq!(
+                policy.rollback.cooldown_secs, 60,
+                "unset keys keep their default"
+            );
+            assert_eq!(
+                policy.patterns["user"].mode,
+                Some(crate::policy::Mode::Shadow)
+            );
+            assert_eq!(policy.patterns["user"].ramp_percent, Some(12.5));
             jail.create_file("config/default.toml", "[cache.analysis]\nsample = 5\n")?;
             let e = err_text(load(jail));
             assert!(

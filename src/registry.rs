@@ -7,20 +7,25 @@
 //! Per call, by key pattern:
 //!
 //! - **disabled** (`FEATURE_CACHE=false`): the loader runs directly, unmeasured.
-//! - **observed** (impl `null`, or the pattern is not whitelisted): a counted miss, the loader runs and is timed,
-//!   a would-be set is counted, and one value in `size_sample_every` has its encoded size measured. No allocation,
-//!   no await besides the loader's, no lock.
-//! - **served** (whitelisted under `memory` or `redis`): cache-aside. A hit decodes and returns; a miss runs the
-//!   loader once per key however many callers miss together (single-flight), then stores the value with the
-//!   pattern's TTL. Backend errors and timeouts fail open to the loader and are counted by `error_type`; a
+//! - **observed** (impl `null`, the pattern not whitelisted or in `observe` mode or rolled back, or the key outside
+//!   the pattern's ramp): a counted miss, the loader runs and is timed, a would-be set is counted, and one value in
+//!   `size_sample_every` has its encoded size measured. No allocation, no await besides the loader's, no lock.
+//! - **served** (whitelisted under `memory` or `redis`, key in the ramp): cache-aside. A hit decodes and returns; a
+//!   miss runs the loader once per key however many callers miss together (single-flight), under the key's lease,
+//!   then fills the cache with the pattern's TTL if the lease still holds. Reads, lease and fill share the pattern's
+//!   read deadline; backend errors and timeouts fail open to the loader and are counted by `error_type`; a
 //!   corrupted entry is deleted, counted as `corrupt`, and reloaded.
+//! - **shadowed** (`mode = "shadow"`, key in the ramp): the loader's value is always returned; the cache is read
+//!   first, compared with it afterwards, and a miss is filled in the background.
 //!
-//! Coherence across switches: invalidations (and sets of patterns that are not served) always reach the active
-//! backend, whitelisted or not, enabled or not; and a backend that becomes active after a switch is first flushed
-//! of everything under its key prefix, because it missed the invalidations made while it was not active. An
-//! invalidation also detaches any load of that key in flight, so a load that began before a write is neither
-//! handed to callers that arrive after the write nor stored. What remains is the narrow race of a load that
-//! checked before the invalidation and stores after it (see `docs/behaviour.md`).
+//! Every cache read of a routed pattern is counted in its sliding window; when a rollback rule trips, the pattern
+//! returns to `observe` (see [`crate::rollout`]).
+//!
+//! Coherence: invalidations (and sets of patterns that are not served) always reach the active backend,
+//! whitelisted or not, enabled or not; a backend that becomes active after a switch is first flushed of everything
+//! under its key prefix, because it missed the invalidations made while it was not active. Every invalidation
+//! revokes the key's lease in the same atomic step, so a load that began before it can never store its value
+//! (leases, "Scaling Memcache at Facebook", NSDI 2013; see `docs/behaviour.md`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -163,10 +168,12 @@ pub struct RouteView {
     pub breaker: Option<Breaker>,
     /// The sliding window the rollback rules judge.
     pub window: WindowCounts,
-    /// Calls of keys in the ramp (served, or shadowed).
+    /// Calls of keys in the ramp, served (the A arm).
     pub ramped: ArmView,
-    /// Calls of keys outside the ramp (observed).
+    /// Calls of keys outside the ramp, observed (the B arm).
     pub unramped: ArmView,
+    /// Calls of keys in the ramp while the pattern was in shadow mode.
+    pub shadowed: ArmView,
     /// Shadow comparisons by result (`match`, `mismatch`, `miss`, `error`).
     pub shadow: BTreeMap<&'static str, u64>,
 }
@@ -176,7 +183,8 @@ pub struct RouteView {
 pub struct ArmView {
     /// Calls.
     pub calls: u64,
-    /// Hits among them (the unramped arm never hits).
+    /// Hits among them (the unramped and shadowed arms never hit; the ramped arm counts every hit of the pattern
+    /// under the active impl).
     pub hits: u64,
     /// `hits / calls`, when there were calls.
     pub hit_ratio: Option<f64>,
@@ -868,7 +876,8 @@ impl CacheRegistry {
             Some((true, route, backend)) => {
                 let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
                 let start = self.inner.clock.raw();
-                let r = if route.mode == Mode::Shadow {
+                let shadowed = route.mode == Mode::Shadow;
+                let r = if shadowed {
                     self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader)
                         .await
                 } else {
@@ -877,9 +886,9 @@ impl CacheRegistry {
                     )
                     .await
                 };
-                self.rollout_metrics(entry)
-                    .ramped
-                    .observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
+                let rm = self.rollout_metrics(entry);
+                let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
+                arm.observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
                 r
             }
         }
@@ -2296,25 +2305,36 @@ impl CacheRegistry {
 
     fn route_views(&self, s: &Active) -> BTreeMap<String, RouteView> {
         let breakers = self.breakers().clone();
-        let bucket_nanos = s.default_route.bucket_nanos;
         let bucket = self
             .inner
             .clock
             .delta_as_nanos(self.inner.started, self.inner.clock.raw())
-            / bucket_nanos;
-        s.patterns
-            .iter()
-            .filter(|(name, _)| {
-                s.whitelisted(name)
-                    || s.policy.patterns.contains_key(&***name)
-                    || breakers.contains_key(&***name)
-            })
-            .map(|(name, &i)| {
-                let e = self.slot(i);
-                let pp = s.policy.patterns.get(&**name);
-                let route = s.routes.get(&**name).unwrap_or(&s.default_route);
-                let rm = self.rollout_metrics(e);
-                let hits = e.metrics.hits_of(s.policy.imp);
+            / s.default_route.bucket_nanos;
+        // Patterns seen and whitelisted, and every pattern configured, listed or rolled back, seen or not.
+        let mut names: std::collections::BTreeSet<&str> = s
+            .patterns
+            .keys()
+            .map(|n| &**n)
+            .filter(|n| s.whitelisted(n))
+            .collect();
+        names.extend(s.policy.patterns.keys().map(String::as_str));
+        names.extend(
+            s.policy
+                .whitelist
+                .iter()
+                .map(String::as_str)
+                .filter(|p| *p != "*"),
+        );
+        names.extend(breakers.keys().map(String::as_str));
+        let empty = Metrics::new().rollout("");
+        names
+            .into_iter()
+            .map(|name| {
+                let pp = s.policy.patterns.get(name);
+                let route = s.routes.get(name).unwrap_or(&s.default_route);
+                let entry = s.patterns.get(name).map(|&i| self.slot(i));
+                let rm = entry.map_or(&empty, |e| self.rollout_metrics(e));
+                let hits = entry.map_or(0, |e| e.metrics.hits_of(s.policy.imp));
                 let view = RouteView {
                     mode: if s.route(name).is_some() {
                         route.mode
@@ -2325,10 +2345,11 @@ impl CacheRegistry {
                     ramp_percent: pp.and_then(|p| p.ramp_percent).unwrap_or(100.0),
                     read_timeout_ms: route.read_timeout.as_millis() as u64,
                     ttl_secs: route.ttl.as_secs(),
-                    breaker: breakers.get(&**name).cloned(),
-                    window: e.window.counts(bucket),
+                    breaker: breakers.get(name).cloned(),
+                    window: entry.map(|e| e.window.counts(bucket)).unwrap_or_default(),
                     ramped: ArmView::of(&rm.ramped, hits),
                     unramped: ArmView::of(&rm.unramped, 0),
+                    shadowed: ArmView::of(&rm.shadowed, 0),
                     shadow: crate::metrics::SHADOW_RESULTS
                         .iter()
                         .zip(&rm.shadow)

@@ -129,6 +129,66 @@ async fn new_user_walkthrough_observe_then_switch_user_to_redis() {
     assert_eq!(swaps.last().expect("a swap")["source"], "api");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_then_ramp_then_serve_through_the_api() {
+    let server = RedisServer::start();
+    let app = service(settings(Some(server.url()), Some(TOKEN))).await;
+    let put = |body: Value| {
+        call(
+            &app,
+            Method::PUT,
+            "/internal/cache/config",
+            Some(TOKEN),
+            Some(body),
+        )
+    };
+
+    let (s, state, text) = put(json!({"impl": "redis", "whitelist": ["user"],
+        "patterns": {"user": {"mode": "shadow"}}}))
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(state["routes"]["user"]["mode"], "shadow", "{state}");
+    for _ in 0..3 {
+        for id in 1..=20 {
+            assert_eq!(get(&app, &format!("/users/{id}")).await.0, StatusCode::OK);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // shadow fills run in the background
+    }
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    let user = &state["routes"]["user"];
+    assert_eq!(user["shadow"]["miss"], 20, "{user}");
+    assert!(user["shadow"]["match"].as_u64() >= Some(20), "{user}");
+    assert_eq!(user["shadow"]["mismatch"], 0, "{user}");
+    assert_eq!(state["patterns"]["user"]["hits"], 0, "shadow never serves");
+
+    let (s, state, text) =
+        put(json!({"patterns": {"user": {"mode": "serve", "ramp_percent": 50}}})).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(state["routes"]["user"]["ramp_percent"], 50.0);
+    for id in 1..=20 {
+        get(&app, &format!("/users/{id}")).await;
+    }
+    let (_, state, _) = get(&app, "/internal/cache").await;
+    let user = &state["routes"]["user"];
+    let (ramped, unramped) = (&user["ramped"], &user["unramped"]);
+    assert_eq!(
+        ramped["calls"].as_u64().unwrap_or(0) + unramped["calls"].as_u64().unwrap_or(0),
+        20,
+        "{user}"
+    );
+    assert_eq!(user["shadowed"]["calls"], 60, "{user}");
+    assert!(ramped["calls"].as_u64() >= Some(1), "{user}");
+    assert_eq!(
+        ramped["hit_ratio"], 1.0,
+        "the shadow fills are served: {user}"
+    );
+    assert_eq!(unramped["hit_ratio"], 0.0);
+
+    let (s, _, text) = put(json!({"patterns": {"user": {"ramp_percent": 150}}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(text.contains("cache.patterns.user.ramp_percent"), "{text}");
+}
+
 #[tokio::test]
 async fn put_requires_the_bearer_token() {
     let app = service(settings(None, Some(TOKEN))).await;

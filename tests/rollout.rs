@@ -754,3 +754,48 @@ async fn a_pattern_deadline_bounds_reads_of_a_stopped_redis() {
     assert_eq!(view.read_timeout_ms, 20);
     assert!(view.window.timeouts >= 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() {
+    let server = RedisServer::start();
+    let mut opts = options(CacheImpl::Redis, &server.url(), &[]);
+    opts.policy.rollback.scope = cache_rollout::RollbackScope::Impl;
+    let reg = registry(opts).await;
+    let origin = Origin::new(10);
+    let tally = Tally::default();
+    for k in 0..10 {
+        read(&reg, &origin, &tally, k, 0).await;
+    }
+    server.pause();
+    let mut n = 0;
+    while reg.policy().imp == CacheImpl::Redis {
+        read(&reg, &origin, &tally, n % 10, 0).await;
+        n += 1;
+        assert!(n < 2000, "no rollback after {n} timed-out reads");
+        tokio::task::yield_now().await;
+    }
+    server.resume();
+    let state = reg.state().await;
+    assert_eq!(state.imp, CacheImpl::Null);
+    let last = state.swaps.last().expect("the rollback swap");
+    assert_eq!(last.source, "rollback");
+    assert!(
+        last.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("item: timeout_rate") && r.ends_with("impl null")),
+        "{last:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while reg.policy().imp != CacheImpl::Redis {
+        assert!(Instant::now() < deadline, "the impl did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tally.stale.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        metric(
+            &reg.metrics().render(),
+            r#"cache_rollback_total{impl="redis",key_pattern="item",reason="timeout_rate"}"#
+        ),
+        1.0
+    );
+}

@@ -11,7 +11,7 @@
 //! | `cache_coalesced_total` | counter | `key_pattern` (misses answered by another caller's load: single-flight) |
 //! | `cache_errors_total` | counter | `impl`, `error_type` |
 //! | `cache_invalidate_total` | counter | `impl`, `tag` (`key`, `pattern`, or an application tag: the first 32 seen, then `other`) |
-//! | `cache_call_duration_seconds` | histogram | `key_pattern`, `arm` (`ramped`, `unramped`): whole calls of routed patterns |
+//! | `cache_call_duration_seconds` | histogram | `key_pattern`, `arm` (`ramped`: served, `unramped`: outside the ramp, observed, `shadowed`): whole calls of patterns in shadow or serve mode |
 //! | `cache_shadow_total` | counter | `key_pattern`, `result` (`match`, `mismatch`, `miss`, `error`) |
 //! | `cache_rollback_total` | counter | `impl`, `key_pattern`, `reason` |
 //! | `cache_lease_total` | counter | `impl`, `result` (`granted`, `held`, `revoked`, `waited`) |
@@ -219,8 +219,8 @@ impl Metrics {
         );
         let call_duration = histogram(
             "cache_call_duration_seconds",
-            "Duration of whole cache calls (read, load, fill) of patterns in shadow or serve mode, in seconds, for \
-             the keys in the ramp and the keys outside it.",
+            "Duration of whole cache calls (read, load, fill) of patterns in shadow or serve mode, in seconds: served \
+             keys in the ramp, observed keys outside it, and shadowed keys.",
             &["key_pattern", "arm"],
             duration_buckets(),
         );
@@ -381,6 +381,7 @@ impl Metrics {
         RolloutMetrics {
             ramped: self.call_duration.with_label_values(&[pattern, "ramped"]),
             unramped: self.call_duration.with_label_values(&[pattern, "unramped"]),
+            shadowed: self.call_duration.with_label_values(&[pattern, "shadowed"]),
             shadow: SHADOW_RESULTS.map(|r| self.shadow.with_label_values(&[pattern, r])),
         }
     }
@@ -433,6 +434,7 @@ pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
 pub(crate) struct RolloutMetrics {
     pub(crate) ramped: Histogram,
     pub(crate) unramped: Histogram,
+    pub(crate) shadowed: Histogram,
     /// By [`SHADOW_RESULTS`].
     pub(crate) shadow: [IntCounter; 4],
 }
