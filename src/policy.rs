@@ -140,7 +140,8 @@ pub enum RollbackScope {
 }
 
 /// Automatic rollback (`[cache.rollback]`): a circuit breaker per key pattern over a sliding window of its cache
-/// calls. A rule trips when the window holds at least `min_calls` reads and a rate is over its bound; the pattern
+/// calls. A rule trips when the window (or its latest tenth alone) holds at least `min_calls` reads and a rate is
+/// over its bound; the pattern
 /// then returns to `observe` (or the impl to `null`, with `scope = "impl"`), and after `cooldown_secs` comes back
 /// half-open: served for `probe_percent` of its ramp until `probe_calls` reads pass without tripping, then closed.
 /// A configuration change that names the pattern (or a SIGHUP reload) closes its breaker at once.

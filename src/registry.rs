@@ -196,10 +196,8 @@ pub struct ArmView {
 }
 
 impl ArmView {
-    fn of(h: &prometheus::Histogram, hits: u64) -> Self {
-        use prometheus::core::Metric as _;
-        let proto = h.metric();
-        let p = proto.get_histogram();
+    fn of(h: &crate::metrics::DurationHistogram, hits: u64) -> Self {
+        let p = h.proto();
         let calls = p.get_sample_count();
         let p99 = (calls > 0)
             .then(|| {
@@ -478,6 +476,19 @@ fn routes_of(
     (routes, build_route(policy, None, true, None))
 }
 
+/// What the miss path of a served call carries over from its read.
+struct Miss<'a> {
+    key: &'a str,
+    entry: &'a PatternEntry,
+    backend: &'a dyn Cache,
+    route: &'a Route,
+    tags: &'a [String],
+    /// Nanoseconds spent waiting on the cache so far in this call.
+    cache_ns: u64,
+    /// False once the cache failed in this call: no lease, no fill.
+    backend_ok: bool,
+}
+
 /// How a cache read ended, for the rollback window.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ReadResult {
@@ -496,19 +507,27 @@ impl ReadResult {
     }
 }
 
-/// Runs a cache operation with `budget` as its deadline.
-async fn bounded<T>(
+/// Runs a cache operation with `budget` as its deadline (only for a backend that can hang: an in-process one answers
+/// without waiting, and a timer per call would be pure cost).
+fn bounded<T, F: Future<Output = Result<T>>>(
+    backend: &dyn Cache,
     budget: Duration,
     operation: &'static str,
-    f: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    match tokio::time::timeout(budget, f).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout {
-            operation,
-            after: budget,
-        }),
+    f: F,
+) -> futures_util::future::Either<F, impl Future<Output = Result<T>>> {
+    use futures_util::future::Either;
+    if !backend.remote() {
+        return Either::Left(f);
     }
+    Either::Right(async move {
+        match tokio::time::timeout(budget, f).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                operation,
+                after: budget,
+            }),
+        }
+    })
 }
 
 /// What a swap installs, decided under the switch lock so concurrent switches never lose one another's change.
@@ -863,35 +882,41 @@ impl CacheRegistry {
             }
             (entry, plan, track, pattern)
         };
-        match plan {
-            None => self.observe(entry, track, loader).await,
-            Some((false, _, _)) => {
-                let start = self.inner.clock.raw();
-                let r = self.observe(entry, track, loader).await;
-                self.rollout_metrics(entry)
-                    .unramped
-                    .observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
-                r
-            }
-            Some((true, route, backend)) => {
-                let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
-                let start = self.inner.clock.raw();
-                let shadowed = route.mode == Mode::Shadow;
-                let r = if shadowed {
-                    self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader)
-                        .await
-                } else {
-                    self.serve(
-                        key, &pattern, entry, track, &*backend, &route, &tags, loader,
-                    )
+        if let Some((true, route, backend)) = plan {
+            let tags: Vec<String> = if tags.is_empty() {
+                Vec::new()
+            } else {
+                tags.iter().map(|t| (*t).to_string()).collect()
+            };
+            let start = self.inner.clock.raw();
+            let shadowed = route.mode == Mode::Shadow;
+            // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
+            // route, the flight), and inline they would make every call's future, observed ones too, larger,
+            // which costs the observe path a larger copy per call. A served call does I/O anyway.
+            let r = if shadowed {
+                Box::pin(self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader))
                     .await
-                };
-                let rm = self.rollout_metrics(entry);
-                let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
-                arm.observe(nanos_since(&self.inner.clock, start) as f64 * 1e-9);
-                r
-            }
+            } else {
+                Box::pin(self.serve(
+                    key, &pattern, entry, track, &*backend, &route, &tags, loader,
+                ))
+                .await
+            };
+            let rm = self.rollout_metrics(entry);
+            let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
+            arm.observe_nanos(nanos_since(&self.inner.clock, start));
+            return r;
         }
+        // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped arm). One
+        // call site, so the observe future is built in place.
+        let unramped = plan.is_some().then(|| self.inner.clock.raw());
+        let r = self.observe(entry, track, loader).await;
+        if let Some(start) = unramped {
+            self.rollout_metrics(entry)
+                .unramped
+                .observe_nanos(nanos_since(&self.inner.clock, start));
+        }
+        r
     }
 
     fn rollout_metrics<'e>(&self, entry: &'e PatternEntry) -> &'e RolloutMetrics {
@@ -968,7 +993,11 @@ impl CacheRegistry {
             rules.min_calls
         };
         let counts = entry.window.counts(bucket);
-        if let Some(reason) = rollout::judge(rules, &counts, min) {
+        let recent = entry.window.bucket(bucket);
+        let tripped = rollout::judge(rules, &counts, min)
+            .map(|r| (r, counts))
+            .or_else(|| rollout::judge(rules, &recent, min).map(|r| (r, recent)));
+        if let Some((reason, counts)) = tripped {
             let (rules, imp) = (rules.clone(), state.policy.imp);
             drop(state);
             self.trip(entry, pattern, reason, counts, &rules, imp);
@@ -1300,7 +1329,7 @@ impl CacheRegistry {
         let clock = &self.inner.clock;
         let start = clock.raw();
         let mut pending = PendingGet::new(self, entry, track, start);
-        let got = bounded(route.read_timeout, "get", backend.get(key)).await;
+        let got = bounded(backend, route.read_timeout, "get", backend.get(key)).await;
         let read_ns = nanos_since(clock, start);
         metrics
             .op_duration(imp, Operation::Get)
@@ -1325,7 +1354,7 @@ impl CacheRegistry {
                     let budget = route
                         .read_timeout
                         .saturating_sub(Duration::from_nanos(cache_ns));
-                    if let Err(e) = bounded(budget, "delete", backend.delete(key)).await {
+                    if let Err(e) = bounded(backend, budget, "delete", backend.delete(key)).await {
                         metrics.error(imp, e.error_type());
                     }
                     cache_ns += nanos_since(clock, t0);
@@ -1340,6 +1369,50 @@ impl CacheRegistry {
             }
         }
         m.miss(imp);
+        // The miss path is boxed: it holds much more across its awaits (flight, lease, load, fill) than the hit
+        // path, and inline it would make every call's future as large as its own. A miss runs the loader anyway.
+        Box::pin(self.serve_miss(
+            Miss {
+                key,
+                entry,
+                backend,
+                route,
+                tags,
+                cache_ns,
+                backend_ok,
+            },
+            pending,
+            loader,
+        ))
+        .await
+    }
+
+    /// The miss path of [`serve`](Self::serve): single-flight, lease, load, fill.
+    async fn serve_miss<C, E, F, Fut>(
+        &self,
+        miss: Miss<'_>,
+        mut pending: PendingGet<'_>,
+        loader: F,
+    ) -> Result<C, E>
+    where
+        C: Codec,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<C, E>>,
+    {
+        let Miss {
+            key,
+            entry,
+            backend,
+            route,
+            tags,
+            mut cache_ns,
+            mut backend_ok,
+        } = miss;
+        let m = &entry.metrics;
+        let imp = backend.kind();
+        let metrics = &self.inner.metrics;
+        let version = self.inner.value_version;
+        let clock = &self.inner.clock;
         let leader = match self.inner.flights.join(key, tags) {
             Join::Follower(rx) => {
                 // The leader signals once the cache holds the key's value; the follower then reads it from the
@@ -1351,7 +1424,7 @@ impl CacheRegistry {
                     let budget = route
                         .read_timeout
                         .saturating_sub(Duration::from_nanos(cache_ns));
-                    let again = bounded(budget, "get", backend.get(key)).await;
+                    let again = bounded(backend, budget, "get", backend.get(key)).await;
                     metrics
                         .op_duration(imp, Operation::Get)
                         .observe_nanos(nanos_since(clock, t0));
@@ -1379,6 +1452,7 @@ impl CacheRegistry {
                 .saturating_sub(Duration::from_nanos(cache_ns));
             let asked = self.next_token();
             let r = bounded(
+                backend,
                 budget,
                 "lease",
                 backend.lease(key, asked, route.lease_ttl, tags),
@@ -1394,7 +1468,8 @@ impl CacheRegistry {
                 Ok(Lookup::Hit(bytes)) => Some(bytes),
                 Ok(Lookup::Held) => {
                     metrics.lease(imp, "held");
-                    let got = self.wait_for_fill(backend, key, route).await;
+                    // Boxed: a rare path whose timers would otherwise enlarge every served call's future.
+                    let got = Box::pin(self.wait_for_fill(backend, key, route)).await;
                     if got.is_some() {
                         metrics.lease(imp, "waited");
                     }
@@ -1472,6 +1547,7 @@ impl CacheRegistry {
                 .saturating_sub(Duration::from_nanos(cache_ns));
             let t0 = clock.raw();
             let r = bounded(
+                backend,
                 budget,
                 "set",
                 backend.set_leased(key, bytes.clone(), route.ttl, token, tags),
@@ -1509,7 +1585,7 @@ impl CacheRegistry {
         let until = tokio::time::Instant::now() + route.lease_wait;
         while tokio::time::Instant::now() + Duration::from_millis(5) <= until {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            match bounded(route.read_timeout, "get", backend.get(key)).await {
+            match bounded(backend, route.read_timeout, "get", backend.get(key)).await {
                 Ok(Some(b)) => return Some(b),
                 Ok(None) => {}
                 Err(_) => return None,
@@ -1543,6 +1619,7 @@ impl CacheRegistry {
         let start = clock.raw();
         let token = self.next_token();
         let looked = bounded(
+            &*backend,
             route.read_timeout,
             "lease",
             backend.lease(key, token, route.lease_ttl, tags),

@@ -8,6 +8,8 @@
 //! - **Window.** Ten buckets of `window_secs / 10` each, counting reads, backend errors, timeouts, reads slower than
 //!   `max_p99_ms`, shadow comparisons and mismatches, with relaxed atomics; a bucket is recycled when its time
 //!   comes round again. A rate is judged only when a bad event happens, so a healthy call pays two atomic adds.
+//!   The rules are judged on the whole window and on the current bucket alone: a sudden outage after a long
+//!   healthy stretch trips within one bucket instead of waiting until its failures are 5% of the whole window.
 //! - **p99 without a histogram.** "p99 over X ms" holds exactly when more than 1% of the reads took longer than X,
 //!   so the window counts reads over X instead of keeping quantiles.
 //! - **Breaker.** Closed → (a rule trips) → open: the pattern is observed → (`cooldown_secs`) → half-open: served for
@@ -183,6 +185,23 @@ impl Window {
             slow: t[3],
             compared: t[4],
             mismatched: t[5],
+        }
+    }
+
+    /// The counts of bucket number `bucket` alone (empty when it holds another time's counts).
+    pub(crate) fn bucket(&self, bucket: u64) -> WindowCounts {
+        let b = &self.buckets[(bucket % BUCKETS) as usize];
+        if b.epoch.load(Ordering::Acquire) != bucket + 1 {
+            return WindowCounts::default();
+        }
+        let c = |i: usize| b.counts[i].load(Ordering::Relaxed);
+        WindowCounts {
+            reads: c(0),
+            errors: c(1),
+            timeouts: c(2),
+            slow: c(3),
+            compared: c(4),
+            mismatched: c(5),
         }
     }
 

@@ -6,12 +6,17 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cache_rollout::cache::{Cache, CacheImpl, MemoryCache, NullCache, RedisCache, RedisOptions};
+use cache_rollout::cache::{
+    Cache, CacheImpl, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
+};
 use support::RedisServer;
 
 async fn redis_cache(server: &RedisServer) -> RedisCache {
     RedisCache::connect(RedisOptions {
         url: server.url(),
+        // The contract is about what the backend stores, not about deadlines: this VM stalls a process for
+        // 100 ms now and then (measured with plain SETs too), which would fail a 100 ms deadline at random.
+        response_timeout: Duration::from_secs(2),
         ..RedisOptions::default()
     })
     .await
@@ -96,8 +101,111 @@ async fn storing_contract(c: &dyn Cache) {
         assert!(c.get(k).await.expect("get").is_some(), "{k} must survive");
     }
 
+    leases_and_tags(c).await;
+
     let h = c.health().await;
     assert!(h.up, "healthy: {h:?}");
+}
+
+/// Leases (no stale sets, one filler) and tags, the same on every storing backend.
+async fn leases_and_tags(c: &dyn Cache) {
+    let ttl = Duration::from_secs(60);
+    let lease = Duration::from_secs(5);
+    // One caller gets the lease; the next one is told it is held.
+    assert_eq!(
+        c.lease("l:1", 11, lease, &[]).await.expect("lease"),
+        Lookup::Lease(11)
+    );
+    assert_eq!(
+        c.lease("l:1", 12, lease, &[]).await.expect("lease"),
+        Lookup::Held
+    );
+    // The cache-aside race: an invalidation between the lease and the fill revokes the lease.
+    assert!(c.delete("l:1").await.is_ok());
+    assert!(
+        !c.set_leased("l:1", Bytes::from_static(b"old"), ttl, 11, &[])
+            .await
+            .expect("set_leased"),
+        "a revoked lease cannot fill"
+    );
+    assert_eq!(
+        c.get("l:1").await.expect("get"),
+        None,
+        "nothing stale stored"
+    );
+    // A fresh lease fills, once.
+    assert_eq!(
+        c.lease("l:1", 13, lease, &[]).await.expect("lease"),
+        Lookup::Lease(13)
+    );
+    assert!(c
+        .set_leased("l:1", Bytes::from_static(b"new"), ttl, 13, &[])
+        .await
+        .expect("fill"));
+    assert_eq!(
+        c.get("l:1").await.expect("get").as_deref(),
+        Some(&b"new"[..])
+    );
+    assert!(
+        !c.set_leased("l:1", Bytes::from_static(b"again"), ttl, 13, &[])
+            .await
+            .expect("fill"),
+        "a lease fills once"
+    );
+    assert_eq!(
+        c.lease("l:1", 14, lease, &[]).await.expect("lease"),
+        Lookup::Hit(Bytes::from_static(b"new"))
+    );
+    // An application write revokes a lease too.
+    assert_eq!(
+        c.lease("l:2", 21, lease, &[]).await.expect("lease"),
+        Lookup::Lease(21)
+    );
+    c.set("l:2", Bytes::from_static(b"written"), Some(ttl))
+        .await
+        .expect("set");
+    assert!(!c
+        .set_leased("l:2", Bytes::from_static(b"loaded"), ttl, 21, &[])
+        .await
+        .expect("set_leased"));
+    assert_eq!(
+        c.get("l:2").await.expect("get").as_deref(),
+        Some(&b"written"[..])
+    );
+    // Tags: entries stored with a tag go with it; a lease taken with a tag is revoked with it.
+    let team = ["team:1".to_string()];
+    c.set_tagged("t:1", Bytes::from_static(b"a"), Some(ttl), &team)
+        .await
+        .expect("set_tagged");
+    assert_eq!(
+        c.lease("t:2", 31, lease, &team).await.expect("lease"),
+        Lookup::Lease(31)
+    );
+    assert!(c
+        .set_leased("t:2", Bytes::from_static(b"b"), ttl, 31, &team)
+        .await
+        .expect("fill"));
+    assert_eq!(
+        c.lease("t:3", 32, lease, &team).await.expect("lease"),
+        Lookup::Lease(32)
+    );
+    c.set("t:4", Bytes::from_static(b"untagged"), Some(ttl))
+        .await
+        .expect("set");
+    assert_eq!(c.invalidate_tag("team:1").await.expect("invalidate_tag"), 2);
+    assert_eq!(c.get("t:1").await.expect("get"), None);
+    assert_eq!(c.get("t:2").await.expect("get"), None);
+    assert!(
+        !c.set_leased("t:3", Bytes::from_static(b"c"), ttl, 32, &team)
+            .await
+            .expect("set_leased"),
+        "the tag's invalidation revoked the lease in flight"
+    );
+    assert!(
+        c.get("t:4").await.expect("get").is_some(),
+        "other keys stay"
+    );
+    assert_eq!(c.invalidate_tag("team:1").await.expect("again"), 0);
 }
 
 #[tokio::test]

@@ -35,6 +35,8 @@ fn quick_rules() -> RollbackRules {
     }
 }
 
+/// Options for tests that are not about deadlines or rollbacks: this shared VM stalls a process for 100 ms now and
+/// then, which a 50 ms deadline or a p99 rule would (rightly) act on. Fault tests set their own.
 fn options(imp: CacheImpl, url: &str, patterns: &[(&str, PatternPolicy)]) -> RegistryOptions {
     RegistryOptions {
         policy: Policy {
@@ -44,7 +46,11 @@ fn options(imp: CacheImpl, url: &str, patterns: &[(&str, PatternPolicy)]) -> Reg
                 .iter()
                 .map(|(p, s)| (p.to_string(), s.clone()))
                 .collect(),
-            rollback: quick_rules(),
+            rollback: RollbackRules {
+                enabled: false,
+                ..quick_rules()
+            },
+            read_timeout_ms: 2000,
             ..Policy::default()
         },
         redis: RedisOptions {
@@ -373,12 +379,19 @@ async fn a_ramp_serves_only_its_keys_and_reports_both_arms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_serves_the_loader_compares_and_rolls_back_on_mismatches() {
     let server = RedisServer::start();
-    let reg = registry(options(
+    let mut opts = options(
         CacheImpl::Redis,
         &server.url(),
         &[("item", pattern(Mode::Shadow, 100.0))],
-    ))
-    .await;
+    );
+    // Only the mismatch rule: a stall of this shared machine must not trip another one first.
+    opts.policy.rollback = RollbackRules {
+        max_error_rate: 1.0,
+        max_timeout_rate: 1.0,
+        max_p99_ms: 60_000.0,
+        ..quick_rules()
+    };
+    let reg = registry(opts).await;
     let origin = Origin::new(40);
     let tally = Tally::default();
     for k in 0..40 {
@@ -576,7 +589,10 @@ enum Fault {
 /// rollback that closes again, and hits after the fault.
 async fn fault_test(fault: Fault) {
     let mut server = RedisServer::start();
-    let reg = registry(options(CacheImpl::Redis, &server.url(), &[])).await;
+    let mut opts = options(CacheImpl::Redis, &server.url(), &[]);
+    opts.policy.rollback = quick_rules();
+    opts.policy.read_timeout_ms = 50;
+    let reg = registry(opts).await;
     let origin = Origin::new(50);
     let tally = Arc::new(Tally::default());
     let in_fault = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -731,8 +747,7 @@ async fn a_pattern_deadline_bounds_reads_of_a_stopped_redis() {
         read_timeout_ms: Some(20),
         ..PatternPolicy::default()
     };
-    let mut opts = options(CacheImpl::Redis, &server.url(), &[("item", fast)]);
-    opts.policy.rollback.enabled = false;
+    let opts = options(CacheImpl::Redis, &server.url(), &[("item", fast)]);
     let reg = registry(opts).await;
     let origin = Origin::new(4);
     let tally = Tally::default();
@@ -759,7 +774,11 @@ async fn a_pattern_deadline_bounds_reads_of_a_stopped_redis() {
 async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() {
     let server = RedisServer::start();
     let mut opts = options(CacheImpl::Redis, &server.url(), &[]);
-    opts.policy.rollback.scope = cache_rollout::RollbackScope::Impl;
+    opts.policy.rollback = RollbackRules {
+        scope: cache_rollout::RollbackScope::Impl,
+        ..quick_rules()
+    };
+    opts.policy.read_timeout_ms = 50;
     let reg = registry(opts).await;
     let origin = Origin::new(10);
     let tally = Tally::default();

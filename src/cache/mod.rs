@@ -236,6 +236,12 @@ pub trait Cache: Send + Sync + 'static {
     /// Checks that the backend answers.
     fn health(&self) -> BoxFuture<'_, Health>;
 
+    /// `true` for a backend in another process (Redis), whose calls can hang: the registry bounds them with the
+    /// read deadline. In-process backends answer without waiting, and are not given a timer.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// `true` for a backend that never holds anything, so a get can be skipped without changing the outcome.
     /// The registry uses this to keep the observe path free of allocations and awaits.
     fn always_misses(&self) -> bool {

@@ -84,7 +84,7 @@ impl DurationHistogram {
         self.sum_nanos.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
-    fn proto(&self) -> proto::Histogram {
+    pub(crate) fn proto(&self) -> proto::Histogram {
         let counts = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
         histogram_proto(&counts, self.sum_nanos.load(Ordering::Relaxed))
     }

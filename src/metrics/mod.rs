@@ -11,7 +11,7 @@
 //! | `cache_coalesced_total` | counter | `key_pattern` (misses answered by another caller's load: single-flight) |
 //! | `cache_errors_total` | counter | `impl`, `error_type` |
 //! | `cache_invalidate_total` | counter | `impl`, `tag` (`key`, `pattern`, or an application tag: the first 32 seen, then `other`) |
-//! | `cache_call_duration_seconds` | histogram | `key_pattern`, `arm` (`ramped`: served, `unramped`: outside the ramp, observed, `shadowed`): whole calls of patterns in shadow or serve mode |
+//! | `cache_call_duration_seconds` | histogram | `arm`, `key_pattern` (`ramped`: served, `unramped`: outside the ramp, observed, `shadowed`): whole calls of patterns in shadow or serve mode |
 //! | `cache_shadow_total` | counter | `key_pattern`, `result` (`match`, `mismatch`, `miss`, `error`) |
 //! | `cache_rollback_total` | counter | `impl`, `key_pattern`, `reason` |
 //! | `cache_lease_total` | counter | `impl`, `result` (`granted`, `held`, `revoked`, `waited`) |
@@ -106,7 +106,7 @@ pub struct Metrics {
     candidate_requests: IntCounterVec,
     candidate_duration: HistogramVec,
     routes: Arc<Mutex<Vec<(String, String, RouteMetrics)>>>,
-    call_duration: HistogramVec,
+    call_duration: Arc<DurationHistogramVec>,
     shadow: IntCounterVec,
     rollbacks: IntCounterVec,
     leases: IntCounterVec,
@@ -217,12 +217,12 @@ impl Metrics {
             &["route", "method"],
             duration_buckets(),
         );
-        let call_duration = histogram(
+        let call_duration = fast(
             "cache_call_duration_seconds",
             "Duration of whole cache calls (read, load, fill) of patterns in shadow or serve mode, in seconds: served \
              keys in the ramp, observed keys outside it, and shadowed keys.",
-            &["key_pattern", "arm"],
-            duration_buckets(),
+            // Sorted, as the `prometheus` crate exposes its own families' labels.
+            &["arm", "key_pattern"],
         );
         let shadow = counter(
             "cache_shadow_total",
@@ -379,9 +379,9 @@ impl Metrics {
     /// The ramp and shadow handles of one pattern (resolved when the pattern is first routed).
     pub(crate) fn rollout(&self, pattern: &str) -> RolloutMetrics {
         RolloutMetrics {
-            ramped: self.call_duration.with_label_values(&[pattern, "ramped"]),
-            unramped: self.call_duration.with_label_values(&[pattern, "unramped"]),
-            shadowed: self.call_duration.with_label_values(&[pattern, "shadowed"]),
+            ramped: self.call_duration.with_label_values(&["ramped", pattern]),
+            unramped: self.call_duration.with_label_values(&["unramped", pattern]),
+            shadowed: self.call_duration.with_label_values(&["shadowed", pattern]),
             shadow: SHADOW_RESULTS.map(|r| self.shadow.with_label_values(&[pattern, r])),
         }
     }
@@ -432,9 +432,9 @@ pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
 /// The label handles of one routed pattern.
 #[derive(Debug, Clone)]
 pub(crate) struct RolloutMetrics {
-    pub(crate) ramped: Histogram,
-    pub(crate) unramped: Histogram,
-    pub(crate) shadowed: Histogram,
+    pub(crate) ramped: Arc<DurationHistogram>,
+    pub(crate) unramped: Arc<DurationHistogram>,
+    pub(crate) shadowed: Arc<DurationHistogram>,
     /// By [`SHADOW_RESULTS`].
     pub(crate) shadow: [IntCounter; 4],
 }
