@@ -1500,10 +1500,24 @@ impl CacheRegistry {
         let nanos = nanos_since(clock, load_start);
         m.loader_nanos(nanos);
         analysis::record_call(entry.tag, nanos);
+        // A lease that will not be filled is released, so that other processes need not wait for it to expire.
+        let release = |token: Option<u64>, cache_ns: u64| async move {
+            if let (Some(t), true) = (token, backend_ok) {
+                let budget = route
+                    .read_timeout
+                    .saturating_sub(Duration::from_nanos(cache_ns));
+                if let Err(e) =
+                    bounded(backend, budget, "release", backend.release_lease(key, t)).await
+                {
+                    metrics.error(imp, e.error_type());
+                }
+            }
+        };
         let value = match loaded {
             Ok(v) => v,
             Err(e) => {
                 pending.finish(None, false);
+                release(lease, cache_ns).await;
                 return Err(e);
             }
         };
@@ -1523,6 +1537,7 @@ impl CacheRegistry {
                 metrics.error(imp, e.error_type());
                 tracing::warn!(key, error = %e, "cache: value not stored");
                 pending.finish(None, false);
+                release(lease, cache_ns).await;
                 return Ok(value);
             }
         };
@@ -1539,6 +1554,7 @@ impl CacheRegistry {
                 max = self.inner.max_value_bytes,
                 "cache: value too large, not stored"
             );
+            release(lease, cache_ns).await;
         } else if let (Some(token), true) = (lease, backend_ok) {
             // The fill gets what is left of the deadline; past it the caller goes on and the fill is dropped (the
             // lease then expires by itself).
@@ -2403,7 +2419,8 @@ impl CacheRegistry {
                 .filter(|p| *p != "*"),
         );
         names.extend(breakers.keys().map(String::as_str));
-        let empty = Metrics::new().rollout("");
+        // A pattern not seen yet has no handles: its arms are empty.
+        let empty = RolloutMetrics::default();
         names
             .into_iter()
             .map(|name| {

@@ -156,6 +156,21 @@ async fn leases_and_tags(c: &dyn Cache) {
         c.lease("l:1", 14, lease, &[]).await.expect("lease"),
         Lookup::Hit(Bytes::from_static(b"new"))
     );
+    // A released lease frees the key for the next caller; releasing someone else's lease does nothing.
+    assert_eq!(
+        c.lease("l:3", 41, lease, &[]).await.expect("lease"),
+        Lookup::Lease(41)
+    );
+    c.release_lease("l:3", 99).await.expect("release");
+    assert_eq!(
+        c.lease("l:3", 42, lease, &[]).await.expect("lease"),
+        Lookup::Held
+    );
+    c.release_lease("l:3", 41).await.expect("release");
+    assert_eq!(
+        c.lease("l:3", 43, lease, &[]).await.expect("lease"),
+        Lookup::Lease(43)
+    );
     // An application write revokes a lease too.
     assert_eq!(
         c.lease("l:2", 21, lease, &[]).await.expect("lease"),

@@ -218,6 +218,17 @@ impl Cache for MemoryCache {
         .boxed()
     }
 
+    fn release_lease<'a>(&'a self, key: &'a str, token: u64) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let mut leases = self.lease_shard(key).lock().await;
+            if leases.get(key).is_some_and(|&(t, _)| t == token) {
+                leases.remove(key);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
         async move {
             let keys = self

@@ -211,6 +211,15 @@ pub trait Cache: Send + Sync + 'static {
         .boxed()
     }
 
+    /// Ends `token`'s lease on `key` without filling the key (the load failed, or its value is not stored), so
+    /// that other callers need not wait for it to expire. Nothing happens when the lease is no longer `token`'s.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn release_lease<'a>(&'a self, _key: &'a str, _token: u64) -> BoxFuture<'a, Result<()>> {
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
     /// [`set`](Cache::set), recording the entry under each of `tags`.
     ///
     /// # Errors

@@ -50,6 +50,16 @@ return 1
     )
 });
 
+/// Ends a lease if it is still the caller's. KEYS: lease key; ARGV: token.
+static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
 /// Deletes a tag's entries and their leases. KEYS: tag set; ARGV: namespace prefix, lease suffix.
 static INVALIDATE_TAG: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -348,6 +358,17 @@ impl Cache for RedisCache {
             inv.arg(token).arg(value.as_ref()).arg(millis(ttl)).arg(key);
             let n: i64 = bounded(&self.opts, "set", inv.invoke_async(&mut c)).await?;
             Ok(n == 1)
+        }
+        .boxed()
+    }
+
+    fn release_lease<'a>(&'a self, key: &'a str, token: u64) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let mut c = self.conn.clone();
+            let mut inv = RELEASE.prepare_invoke();
+            inv.key(self.lease_key(key)).arg(token);
+            let _: i64 = bounded(&self.opts, "release", inv.invoke_async(&mut c)).await?;
+            Ok(())
         }
         .boxed()
     }

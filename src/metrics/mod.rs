@@ -429,7 +429,7 @@ pub const MAX_TAG_LABELS: usize = 32;
 /// The `result` label values of `cache_shadow_total`, in [`RolloutMetrics::shadow`] order.
 pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
 
-/// The label handles of one routed pattern.
+/// The label handles of one routed pattern (`Default`: detached handles, all zero, for a pattern not seen yet).
 #[derive(Debug, Clone)]
 pub(crate) struct RolloutMetrics {
     pub(crate) ramped: Arc<DurationHistogram>,
@@ -437,6 +437,21 @@ pub(crate) struct RolloutMetrics {
     pub(crate) shadowed: Arc<DurationHistogram>,
     /// By [`SHADOW_RESULTS`].
     pub(crate) shadow: [IntCounter; 4],
+}
+
+impl Default for RolloutMetrics {
+    fn default() -> Self {
+        let zero = || {
+            IntCounter::new("cache_shadow_unseen", "A pattern not seen yet.")
+                .expect("valid counter definition")
+        };
+        RolloutMetrics {
+            ramped: Arc::default(),
+            unramped: Arc::default(),
+            shadowed: Arc::default(),
+            shadow: [zero(), zero(), zero(), zero()],
+        }
+    }
 }
 
 /// The cached label handles of one candidate route.
