@@ -426,7 +426,7 @@ impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
 /// Most application tags with their own `tag` label in `cache_invalidate_total`.
 pub const MAX_TAG_LABELS: usize = 32;
 
-/// The `result` label values of `cache_shadow_total`, in [`RolloutMetrics::shadow`] order.
+/// The `result` label values of `cache_shadow_total`, in the order `GET /internal/cache` lists them.
 pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
 
 /// The label handles of one routed pattern (`Default`: detached handles, all zero, for a pattern not seen yet).
