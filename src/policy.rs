@@ -224,7 +224,14 @@ impl RollbackRules {
                 "must be between 1 and 86400 seconds",
             ));
         }
-        check_percent("cache.rollback.probe_percent", self.probe_percent)?;
+        if !(self.probe_percent > 0.0 && self.probe_percent <= 100.0) {
+            // At 0 no read would ever probe, and the breaker would stay half-open for good.
+            return Err(Error::config(
+                "cache.rollback.probe_percent",
+                self.probe_percent.to_string(),
+                "must be more than 0 and at most 100",
+            ));
+        }
         if self.probe_calls == 0 {
             return Err(Error::config(
                 "cache.rollback.probe_calls",

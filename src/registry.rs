@@ -520,6 +520,15 @@ fn bounded<T, F: Future<Output = Result<T>>>(
         return Either::Left(f);
     }
     Either::Right(async move {
+        if budget.is_zero() {
+            // Nothing left of the deadline: do not even send the command (a lease granted to no one would block
+            // the key's fills until it expired).
+            drop(f);
+            return Err(Error::Timeout {
+                operation,
+                after: budget,
+            });
+        }
         match tokio::time::timeout(budget, f).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
@@ -964,7 +973,7 @@ impl CacheRegistry {
             self.judge(entry, pattern, route, bucket);
         } else if let Some(p) = &route.probe {
             if p.fetch_add(1, Ordering::Relaxed) + 1 >= route.probe_calls {
-                self.close_breaker(pattern);
+                self.close_breaker(pattern, p);
             }
         }
     }
@@ -1166,9 +1175,12 @@ impl CacheRegistry {
         self.push_rollback(pattern, "cool-down over -> half-open".into());
     }
 
-    fn close_breaker(&self, pattern: &str) {
+    /// Closes the pattern's breaker if it is still in the half-open episode whose probe counter is `probe` (a call
+    /// holding the route of an earlier episode must not close a later one).
+    fn close_breaker(&self, pattern: &str, probe: &Arc<std::sync::atomic::AtomicU64>) {
         let mut b = self.breakers();
-        if !matches!(b.get(pattern), Some(x) if x.state == BreakerState::HalfOpen) {
+        if !matches!(b.get(pattern), Some(x) if x.state == BreakerState::HalfOpen && Arc::ptr_eq(&x.probe, probe))
+        {
             return;
         }
         b.remove(pattern);
@@ -1469,7 +1481,7 @@ impl CacheRegistry {
                 Ok(Lookup::Held) => {
                     metrics.lease(imp, "held");
                     // Boxed: a rare path whose timers would otherwise enlarge every served call's future.
-                    let got = Box::pin(self.wait_for_fill(backend, key, route)).await;
+                    let got = Box::pin(self.wait_for_fill(backend, key, route, cache_ns)).await;
                     if got.is_some() {
                         metrics.lease(imp, "waited");
                     }
@@ -1597,11 +1609,26 @@ impl CacheRegistry {
     }
 
     /// Another process holds the key's lease: polls for its fill every 5 ms for at most `lease_wait`.
-    async fn wait_for_fill(&self, backend: &dyn Cache, key: &str, route: &Route) -> Option<Bytes> {
+    /// The polls share what is left of the call's read deadline (`cache_ns` spent so far): a Redis that hangs
+    /// meanwhile still adds no more than the deadline to the call.
+    async fn wait_for_fill(
+        &self,
+        backend: &dyn Cache,
+        key: &str,
+        route: &Route,
+        mut cache_ns: u64,
+    ) -> Option<Bytes> {
+        let clock = &self.inner.clock;
         let until = tokio::time::Instant::now() + route.lease_wait;
         while tokio::time::Instant::now() + Duration::from_millis(5) <= until {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            match bounded(backend, route.read_timeout, "get", backend.get(key)).await {
+            let budget = route
+                .read_timeout
+                .saturating_sub(Duration::from_nanos(cache_ns));
+            let t0 = clock.raw();
+            let r = bounded(backend, budget, "get", backend.get(key)).await;
+            cache_ns += nanos_since(clock, t0);
+            match r {
                 Ok(Some(b)) => return Some(b),
                 Ok(None) => {}
                 Err(_) => return None,
@@ -1660,48 +1687,77 @@ impl CacheRegistry {
             }
         };
         let r = self.observe(entry, track, loader).await;
-        let (Ok(v), Some(looked)) = (&r, looked) else {
+        let Some(looked) = looked else {
             return r;
         };
-        let bytes = match codec::encode(key, v, self.inner.value_version) {
-            Ok(b) => b,
-            Err(e) => {
-                self.inner.metrics.error(imp, e.error_type());
-                return r;
-            }
-        };
-        match looked {
-            Lookup::Hit(cached) => {
-                let same = codec::same_value(&cached, &bytes);
-                rm.shadow[usize::from(!same)].inc();
-                self.compared(entry, pattern, route, start, same);
-                if !same {
-                    tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
-                    let (reg, key) = (self.clone(), key.to_string());
-                    tokio::spawn(async move {
-                        if let Err(e) = backend.delete(&key).await {
-                            reg.inner.metrics.error(imp, e.error_type());
-                        }
-                    });
-                }
-            }
-            Lookup::Lease(token) => {
-                rm.shadow[2].inc();
-                if bytes.len() > self.inner.max_value_bytes {
+        // The loader's value as it would be stored; `None`: nothing to compare or fill (the loader failed, or the
+        // value cannot be encoded or is too large).
+        let bytes = match &r {
+            Ok(v) => match codec::encode(key, v, self.inner.value_version) {
+                Ok(b) if b.len() <= self.inner.max_value_bytes => Some(b),
+                Ok(_) => {
                     self.inner.metrics.error(imp, "too_large");
+                    None
+                }
+                Err(e) => {
+                    self.inner.metrics.error(imp, e.error_type());
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let (reg, key, idx) = (self.clone(), key.to_string(), entry.tag as usize);
+        match (looked, bytes) {
+            (Lookup::Hit(cached), Some(bytes)) => {
+                if codec::same_value(&cached, &bytes) {
+                    rm.shadow[0].inc();
+                    self.compared(entry, pattern, route, start, true);
                 } else {
-                    let (reg, key, tags) = (self.clone(), key.to_string(), tags.to_vec());
-                    let (ttl, idx) = (route.ttl, entry.tag as usize);
+                    // Confirm before counting: if the key changed or went away meanwhile, a write and its
+                    // invalidation came during the load, and the difference is not the cache's fault.
+                    let (pattern, route) = (pattern.to_string(), route.clone());
                     tokio::spawn(async move {
-                        match backend.set_leased(&key, bytes, ttl, token, &tags).await {
-                            Ok(true) => reg.slot(idx).metrics.set(imp),
-                            Ok(false) => reg.inner.metrics.lease(imp, "revoked"),
-                            Err(e) => reg.inner.metrics.error(imp, e.error_type()),
+                        let e = reg.slot(idx);
+                        let rm = reg.rollout_metrics(e);
+                        match backend.get(&key).await {
+                            Ok(Some(now)) if now == cached => {
+                                rm.shadow[1].inc();
+                                tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
+                                reg.compared(e, &pattern, &route, reg.inner.clock.raw(), false);
+                                if let Err(err) = backend.delete(&key).await {
+                                    reg.inner.metrics.error(imp, err.error_type());
+                                }
+                            }
+                            Ok(_) => rm.shadow[2].inc(),
+                            Err(err) => {
+                                rm.shadow[3].inc();
+                                reg.inner.metrics.error(imp, err.error_type());
+                            }
                         }
                     });
                 }
             }
-            Lookup::Held => rm.shadow[2].inc(),
+            (Lookup::Lease(token), Some(bytes)) => {
+                rm.shadow[2].inc();
+                let (tags, ttl) = (tags.to_vec(), route.ttl);
+                tokio::spawn(async move {
+                    match backend.set_leased(&key, bytes, ttl, token, &tags).await {
+                        Ok(true) => reg.slot(idx).metrics.set(imp),
+                        Ok(false) => reg.inner.metrics.lease(imp, "revoked"),
+                        Err(e) => reg.inner.metrics.error(imp, e.error_type()),
+                    }
+                });
+            }
+            (Lookup::Lease(token), None) => {
+                // Not filled: release the lease so that other processes need not wait for it to expire.
+                tokio::spawn(async move {
+                    if let Err(e) = backend.release_lease(&key, token).await {
+                        reg.inner.metrics.error(imp, e.error_type());
+                    }
+                });
+            }
+            (Lookup::Held, _) => rm.shadow[2].inc(),
+            (Lookup::Hit(_), None) => {}
         }
         r
     }

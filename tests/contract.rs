@@ -171,6 +171,20 @@ async fn leases_and_tags(c: &dyn Cache) {
         c.lease("l:3", 43, lease, &[]).await.expect("lease"),
         Lookup::Lease(43)
     );
+    // A pattern deletion revokes the leases of its keys, even of keys that hold nothing yet.
+    assert_eq!(
+        c.lease("p:1", 51, lease, &[]).await.expect("lease"),
+        Lookup::Lease(51)
+    );
+    c.delete_matching("p:", &|k: &str| k.starts_with("p:"))
+        .await
+        .expect("delete_matching");
+    assert!(
+        !c.set_leased("p:1", Bytes::from_static(b"old"), ttl, 51, &[])
+            .await
+            .expect("set_leased"),
+        "a pattern deletion revokes the leases of its keys"
+    );
     // An application write revokes a lease too.
     assert_eq!(
         c.lease("l:2", 21, lease, &[]).await.expect("lease"),
@@ -312,6 +326,42 @@ async fn redis_keys_live_under_the_prefix_and_pattern_deletion_uses_scan() {
         .query(&mut raw)
         .expect("get");
     assert_eq!(foreign.as_deref(), Some("foreign"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pattern_deletion_revokes_every_lease_granted_before_it() {
+    // SCAN cannot remove a key and its lease at one instant, so a deletion first moves the lease generation: a
+    // lease granted before any pattern deletion (of any pattern) can no longer fill.
+    let server = RedisServer::start();
+    let c = redis_cache(&server).await;
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        c.lease("a:1", 7, ttl, &[]).await.expect("lease"),
+        Lookup::Lease(7)
+    );
+    c.delete_matching("zzz", &|_| false)
+        .await
+        .expect("delete_matching");
+    assert!(!c
+        .set_leased("a:1", Bytes::from_static(b"v"), ttl, 7, &[])
+        .await
+        .expect("set_leased"));
+    let mut raw = server.conn();
+    let generation: Option<String> = redis::cmd("GET")
+        .arg(c.generation_key())
+        .query(&mut raw)
+        .expect("get");
+    assert_eq!(generation.as_deref(), Some("1"));
+    c.delete_matching("", &|_| true).await.expect("flush");
+    let generation: Option<String> = redis::cmd("GET")
+        .arg(c.generation_key())
+        .query(&mut raw)
+        .expect("get");
+    assert_eq!(
+        generation.as_deref(),
+        Some("2"),
+        "a flush never resets the generation"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -263,6 +263,14 @@ impl Cache for MemoryCache {
         belongs: &'a (dyn Fn(&str) -> bool + Send + Sync),
     ) -> BoxFuture<'a, Result<u64>> {
         async move {
+            // Leases first: a fill under a lease taken before this deletion must fail, even for a key the entry
+            // pass below has already gone by (a fill and this shard's lease removal are serialized by its lock).
+            for shard in self.leases.iter() {
+                shard
+                    .lock()
+                    .await
+                    .retain(|k, _| !(k.starts_with(prefix) && belongs(k)));
+            }
             let doomed: Vec<_> = self
                 .inner
                 .iter()

@@ -15,15 +15,17 @@ use redis::AsyncCommands;
 use super::{Cache, CacheImpl, Health, Lookup, LEASE_SUFFIX, TAG_PREFIX};
 use crate::error::{Error, Result};
 
-/// Value or lease, atomically. KEYS: key, lease key, tag sets…; ARGV: token, lease ms, the key without prefix.
-/// Returns `{1, value}`, `{2, token}` (granted) or `{3, ""}` (held by another caller).
+/// Value or lease, atomically. KEYS: key, lease key, generation key, tag sets…; ARGV: token, lease ms, the key
+/// without prefix. The lease holds `token:generation`. Returns `{1, value}`, `{2, token}` (granted) or `{3, ""}`
+/// (held by another caller).
 static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, ''} end
-for i = 3, #KEYS do
+local g = redis.call('GET', KEYS[3]) or '0'
+if not redis.call('SET', KEYS[2], ARGV[1] .. ':' .. g, 'NX', 'PX', ARGV[2]) then return {3, ''} end
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[3])
   local t = redis.call('PTTL', KEYS[i])
   if t >= 0 and t < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
@@ -33,14 +35,17 @@ return {2, ARGV[1]}
     )
 });
 
-/// Fill under a lease. KEYS: key, lease key, tag sets…; ARGV: token, value, TTL ms, the key without prefix.
+/// Fill under a lease: only if the lease still holds the token and the generation has not moved (a pattern deletion
+/// or flush since the lease was granted moves it). KEYS: key, lease key, generation key, tag sets…; ARGV: token,
+/// value, TTL ms, the key without prefix.
 static SET_LEASED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local g = redis.call('GET', KEYS[3]) or '0'
+if redis.call('GET', KEYS[2]) ~= ARGV[1] .. ':' .. g then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[4])
   local t = redis.call('PTTL', KEYS[i])
   if t == -1 or t < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
@@ -50,11 +55,12 @@ return 1
     )
 });
 
-/// Ends a lease if it is still the caller's. KEYS: lease key; ARGV: token.
+/// Ends a lease if it is still the caller's (`token:…`). KEYS: lease key; ARGV: token.
 static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local l = redis.call('GET', KEYS[1])
+if l and string.sub(l, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then return redis.call('DEL', KEYS[1]) end
 return 0
 ",
     )
@@ -161,6 +167,14 @@ impl RedisCache {
         k
     }
 
+    /// The Redis key of the lease generation: every pattern deletion and flush increments it first, and a fill is
+    /// refused when it moved since its lease was granted. `SCAN` cannot delete a key and its lease at one instant
+    /// (a fill may land on a key the scan has passed, under a lease the scan has not reached yet); the generation
+    /// closes that window.
+    pub fn generation_key(&self) -> String {
+        format!("{} ~gen", self.opts.key_prefix)
+    }
+
     /// The Redis key of the set of keys recorded under `tag`.
     pub fn tag_key(&self, tag: &str) -> String {
         format!("{}{TAG_PREFIX}{tag}", self.opts.key_prefix)
@@ -174,7 +188,9 @@ impl RedisCache {
         tags: &[String],
     ) -> redis::ScriptInvocation<'s> {
         let mut inv = script.prepare_invoke();
-        inv.key(self.redis_key(key)).key(self.lease_key(key));
+        inv.key(self.redis_key(key))
+            .key(self.lease_key(key))
+            .key(self.generation_key());
         for t in tags {
             inv.key(self.tag_key(t));
         }
@@ -406,6 +422,14 @@ impl Cache for RedisCache {
     ) -> BoxFuture<'a, Result<u64>> {
         async move {
             let mut c = self.conn.clone();
+            // First revoke every lease granted so far, whichever bucket the scan finds it in (or has passed).
+            let generation = self.generation_key();
+            let _: i64 = bounded(
+                &self.opts,
+                "scan",
+                redis::cmd("INCR").arg(&generation).query_async(&mut c),
+            )
+            .await?;
             let glob = format!("{}*", glob_escape(&self.redis_key(prefix)));
             let strip = self.opts.key_prefix.len();
             let mut cursor: u64 = 0;
@@ -424,6 +448,9 @@ impl Cache for RedisCache {
                 let doomed: Vec<&String> = keys
                     .iter()
                     .filter(|k| {
+                        if **k == generation {
+                            return false; // never reset: a lease of generation 0 would be valid again
+                        }
                         let k = &k[strip..];
                         belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
                     })
