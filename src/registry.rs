@@ -480,7 +480,7 @@ fn routes_of(
 struct Miss<'a> {
     key: &'a str,
     entry: &'a PatternEntry,
-    backend: &'a dyn Cache,
+    backend: &'a Arc<dyn Cache>,
     route: &'a Route,
     tags: &'a [String],
     /// Nanoseconds spent waiting on the cache so far in this call.
@@ -906,10 +906,8 @@ impl CacheRegistry {
                 Box::pin(self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader))
                     .await
             } else {
-                Box::pin(self.serve(
-                    key, &pattern, entry, track, &*backend, &route, &tags, loader,
-                ))
-                .await
+                Box::pin(self.serve(key, &pattern, entry, track, &backend, &route, &tags, loader))
+                    .await
             };
             let rm = self.rollout_metrics(entry);
             let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
@@ -1324,7 +1322,7 @@ impl CacheRegistry {
         pattern: &str,
         entry: &PatternEntry,
         track: Option<Track>,
-        backend: &dyn Cache,
+        shared: &Arc<dyn Cache>,
         route: &Route,
         tags: &[String],
         loader: F,
@@ -1334,6 +1332,7 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
+        let backend: &dyn Cache = &**shared;
         let m = &entry.metrics;
         let imp = backend.kind();
         let metrics = &self.inner.metrics;
@@ -1387,7 +1386,7 @@ impl CacheRegistry {
             Miss {
                 key,
                 entry,
-                backend,
+                backend: shared,
                 route,
                 tags,
                 cache_ns,
@@ -1414,12 +1413,13 @@ impl CacheRegistry {
         let Miss {
             key,
             entry,
-            backend,
+            backend: shared,
             route,
             tags,
             mut cache_ns,
             mut backend_ok,
         } = miss;
+        let backend: &dyn Cache = &**shared;
         let m = &entry.metrics;
         let imp = backend.kind();
         let metrics = &self.inner.metrics;
@@ -1489,6 +1489,11 @@ impl CacheRegistry {
                 }
                 Err(e) => {
                     metrics.error(imp, e.error_type());
+                    if matches!(e, Error::Timeout { .. }) {
+                        // Redis may still grant it after we gave up: release it, or it blocks fills until it
+                        // expires.
+                        self.release_in_background(shared, key, asked);
+                    }
                     backend_ok = false;
                     None
                 }
@@ -1601,11 +1606,25 @@ impl CacheRegistry {
                 Err(e) => {
                     metrics.error(imp, e.error_type());
                     tracing::debug!(key, error = %e, "cache: fill failed");
+                    if matches!(e, Error::Timeout { .. }) {
+                        // The fill may not have run: release its lease (a no-op if it did run).
+                        self.release_in_background(shared, key, token);
+                    }
                 }
             }
         }
         drop(leader);
         Ok(value)
+    }
+
+    /// Releases `token`'s lease on `key` in the background, bounded by the backend's own command timeout.
+    fn release_in_background(&self, backend: &Arc<dyn Cache>, key: &str, token: u64) {
+        let (reg, backend, key) = (self.clone(), Arc::clone(backend), key.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = backend.release_lease(&key, token).await {
+                reg.inner.metrics.error(backend.kind(), e.error_type());
+            }
+        });
     }
 
     /// Another process holds the key's lease: polls for its fill every 5 ms for at most `lease_wait`.
@@ -1750,11 +1769,7 @@ impl CacheRegistry {
             }
             (Lookup::Lease(token), None) => {
                 // Not filled: release the lease so that other processes need not wait for it to expire.
-                tokio::spawn(async move {
-                    if let Err(e) = backend.release_lease(&key, token).await {
-                        reg.inner.metrics.error(imp, e.error_type());
-                    }
-                });
+                self.release_in_background(&backend, &key, token);
             }
             (Lookup::Held, _) => rm.shadow[2].inc(),
             (Lookup::Hit(_), None) => {}

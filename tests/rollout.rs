@@ -439,7 +439,10 @@ async fn shadow_mode_serves_the_loader_compares_and_rolls_back_on_mismatches() {
     // A difference is confirmed by a second read in the background before it counts: wait for it (bounded).
     let deadline = Instant::now() + Duration::from_secs(5);
     while reg.state().await.routes["item"].breaker.is_none() {
-        assert!(Instant::now() < deadline, "no rollback after the mismatches");
+        assert!(
+            Instant::now() < deadline,
+            "no rollback after the mismatches"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let state = reg.state().await;
