@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run: redis-server (every Redis test) and openssl (the rediss:// test's certificates).
+# Debian packages the tests run: redis-server (every Redis test), openssl (the rediss:// test's certificates) and
+# procps (the kill binary the fault tests stop and resume redis-server with; `type -P` skips the shell builtin).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+type -P kill >/dev/null 2>&1 || missing+=(procps)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian's ${missing[*]}"

@@ -3,6 +3,7 @@
 //! [`CacheRegistry::switch`]: crate::CacheRegistry::switch
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::{Bound, RangeBounds};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,15 +14,40 @@ use crate::pattern::validate_pattern;
 /// Longest accepted TTL: one year, in seconds (Redis and moka accept more, but such a TTL is a unit mistake).
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
 
-fn check_ttl(key: &str, ttl: u64) -> Result<()> {
-    if ttl == 0 || ttl > MAX_TTL_SECS {
-        return Err(Error::config(
-            key,
-            ttl.to_string(),
-            "must be between 1 and 31536000 seconds (one year)",
-        ));
+/// `Ok` when `v` lies in `range`; else [`Error::Config`] naming `key` and the value, with `expected` as the reason.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    v: T,
+    range: impl RangeBounds<T>,
+    expected: &str,
+) -> Result<()> {
+    if range.contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::config(key, v.to_string(), expected))
     }
-    Ok(())
+}
+
+fn check_ttl(key: &str, ttl: u64) -> Result<()> {
+    check_range(
+        key,
+        ttl,
+        1..=MAX_TTL_SECS,
+        "must be between 1 and 31536000 seconds (one year)",
+    )
+}
+
+fn check_percent(key: &str, v: f64) -> Result<()> {
+    check_range(key, v, 0.0..=100.0, "must be between 0 and 100")
+}
+
+fn check_deadline_ms(key: &str, v: u64) -> Result<()> {
+    check_range(
+        key,
+        v,
+        1..=60_000,
+        "must be between 1 and 60000 milliseconds",
+    )
 }
 
 /// The part of the configuration that can change at runtime.
@@ -193,77 +219,42 @@ impl Default for RollbackRules {
 
 impl RollbackRules {
     fn validate(&self) -> Result<()> {
-        let rate = |key: &str, v: f64| -> Result<()> {
-            if (0.0..=1.0).contains(&v) {
-                Ok(())
-            } else {
-                Err(Error::config(key, v.to_string(), "must be between 0 and 1"))
-            }
-        };
+        let rate = |key, v| check_range(key, v, 0.0..=1.0, "must be between 0 and 1");
         rate("cache.rollback.max_error_rate", self.max_error_rate)?;
         rate("cache.rollback.max_timeout_rate", self.max_timeout_rate)?;
         rate("cache.rollback.max_mismatch_rate", self.max_mismatch_rate)?;
-        if !(1..=86_400).contains(&self.window_secs) {
-            return Err(Error::config(
-                "cache.rollback.window_secs",
-                self.window_secs.to_string(),
-                "must be between 1 and 86400 seconds",
-            ));
-        }
-        if !(self.max_p99_ms.is_finite() && self.max_p99_ms > 0.0) {
-            return Err(Error::config(
-                "cache.rollback.max_p99_ms",
-                self.max_p99_ms.to_string(),
-                "must be a positive number of milliseconds",
-            ));
-        }
-        if !(1..=86_400).contains(&self.cooldown_secs) {
-            return Err(Error::config(
-                "cache.rollback.cooldown_secs",
-                self.cooldown_secs.to_string(),
-                "must be between 1 and 86400 seconds",
-            ));
-        }
-        if !(self.probe_percent > 0.0 && self.probe_percent <= 100.0) {
-            // At 0 no read would ever probe, and the breaker would stay half-open for good.
-            return Err(Error::config(
-                "cache.rollback.probe_percent",
-                self.probe_percent.to_string(),
-                "must be more than 0 and at most 100",
-            ));
-        }
-        if self.probe_calls == 0 {
-            return Err(Error::config(
-                "cache.rollback.probe_calls",
-                "0",
-                "must be at least 1",
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn check_percent(key: &str, v: f64) -> Result<()> {
-    if (0.0..=100.0).contains(&v) {
-        Ok(())
-    } else {
-        Err(Error::config(
-            key,
-            v.to_string(),
-            "must be between 0 and 100",
-        ))
-    }
-}
-
-fn check_deadline_ms(key: &str, v: u64) -> Result<()> {
-    if (1..=60_000).contains(&v) {
-        Ok(())
-    } else {
-        Err(Error::config(
-            key,
-            v.to_string(),
-            "must be between 1 and 60000 milliseconds",
-        ))
+        let day = "must be between 1 and 86400 seconds";
+        check_range(
+            "cache.rollback.window_secs",
+            self.window_secs,
+            1..=86_400,
+            day,
+        )?;
+        check_range(
+            "cache.rollback.cooldown_secs",
+            self.cooldown_secs,
+            1..=86_400,
+            day,
+        )?;
+        check_range(
+            "cache.rollback.max_p99_ms",
+            self.max_p99_ms,
+            (Bound::Excluded(0.0), Bound::Excluded(f64::INFINITY)),
+            "must be a positive number of milliseconds",
+        )?;
+        // At 0 no read would ever probe, and the breaker would stay half-open for good.
+        check_range(
+            "cache.rollback.probe_percent",
+            self.probe_percent,
+            (Bound::Excluded(0.0), Bound::Included(100.0)),
+            "must be more than 0 and at most 100",
+        )?;
+        check_range(
+            "cache.rollback.probe_calls",
+            self.probe_calls,
+            1..,
+            "must be at least 1",
+        )
     }
 }
 
@@ -325,20 +316,18 @@ impl Policy {
             }
         }
         check_deadline_ms("cache.read_timeout_ms", self.read_timeout_ms)?;
-        if !(1..=600_000).contains(&self.lease_ttl_ms) {
-            return Err(Error::config(
-                "cache.lease_ttl_ms",
-                self.lease_ttl_ms.to_string(),
-                "must be between 1 and 600000 milliseconds",
-            ));
-        }
-        if self.lease_wait_ms > 60_000 {
-            return Err(Error::config(
-                "cache.lease_wait_ms",
-                self.lease_wait_ms.to_string(),
-                "must be at most 60000 milliseconds",
-            ));
-        }
+        check_range(
+            "cache.lease_ttl_ms",
+            self.lease_ttl_ms,
+            1..=600_000,
+            "must be between 1 and 600000 milliseconds",
+        )?;
+        check_range(
+            "cache.lease_wait_ms",
+            self.lease_wait_ms,
+            ..=60_000,
+            "must be at most 60000 milliseconds",
+        )?;
         self.rollback.validate()
     }
 

@@ -313,8 +313,8 @@ struct Active {
     backend: Arc<dyn Cache>,
     /// `!backend.always_misses()`, asked once instead of through a virtual call per request.
     stores: bool,
-    /// Routes of the patterns that are configured or rolled back; whitelisted patterns without either take
-    /// `default_route`.
+    /// Routes of the patterns that are whitelisted by name, configured or rolled back; under `*`, the other
+    /// patterns take `default_route`.
     routes: HashMap<String, Route>,
     default_route: Route,
     redis: RedisOptions,
@@ -419,9 +419,7 @@ impl Active {
         }
         match self.routes.get(pattern) {
             Some(r) => (r.mode != Mode::Observe).then_some(r),
-            None => {
-                (self.serves_all || self.whitelist.contains(pattern)).then_some(&self.default_route)
-            }
+            None => self.serves_all.then_some(&self.default_route),
         }
     }
 
@@ -473,16 +471,42 @@ fn routes_of(
             .entry(p.clone())
             .or_insert_with(|| build_route(policy, None, listed(p), Some(b)));
     }
+    // Listed patterns get their entry too, so a call finds its route in one lookup; under `*` the patterns not in
+    // the map take the default route.
+    for p in whitelist.iter().filter(|p| *p != "*") {
+        routes
+            .entry(p.clone())
+            .or_insert_with(|| build_route(policy, None, true, None));
+    }
     (routes, build_route(policy, None, true, None))
+}
+
+/// Where a call goes, decided once from the active state.
+enum Plan {
+    /// Not routed: observed.
+    Observe,
+    /// Routed, but the key is outside the pattern's ramp: observed, and timed as the unramped arm.
+    Unramped,
+    /// Served or shadowed.
+    Routed(Route, Arc<dyn Cache>),
+}
+
+/// One served or shadowed call: what its paths share.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    key: &'a str,
+    pattern: &'a str,
+    entry: &'a PatternEntry,
+    route: &'a Route,
+    tags: &'a [String],
+    /// Raw clock reading when the call started.
+    start: u64,
 }
 
 /// What the miss path of a served call carries over from its read.
 struct Miss<'a> {
-    key: &'a str,
-    entry: &'a PatternEntry,
+    call: Call<'a>,
     backend: &'a Arc<dyn Cache>,
-    route: &'a Route,
-    tags: &'a [String],
     /// Nanoseconds spent waiting on the cache so far in this call.
     cache_ns: u64,
     /// False once the cache failed in this call: no lease, no fill.
@@ -519,24 +543,7 @@ fn bounded<T, F: Future<Output = Result<T>>>(
     if !backend.remote() {
         return Either::Left(f);
     }
-    Either::Right(async move {
-        if budget.is_zero() {
-            // Nothing left of the deadline: do not even send the command (a lease granted to no one would block
-            // the key's fills until it expired).
-            drop(f);
-            return Err(Error::Timeout {
-                operation,
-                after: budget,
-            });
-        }
-        match tokio::time::timeout(budget, f).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                operation,
-                after: budget,
-            }),
-        }
-    })
+    Either::Right(crate::cache::within(budget, operation, f))
 }
 
 /// What a swap installs, decided under the switch lock so concurrent switches never lose one another's change.
@@ -879,10 +886,12 @@ impl CacheRegistry {
             }
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
-            let plan = state
-                .route(&pattern)
-                .map(|r| (r.includes(key), r.clone(), Arc::clone(&state.backend)));
-            let serves = plan.as_ref().is_some_and(|p| p.0);
+            let plan = match state.route(&pattern) {
+                None => Plan::Observe,
+                Some(r) if !r.includes(key) => Plan::Unramped,
+                Some(r) => Plan::Routed(r.clone(), Arc::clone(&state.backend)),
+            };
+            let serves = matches!(plan, Plan::Routed(..));
             let track = self.track(&state, entry, &pattern, key, serves);
             if serves {
                 if let Some(w) = &state.whitelisted {
@@ -891,32 +900,37 @@ impl CacheRegistry {
             }
             (entry, plan, track, pattern)
         };
-        if let Some((true, route, backend)) = plan {
+        if let Plan::Routed(route, backend) = plan {
             let tags: Vec<String> = if tags.is_empty() {
                 Vec::new()
             } else {
                 tags.iter().map(|t| (*t).to_string()).collect()
             };
-            let start = self.inner.clock.raw();
+            let call = Call {
+                key,
+                pattern: &pattern,
+                entry,
+                route: &route,
+                tags: &tags,
+                start: self.inner.clock.raw(),
+            };
             let shadowed = route.mode == Mode::Shadow;
             // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
             // route, the flight), and inline they would make every call's future, observed ones too, larger,
             // which costs the observe path a larger copy per call. A served call does I/O anyway.
             let r = if shadowed {
-                Box::pin(self.shadow(key, &pattern, entry, track, backend, &route, &tags, loader))
-                    .await
+                Box::pin(self.shadow(call, track, backend, loader)).await
             } else {
-                Box::pin(self.serve(key, &pattern, entry, track, &backend, &route, &tags, loader))
-                    .await
+                Box::pin(self.serve(call, track, &backend, loader)).await
             };
             let rm = self.rollout_metrics(entry);
             let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
-            arm.observe_nanos(nanos_since(&self.inner.clock, start));
+            arm.observe_nanos(nanos_since(&self.inner.clock, call.start));
             return r;
         }
         // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped arm). One
         // call site, so the observe future is built in place.
-        let unramped = plan.is_some().then(|| self.inner.clock.raw());
+        let unramped = matches!(plan, Plan::Unramped).then(|| self.inner.clock.raw());
         let r = self.observe(entry, track, loader).await;
         if let Some(start) = unramped {
             self.rollout_metrics(entry)
@@ -930,6 +944,11 @@ impl CacheRegistry {
         entry
             .rollout
             .get_or_init(|| self.inner.metrics.rollout(&entry.name))
+    }
+
+    /// The window bucket number of raw clock reading `at`.
+    fn bucket(&self, route: &Route, at: u64) -> u64 {
+        self.inner.clock.delta_as_nanos(self.inner.started, at) / route.bucket_nanos
     }
 
     /// A fresh lease token: random per process, unique within it.
@@ -949,7 +968,7 @@ impl CacheRegistry {
         nanos: u64,
         result: ReadResult,
     ) {
-        let bucket = self.inner.clock.delta_as_nanos(self.inner.started, at) / route.bucket_nanos;
+        let bucket = self.bucket(route, at);
         let w = &entry.window;
         w.add(Event::Read, bucket);
         let mut bad = match result {
@@ -978,7 +997,7 @@ impl CacheRegistry {
 
     /// Counts one shadow comparison in the window.
     fn compared(&self, entry: &PatternEntry, pattern: &str, route: &Route, at: u64, same: bool) {
-        let bucket = self.inner.clock.delta_as_nanos(self.inner.started, at) / route.bucket_nanos;
+        let bucket = self.bucket(route, at);
         entry.window.add(Event::Compared, bucket);
         if !same {
             entry.window.add(Event::Mismatch, bucket);
@@ -1039,6 +1058,8 @@ impl CacheRegistry {
         });
     }
 
+    /// A rule tripped on `pattern`: its breaker opens (or, with `scope = "impl"`, the impl goes to `null`), and the
+    /// trip is counted and logged once.
     #[cold]
     fn trip(
         &self,
@@ -1049,33 +1070,23 @@ impl CacheRegistry {
         rules: &RollbackRules,
         imp: CacheImpl,
     ) {
-        if rules.scope == RollbackScope::Impl {
-            self.trip_impl(entry, pattern, reason, counts, rules, imp);
-            return;
-        }
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut b = self.breakers();
-            let trips = match b.get(pattern) {
-                Some(x) if x.state == BreakerState::Open => return, // tripped already
-                Some(x) => x.trips + 1,
-                None => 1,
-            };
-            b.insert(
-                pattern.to_string(),
-                Breaker {
-                    state: BreakerState::Open,
-                    reason,
-                    window: counts,
-                    since: now_rfc3339(),
-                    trips,
-                    id,
-                    probe: Arc::default(),
-                },
-            );
-            entry.window.reset();
-            self.apply_breakers(&b);
-        }
+        let cooldown = Duration::from_secs(rules.cooldown_secs);
+        let to = match rules.scope {
+            RollbackScope::Pattern => {
+                if !self.open_breaker(entry, pattern, reason, counts, cooldown) {
+                    return; // tripped already
+                }
+                "observe"
+            }
+            RollbackScope::Impl => {
+                if self.inner.impl_rolled_back.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                entry.window.reset();
+                self.roll_impl_back(pattern, reason, cooldown);
+                "impl null"
+            }
+        };
         self.inner
             .metrics
             .rollback(imp, &entry.name, reason.as_str());
@@ -1088,49 +1099,59 @@ impl CacheRegistry {
             slow = counts.slow,
             mismatched = counts.mismatched,
             cooldown_secs = rules.cooldown_secs,
-            "cache: rolled back to observe"
+            "cache: rolled back to {to}"
         );
-        self.push_rollback(pattern, format!("{} -> observe", reason.as_str()));
-        let weak = Arc::downgrade(&self.inner);
-        let pattern = pattern.to_string();
-        let cooldown = Duration::from_secs(rules.cooldown_secs);
-        tokio::spawn(async move {
-            tokio::time::sleep(cooldown).await;
-            if let Some(inner) = weak.upgrade() {
-                CacheRegistry { inner }.half_open(&pattern, id);
-            }
-        });
     }
 
-    /// `scope = "impl"`: the whole impl goes to `null`, and after the cool-down back to what it was, unless the
-    /// configuration changed in between.
-    #[cold]
-    fn trip_impl(
+    /// Opens the pattern's breaker, unless it is open already (`false`), and schedules its half-open probe.
+    fn open_breaker(
         &self,
         entry: &PatternEntry,
         pattern: &str,
         reason: Reason,
         counts: WindowCounts,
-        rules: &RollbackRules,
-        imp: CacheImpl,
-    ) {
-        if self.inner.impl_rolled_back.swap(true, Ordering::AcqRel) {
-            return;
+        cooldown: Duration,
+    ) -> bool {
+        // The trip's probe counter also identifies it: the cool-down acts only on its own trip.
+        let trip: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        {
+            let mut b = self.breakers();
+            let trips = match b.get(pattern) {
+                Some(x) if x.state == BreakerState::Open => return false,
+                Some(x) => x.trips + 1,
+                None => 1,
+            };
+            b.insert(
+                pattern.to_string(),
+                Breaker {
+                    state: BreakerState::Open,
+                    reason,
+                    window: counts,
+                    since: now_rfc3339(),
+                    trips,
+                    probe: Arc::clone(&trip),
+                },
+            );
+            entry.window.reset();
+            self.apply_breakers(&b);
         }
-        entry.window.reset();
-        self.inner
-            .metrics
-            .rollback(imp, &entry.name, reason.as_str());
-        tracing::warn!(
-            key_pattern = pattern,
-            reason = reason.as_str(),
-            reads = counts.reads,
-            cooldown_secs = rules.cooldown_secs,
-            "cache: rolled the impl back to null"
-        );
+        self.push_rollback(pattern, format!("{} -> observe", reason.as_str()));
+        let weak = Arc::downgrade(&self.inner);
+        let pattern = pattern.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(cooldown).await;
+            if let Some(inner) = weak.upgrade() {
+                CacheRegistry { inner }.half_open(&pattern, &trip);
+            }
+        });
+        true
+    }
+
+    /// `scope = "impl"`: the whole impl goes to `null`, and after the cool-down back to what it was, unless the
+    /// configuration changed in between.
+    fn roll_impl_back(&self, pattern: &str, reason: Reason, cooldown: Duration) {
         let reg = self.clone();
         let why = format!("{pattern}: {} -> impl null", reason.as_str());
-        let cooldown = Duration::from_secs(rules.cooldown_secs);
         tokio::spawn(async move {
             let before = reg.policy();
             let update = PolicyUpdate {
@@ -1152,10 +1173,10 @@ impl CacheRegistry {
         });
     }
 
-    fn half_open(&self, pattern: &str, id: u64) {
+    fn half_open(&self, pattern: &str, trip: &Arc<std::sync::atomic::AtomicU64>) {
         let mut b = self.breakers();
         match b.get_mut(pattern) {
-            Some(x) if x.id == id && x.state == BreakerState::Open => {
+            Some(x) if Arc::ptr_eq(&x.probe, trip) && x.state == BreakerState::Open => {
                 x.state = BreakerState::HalfOpen;
                 x.probe = Arc::default();
             }
@@ -1315,16 +1336,11 @@ impl CacheRegistry {
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn serve<C, E, F, Fut>(
         &self,
-        key: &str,
-        pattern: &str,
-        entry: &PatternEntry,
+        call: Call<'_>,
         track: Option<Track>,
         shared: &Arc<dyn Cache>,
-        route: &Route,
-        tags: &[String],
         loader: F,
     ) -> Result<C, E>
     where
@@ -1332,13 +1348,20 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
+        let Call {
+            key,
+            pattern,
+            entry,
+            route,
+            start,
+            ..
+        } = call;
         let backend: &dyn Cache = &**shared;
         let m = &entry.metrics;
         let imp = backend.kind();
         let metrics = &self.inner.metrics;
         let version = self.inner.value_version;
         let clock = &self.inner.clock;
-        let start = clock.raw();
         let mut pending = PendingGet::new(self, entry, track, start);
         let got = bounded(backend, route.read_timeout, "get", backend.get(key)).await;
         let read_ns = nanos_since(clock, start);
@@ -1384,11 +1407,8 @@ impl CacheRegistry {
         // path, and inline it would make every call's future as large as its own. A miss runs the loader anyway.
         Box::pin(self.serve_miss(
             Miss {
-                key,
-                entry,
+                call,
                 backend: shared,
-                route,
-                tags,
                 cache_ns,
                 backend_ok,
             },
@@ -1411,11 +1431,15 @@ impl CacheRegistry {
         Fut: Future<Output = Result<C, E>>,
     {
         let Miss {
-            key,
-            entry,
+            call:
+                Call {
+                    key,
+                    entry,
+                    route,
+                    tags,
+                    ..
+                },
             backend: shared,
-            route,
-            tags,
             mut cache_ns,
             mut backend_ok,
         } = miss;
@@ -1659,16 +1683,11 @@ impl CacheRegistry {
     /// Shadow mode: the caller always gets the loader's value. Before the loader runs, the cache is read (a lease
     /// on a miss, so that the fill is safe); afterwards what it held is compared with the loader's value, and a
     /// miss is filled (or a differing copy deleted) in the background.
-    #[allow(clippy::too_many_arguments)]
     async fn shadow<C, E, F, Fut>(
         &self,
-        key: &str,
-        pattern: &str,
-        entry: &PatternEntry,
+        call: Call<'_>,
         track: Option<Track>,
         backend: Arc<dyn Cache>,
-        route: &Route,
-        tags: &[String],
         loader: F,
     ) -> Result<C, E>
     where
@@ -1676,9 +1695,16 @@ impl CacheRegistry {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
     {
+        let Call {
+            key,
+            pattern,
+            entry,
+            route,
+            tags,
+            start,
+        } = call;
         let imp = backend.kind();
         let clock = &self.inner.clock;
-        let start = clock.raw();
         let token = self.next_token();
         let looked = bounded(
             &*backend,
@@ -2469,11 +2495,7 @@ impl CacheRegistry {
 
     fn route_views(&self, s: &Active) -> BTreeMap<String, RouteView> {
         let breakers = self.breakers().clone();
-        let bucket = self
-            .inner
-            .clock
-            .delta_as_nanos(self.inner.started, self.inner.clock.raw())
-            / s.default_route.bucket_nanos;
+        let bucket = self.bucket(&s.default_route, self.inner.clock.raw());
         // Patterns seen and whitelisted, and every pattern configured, listed or rolled back, seen or not.
         let mut names: std::collections::BTreeSet<&str> = s
             .patterns

@@ -260,10 +260,8 @@ pub struct Breaker {
     pub since: String,
     /// Trips since the breaker was last closed.
     pub trips: u64,
-    /// Identifies this trip (the cool-down timer acts only on its own trip).
-    #[serde(skip)]
-    pub(crate) id: u64,
-    /// Half-open reads so far.
+    /// Half-open reads so far; a new counter on every trip and every half-open episode, so it also identifies
+    /// them (the cool-down acts only on its own trip, and only its own probes close an episode).
     #[serde(skip)]
     pub(crate) probe: Arc<AtomicU64>,
 }

@@ -100,6 +100,23 @@ impl MemoryCache {
         &self.leases[i]
     }
 
+    /// Stores `key`, ending any lease on it; the caller holds the key's lease shard (`leases`), so no fill under a
+    /// lease and no delete can come in between.
+    async fn store(
+        &self,
+        leases: &mut HashMap<String, (u64, Instant)>,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        tags: &[String],
+    ) {
+        leases.remove(key);
+        self.record_tags(key, tags);
+        self.inner
+            .insert(key.to_string(), Entry { value, ttl })
+            .await;
+    }
+
     fn record_tags(&self, key: &str, tags: &[String]) {
         if tags.is_empty() {
             return;
@@ -152,11 +169,7 @@ impl Cache for MemoryCache {
     ) -> BoxFuture<'a, Result<()>> {
         async move {
             let mut leases = self.lease_shard(key).lock().await;
-            leases.remove(key);
-            self.record_tags(key, tags);
-            self.inner
-                .insert(key.to_string(), Entry { value, ttl })
-                .await;
+            self.store(&mut leases, key, value, ttl, tags).await;
             Ok(())
         }
         .boxed()
@@ -202,17 +215,7 @@ impl Cache for MemoryCache {
                 Some(&(t, until)) if t == token && until > Instant::now() => {}
                 _ => return Ok(false),
             }
-            leases.remove(key);
-            self.record_tags(key, tags);
-            self.inner
-                .insert(
-                    key.to_string(),
-                    Entry {
-                        value,
-                        ttl: Some(ttl),
-                    },
-                )
-                .await;
+            self.store(&mut leases, key, value, Some(ttl), tags).await;
             Ok(true)
         }
         .boxed()

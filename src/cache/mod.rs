@@ -81,6 +81,26 @@ impl std::str::FromStr for CacheImpl {
     }
 }
 
+/// Runs a cache operation with `budget` as its deadline: [`Error::Timeout`](crate::Error::Timeout) past it. With
+/// nothing left of the budget the operation is not even started (a command sent anyway might still take effect,
+/// say grant a lease to a caller that has given up).
+pub(crate) async fn within<T>(
+    budget: Duration,
+    operation: &'static str,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let timed_out = || crate::Error::Timeout {
+        operation,
+        after: budget,
+    };
+    if budget.is_zero() {
+        return Err(timed_out());
+    }
+    tokio::time::timeout(budget, f)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
+}
+
 /// A backend's health as shown by `GET /internal/cache`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Health {

@@ -248,13 +248,7 @@ async fn bounded<T>(
     operation: &'static str,
     f: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T> {
-    match tokio::time::timeout(opts.response_timeout, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(Error::Timeout {
-            operation,
-            after: opts.response_timeout,
-        }),
-    }
+    super::within(opts.response_timeout, operation, async { Ok(f.await?) }).await
 }
 
 /// Escapes Redis glob metacharacters so a literal prefix can be used with `SCAN MATCH`.
