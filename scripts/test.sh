@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what the tests need when it is missing (Debian, as root), or says what to install.
-# The tests start their own redis-server processes on free loopback ports; nothing else needs to be running.
+# The tests start their own redis-server and prometheus processes on free loopback ports; nothing else needs to be
+# running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run: redis-server (every Redis test), openssl (the rediss:// test's certificates) and
-# procps (the kill binary the fault tests stop and resume redis-server with; `type -P` skips the shell builtin).
+# Debian packages the tests run: redis-server (every Redis test), openssl (the rediss:// test's certificates),
+# procps (the kill binary the fault tests stop and resume redis-server with; `type -P` skips the shell builtin) and
+# prometheus (prometheus and promtool: tests/prometheus.rs checks the shipped rules and dashboard against it).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 type -P kill >/dev/null 2>&1 || missing+=(procps)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian's ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-        # The redis-server package may start a system instance; the tests do not use it.
+        # The packages would start system instances (redis-server, prometheus on :9090); the tests start their own
+        # on free ports, so keep the package scripts from starting services while they install.
+        policy=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            policy=/usr/sbin/policy-rc.d
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+            printf '#!/bin/sh\nexit 101\n' > "$policy"
+            chmod +x "$policy"
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        [ -z "$policy" ] || { rm -f "$policy"; trap - EXIT; }
     else
         echo "missing: ${missing[*]}. Install them, e.g.: sudo apt-get install ${missing[*]}" >&2
         exit 1
@@ -23,6 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 redis-server --version
 openssl version
+prometheus --version 2>&1 | head -1
 
 if [ ! -d ../shared/traces ]; then
     echo "../shared/traces is missing: the replay tests read the real traces from there (see ../shared/traces/README.md)" >&2

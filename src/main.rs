@@ -137,8 +137,11 @@ fn main() -> ExitCode {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A span's close is logged with its time: at the default INFO level no span is enabled, so this prints nothing;
+    // with RUST_LOG=cache_rollout=debug, one line per cache operation (`cache_op`, see docs/behaviour.md).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -2186,6 +2186,13 @@ impl CacheRegistry {
         }
         let mut next = Active::new(policy, backend, redis, version, Arc::default(), &breakers);
         next.whitelisted = self.whitelist_estimator(&cur, &next);
+        if next.stores {
+            for (pattern, route) in &next.routes {
+                if route.mode != Mode::Observe {
+                    self.inner.metrics.declare_rollbacks(imp, pattern);
+                }
+            }
+        }
         // rcu, not store: a pattern first seen during the swap must not be lost. Under the breakers' lock, so a
         // trip cannot slip in between.
         self.inner.state.rcu(|cur| Active {
@@ -2194,8 +2201,14 @@ impl CacheRegistry {
         });
         drop(breakers);
         self.inner.metrics.set_enabled(enabled, imp);
+        tracing::info!(
+            source,
+            version,
+            reason = record.reason.as_deref().unwrap_or(source),
+            "{}",
+            self.state_line()
+        );
         self.push_swap(record);
-        tracing::info!(source, version, "{}", self.state_line());
         Ok(())
     }
 

@@ -4,149 +4,13 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{metric, RedisServer};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cache-rollout");
-const TOKEN: &str = "binary-test-token-0123456789";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use support::{command, metric, repo, RedisServer, Service, TOKEN};
 
 fn trace(name: &str) -> PathBuf {
     repo().join("../shared/traces").join(name)
-}
-
-/// A `cache-rollout` command with none of the product's variables inherited from the test's environment.
-fn command() -> Command {
-    let mut c = Command::new(BIN);
-    for v in [
-        "APP_ENV",
-        "FEATURE_CACHE",
-        "CACHE_IMPL",
-        "CACHE_PATTERNS",
-        "REDIS_URL",
-        "CACHE_ADMIN_TOKEN",
-        "BIND_ADDR",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("RUST_LOG", "info");
-    c
-}
-
-struct Service {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Service {
-    fn start(config_dir: &Path, env: &[(&str, &str)]) -> Service {
-        let port = support::free_port();
-        let mut cmd = command();
-        cmd.arg("serve")
-            .arg("--config-dir")
-            .arg(config_dir)
-            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start cache-rollout serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().expect("log");
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let s = Service {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        s.wait_for(
-            || s.try_get("/health").is_some(),
-            "the service to answer /health",
-        );
-        s
-    }
-
-    fn wait_for(&self, mut ok: impl FnMut() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ok() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
-    fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Option<(u16, Value, String)> {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .ok()?;
-        let mut req = client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().ok()?;
-        let status = resp.status().as_u16();
-        let text = resp.text().ok()?;
-        Some((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::Null),
-            text,
-        ))
-    }
-
-    fn try_get(&self, path: &str) -> Option<(u16, Value, String)> {
-        self.request(reqwest::Method::GET, path, None)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value, String) {
-        self.try_get(path)
-            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log()))
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(sig)
-            .arg(self.child.id().to_string())
-            .status();
-        assert!(matches!(ok, Ok(s) if s.success()), "kill {sig}");
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -197,6 +61,8 @@ fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
         "the swap is logged: {}",
         svc.log()
     );
+    // At the default INFO level the per-operation spans print nothing.
+    assert!(!svc.log().contains("cache_op"), "{}", svc.log());
 
     svc.signal("-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -208,6 +74,75 @@ fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+}
+
+#[test]
+fn json_logs_have_a_debug_span_per_cache_operation_and_an_event_per_swap() {
+    let redis = RedisServer::start();
+    let svc = Service::start(
+        &repo().join("config"),
+        &[
+            ("REDIS_URL", redis.url().as_str()),
+            ("CACHE_ADMIN_TOKEN", TOKEN),
+            ("CACHE_ROLLOUT_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,cache_rollout::cache=debug"),
+        ],
+    );
+    let (s, _, text) = svc
+        .request(
+            reqwest::Method::PUT,
+            "/internal/cache/config",
+            Some(json!({"impl": "redis", "whitelist": ["user"]})),
+        )
+        .expect("PUT");
+    assert_eq!(s, 200, "{text}");
+    for _ in 0..2 {
+        assert_eq!(svc.get("/users/7").0, 200);
+    }
+    let lines = |svc: &Service| -> Vec<Value> {
+        svc.log()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    let is_op = |l: &Value, op: &str| {
+        l["span"]["name"] == "cache_op"
+            && l["span"]["operation"] == op
+            && l["span"]["backend"] == "redis"
+            && l["span"]["key"] == "user:7"
+            && l["level"] == "DEBUG"
+            && l["fields"]["message"] == "close"
+            && l["fields"]["time.busy"].is_string()
+    };
+    // The miss: a read, a lease, a fill; the hit: a read.
+    svc.wait_for(
+        || lines(&svc).iter().filter(|l| is_op(l, "get")).count() >= 2,
+        "two cache_op get spans",
+    );
+    let all = lines(&svc);
+    for op in ["lease", "set_leased"] {
+        assert!(
+            all.iter().any(|l| is_op(l, op)),
+            "no {op} span: {}",
+            svc.log()
+        );
+    }
+    let swaps: Vec<&Value> = all
+        .iter()
+        .filter(|l| {
+            l["level"] == "INFO"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("cache: enabled"))
+        })
+        .collect();
+    assert_eq!(swaps.len(), 2, "start-up and the PUT: {}", svc.log());
+    assert_eq!(swaps[0]["fields"]["source"], "startup");
+    assert_eq!(swaps[1]["fields"]["source"], "api");
+    assert_eq!(swaps[1]["fields"]["reason"], "api");
+    assert!(swaps[1]["fields"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("impl=redis whitelist=[user]")));
 }
 
 #[test]

@@ -10,7 +10,7 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use moka::future::Cache as Moka;
 use moka::Expiry;
 
-use super::{Cache, CacheImpl, Health, Lookup};
+use super::{Cache, CacheImpl, Health, Lookup, Traced};
 use crate::error::Result;
 
 #[derive(Clone)]
@@ -148,7 +148,11 @@ impl Cache for MemoryCache {
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
-        async move { Ok(self.inner.get(key).await.map(|e| e.value)) }.boxed()
+        async move { Ok(self.inner.get(key).await.map(|e| e.value)) }.traced(
+            "get",
+            CacheImpl::Memory,
+            key,
+        )
     }
 
     fn set<'a>(
@@ -172,7 +176,7 @@ impl Cache for MemoryCache {
             self.store(&mut leases, key, value, ttl, tags).await;
             Ok(())
         }
-        .boxed()
+        .traced("set_tagged", CacheImpl::Memory, key)
     }
 
     fn lease<'a>(
@@ -198,7 +202,7 @@ impl Cache for MemoryCache {
             self.record_tags(key, tags);
             Ok(Lookup::Lease(token))
         }
-        .boxed()
+        .traced("lease", CacheImpl::Memory, key)
     }
 
     fn set_leased<'a>(
@@ -218,7 +222,7 @@ impl Cache for MemoryCache {
             self.store(&mut leases, key, value, Some(ttl), tags).await;
             Ok(true)
         }
-        .boxed()
+        .traced("set_leased", CacheImpl::Memory, key)
     }
 
     fn release_lease<'a>(&'a self, key: &'a str, token: u64) -> BoxFuture<'a, Result<()>> {
@@ -229,7 +233,7 @@ impl Cache for MemoryCache {
             }
             Ok(())
         }
-        .boxed()
+        .traced("release_lease", CacheImpl::Memory, key)
     }
 
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
@@ -248,7 +252,7 @@ impl Cache for MemoryCache {
             }
             Ok(n)
         }
-        .boxed()
+        .traced("invalidate_tag", CacheImpl::Memory, tag)
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
@@ -257,7 +261,7 @@ impl Cache for MemoryCache {
             leases.remove(key);
             Ok(self.inner.remove(key).await.is_some())
         }
-        .boxed()
+        .traced("delete", CacheImpl::Memory, key)
     }
 
     fn delete_matching<'a>(
@@ -288,7 +292,7 @@ impl Cache for MemoryCache {
             }
             Ok(n)
         }
-        .boxed()
+        .traced("delete_matching", CacheImpl::Memory, prefix)
     }
 
     fn health(&self) -> BoxFuture<'_, Health> {

@@ -81,6 +81,37 @@ impl std::str::FromStr for CacheImpl {
     }
 }
 
+/// Boxes a backend operation's future inside a `cache_op` span at DEBUG level, with the fields `operation` (`get`,
+/// `set_tagged`, `lease`, `set_leased`, `release_lease`, `delete`, `delete_matching`, `invalidate_tag`), `backend`
+/// (`memory`, `redis`) and `key` (the application's key; the tag or prefix for tag and pattern operations).
+///
+/// With `RUST_LOG=cache_rollout=debug` the service logs each span's close with its time (`time.busy`,
+/// `time.idle`), and every event inside it (a failed read, a refused fill) carries the span's fields. At the default
+/// INFO level the span is disabled: creating it is one comparison against the subscriber's maximum level, and the
+/// future shares the box it already had.
+pub(crate) trait Traced: std::future::Future + Send + Sized {
+    fn traced<'a>(
+        self,
+        operation: &'static str,
+        backend: CacheImpl,
+        key: &str,
+    ) -> BoxFuture<'a, Self::Output>
+    where
+        Self: 'a,
+    {
+        use tracing::Instrument;
+        self.instrument(tracing::debug_span!(
+            "cache_op",
+            operation,
+            backend = backend.as_str(),
+            key
+        ))
+        .boxed()
+    }
+}
+
+impl<F: std::future::Future + Send> Traced for F {}
+
 /// Runs a cache operation with `budget` as its deadline: [`Error::Timeout`](crate::Error::Timeout) past it. With
 /// nothing left of the budget the operation is not even started (a command sent anyway might still take effect,
 /// say grant a lease to a caller that has given up).

@@ -12,7 +12,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
-use super::{Cache, CacheImpl, Health, Lookup, LEASE_SUFFIX, TAG_PREFIX};
+use super::{Cache, CacheImpl, Health, Lookup, Traced, LEASE_SUFFIX, TAG_PREFIX};
 use crate::error::{Error, Result};
 
 /// Value or lease, atomically. KEYS: key, lease key, generation key, tag sets…; ARGV: token, lease ms, the key
@@ -278,7 +278,7 @@ impl Cache for RedisCache {
             let v: Option<Vec<u8>> = bounded(&self.opts, "get", c.get(self.redis_key(key))).await?;
             Ok(v.map(Bytes::from))
         }
-        .boxed()
+        .traced("get", CacheImpl::Redis, key)
     }
 
     fn set<'a>(
@@ -329,7 +329,7 @@ impl Cache for RedisCache {
             let () = bounded(&self.opts, "set", pipe.query_async(&mut c)).await?;
             Ok(())
         }
-        .boxed()
+        .traced("set_tagged", CacheImpl::Redis, key)
     }
 
     fn lease<'a>(
@@ -351,7 +351,7 @@ impl Cache for RedisCache {
                 _ => Lookup::Held,
             })
         }
-        .boxed()
+        .traced("lease", CacheImpl::Redis, key)
     }
 
     fn set_leased<'a>(
@@ -369,7 +369,7 @@ impl Cache for RedisCache {
             let n: i64 = bounded(&self.opts, "set", inv.invoke_async(&mut c)).await?;
             Ok(n == 1)
         }
-        .boxed()
+        .traced("set_leased", CacheImpl::Redis, key)
     }
 
     fn release_lease<'a>(&'a self, key: &'a str, token: u64) -> BoxFuture<'a, Result<()>> {
@@ -380,7 +380,7 @@ impl Cache for RedisCache {
             let _: i64 = bounded(&self.opts, "release", inv.invoke_async(&mut c)).await?;
             Ok(())
         }
-        .boxed()
+        .traced("release_lease", CacheImpl::Redis, key)
     }
 
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
@@ -392,7 +392,7 @@ impl Cache for RedisCache {
                 .arg(LEASE_SUFFIX);
             bounded(&self.opts, "invalidate_tag", inv.invoke_async(&mut c)).await
         }
-        .boxed()
+        .traced("invalidate_tag", CacheImpl::Redis, tag)
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
@@ -406,7 +406,7 @@ impl Cache for RedisCache {
                 bounded(&self.opts, "delete", pipe.query_async(&mut c)).await?;
             Ok(n > 0)
         }
-        .boxed()
+        .traced("delete", CacheImpl::Redis, key)
     }
 
     fn delete_matching<'a>(
@@ -462,7 +462,7 @@ impl Cache for RedisCache {
                 cursor = next;
             }
         }
-        .boxed()
+        .traced("delete_matching", CacheImpl::Redis, prefix)
     }
 
     fn health(&self) -> BoxFuture<'_, Health> {

@@ -174,6 +174,10 @@ impl Metrics {
             "Runtime configuration swaps, by result.",
             &["result"],
         );
+        // Both results exist from the start, so the first swap (or refusal) is an increase `increase()` can see.
+        for result in ["ok", "error"] {
+            swaps.with_label_values(&[result]);
+        }
         let candidate_requests = counter(
             "cache_candidate_requests_total",
             "HTTP requests per matched route (candidates for caching).",
@@ -383,6 +387,15 @@ impl Metrics {
             unramped: self.call_duration.with_label_values(&["unramped", pattern]),
             shadowed: self.call_duration.with_label_values(&["shadowed", pattern]),
             shadow: SHADOW_RESULTS.map(|r| self.shadow.with_label_values(&[pattern, r])),
+        }
+    }
+
+    /// Creates the `cache_rollback_total` series of a served or shadowed pattern at 0, one per reason, so that the
+    /// first rollback is an increase Prometheus can see (`increase()` cannot see a series that starts at 1).
+    pub(crate) fn declare_rollbacks(&self, imp: CacheImpl, pattern: &str) {
+        for reason in crate::rollout::Reason::ALL {
+            self.rollbacks
+                .with_label_values(&[imp.as_str(), pattern, reason.as_str()]);
         }
     }
 

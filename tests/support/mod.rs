@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod service;
+#[allow(unused_imports)] // each test crate (and bench) uses its own part
+pub use service::{command, repo, Service, BIN, TOKEN};
+
 /// The value of one series (`name{labels}`) in a Prometheus text exposition; 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
