@@ -61,8 +61,10 @@ fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
         "the swap is logged: {}",
         svc.log()
     );
-    // At the default INFO level the per-operation spans print nothing.
+    // At the default INFO level the per-operation spans print nothing; and a log that is not a terminal gets no
+    // colour codes.
     assert!(!svc.log().contains("cache_op"), "{}", svc.log());
+    assert!(!svc.log().contains('\u{1b}'), "ANSI codes: {}", svc.log());
 
     svc.signal("-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);

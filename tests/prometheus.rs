@@ -526,11 +526,39 @@ fn every_dashboard_query_and_recording_rule_returns_series_from_a_real_prometheu
     let end = now();
     let window = (start, end);
 
-    // The scrape passes promtool's linter.
+    // The scrape passes promtool's linter, and docs/metrics.md documents every family in it.
     let (ok, out) = promtool(&["check", "metrics"], Some(&scrape));
     assert!(
         ok && out.trim().is_empty(),
         "promtool check metrics:\n{out}"
+    );
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).expect("docs/metrics.md");
+    let families: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(families.len() >= 19, "{families:?}");
+    for f in families {
+        assert!(
+            doc.contains(&format!("### `{f}`")),
+            "docs/metrics.md does not document {f}"
+        );
+    }
+    // The rollback and the swaps were logged (text format), with their reasons.
+    let log = svc.log();
+    let rollback = log
+        .lines()
+        .find(|l| l.contains("cache: rolled back to observe"));
+    assert!(
+        rollback.is_some_and(|l| l.contains("WARN") && l.contains("reason=")),
+        "no rollback event in the log:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("INFO")
+            && l.contains("source=\"api\"")
+            && l.contains("impl=redis")),
+        "no swap event in the log:\n{log}"
     );
 
     let names: Vec<String> = serde_json::from_value(
