@@ -87,8 +87,8 @@ impl std::str::FromStr for CacheImpl {
 ///
 /// With `RUST_LOG=cache_rollout=debug` the service logs each span's close with its time (`time.busy`,
 /// `time.idle`), and every event inside it (a failed read, a refused fill) carries the span's fields. At the default
-/// INFO level the span is disabled: creating it is one comparison against the subscriber's maximum level, and the
-/// future shares the box it already had.
+/// INFO level (or with no `tracing` subscriber) there is no span: one comparison against the subscriber's maximum
+/// level, and the future is boxed as before.
 pub(crate) trait Traced: std::future::Future + Send + Sized {
     fn traced<'a>(
         self,
@@ -100,13 +100,20 @@ pub(crate) trait Traced: std::future::Future + Send + Sized {
         Self: 'a,
     {
         use tracing::Instrument;
-        self.instrument(tracing::debug_span!(
-            "cache_op",
-            operation,
-            backend = backend.as_str(),
-            key
-        ))
-        .boxed()
+        // Checked first, so that a disabled span costs no span and no enter/exit per poll: measured at about
+        // 570 instructions per memory hit otherwise, since `tracing`'s `log` feature (on through axum) keeps
+        // disabled spans alive for a `log` logger.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            self.instrument(tracing::debug_span!(
+                "cache_op",
+                operation,
+                backend = backend.as_str(),
+                key
+            ))
+            .boxed()
+        } else {
+            self.boxed()
+        }
     }
 }
 
