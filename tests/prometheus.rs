@@ -388,7 +388,7 @@ fn drive(
                         (reqwest::Method::GET, format!("/projects/{project}"), None),
                         (reqwest::Method::GET, format!("/projects/{project}/members"), None),
                     ];
-                    if sent % 200 == 0 {
+                    if sent.is_multiple_of(200) {
                         requests.push((
                             reqwest::Method::PUT,
                             format!("/users/{user}"),
