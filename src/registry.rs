@@ -700,7 +700,12 @@ impl CacheRegistry {
             .await
         {
             tracing::warn!(error = %e, "cache: {} unavailable at start-up; observing until it is", target.imp);
-            tracing::info!(source = "startup", "{}", registry.state_line());
+            tracing::info!(
+                source = "startup",
+                reason = "startup: the configured impl is unavailable",
+                "{}",
+                registry.state_line()
+            );
             registry.spawn_retry(target);
         }
         Ok(registry)
@@ -1388,9 +1393,8 @@ impl CacheRegistry {
                     let budget = route
                         .read_timeout
                         .saturating_sub(Duration::from_nanos(cache_ns));
-                    if let Err(e) = bounded(backend, budget, "delete", backend.delete(key)).await {
-                        metrics.error(imp, e.error_type());
-                    }
+                    let delete = bounded(backend, budget, "delete", backend.delete(key));
+                    let _ = self.timed(imp, Operation::Delete, delete).await;
                     cache_ns += nanos_since(clock, t0);
                 }
             },
@@ -1494,7 +1498,11 @@ impl CacheRegistry {
                 backend.lease(key, asked, route.lease_ttl, tags),
             )
             .await;
-            cache_ns += nanos_since(clock, t0);
+            let lease_ns = nanos_since(clock, t0);
+            cache_ns += lease_ns;
+            metrics
+                .op_duration(imp, Operation::Get)
+                .observe_nanos(lease_ns);
             let filled = match r {
                 Ok(Lookup::Lease(t)) => {
                     metrics.lease(imp, "granted");
@@ -1547,11 +1555,8 @@ impl CacheRegistry {
                 let budget = route
                     .read_timeout
                     .saturating_sub(Duration::from_nanos(cache_ns));
-                if let Err(e) =
-                    bounded(backend, budget, "release", backend.release_lease(key, t)).await
-                {
-                    metrics.error(imp, e.error_type());
-                }
+                let release = bounded(backend, budget, "release", backend.release_lease(key, t));
+                let _ = self.timed(imp, Operation::Delete, release).await;
             }
         };
         let value = match loaded {
@@ -1645,10 +1650,36 @@ impl CacheRegistry {
     fn release_in_background(&self, backend: &Arc<dyn Cache>, key: &str, token: u64) {
         let (reg, backend, key) = (self.clone(), Arc::clone(backend), key.to_string());
         tokio::spawn(async move {
-            if let Err(e) = backend.release_lease(&key, token).await {
-                reg.inner.metrics.error(backend.kind(), e.error_type());
-            }
+            let _ = reg
+                .timed(
+                    backend.kind(),
+                    Operation::Delete,
+                    backend.release_lease(&key, token),
+                )
+                .await;
         });
+    }
+
+    /// Runs one backend operation of the background or lease paths, observing its duration in
+    /// `cache_operation_duration_seconds{operation}` and counting its failure in `cache_errors_total`, so that
+    /// every counted error has its operation counted too (the error ratio's two sides count the same calls).
+    async fn timed<T>(
+        &self,
+        imp: CacheImpl,
+        operation: Operation,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let clock = &self.inner.clock;
+        let t0 = clock.raw();
+        let r = f.await;
+        let metrics = &self.inner.metrics;
+        metrics
+            .op_duration(imp, operation)
+            .observe_nanos(nanos_since(clock, t0));
+        if let Err(e) = &r {
+            metrics.error(imp, e.error_type());
+        }
+        r
     }
 
     /// Another process holds the key's lease: polls for its fill every 5 ms for at most `lease_wait`.
@@ -1669,7 +1700,8 @@ impl CacheRegistry {
                 .read_timeout
                 .saturating_sub(Duration::from_nanos(cache_ns));
             let t0 = clock.raw();
-            let r = bounded(backend, budget, "get", backend.get(key)).await;
+            let poll = bounded(backend, budget, "get", backend.get(key));
+            let r = self.timed(backend.kind(), Operation::Get, poll).await;
             cache_ns += nanos_since(clock, t0);
             match r {
                 Ok(Some(b)) => return Some(b),
@@ -1764,20 +1796,17 @@ impl CacheRegistry {
                     tokio::spawn(async move {
                         let e = reg.slot(idx);
                         let rm = reg.rollout_metrics(e);
-                        match backend.get(&key).await {
+                        match reg.timed(imp, Operation::Get, backend.get(&key)).await {
                             Ok(Some(now)) if now == cached => {
                                 rm.shadow[1].inc();
                                 tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
                                 reg.compared(e, &pattern, &route, reg.inner.clock.raw(), false);
-                                if let Err(err) = backend.delete(&key).await {
-                                    reg.inner.metrics.error(imp, err.error_type());
-                                }
+                                let _ = reg
+                                    .timed(imp, Operation::Delete, backend.delete(&key))
+                                    .await;
                             }
                             Ok(_) => rm.shadow[2].inc(),
-                            Err(err) => {
-                                rm.shadow[3].inc();
-                                reg.inner.metrics.error(imp, err.error_type());
-                            }
+                            Err(_) => rm.shadow[3].inc(),
                         }
                     });
                 }
@@ -1786,10 +1815,11 @@ impl CacheRegistry {
                 rm.shadow[2].inc();
                 let (tags, ttl) = (tags.to_vec(), route.ttl);
                 tokio::spawn(async move {
-                    match backend.set_leased(&key, bytes, ttl, token, &tags).await {
+                    let fill = backend.set_leased(&key, bytes, ttl, token, &tags);
+                    match reg.timed(imp, Operation::Set, fill).await {
                         Ok(true) => reg.slot(idx).metrics.set(imp),
                         Ok(false) => reg.inner.metrics.lease(imp, "revoked"),
-                        Err(e) => reg.inner.metrics.error(imp, e.error_type()),
+                        Err(_) => {}
                     }
                 });
             }
@@ -2166,7 +2196,13 @@ impl CacheRegistry {
             }
             Err(e) => {
                 self.inner.metrics.swap(false);
-                tracing::warn!(source, to = %policy.imp, error = %e, "cache: swap refused, previous state kept");
+                tracing::warn!(
+                    source,
+                    to = %policy.imp,
+                    reason = record.reason.as_deref().unwrap_or(source),
+                    error = %e,
+                    "cache: swap refused, previous state kept"
+                );
                 self.push_swap(record);
                 return Err(e);
             }

@@ -36,14 +36,7 @@ fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
     assert_eq!(state["impl"], "null");
     assert_eq!(state["patterns"]["user"]["gets"], 2);
 
-    let (s, state, text) = svc
-        .request(
-            reqwest::Method::PUT,
-            "/internal/cache/config",
-            Some(json!({"impl": "redis", "whitelist": ["user"]})),
-        )
-        .expect("PUT");
-    assert_eq!(s, 200, "{text}");
+    let state = svc.put_config(json!({"impl": "redis", "whitelist": ["user"]}));
     assert_eq!(state["impl"], "redis");
     for _ in 0..2 {
         assert_eq!(svc.get("/users/1").0, 200);
@@ -90,14 +83,7 @@ fn json_logs_have_a_debug_span_per_cache_operation_and_an_event_per_swap() {
             ("RUST_LOG", "info,cache_rollout::cache=debug"),
         ],
     );
-    let (s, _, text) = svc
-        .request(
-            reqwest::Method::PUT,
-            "/internal/cache/config",
-            Some(json!({"impl": "redis", "whitelist": ["user"]})),
-        )
-        .expect("PUT");
-    assert_eq!(s, 200, "{text}");
+    svc.put_config(json!({"impl": "redis", "whitelist": ["user"]}));
     for _ in 0..2 {
         assert_eq!(svc.get("/users/7").0, 200);
     }

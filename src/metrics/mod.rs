@@ -243,6 +243,16 @@ impl Metrics {
             "Fill leases: granted, held by another caller, revoked before the fill, waited for another's fill.",
             &["impl", "result"],
         );
+        // The storing impls' lease results and built-in invalidation kinds exist from the start, at 0, so that the
+        // first of each is an increase Prometheus can see.
+        for imp in [CacheImpl::Memory, CacheImpl::Redis] {
+            for result in ["granted", "held", "waited", "revoked"] {
+                leases.with_label_values(&[imp.as_str(), result]);
+            }
+            for tag in ["key", "pattern"] {
+                invalidate.with_label_values(&[imp.as_str(), tag]);
+            }
+        }
         let errors = CacheImpl::ALL
             .iter()
             .map(|i| {

@@ -124,6 +124,19 @@ impl Service {
         ))
     }
 
+    /// `PUT /internal/cache/config` with the admin token; asserts 200 and returns the state it answers.
+    pub fn put_config(&self, body: Value) -> Value {
+        let (status, state, text) = self
+            .request(
+                reqwest::Method::PUT,
+                "/internal/cache/config",
+                Some(body.clone()),
+            )
+            .unwrap_or_else(|| panic!("PUT {body} failed; log:\n{}", self.log()));
+        assert_eq!(status, 200, "PUT {body}: {text}");
+        state
+    }
+
     pub fn try_get(&self, path: &str) -> Option<(u16, Value, String)> {
         self.request(reqwest::Method::GET, path, None)
     }
