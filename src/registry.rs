@@ -1393,9 +1393,16 @@ impl CacheRegistry {
                     let budget = route
                         .read_timeout
                         .saturating_sub(Duration::from_nanos(cache_ns));
-                    let delete = bounded(backend, budget, "delete", backend.delete(key));
-                    let _ = self.timed(imp, Operation::Delete, delete).await;
-                    cache_ns += nanos_since(clock, t0);
+                    if let Err(e) = bounded(backend, budget, "delete", backend.delete(key)).await {
+                        metrics.error(imp, e.error_type());
+                    }
+                    // Timed by hand: `timed` here would enlarge every served call's future (measured: +370
+                    // instructions per memory hit).
+                    let delete_ns = nanos_since(clock, t0);
+                    metrics
+                        .op_duration(imp, Operation::Delete)
+                        .observe_nanos(delete_ns);
+                    cache_ns += delete_ns;
                 }
             },
             Ok(None) => self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok),
