@@ -142,6 +142,14 @@ fn the_dashboard_is_an_importable_grafana_model_with_a_query_in_every_panel() {
             .find(|v| v["name"] == name)
             .unwrap_or_else(|| panic!("no `{name}` variable"))
     };
+    // Grafana's schema (@grafana/schema) wants a variable's `current` to hold `text` and `value`, or be absent.
+    for v in vars {
+        assert!(
+            v.get("current").is_none() || v["current"]["value"] != Value::Null,
+            "variable {}: an empty `current`",
+            v["name"]
+        );
+    }
     assert_eq!(var("datasource")["type"], "datasource");
     assert_eq!(var("datasource")["query"], "prometheus");
     for name in ["job", "instance"] {
@@ -204,7 +212,8 @@ fn the_dashboard_is_an_importable_grafana_model_with_a_query_in_every_panel() {
         .collect();
     assert_eq!(names, ["Swaps", "Rollbacks"]);
     for a in annotations {
-        assert!(a["expr"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(a["target"]["expr"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(a["target"]["refId"].is_string());
         assert_eq!(a["datasource"]["uid"], "${datasource}");
     }
 }
@@ -689,7 +698,7 @@ fn every_dashboard_query_and_recording_rule_returns_series_from_a_real_prometheu
         }
     }
     for a in d["annotations"]["list"].as_array().expect("annotations") {
-        if let Some(expr) = a["expr"].as_str() {
+        if let Some(expr) = a["target"]["expr"].as_str() {
             let legend = format!(
                 "{} {}",
                 a["titleFormat"].as_str().unwrap_or_default(),
