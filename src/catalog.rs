@@ -277,6 +277,8 @@ pub struct AppContext {
     pub settings: Arc<Settings>,
     /// The admin token, replaceable at runtime (SIGHUP).
     pub admin_token: AdminToken,
+    /// The fleet state followed (`[cache.fleet] enabled`): runtime changes then go through it, to every instance.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// The whole reference service as a router (testable with `tower::ServiceExt::oneshot`).
@@ -294,7 +296,8 @@ pub fn app(ctx: AppContext) -> Router {
     } else {
         internal_router(
             InternalState::new(ctx.registry.clone(), ctx.admin_token.clone())
-                .with_config(ctx.settings.redacted()),
+                .with_config(ctx.settings.redacted())
+                .with_fleet(ctx.fleet.clone()),
         )
     };
     catalog

@@ -154,6 +154,9 @@ pub struct CacheSettings {
     pub lease_wait_ms: u64,
     /// `[cache.rollback]`: automatic rollback rules.
     pub rollback: crate::policy::RollbackRules,
+    /// `[cache.fleet]`: one rollout state for every instance, in Redis (`docs/scaling.md`).
+    #[serde(default)]
+    pub fleet: crate::fleet::FleetOptions,
 }
 
 /// The `[cache.memory]` table.
@@ -218,6 +221,7 @@ impl Default for Settings {
                     max_bytes: 256 * 1024 * 1024,
                 },
                 analysis: AnalysisOptions::default(),
+                fleet: crate::fleet::FleetOptions::default(),
                 redis: RedisSettings {
                     url: "redis://127.0.0.1:6379".into(),
                     key_prefix: "cr:".into(),
@@ -283,6 +287,14 @@ impl Settings {
     /// [`Error::Config`] naming the key and the value.
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
+        if c.fleet.enabled {
+            // Checks the key, the poll period and the admin token that signs the state.
+            crate::fleet::Fleet::new(
+                &c.fleet,
+                &self.redis_options(),
+                self.admin_token.as_deref().unwrap_or_default(),
+            )?;
+        }
         match url::Url::parse(&c.redis.url) {
             Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {
                 if u.fragment() == Some("insecure") {

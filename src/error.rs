@@ -92,6 +92,9 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The fleet state could not be written or followed (`docs/scaling.md`).
+    #[error("fleet state: {0}")]
+    Fleet(String),
     /// `cache-rollout report` could not fetch or read a service's report.
     #[error("report from {url}: {reason}")]
     Report {

@@ -55,6 +55,7 @@ pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod fleet;
 mod flight;
 pub mod http;
 pub mod metrics;

@@ -31,6 +31,31 @@ enum Command {
     Replay(ReplayArgs),
     /// Fetch a running service's analysis (`GET /internal/cache/report`) and print it as a table.
     Report(ReportArgs),
+    /// Read or change the fleet state every instance follows (`[cache.fleet]`, docs/scaling.md), straight in Redis:
+    /// production can be steered without `/internal/`. Uses the configuration (REDIS_URL, cache.fleet.key) and
+    /// CACHE_ADMIN_TOKEN, which signs the state.
+    Fleet(FleetArgs),
+}
+
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// Directory holding default.toml and <APP_ENV>.toml.
+    #[arg(long, default_value = "config")]
+    config_dir: PathBuf,
+    #[command(subcommand)]
+    action: FleetAction,
+}
+
+#[derive(Subcommand)]
+enum FleetAction {
+    /// Print the stored state (version, policy, who wrote it) as JSON.
+    Show,
+    /// Merge a change into the state, as `PUT /internal/cache/config` takes it, e.g.
+    /// '{"patterns":{"user":{"mode":"serve","ramp_percent":10}}}'; prints the new state.
+    Set {
+        /// The change, as JSON.
+        update: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -123,6 +148,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Replay(args) => run_replay(args).await,
             Command::Report(args) => run_report(args).await,
+            Command::Fleet(args) => run_fleet(args).await,
         }
     });
     match result {
@@ -171,17 +197,31 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
         })?;
     tracing::info!(addr = %settings.bind_addr, env = settings.app_env.as_str(), "listening");
     let admin_token = AdminToken::new(settings.admin_token.clone());
+    // One rollout state for every instance (docs/scaling.md): applied now, then followed.
+    let fleet = if settings.cache.fleet.enabled {
+        let fleet = Arc::new(cache_rollout::fleet::Fleet::new(
+            &settings.cache.fleet,
+            &settings.redis_options(),
+            settings.admin_token.as_deref().unwrap_or_default(),
+        )?);
+        Arc::clone(&fleet).spawn(registry.clone(), settings.policy());
+        Some(fleet)
+    } else {
+        None
+    };
     spawn_sighup_reload(
         registry.clone(),
         admin_token.clone(),
         settings.clone(),
         args.config_dir.clone(),
+        fleet.clone(),
     );
     let app = catalog::app(AppContext {
         registry,
         origin,
         settings: Arc::new(settings),
         admin_token,
+        fleet,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
@@ -201,6 +241,7 @@ fn spawn_sighup_reload(
     admin_token: AdminToken,
     mut current: Settings,
     dir: PathBuf,
+    fleet: Option<Arc<cache_rollout::fleet::Fleet>>,
 ) {
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -222,6 +263,12 @@ fn spawn_sighup_reload(
                         tracing::error!(error = %e, "SIGHUP: reload refused, previous state kept");
                         continue;
                     }
+                    // Under a fleet state the files' policy does not win: the stored one is installed again.
+                    if let Some(f) = &fleet {
+                        if let Err(e) = f.reapply(&registry).await {
+                            tracing::warn!(error = %e, "SIGHUP: fleet state not re-applied; the next read will");
+                        }
+                    }
                     if s.admin_token != current.admin_token {
                         admin_token.set(s.admin_token.clone());
                         tracing::info!("SIGHUP: admin token replaced");
@@ -235,7 +282,7 @@ fn spawn_sighup_reload(
         }
     });
     #[cfg(not(unix))]
-    let _ = (registry, admin_token, current, dir);
+    let _ = (registry, admin_token, current, dir, fleet);
 }
 
 async fn shutdown_signal() {
@@ -279,6 +326,30 @@ async fn redis_memory(url: &str) -> cache_rollout::Result<(u64, u64)> {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     Ok((maxmemory, used))
+}
+
+async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
+    let settings = Settings::load_from(&args.config_dir)?;
+    let fleet = cache_rollout::fleet::Fleet::new(
+        &settings.cache.fleet,
+        &settings.redis_options(),
+        settings.admin_token.as_deref().unwrap_or_default(),
+    )?;
+    let state = match args.action {
+        FleetAction::Show => fleet.read().await?,
+        FleetAction::Set { update } => {
+            let update: cache_rollout::PolicyUpdate =
+                serde_json::from_str(&update).map_err(|e| {
+                    cache_rollout::Error::config("update", update.clone(), e.to_string())
+                })?;
+            Some(fleet.write(&settings.policy(), &update, "cli").await?)
+        }
+    };
+    match state {
+        Some(s) => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
+        None => println!("null"),
+    }
+    Ok(())
 }
 
 async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {

@@ -576,6 +576,8 @@ struct Inner {
     breakers: Mutex<BTreeMap<String, Breaker>>,
     /// Set while an impl-wide rollback is in force.
     impl_rolled_back: AtomicBool,
+    /// Told of every rollback decided here (the fleet state publishes it to the other instances).
+    rollback_hook: Mutex<Option<RollbackHook>>,
     /// Counter behind lease tokens and trip ids.
     next_id: std::sync::atomic::AtomicU64,
     /// Random per process, so lease tokens of different processes differ.
@@ -606,6 +608,19 @@ struct Inner {
 #[derive(Clone)]
 pub struct CacheRegistry {
     inner: Arc<Inner>,
+}
+
+/// A callback told of each rollback a registry decides: `(key_pattern, reason, cool-down)`.
+pub type RollbackHook = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
+
+/// A [`CacheRegistry`] handle that does not keep it alive ([`CacheRegistry::downgrade`]).
+#[derive(Clone)]
+pub struct WeakRegistry(std::sync::Weak<Inner>);
+
+impl std::fmt::Debug for WeakRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakRegistry").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for CacheRegistry {
@@ -671,6 +686,7 @@ impl CacheRegistry {
                 analysis,
                 breakers: Mutex::new(BTreeMap::new()),
                 impl_rolled_back: AtomicBool::new(false),
+                rollback_hook: Mutex::new(None),
                 next_id: std::sync::atomic::AtomicU64::new(1),
                 token_seed: {
                     use std::hash::BuildHasher;
@@ -1106,6 +1122,76 @@ impl CacheRegistry {
             cooldown_secs = rules.cooldown_secs,
             "cache: rolled back to {to}"
         );
+        let hook = self
+            .inner
+            .rollback_hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook(pattern, reason.as_str(), cooldown);
+        }
+    }
+
+    /// Calls `hook(key_pattern, reason, cool-down)` on every rollback this registry decides (not on those it is
+    /// told of by [`remote_rollback`](Self::remote_rollback)). One hook; a second call replaces the first.
+    pub fn on_rollback(&self, hook: RollbackHook) {
+        *self
+            .inner
+            .rollback_hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    /// Another instance rolled `pattern` back (`reason`, one of `cache_rollback_total`'s reasons): open this
+    /// instance's breaker for it too, for `cooldown`, after which it probes on its own traffic. Not counted in
+    /// `cache_rollback_total` (the deciding instance counted it); logged at WARN and kept in the swap history. A
+    /// pattern this instance has not seen yet, or whose breaker is open already, is left alone.
+    pub fn remote_rollback(&self, pattern: &str, reason: &str, cooldown: Duration, from: &str) {
+        let Some(reason) = Reason::ALL.into_iter().find(|r| r.as_str() == reason) else {
+            tracing::debug!(
+                key_pattern = pattern,
+                reason,
+                "cache: unknown rollback reason ignored"
+            );
+            return;
+        };
+        let Some(&idx) = self.inner.state.load().patterns.get(pattern) else {
+            return;
+        };
+        let entry = self.slot(idx);
+        if self.open_breaker(entry, pattern, reason, WindowCounts::default(), cooldown) {
+            tracing::warn!(
+                key_pattern = pattern,
+                reason = reason.as_str(),
+                from,
+                cooldown_secs = cooldown.as_secs(),
+                "cache: rolled back to observe by another instance"
+            );
+        }
+    }
+
+    /// Installs a whole policy read from the fleet state (source `fleet`, reason `fleet version N`).
+    ///
+    /// # Errors
+    /// As [`switch`](Self::switch); the previous state stays.
+    pub async fn apply_fleet_policy(&self, policy: Policy, version: u64) -> Result<()> {
+        self.install_why(
+            Change::Replace(policy, None),
+            "fleet",
+            Some(format!("fleet version {version}")),
+        )
+        .await
+    }
+
+    /// A handle that does not keep the registry alive (background tasks stop once it is dropped).
+    pub fn downgrade(&self) -> WeakRegistry {
+        WeakRegistry(Arc::downgrade(&self.inner))
+    }
+
+    /// The registry of a [`WeakRegistry`], if it is still alive.
+    pub fn upgrade(weak: &WeakRegistry) -> Option<CacheRegistry> {
+        weak.0.upgrade().map(|inner| CacheRegistry { inner })
     }
 
     /// Opens the pattern's breaker, unless it is open already (`false`), and schedules its half-open probe.

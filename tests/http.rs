@@ -24,6 +24,7 @@ async fn service(mut settings: Settings) -> Router {
         .await
         .expect("registry");
     app(AppContext {
+        fleet: None,
         registry,
         origin: Origin::seeded(100, Duration::ZERO).expect("origin"),
         admin_token: AdminToken::new(settings.admin_token.clone()),

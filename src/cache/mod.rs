@@ -24,6 +24,7 @@ mod redis;
 
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
+pub(crate) use self::redis::client as redis_client;
 pub use self::redis::{RedisCache, RedisOptions};
 
 /// Which backend: the value of `CACHE_IMPL`, and the `impl` label of every metric.

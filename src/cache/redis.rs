@@ -203,7 +203,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// A client for `opts.url`; with `tls_ca_file`, one that trusts that CA (rustls, ring provider).
-fn client(opts: &RedisOptions) -> Result<redis::Client> {
+pub(crate) fn client(opts: &RedisOptions) -> Result<redis::Client> {
     if opts.key_prefix.is_empty() {
         // Pattern deletion and the flush of a newly active backend are confined to the prefix; an empty prefix
         // would let them delete every key in the database.

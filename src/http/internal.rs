@@ -51,6 +51,7 @@ pub struct InternalState {
     registry: CacheRegistry,
     admin_token: AdminToken,
     config: serde_json::Value,
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl InternalState {
@@ -60,6 +61,7 @@ impl InternalState {
             registry,
             admin_token,
             config: serde_json::Value::Null,
+            fleet: None,
         }
     }
 
@@ -67,6 +69,13 @@ impl InternalState {
     /// [`Settings::redacted`](crate::config::Settings::redacted)).
     pub fn with_config(mut self, redacted: serde_json::Value) -> Self {
         self.config = redacted;
+        self
+    }
+
+    /// Routes runtime changes through the fleet state (every instance applies them), and shows its status under
+    /// `fleet` in `GET /internal/cache`.
+    pub fn with_fleet(mut self, fleet: Option<Arc<crate::fleet::Fleet>>) -> Self {
+        self.fleet = fleet;
         self
     }
 }
@@ -97,6 +106,9 @@ async fn view(state: &InternalState) -> serde_json::Value {
             "config".into(),
             effective_config(&state.config, &state.registry),
         );
+        if let Some(f) = &state.fleet {
+            obj.insert("fleet".into(), json!(f.status()));
+        }
     }
     v
 }
@@ -168,7 +180,15 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
         Ok(u) => u,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
     };
-    match state.registry.switch_from(&update, "api").await {
+    let applied = match &state.fleet {
+        // Stored for every instance, then applied here at once (the others follow within their poll period).
+        Some(f) => match f.write(&state.registry.policy(), &update, "api").await {
+            Ok(_) => f.apply_now(&state.registry).await,
+            Err(e) => Err(e),
+        },
+        None => state.registry.switch_from(&update, "api").await.map(|_| ()),
+    };
+    match applied {
         Ok(_) => Json(view(&state).await).into_response(),
         Err(e @ (Error::Config { .. } | Error::InvalidPattern { .. })) => {
             error(StatusCode::BAD_REQUEST, e.to_string())

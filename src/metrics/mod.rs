@@ -101,6 +101,7 @@ pub struct Metrics {
     coalesced: IntCounterVec,
     value_size: HistogramVec,
     enabled: IntGaugeVec,
+    fleet_version: prometheus::IntGauge,
     swaps: IntCounterVec,
     invalidate: IntCounterVec,
     candidate_requests: IntCounterVec,
@@ -194,6 +195,14 @@ impl Metrics {
         registry
             .register(Box::new(enabled.clone()))
             .expect("fresh registry");
+        let fleet_version = prometheus::IntGauge::new(
+            "cache_fleet_version",
+            "Version of the fleet state this instance runs (0: none, or the fleet state is off).",
+        )
+        .expect("valid gauge definition");
+        registry
+            .register(Box::new(fleet_version.clone()))
+            .expect("fresh registry");
         let fast = |name: &str, help: &str, labels: &[&str]| {
             let h = Arc::new(
                 DurationHistogramVec::new(name, help, labels).expect("valid histogram definition"),
@@ -280,6 +289,7 @@ impl Metrics {
             coalesced,
             value_size,
             enabled,
+            fleet_version,
             swaps,
             invalidate,
             candidate_requests,
@@ -359,6 +369,11 @@ impl Metrics {
                 .with_label_values(&[i.as_str()])
                 .set(i64::from(enabled && i == active));
         }
+    }
+
+    pub(crate) fn set_fleet_version(&self, version: u64) {
+        self.fleet_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn swap(&self, ok: bool) {

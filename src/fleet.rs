@@ -1,0 +1,489 @@
+//! One rollout state for every instance of a service: the policy (impl, whitelist, per-pattern mode, ramp, TTL,
+//! rollback rules) kept in Redis under one versioned key, signed with the admin token.
+//!
+//! - **Write**: [`Fleet::write`] merges a [`PolicyUpdate`] into the stored policy, bumps the version, signs the
+//!   document (HMAC-SHA256 keyed by the admin token) and stores it with a compare-and-set script that also
+//!   `PUBLISH`es the new version on the key's channel. A concurrent writer's change is never lost: the loser retries
+//!   on the new version.
+//! - **Follow**: [`Fleet::spawn`] subscribes to the channel and re-reads the key every `poll` (1 s by default), so a
+//!   missed message is caught by the next read. A document with a higher version and a valid signature is applied
+//!   to the registry as a whole new policy (source `fleet`); one that does not verify is refused and logged.
+//! - **Redis unreachable**: the instance keeps running on its last good state; the failure is logged and counted,
+//!   and the next successful read catches up.
+//! - **Rollbacks**: a breaker that trips on one instance is published on the channel; every other instance opens its
+//!   own breaker for that pattern (same rule, same cool-down) and probes its way back on its own traffic.
+//!
+//! See `docs/scaling.md` for the failure modes and the measured convergence times.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::cache::RedisOptions;
+use crate::error::{Error, Result};
+use crate::policy::{Policy, PolicyUpdate};
+use crate::registry::CacheRegistry;
+
+/// Where the fleet state lives and how often it is re-read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetOptions {
+    /// Follow and publish the fleet state (`cache.fleet.enabled`). Needs an admin token, which signs it.
+    pub enabled: bool,
+    /// The Redis key holding the state, and the name of its pub/sub channel (`cache.fleet.key`, default
+    /// `"cache-rollout:fleet"`). Instances of one service share it; give each service its own.
+    pub key: String,
+    /// Re-read period in milliseconds (`cache.fleet.poll_ms`, default 1000, at least 100): a change whose
+    /// notification was lost is applied within this long.
+    pub poll_ms: u64,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            enabled: false,
+            key: "cache-rollout:fleet".into(),
+            poll_ms: 1000,
+        }
+    }
+}
+
+/// The stored document: a policy, its version, and who wrote it, signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetState {
+    /// Increases by one with every write; instances apply only a higher version than the one they run.
+    pub version: u64,
+    /// The whole runtime policy.
+    pub policy: Policy,
+    /// RFC 3339 time of the write.
+    pub updated_at: String,
+    /// Who wrote it: `cli`, `api`, or `init` (the first instance, from its configuration).
+    pub source: String,
+    /// Hex HMAC-SHA256 of the other fields (their JSON, in this order), keyed by the admin token.
+    pub signature: String,
+}
+
+/// What an instance reports about the fleet state (`GET /internal/cache` → `fleet`, and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FleetStatus {
+    /// The key followed.
+    pub key: String,
+    /// The version this instance runs (0: none applied yet).
+    pub version: u64,
+    /// RFC 3339 time of the last successful read.
+    pub last_read: Option<String>,
+    /// The last failure (Redis unreachable, a document that does not verify), cleared by a good read.
+    pub error: Option<String>,
+    /// Failed reads and refused documents since start.
+    pub failures: u64,
+}
+
+/// A broadcast on the state's channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Message {
+    /// A new version was stored: re-read it.
+    Changed { version: u64 },
+    /// A breaker tripped on instance `from`: open it here too.
+    Rollback {
+        from: String,
+        key_pattern: String,
+        reason: String,
+        cooldown_secs: u64,
+    },
+}
+
+/// Compare-and-set: store ARGV[2] only if the stored version is ARGV[1] (0: no document yet), then publish ARGV[3].
+const CAS: &str = r"
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then v = cjson.decode(cur).version end
+if v ~= tonumber(ARGV[1]) then return v end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[3])
+return -1
+";
+
+/// The fleet state of one service in one Redis.
+pub struct Fleet {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    key: String,
+    secret: String,
+    poll: Duration,
+    instance: String,
+    applied: AtomicU64,
+    status: Mutex<FleetStatus>,
+    /// One read-and-apply at a time, so an older read can never be applied after a newer one.
+    syncing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("key", &self.key)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Fleet {
+    /// A fleet handle for `opts.key` in the Redis of `redis` (its URL and TLS settings), signing with `secret`
+    /// (the admin token). Connects lazily.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad URL, an empty key, a poll under 100 ms, or a secret under 16 characters.
+    pub fn new(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<Self> {
+        if opts.key.is_empty() {
+            return Err(Error::config("cache.fleet.key", "", "must not be empty"));
+        }
+        if opts.poll_ms < 100 {
+            return Err(Error::config(
+                "cache.fleet.poll_ms",
+                opts.poll_ms.to_string(),
+                "must be at least 100",
+            ));
+        }
+        if secret.len() < 16 {
+            return Err(Error::config(
+                "admin_token",
+                "***",
+                "the fleet state is signed with the admin token: set one of at least 16 characters",
+            ));
+        }
+        Ok(Fleet {
+            client: crate::cache::redis_client(redis)?,
+            conn: tokio::sync::OnceCell::new(),
+            key: opts.key.clone(),
+            secret: secret.to_string(),
+            poll: Duration::from_millis(opts.poll_ms),
+            instance: format!(
+                "{}:{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+                std::process::id()
+            ),
+            applied: AtomicU64::new(0),
+            status: Mutex::new(FleetStatus {
+                key: opts.key.clone(),
+                ..FleetStatus::default()
+            }),
+            syncing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager> {
+        let c = self
+            .conn
+            .get_or_try_init(|| async {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)));
+                redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg).await
+            })
+            .await?;
+        Ok(c.clone())
+    }
+
+    fn sign(&self, version: u64, policy: &Policy, updated_at: &str, source: &str) -> String {
+        // The signed bytes: the unsigned fields' JSON, in a fixed order (a BTreeMap inside, so deterministic).
+        let body = serde_json::to_vec(&(version, policy, updated_at, source)).unwrap_or_default();
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.as_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(&body);
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn verify(&self, s: &FleetState) -> bool {
+        use subtle::ConstantTimeEq;
+        let expected = self.sign(s.version, &s.policy, &s.updated_at, &s.source);
+        expected.as_bytes().ct_eq(s.signature.as_bytes()).into()
+    }
+
+    /// The stored state, verified; `None` when there is none yet.
+    ///
+    /// # Errors
+    /// Redis unreachable ([`Error::Redis`]); a document that does not parse or whose signature does not verify
+    /// (written without the admin token, or with another one) is [`Error::Config`] naming `cache.fleet.key`.
+    pub async fn read(&self) -> Result<Option<FleetState>> {
+        let mut c = self.conn().await?;
+        let raw: Option<String> = redis::cmd("GET").arg(&self.key).query_async(&mut c).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let state: FleetState = serde_json::from_str(&raw).map_err(|e| {
+            Error::config(
+                "cache.fleet.key",
+                &self.key,
+                format!("not a fleet state: {e}"),
+            )
+        })?;
+        if !self.verify(&state) {
+            return Err(Error::config(
+                "cache.fleet.key",
+                &self.key,
+                format!(
+                    "version {} is not signed with this admin token; refused",
+                    state.version
+                ),
+            ));
+        }
+        Ok(Some(state))
+    }
+
+    /// Merges `update` into the stored policy (or into `base` when nothing is stored yet), validates it, and stores
+    /// it as the next version; every instance following the key applies it within a poll period.
+    ///
+    /// # Errors
+    /// An invalid update ([`Error::Config`]); Redis unreachable; a stored document that does not verify.
+    pub async fn write(
+        &self,
+        base: &Policy,
+        update: &PolicyUpdate,
+        source: &str,
+    ) -> Result<FleetState> {
+        for _ in 0..16 {
+            let (version, policy) = match self.read().await? {
+                Some(s) => (s.version, s.policy.merged(update)?),
+                None => (0, base.merged(update)?),
+            };
+            if let Some(state) = self.store(version, policy, source).await? {
+                return Ok(state);
+            }
+            // Another writer stored a version in between: merge into that one instead.
+        }
+        Err(Error::Fleet(
+            "16 concurrent writes in a row won the race; try again".into(),
+        ))
+    }
+
+    /// Stores `policy` as version `after + 1` if the stored version is still `after` (0: nothing stored), and
+    /// publishes the change; `None` if another writer came first.
+    async fn store(&self, after: u64, policy: Policy, source: &str) -> Result<Option<FleetState>> {
+        let version = after + 1;
+        let updated_at = now_rfc3339();
+        let state = FleetState {
+            version,
+            signature: self.sign(version, &policy, &updated_at, source),
+            policy,
+            updated_at,
+            source: source.to_string(),
+        };
+        let doc = serde_json::to_string(&state).map_err(|e| Error::Fleet(e.to_string()))?;
+        let msg = serde_json::to_string(&Message::Changed { version })
+            .map_err(|e| Error::Fleet(e.to_string()))?;
+        let mut c = self.conn().await?;
+        let r: i64 = redis::Script::new(CAS)
+            .key(&self.key)
+            .arg(after)
+            .arg(doc)
+            .arg(msg)
+            .invoke_async(&mut c)
+            .await?;
+        Ok((r == -1).then_some(state))
+    }
+
+    /// Publishes a rollback decided on this instance.
+    async fn publish_rollback(
+        &self,
+        key_pattern: &str,
+        reason: &str,
+        cooldown_secs: u64,
+    ) -> Result<()> {
+        let msg = serde_json::to_string(&Message::Rollback {
+            from: self.instance.clone(),
+            key_pattern: key_pattern.to_string(),
+            reason: reason.to_string(),
+            cooldown_secs,
+        })
+        .map_err(|e| Error::Fleet(e.to_string()))?;
+        let mut c = self.conn().await?;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.key)
+            .arg(msg)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The version this instance runs and the health of its link to the state.
+    pub fn status(&self) -> FleetStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn failed(&self, e: &Error) {
+        let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        s.failures += 1;
+        let first = s.error.is_none();
+        s.error = Some(e.to_string());
+        drop(s);
+        if first {
+            tracing::warn!(key = %self.key, error = %e, "fleet: cannot read the fleet state; running on the last good one");
+        }
+    }
+
+    /// Reads the state and applies it at once if it is newer than the one running (after a write through
+    /// [`write`](Self::write), so the writing instance need not wait for its poll).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read); a policy the registry refuses.
+    pub async fn apply_now(&self, registry: &CacheRegistry) -> Result<()> {
+        self.sync(registry, None).await
+    }
+
+    /// Installs the stored state again whatever version runs (after a SIGHUP reload put the files' policy in its
+    /// place). If the state cannot be read now, the next successful read installs it.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read); a policy the registry refuses.
+    pub async fn reapply(&self, registry: &CacheRegistry) -> Result<()> {
+        self.applied.store(0, Ordering::Release);
+        self.sync(registry, None).await
+    }
+
+    /// Reads the state and applies it when it is newer than the one running. `init`: the policy to store as
+    /// version 1 when the key is empty (the first instance's configuration).
+    async fn sync(&self, registry: &CacheRegistry, init: Option<&Policy>) -> Result<()> {
+        let _one = self.syncing.lock().await;
+        let state = match self.read().await? {
+            Some(s) => s,
+            None => {
+                let Some(p) = init else { return Ok(()) };
+                p.validate()?;
+                // Several instances starting together: one stores its configuration, the others run that one.
+                match self.store(0, p.clone(), "init").await? {
+                    Some(s) => s,
+                    None => match self.read().await? {
+                        Some(s) => s,
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        {
+            let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            if s.error.take().is_some() {
+                tracing::info!(key = %self.key, "fleet: the fleet state is readable again");
+            }
+            s.last_read = Some(now_rfc3339());
+        }
+        if state.version > self.applied.load(Ordering::Acquire) {
+            registry
+                .apply_fleet_policy(state.policy.clone(), state.version)
+                .await?;
+            self.applied.store(state.version, Ordering::Release);
+            self.status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .version = state.version;
+            registry.metrics().set_fleet_version(state.version);
+        }
+        Ok(())
+    }
+
+    /// Follows the state for `registry` until the registry is dropped: applies it now (storing `init` as version 1
+    /// if the key is empty), then on every notification and every poll period. Rollbacks of this instance are
+    /// published; those of other instances open the same breaker here.
+    pub fn spawn(self: Arc<Self>, registry: CacheRegistry, init: Policy) {
+        let weak = registry.downgrade();
+        let fleet = Arc::clone(&self);
+        registry.on_rollback(Arc::new(move |pattern: &str, reason: &str, cooldown: Duration| {
+            let (fleet, pattern, reason) = (Arc::clone(&fleet), pattern.to_string(), reason.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = fleet
+                    .publish_rollback(&pattern, &reason, cooldown.as_secs())
+                    .await
+                {
+                    tracing::warn!(key_pattern = %pattern, error = %e, "fleet: rollback not published");
+                }
+            });
+        }));
+        drop(registry);
+        // Notifications: a dedicated connection, re-subscribed after any failure.
+        let (notify_tx, mut notify_rx) = tokio::sync::mpsc::channel::<()>(16);
+        let sub = Arc::clone(&self);
+        let sub_weak = weak.clone();
+        tokio::spawn(async move {
+            loop {
+                if CacheRegistry::upgrade(&sub_weak).is_none() {
+                    return;
+                }
+                if let Err(e) = sub.listen(&sub_weak, &notify_tx).await {
+                    tracing::debug!(error = %e, "fleet: subscription lost; re-subscribing");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut init = Some(init);
+            let mut tick = tokio::time::interval(self.poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Some(()) = notify_rx.recv() => {}
+                }
+                let Some(registry) = CacheRegistry::upgrade(&weak) else {
+                    return;
+                };
+                match self.sync(&registry, init.as_ref()).await {
+                    Ok(()) => init = None,
+                    Err(e) => self.failed(&e),
+                }
+            }
+        });
+    }
+
+    async fn listen(
+        &self,
+        weak: &crate::registry::WeakRegistry,
+        notify: &tokio::sync::mpsc::Sender<()>,
+    ) -> Result<()> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(&self.key).await?;
+        // A change made while unsubscribed is picked up by this read.
+        let _ = notify.try_send(());
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = stream.next().await {
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            match serde_json::from_str::<Message>(&payload) {
+                Ok(Message::Changed { .. }) => {
+                    let _ = notify.try_send(());
+                }
+                Ok(Message::Rollback {
+                    from,
+                    key_pattern,
+                    reason,
+                    cooldown_secs,
+                }) if from != self.instance => {
+                    if let Some(registry) = CacheRegistry::upgrade(weak) {
+                        registry.remote_rollback(
+                            &key_pattern,
+                            &reason,
+                            Duration::from_secs(cooldown_secs),
+                            &from,
+                        );
+                    }
+                }
+                Ok(Message::Rollback { .. }) => {}
+                Err(e) => tracing::debug!(error = %e, "fleet: unknown message ignored"),
+            }
+        }
+        Err(Error::Fleet("subscription closed".into()))
+    }
+}
