@@ -15,7 +15,6 @@
 //!
 //! See `docs/scaling.md` for the failure modes and the measured convergence times.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,15 +55,19 @@ impl Default for FleetOptions {
 /// The stored document: a policy, its version, and who wrote it, signed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetState {
-    /// Increases by one with every write; instances apply only a higher version than the one they run.
+    /// Random, chosen when the state is first stored (or stored again after the key was lost): instances apply a
+    /// state of another epoch whatever its version.
+    pub epoch: String,
+    /// Increases by one with every write; within an epoch, instances apply only a higher version than they run.
     pub version: u64,
     /// The whole runtime policy.
     pub policy: Policy,
     /// RFC 3339 time of the write.
     pub updated_at: String,
-    /// Who wrote it: `cli`, `api`, or `init` (the first instance, from its configuration).
+    /// Who wrote it: `cli`, `api`, `init` (the first instance, from its configuration) or `restore` (a running
+    /// instance that found the key gone stored the policy it runs).
     pub source: String,
-    /// Hex HMAC-SHA256 of the other fields (their JSON, in this order), keyed by the admin token.
+    /// Hex HMAC-SHA256, keyed by the admin token, of the key and the other fields (their JSON, in this order).
     pub signature: String,
 }
 
@@ -75,6 +78,8 @@ pub struct FleetStatus {
     pub key: String,
     /// The version this instance runs (0: none applied yet).
     pub version: u64,
+    /// The epoch of that version.
+    pub epoch: String,
     /// RFC 3339 time of the last successful read.
     pub last_read: Option<String>,
     /// The last failure (Redis unreachable, a document that does not verify), cleared by a good read.
@@ -89,24 +94,46 @@ pub struct FleetStatus {
 enum Message {
     /// A new version was stored: re-read it.
     Changed { version: u64 },
-    /// A breaker tripped on instance `from`: open it here too.
+    /// A breaker tripped on instance `from` at `at_ms` (Unix milliseconds): open it here too.
     Rollback {
         from: String,
         key_pattern: String,
         reason: String,
-        cooldown_secs: u64,
+        at_ms: u64,
     },
 }
 
+/// What goes on the channel: a message and its HMAC (key and message JSON, keyed by the admin token), so that
+/// someone who can PUBLISH but has no token cannot open breakers.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    msg: Message,
+    sig: String,
+}
+
+/// A rollback message older than this (or this far in the future) is ignored: a replayed one does nothing.
+const ROLLBACK_MAX_AGE_MS: u64 = 60_000;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Compare-and-set: store ARGV[2] only if the stored version is ARGV[1] (0: no document yet), then publish ARGV[3].
+/// Returns `{1, version}` when stored, `{0, version}` when not (-1: a stored value that is not a fleet state).
 const CAS: &str = r"
 local cur = redis.call('GET', KEYS[1])
 local v = 0
-if cur then v = cjson.decode(cur).version end
-if v ~= tonumber(ARGV[1]) then return v end
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and tonumber(doc.version) then v = tonumber(doc.version) else v = -1 end
+end
+if v ~= tonumber(ARGV[1]) then return {0, v} end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[3])
-return -1
+return {1, v}
 ";
 
 /// The fleet state of one service in one Redis.
@@ -117,7 +144,8 @@ pub struct Fleet {
     secret: String,
     poll: Duration,
     instance: String,
-    applied: AtomicU64,
+    /// The version and epoch running here (also in `status`, for readers).
+    applied: Mutex<(u64, String)>,
     status: Mutex<FleetStatus>,
     /// One read-and-apply at a time, so an older read can never be applied after a newer one.
     syncing: tokio::sync::Mutex<()>,
@@ -153,6 +181,16 @@ impl Fleet {
                 "must be at least 100",
             ));
         }
+        if opts.key.starts_with(&redis.key_prefix) {
+            return Err(Error::config(
+                "cache.fleet.key",
+                &opts.key,
+                format!(
+                    "must not start with cache.redis.key_prefix ({:?}): flushing the cache would delete it",
+                    redis.key_prefix
+                ),
+            ));
+        }
         if secret.len() < 16 {
             return Err(Error::config(
                 "admin_token",
@@ -171,7 +209,7 @@ impl Fleet {
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
                 std::process::id()
             ),
-            applied: AtomicU64::new(0),
+            applied: Mutex::new((0, String::new())),
             status: Mutex::new(FleetStatus {
                 key: opts.key.clone(),
                 ..FleetStatus::default()
@@ -193,12 +231,25 @@ impl Fleet {
         Ok(c.clone())
     }
 
-    fn sign(&self, version: u64, policy: &Policy, updated_at: &str, source: &str) -> String {
-        // The signed bytes: the unsigned fields' JSON, in a fixed order (a BTreeMap inside, so deterministic).
-        let body = serde_json::to_vec(&(version, policy, updated_at, source)).unwrap_or_default();
+    fn sign(
+        &self,
+        epoch: &str,
+        version: u64,
+        policy: &Policy,
+        updated_at: &str,
+        source: &str,
+    ) -> String {
+        // The signed bytes: the key, then the unsigned fields' JSON in a fixed order (a BTreeMap inside, so
+        // deterministic). The key is in, so a state cannot be copied to another service sharing the token.
+        let body = serde_json::to_vec(&(&self.key, epoch, version, policy, updated_at, source))
+            .unwrap_or_default();
+        self.mac(&body)
+    }
+
+    fn mac(&self, body: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.as_bytes())
             .expect("HMAC takes any key length");
-        mac.update(&body);
+        mac.update(body);
         mac.finalize()
             .into_bytes()
             .iter()
@@ -208,7 +259,7 @@ impl Fleet {
 
     fn verify(&self, s: &FleetState) -> bool {
         use subtle::ConstantTimeEq;
-        let expected = self.sign(s.version, &s.policy, &s.updated_at, &s.source);
+        let expected = self.sign(&s.epoch, s.version, &s.policy, &s.updated_at, &s.source);
         expected.as_bytes().ct_eq(s.signature.as_bytes()).into()
     }
 
@@ -253,11 +304,11 @@ impl Fleet {
         source: &str,
     ) -> Result<FleetState> {
         for _ in 0..16 {
-            let (version, policy) = match self.read().await? {
-                Some(s) => (s.version, s.policy.merged(update)?),
-                None => (0, base.merged(update)?),
+            let (after, epoch, policy) = match self.read().await? {
+                Some(s) => (s.version, s.epoch, s.policy.merged(update)?),
+                None => (0, new_epoch(), base.merged(update)?),
             };
-            if let Some(state) = self.store(version, policy, source).await? {
+            if let Some(state) = self.store(after, &epoch, policy, source).await? {
                 return Ok(state);
             }
             // Another writer stored a version in between: merge into that one instead.
@@ -267,46 +318,62 @@ impl Fleet {
         ))
     }
 
-    /// Stores `policy` as version `after + 1` if the stored version is still `after` (0: nothing stored), and
-    /// publishes the change; `None` if another writer came first.
-    async fn store(&self, after: u64, policy: Policy, source: &str) -> Result<Option<FleetState>> {
+    /// Stores `policy` as version `after + 1` of `epoch` if the stored version is still `after` (0: nothing
+    /// stored), and publishes the change; `None` if another writer came first.
+    async fn store(
+        &self,
+        after: u64,
+        epoch: &str,
+        policy: Policy,
+        source: &str,
+    ) -> Result<Option<FleetState>> {
         let version = after + 1;
         let updated_at = now_rfc3339();
         let state = FleetState {
+            epoch: epoch.to_string(),
             version,
-            signature: self.sign(version, &policy, &updated_at, source),
+            signature: self.sign(epoch, version, &policy, &updated_at, source),
             policy,
             updated_at,
             source: source.to_string(),
         };
         let doc = serde_json::to_string(&state).map_err(|e| Error::Fleet(e.to_string()))?;
-        let msg = serde_json::to_string(&Message::Changed { version })
-            .map_err(|e| Error::Fleet(e.to_string()))?;
+        let msg = self.envelope(Message::Changed { version })?;
         let mut c = self.conn().await?;
-        let r: i64 = redis::Script::new(CAS)
+        let (stored, _): (i64, i64) = redis::Script::new(CAS)
             .key(&self.key)
             .arg(after)
             .arg(doc)
             .arg(msg)
             .invoke_async(&mut c)
             .await?;
-        Ok((r == -1).then_some(state))
+        Ok((stored == 1).then_some(state))
+    }
+
+    fn envelope(&self, msg: Message) -> Result<String> {
+        let body =
+            serde_json::to_vec(&(&self.key, &msg)).map_err(|e| Error::Fleet(e.to_string()))?;
+        let sig = self.mac(&body);
+        serde_json::to_string(&Envelope { msg, sig }).map_err(|e| Error::Fleet(e.to_string()))
+    }
+
+    /// The message of a published envelope, if its signature verifies.
+    fn open(&self, payload: &str) -> Option<Message> {
+        use subtle::ConstantTimeEq;
+        let env: Envelope = serde_json::from_str(payload).ok()?;
+        let body = serde_json::to_vec(&(&self.key, &env.msg)).ok()?;
+        let ok: bool = self.mac(&body).as_bytes().ct_eq(env.sig.as_bytes()).into();
+        ok.then_some(env.msg)
     }
 
     /// Publishes a rollback decided on this instance.
-    async fn publish_rollback(
-        &self,
-        key_pattern: &str,
-        reason: &str,
-        cooldown_secs: u64,
-    ) -> Result<()> {
-        let msg = serde_json::to_string(&Message::Rollback {
+    async fn publish_rollback(&self, key_pattern: &str, reason: &str) -> Result<()> {
+        let msg = self.envelope(Message::Rollback {
             from: self.instance.clone(),
             key_pattern: key_pattern.to_string(),
             reason: reason.to_string(),
-            cooldown_secs,
-        })
-        .map_err(|e| Error::Fleet(e.to_string()))?;
+            at_ms: unix_ms(),
+        })?;
         let mut c = self.conn().await?;
         let _: i64 = redis::cmd("PUBLISH")
             .arg(&self.key)
@@ -331,7 +398,7 @@ impl Fleet {
         s.error = Some(e.to_string());
         drop(s);
         if first {
-            tracing::warn!(key = %self.key, error = %e, "fleet: cannot read the fleet state; running on the last good one");
+            tracing::warn!(key = %self.key, error = %e, "fleet: cannot follow the fleet state; running on the last good one");
         }
     }
 
@@ -344,27 +411,32 @@ impl Fleet {
         self.sync(registry, None).await
     }
 
-    /// Installs the stored state again whatever version runs (after a SIGHUP reload put the files' policy in its
-    /// place). If the state cannot be read now, the next successful read installs it.
-    ///
-    /// # Errors
-    /// As [`read`](Self::read); a policy the registry refuses.
-    pub async fn reapply(&self, registry: &CacheRegistry) -> Result<()> {
-        self.applied.store(0, Ordering::Release);
-        self.sync(registry, None).await
-    }
-
-    /// Reads the state and applies it when it is newer than the one running. `init`: the policy to store as
-    /// version 1 when the key is empty (the first instance's configuration).
+    /// Reads the state and applies it when it is of another epoch or a higher version than the one running.
+    /// `init`: the policy to store when the key is empty and this instance runs no fleet state yet (its
+    /// configuration). A running instance that finds the key gone (a Redis restarted without persistence, a flush)
+    /// stores the policy it runs as a new epoch, so the fleet goes on with what it ran.
     async fn sync(&self, registry: &CacheRegistry, init: Option<&Policy>) -> Result<()> {
         let _one = self.syncing.lock().await;
+        let running = self
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let state = match self.read().await? {
             Some(s) => s,
             None => {
-                let Some(p) = init else { return Ok(()) };
-                p.validate()?;
-                // Several instances starting together: one stores its configuration, the others run that one.
-                match self.store(0, p.clone(), "init").await? {
+                let (policy, source) = if running.0 > 0 {
+                    tracing::warn!(key = %self.key, version = running.0, "fleet: the fleet state is gone; storing the running policy again");
+                    (registry.policy(), "restore")
+                } else {
+                    match init {
+                        Some(p) => (p.clone(), "init"),
+                        None => return Ok(()),
+                    }
+                };
+                policy.validate()?;
+                // Several instances at once: one stores, the others run what it stored.
+                match self.store(0, &new_epoch(), policy, source).await? {
                     Some(s) => s,
                     None => match self.read().await? {
                         Some(s) => s,
@@ -380,51 +452,53 @@ impl Fleet {
             }
             s.last_read = Some(now_rfc3339());
         }
-        if state.version > self.applied.load(Ordering::Acquire) {
+        if state.epoch != running.1 || state.version > running.0 {
             registry
                 .apply_fleet_policy(state.policy.clone(), state.version)
                 .await?;
-            self.applied.store(state.version, Ordering::Release);
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .version = state.version;
+            *self.applied.lock().unwrap_or_else(PoisonError::into_inner) =
+                (state.version, state.epoch.clone());
+            let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            s.version = state.version;
+            s.epoch = state.epoch;
+            drop(s);
             registry.metrics().set_fleet_version(state.version);
         }
         Ok(())
     }
 
-    /// Follows the state for `registry` until the registry is dropped: applies it now (storing `init` as version 1
-    /// if the key is empty), then on every notification and every poll period. Rollbacks of this instance are
-    /// published; those of other instances open the same breaker here.
+    /// Follows the state for `registry` until the registry is dropped: applies it now (storing `init` if the key
+    /// is empty), then on every notification and every poll period. Rollbacks of this instance are published;
+    /// those of other instances open the same breaker here.
     pub fn spawn(self: Arc<Self>, registry: CacheRegistry, init: Policy) {
         let weak = registry.downgrade();
         let fleet = Arc::clone(&self);
-        registry.on_rollback(Arc::new(move |pattern: &str, reason: &str, cooldown: Duration| {
-            let (fleet, pattern, reason) = (Arc::clone(&fleet), pattern.to_string(), reason.to_string());
-            tokio::spawn(async move {
-                if let Err(e) = fleet
-                    .publish_rollback(&pattern, &reason, cooldown.as_secs())
-                    .await
-                {
-                    tracing::warn!(key_pattern = %pattern, error = %e, "fleet: rollback not published");
-                }
-            });
-        }));
+        registry.on_rollback(Arc::new(
+            move |pattern: &str, reason: &str, _cooldown: Duration| {
+                let (fleet, pattern, reason) =
+                    (Arc::clone(&fleet), pattern.to_string(), reason.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.publish_rollback(&pattern, &reason).await {
+                        tracing::warn!(key_pattern = %pattern, error = %e, "fleet: rollback not published");
+                    }
+                });
+            },
+        ));
         drop(registry);
-        // Notifications: a dedicated connection, re-subscribed after any failure.
+        // Notifications: a dedicated connection, re-subscribed after any failure and after a quiet minute (a
+        // connection that died silently would otherwise never deliver again).
         let (notify_tx, mut notify_rx) = tokio::sync::mpsc::channel::<()>(16);
         let sub = Arc::clone(&self);
         let sub_weak = weak.clone();
         tokio::spawn(async move {
-            loop {
-                if CacheRegistry::upgrade(&sub_weak).is_none() {
-                    return;
+            while !notify_tx.is_closed() {
+                match sub.listen(&sub_weak, &notify_tx).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fleet: subscription lost; re-subscribing")
+                    }
                 }
-                if let Err(e) = sub.listen(&sub_weak, &notify_tx).await {
-                    tracing::debug!(error = %e, "fleet: subscription lost; re-subscribing");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
         tokio::spawn(async move {
@@ -436,6 +510,7 @@ impl Fleet {
                     _ = tick.tick() => {}
                     Some(()) = notify_rx.recv() => {}
                 }
+                // The registry gone: stop, which also closes the channel and stops the subscriber.
                 let Some(registry) = CacheRegistry::upgrade(&weak) else {
                     return;
                 };
@@ -447,6 +522,7 @@ impl Fleet {
         });
     }
 
+    /// One subscription: until it fails, goes quiet for a minute (`Ok`: re-subscribe), or nobody listens.
     async fn listen(
         &self,
         weak: &crate::registry::WeakRegistry,
@@ -457,33 +533,46 @@ impl Fleet {
         // A change made while unsubscribed is picked up by this read.
         let _ = notify.try_send(());
         let mut stream = pubsub.on_message();
-        while let Some(msg) = stream.next().await {
+        loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                () = tokio::time::sleep(Duration::from_secs(60)) => return Ok(()),
+                () = notify.closed() => return Ok(()),
+            };
+            let Some(msg) = msg else {
+                return Err(Error::Fleet("subscription closed".into()));
+            };
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
-            match serde_json::from_str::<Message>(&payload) {
-                Ok(Message::Changed { .. }) => {
+            match self.open(&payload) {
+                Some(Message::Changed { .. }) => {
                     let _ = notify.try_send(());
                 }
-                Ok(Message::Rollback {
+                Some(Message::Rollback {
                     from,
                     key_pattern,
                     reason,
-                    cooldown_secs,
-                }) if from != self.instance => {
+                    at_ms,
+                }) if from != self.instance && unix_ms().abs_diff(at_ms) <= ROLLBACK_MAX_AGE_MS => {
                     if let Some(registry) = CacheRegistry::upgrade(weak) {
-                        registry.remote_rollback(
-                            &key_pattern,
-                            &reason,
-                            Duration::from_secs(cooldown_secs),
-                            &from,
-                        );
+                        registry.remote_rollback(&key_pattern, &reason, &from);
                     }
                 }
-                Ok(Message::Rollback { .. }) => {}
-                Err(e) => tracing::debug!(error = %e, "fleet: unknown message ignored"),
+                Some(Message::Rollback { .. }) => {}
+                None => {
+                    tracing::warn!(key = %self.key, "fleet: a message not signed with this admin token was ignored")
+                }
             }
         }
-        Err(Error::Fleet("subscription closed".into()))
     }
+}
+
+/// A fresh random epoch (16 hex digits from the OS's random source, through std's hasher seeds).
+fn new_epoch() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_ms());
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }

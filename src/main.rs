@@ -259,15 +259,16 @@ fn spawn_sighup_reload(
                             "SIGHUP: this setting changed but only takes effect after a restart"
                         );
                     }
-                    if let Err(e) = registry.reload(s.policy(), s.redis_options()).await {
+                    // Under a fleet state the files' policy does not win: the running (fleet) policy stays, and
+                    // only the Redis options and the token are re-read.
+                    let policy = if fleet.is_some() {
+                        registry.policy()
+                    } else {
+                        s.policy()
+                    };
+                    if let Err(e) = registry.reload(policy, s.redis_options()).await {
                         tracing::error!(error = %e, "SIGHUP: reload refused, previous state kept");
                         continue;
-                    }
-                    // Under a fleet state the files' policy does not win: the stored one is installed again.
-                    if let Some(f) = &fleet {
-                        if let Err(e) = f.reapply(&registry).await {
-                            tracing::warn!(error = %e, "SIGHUP: fleet state not re-applied; the next read will");
-                        }
                     }
                     if s.admin_token != current.admin_token {
                         admin_token.set(s.admin_token.clone());

@@ -552,6 +552,9 @@ enum Change {
     Replace(Policy, Option<RedisOptions>),
     /// The start-up policy again, unless someone switched since `if_version`.
     Retry(Policy, u64),
+    /// A whole policy from the fleet state: like `Replace`, but only the breakers of patterns whose settings
+    /// changed are closed (a change to one pattern must not put every rolled-back pattern back to serving).
+    Fleet(Policy),
 }
 
 struct Inner {
@@ -1144,10 +1147,17 @@ impl CacheRegistry {
     }
 
     /// Another instance rolled `pattern` back (`reason`, one of `cache_rollback_total`'s reasons): open this
-    /// instance's breaker for it too, for `cooldown`, after which it probes on its own traffic. Not counted in
+    /// instance's breaker for it too, for this instance's own `cooldown_secs`, after which it probes on its own
+    /// traffic; nothing happens while rollback is off here or the pattern's breaker is open or probing. Not counted in
     /// `cache_rollback_total` (the deciding instance counted it); logged at WARN and kept in the swap history. A
     /// pattern this instance has not seen yet, or whose breaker is open already, is left alone.
-    pub fn remote_rollback(&self, pattern: &str, reason: &str, cooldown: Duration, from: &str) {
+    pub fn remote_rollback(&self, pattern: &str, reason: &str, from: &str) {
+        let rules = self.inner.state.load().policy.rollback.clone();
+        if !rules.enabled || self.breakers().contains_key(pattern) {
+            // Rollback off here, or this instance's own breaker for the pattern is open or probing already.
+            return;
+        }
+        let cooldown = Duration::from_secs(rules.cooldown_secs);
         let Some(reason) = Reason::ALL.into_iter().find(|r| r.as_str() == reason) else {
             tracing::debug!(
                 key_pattern = pattern,
@@ -1171,13 +1181,14 @@ impl CacheRegistry {
         }
     }
 
-    /// Installs a whole policy read from the fleet state (source `fleet`, reason `fleet version N`).
+    /// Installs a whole policy read from the fleet state (source `fleet`, reason `fleet version N`). Breakers stay
+    /// open but for those of patterns whose settings changed.
     ///
     /// # Errors
     /// As [`switch`](Self::switch); the previous state stays.
     pub async fn apply_fleet_policy(&self, policy: Policy, version: u64) -> Result<()> {
         self.install_why(
-            Change::Replace(policy, None),
+            Change::Fleet(policy),
             "fleet",
             Some(format!("fleet version {version}")),
         )
@@ -2253,6 +2264,15 @@ impl CacheRegistry {
             ),
             Change::Replace(..) => None,
             Change::Retry(..) => Some(Vec::new()),
+            Change::Fleet(p) => Some(
+                cur.policy
+                    .patterns
+                    .keys()
+                    .chain(p.patterns.keys())
+                    .filter(|k| cur.policy.patterns.get(*k) != p.patterns.get(*k))
+                    .cloned()
+                    .collect(),
+            ),
         };
         let (policy, redis) = match change {
             Change::Update(u) => (cur.policy.merged(&u)?, cur.redis.clone()),
@@ -2264,6 +2284,10 @@ impl CacheRegistry {
                 if cur.version != since {
                     return Ok(()); // someone switched since start-up: their choice wins
                 }
+                (p, cur.redis.clone())
+            }
+            Change::Fleet(p) => {
+                p.validate()?;
                 (p, cur.redis.clone())
             }
         };

@@ -7,15 +7,19 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::{command, metric, repo, RedisServer, Service, TOKEN};
 
-fn fleet_env(url: &str) -> Vec<(&'static str, String)> {
+/// The environment of a fleet instance; `poll_ms`: the re-read period.
+fn fleet_env(url: &str, poll_ms: u64) -> Vec<(&'static str, String)> {
     vec![
         ("FEATURE_CACHE", "true".into()),
         ("CACHE_IMPL", "null".into()),
         ("REDIS_URL", url.to_string()),
         ("CACHE_ADMIN_TOKEN", TOKEN.into()),
         ("CACHE_ROLLOUT_CACHE__FLEET__ENABLED", "true".into()),
+        ("CACHE_ROLLOUT_CACHE__FLEET__POLL_MS", poll_ms.to_string()),
     ]
 }
+
+const KEY: &str = "cache-rollout:fleet";
 
 fn start(env: &[(&'static str, String)]) -> Service {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -42,7 +46,8 @@ fn counter(svc: &Service, series: &str) -> f64 {
 #[test]
 fn three_instances_follow_one_state_and_see_each_others_invalidations() {
     let redis = RedisServer::start();
-    let env = fleet_env(&redis.url());
+    // A 5 s re-read: a change that reaches every instance within a second came by its notification.
+    let env = fleet_env(&redis.url(), 5000);
     let fleet: Vec<Service> = (0..3).map(|_| start(&env)).collect();
     // The first instance stores its configuration as version 1; all three run it.
     converge(&fleet, "fleet version 1", |s| s["fleet"]["version"] == 1);
@@ -59,7 +64,7 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
     });
     let flip = t0.elapsed();
     eprintln!("PUT on one instance → all three serving: {flip:?}");
-    assert!(flip < Duration::from_secs(10), "{flip:?}");
+    assert!(flip < Duration::from_secs(1), "{flip:?}");
 
     // user:5 is cached in the shared Redis and every instance has read that copy. Then the write on instance 0
     // invalidates it: instance 0 reloads and fills the new value, and the other two (whose own origins, separate
@@ -78,7 +83,20 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
         )
         .expect("PUT /users/5");
     assert_eq!(s, 200, "{text}");
-    for svc in &fleet {
+    assert_eq!(fleet[0].get("/users/5").1["name"], "Renamed");
+    // The fill may finish just after instance 0 answered: wait for it, or the others would load from their own
+    // origins.
+    let mut conn = redis.conn();
+    fleet[0].wait_for(
+        || {
+            redis::cmd("EXISTS")
+                .arg("cr:user:5")
+                .query::<i64>(&mut conn)
+                .is_ok_and(|n| n == 1)
+        },
+        "the refill of user:5",
+    );
+    for svc in &fleet[1..] {
         assert_eq!(svc.get("/users/5").1["name"], "Renamed");
     }
     assert_eq!(
@@ -133,7 +151,7 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
 #[test]
 fn a_forged_state_is_refused_and_an_unreachable_redis_keeps_the_last_good_state() {
     let redis = RedisServer::start();
-    let env = fleet_env(&redis.url());
+    let env = fleet_env(&redis.url(), 1000);
     let svc = start(&env);
     converge(std::slice::from_ref(&svc), "fleet version 1", |s| {
         s["fleet"]["version"] == 1
@@ -143,14 +161,14 @@ fn a_forged_state_is_refused_and_an_unreachable_redis_keeps_the_last_good_state(
     // Someone with Redis access but not the token writes a higher version: refused, reported, not applied.
     let mut conn = redis.conn();
     let raw: String = redis::cmd("GET")
-        .arg("cache-rollout:fleet")
+        .arg(KEY)
         .query(&mut conn)
         .expect("the stored state");
     let mut forged: Value = serde_json::from_str(&raw).expect("JSON");
     forged["version"] = json!(99);
     forged["policy"]["impl"] = json!("null");
     let _: () = redis::cmd("SET")
-        .arg("cache-rollout:fleet")
+        .arg(KEY)
         .arg(forged.to_string())
         .query(&mut conn)
         .expect("SET");
@@ -185,11 +203,18 @@ fn a_forged_state_is_refused_and_an_unreachable_redis_keeps_the_last_good_state(
     assert!(state(&svc)["fleet"]["failures"].as_u64().unwrap_or(0) >= 1);
 }
 
-/// Signs a state as the service does: HMAC-SHA256, keyed by the admin token, of the JSON of
-/// `(version, policy, updated_at, source)`.
-fn sign(version: u64, policy: &cache_rollout::Policy, updated_at: &str, source: &str) -> String {
+/// Signs a state as the service does (written out again here, to pin the format): HMAC-SHA256, keyed by the admin
+/// token, of the JSON of `(key, epoch, version, policy, updated_at, source)`.
+fn sign(
+    epoch: &str,
+    version: u64,
+    policy: &cache_rollout::Policy,
+    updated_at: &str,
+    source: &str,
+) -> String {
     use hmac::Mac;
-    let body = serde_json::to_vec(&(version, policy, updated_at, source)).expect("JSON");
+    let body =
+        serde_json::to_vec(&(KEY, epoch, version, policy, updated_at, source)).expect("JSON");
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(TOKEN.as_bytes()).expect("key");
     mac.update(&body);
     mac.finalize()
@@ -202,13 +227,13 @@ fn sign(version: u64, policy: &cache_rollout::Policy, updated_at: &str, source: 
 #[test]
 fn a_change_whose_notification_is_lost_is_applied_by_the_next_read() {
     let redis = RedisServer::start();
-    let env = fleet_env(&redis.url());
+    let env = fleet_env(&redis.url(), 1000);
     let fleet: Vec<Service> = (0..2).map(|_| start(&env)).collect();
     converge(&fleet, "fleet version 1", |s| s["fleet"]["version"] == 1);
     // A valid version 2, stored without the PUBLISH that normally goes with it.
     let mut conn = redis.conn();
     let raw: String = redis::cmd("GET")
-        .arg("cache-rollout:fleet")
+        .arg(KEY)
         .query(&mut conn)
         .expect("the stored state");
     let doc: Value = serde_json::from_str(&raw).expect("JSON");
@@ -217,16 +242,18 @@ fn a_change_whose_notification_is_lost_is_applied_by_the_next_read() {
     policy.imp = cache_rollout::cache::CacheImpl::Memory;
     policy.whitelist = vec!["project".into()];
     let at = "2026-01-01T00:00:00Z";
+    let epoch = doc["epoch"].as_str().expect("epoch").to_string();
     let next = json!({
+        "epoch": epoch,
         "version": 2,
         "policy": policy,
         "updated_at": at,
         "source": "test",
-        "signature": sign(2, &policy, at, "test"),
+        "signature": sign(&epoch, 2, &policy, at, "test"),
     });
     let t0 = Instant::now();
     let _: () = redis::cmd("SET")
-        .arg("cache-rollout:fleet")
+        .arg(KEY)
         .arg(next.to_string())
         .query(&mut conn)
         .expect("SET");
@@ -238,28 +265,43 @@ fn a_change_whose_notification_is_lost_is_applied_by_the_next_read() {
         t0.elapsed().max(took)
     );
 
-    // A SIGHUP re-reads the files (impl null), but under a fleet state the stored policy is installed again.
+    // A SIGHUP re-reads the files (impl null there), but under a fleet state the running policy stays.
     fleet[0].signal("-HUP");
     fleet[0].wait_for(
         || {
-            let s = state(&fleet[0]);
-            let sources: Vec<&str> = s["swaps"]
+            state(&fleet[0])["swaps"]
                 .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| w["source"].as_str())
-                .collect();
-            sources.ends_with(&["sighup", "fleet"])
+                .and_then(|w| w.last())
+                .is_some_and(|w| w["source"] == "sighup")
         },
-        "the SIGHUP reload, then the fleet state again",
+        "the SIGHUP reload",
     );
     assert_eq!(state(&fleet[0])["impl"], "memory");
+
+    // The key lost (a Redis restarted without persistence, a flush): the instances store what they run again, as
+    // a new epoch, and a change made after that reaches both.
+    let _: i64 = redis::cmd("DEL").arg(KEY).query(&mut conn).expect("DEL");
+    converge(&fleet, "the state stored again", |s| {
+        s["fleet"]["version"] == 1 && s["fleet"]["epoch"] != epoch.as_str() && s["impl"] == "memory"
+    });
+    let restored: Value = serde_json::from_str(
+        &redis::cmd("GET")
+            .arg(KEY)
+            .query::<String>(&mut conn)
+            .expect("the restored state"),
+    )
+    .expect("JSON");
+    assert_eq!(restored["source"], "restore");
+    fleet[1].put_config(json!({"whitelist": ["project", "user"]}));
+    converge(&fleet, "a change after the restore", |s| {
+        s["whitelist"] == json!(["project", "user"]) && s["fleet"]["version"] == 2
+    });
 }
 
 #[test]
 fn a_rollback_on_one_instance_opens_the_breaker_on_the_others() {
     let redis = RedisServer::start();
-    let env = fleet_env(&redis.url());
+    let env = fleet_env(&redis.url(), 1000);
     let fleet: Vec<Service> = (0..2).map(|_| start(&env)).collect();
     converge(&fleet, "fleet version 1", |s| s["fleet"]["version"] == 1);
     fleet[0].put_config(json!({
@@ -272,6 +314,25 @@ fn a_rollback_on_one_instance_opens_the_breaker_on_the_others() {
     });
     // Instance 1 has seen the pattern, but gets no traffic during the fault.
     assert_eq!(fleet[1].get("/users/1").0, 200);
+    // A rollback message without the token's signature does nothing.
+    let mut conn = redis.conn();
+    let forged = json!({"msg": {"kind": "rollback", "from": "x", "key_pattern": "user",
+        "reason": "error_rate", "at_ms": 0}, "sig": "00"});
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(KEY)
+        .arg(forged.to_string())
+        .query(&mut conn)
+        .expect("PUBLISH");
+    drop(conn);
+    fleet[1].wait_for(
+        || {
+            fleet[1]
+                .log()
+                .contains("not signed with this admin token was ignored")
+        },
+        "the forged message to be ignored",
+    );
+    assert!(state(&fleet[1])["routes"]["user"]["breaker"].is_null());
     redis.pause();
     let t0 = Instant::now();
     let mut i = 0u64;
@@ -298,17 +359,37 @@ fn a_rollback_on_one_instance_opens_the_breaker_on_the_others() {
         "{}",
         fleet[1].log()
     );
+    // A fleet change to another pattern leaves both breakers open (only a change to the pattern closes it).
+    fleet[1].put_config(json!({"patterns": {"project": {"ttl_secs": 120}}}));
+    converge(&fleet, "the unrelated change", |s| {
+        s["fleet"]["version"] == 3
+    });
+    for svc in &fleet {
+        assert_eq!(state(svc)["routes"]["user"]["breaker"]["state"], "open");
+    }
 }
 
 #[test]
 fn the_fleet_state_needs_an_admin_token_to_sign_it() {
-    let out = command()
+    let mut child = command()
         .args(["serve", "--config-dir"])
         .arg(repo().join("config"))
         .env("CACHE_ROLLOUT_CACHE__FLEET__ENABLED", "true")
         .env("BIND_ADDR", "127.0.0.1:0")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("cache-rollout serve");
+    // It must refuse to start; were it to run, the test stops it rather than hang.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cache-rollout serve started without an admin token");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

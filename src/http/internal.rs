@@ -183,7 +183,18 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
     let applied = match &state.fleet {
         // Stored for every instance, then applied here at once (the others follow within their poll period).
         Some(f) => match f.write(&state.registry.policy(), &update, "api").await {
-            Ok(_) => f.apply_now(&state.registry).await,
+            Ok(stored) => match f.apply_now(&state.registry).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "stored as fleet version {} (every instance will try it), but this instance refused it: {e}",
+                            stored.version
+                        ),
+                    )
+                }
+            },
             Err(e) => Err(e),
         },
         None => state.registry.switch_from(&update, "api").await.map(|_| ()),
