@@ -6,12 +6,13 @@
 //!   `PUBLISH`es the new version on the key's channel. A concurrent writer's change is never lost: the loser retries
 //!   on the new version.
 //! - **Follow**: [`Fleet::spawn`] subscribes to the channel and re-reads the key every `poll` (1 s by default), so a
-//!   missed message is caught by the next read. A document with a higher version and a valid signature is applied
-//!   to the registry as a whole new policy (source `fleet`); one that does not verify is refused and logged.
+//!   missed message is caught by the next read. A document of another epoch or a higher version, with a valid
+//!   signature, is applied to the registry as a whole new policy (source `fleet`); one that does not verify is
+//!   refused and logged.
 //! - **Redis unreachable**: the instance keeps running on its last good state; the failure is logged and counted,
 //!   and the next successful read catches up.
 //! - **Rollbacks**: a breaker that trips on one instance is published on the channel; every other instance opens its
-//!   own breaker for that pattern (same rule, same cool-down) and probes its way back on its own traffic.
+//!   own breaker for that pattern (its own cool-down) and probes its way back on its own traffic.
 //!
 //! See `docs/scaling.md` for the failure modes and the measured convergence times.
 
@@ -144,8 +145,6 @@ pub struct Fleet {
     secret: String,
     poll: Duration,
     instance: String,
-    /// The version and epoch running here (also in `status`, for readers).
-    applied: Mutex<(u64, String)>,
     status: Mutex<FleetStatus>,
     /// One read-and-apply at a time, so an older read can never be applied after a newer one.
     syncing: tokio::sync::Mutex<()>,
@@ -209,7 +208,6 @@ impl Fleet {
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
                 std::process::id()
             ),
-            applied: Mutex::new((0, String::new())),
             status: Mutex::new(FleetStatus {
                 key: opts.key.clone(),
                 ..FleetStatus::default()
@@ -417,11 +415,11 @@ impl Fleet {
     /// stores the policy it runs as a new epoch, so the fleet goes on with what it ran.
     async fn sync(&self, registry: &CacheRegistry, init: Option<&Policy>) -> Result<()> {
         let _one = self.syncing.lock().await;
-        let running = self
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        // (version, epoch) running here; only this function changes them, under `syncing`.
+        let running = {
+            let s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            (s.version, s.epoch.clone())
+        };
         let state = match self.read().await? {
             Some(s) => s,
             None => {
@@ -456,8 +454,6 @@ impl Fleet {
             registry
                 .apply_fleet_policy(state.policy.clone(), state.version)
                 .await?;
-            *self.applied.lock().unwrap_or_else(PoisonError::into_inner) =
-                (state.version, state.epoch.clone());
             let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
             s.version = state.version;
             s.epoch = state.epoch;
@@ -474,7 +470,7 @@ impl Fleet {
         let weak = registry.downgrade();
         let fleet = Arc::clone(&self);
         registry.on_rollback(Arc::new(
-            move |pattern: &str, reason: &str, _cooldown: Duration| {
+            move |pattern: &str, reason: &str| {
                 let (fleet, pattern, reason) =
                     (Arc::clone(&fleet), pattern.to_string(), reason.to_string());
                 tokio::spawn(async move {

@@ -613,8 +613,8 @@ pub struct CacheRegistry {
     inner: Arc<Inner>,
 }
 
-/// A callback told of each rollback a registry decides: `(key_pattern, reason, cool-down)`.
-pub type RollbackHook = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
+/// A callback told of each rollback a registry decides: `(key_pattern, reason)`.
+pub type RollbackHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A [`CacheRegistry`] handle that does not keep it alive ([`CacheRegistry::downgrade`]).
 #[derive(Clone)]
@@ -1132,11 +1132,11 @@ impl CacheRegistry {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(hook) = hook {
-            hook(pattern, reason.as_str(), cooldown);
+            hook(pattern, reason.as_str());
         }
     }
 
-    /// Calls `hook(key_pattern, reason, cool-down)` on every rollback this registry decides (not on those it is
+    /// Calls `hook(key_pattern, reason)` on every rollback this registry decides (not on those it is
     /// told of by [`remote_rollback`](Self::remote_rollback)). One hook; a second call replaces the first.
     pub fn on_rollback(&self, hook: RollbackHook) {
         *self
@@ -1764,7 +1764,8 @@ impl CacheRegistry {
         });
     }
 
-    /// Runs one backend operation of the background or lease paths, observing its duration in
+    /// Runs one backend operation off the read path (writes, invalidations, lease releases, background fills),
+    /// observing its duration in
     /// `cache_operation_duration_seconds{operation}` and counting its failure in `cache_errors_total`, so that
     /// every counted error has its operation counted too (the error ratio's two sides count the same calls).
     async fn timed<T>(
@@ -1937,36 +1938,6 @@ impl CacheRegistry {
         r
     }
 
-    async fn timed_set(
-        &self,
-        backend: &dyn Cache,
-        m: &PatternMetrics,
-        key: &str,
-        bytes: Bytes,
-        ttl: Duration,
-        tags: &[String],
-    ) -> Result<()> {
-        let imp = backend.kind();
-        let clock = &self.inner.clock;
-        let start = clock.raw();
-        let r = backend.set_tagged(key, bytes, Some(ttl), tags).await;
-        self.inner
-            .metrics
-            .op_duration(imp, Operation::Set)
-            .observe_nanos(nanos_since(clock, start));
-        match r {
-            Ok(()) => {
-                m.set(imp);
-                Ok(())
-            }
-            Err(e) => {
-                self.inner.metrics.error(imp, e.error_type());
-                tracing::debug!(key, error = %e, "cache: set failed");
-                Err(e)
-            }
-        }
-    }
-
     /// Stores `value` under `key` with the pattern's TTL. For a pattern that is not served (or with caching
     /// disabled) the write is only counted, and the key is deleted from the active backend so that an older copy
     /// can never be served later.
@@ -2069,8 +2040,12 @@ impl CacheRegistry {
         }
         entry.metrics.value_size.observe(bytes.len() as f64);
         let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
-        self.timed_set(&*state.backend, &entry.metrics, key, bytes, ttl, &tags)
+        let imp = state.backend.kind();
+        let write = state.backend.set_tagged(key, bytes, Some(ttl), &tags);
+        self.timed(imp, Operation::Set, write)
             .await
+            .inspect(|()| entry.metrics.set(imp))
+            .inspect_err(|e| tracing::debug!(key, error = %e, "cache: set failed"))
     }
 
     /// Deletes every entry stored with `tag` ([`get_or_load_tagged`](Self::get_or_load_tagged),
@@ -2092,14 +2067,12 @@ impl CacheRegistry {
         if !state.stores {
             return Ok(0);
         }
-        let clock = &self.inner.clock;
-        let start = clock.raw();
-        let r = state.backend.invalidate_tag(tag).await;
-        self.inner
-            .metrics
-            .op_duration(imp, Operation::InvalidateTag)
-            .observe_nanos(nanos_since(clock, start));
-        r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
+        self.timed(
+            imp,
+            Operation::InvalidateTag,
+            state.backend.invalidate_tag(tag),
+        )
+        .await
     }
 
     /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
@@ -2141,14 +2114,8 @@ impl CacheRegistry {
         if !state.stores {
             return Ok(false); // the NullCache holds nothing
         }
-        let clock = &self.inner.clock;
-        let start = clock.raw();
-        let r = state.backend.delete(key).await;
-        self.inner
-            .metrics
-            .op_duration(imp, Operation::Delete)
-            .observe_nanos(nanos_since(clock, start));
-        r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
+        self.timed(imp, Operation::Delete, state.backend.delete(key))
+            .await
     }
 
     /// Deletes every key of `pattern` from the active backend (Redis: `SCAN` + `UNLINK`) and detaches the
@@ -2191,14 +2158,8 @@ impl CacheRegistry {
                 }
             }
         }
-        let clock = &self.inner.clock;
-        let start = clock.raw();
-        let r = self.delete_pattern_in(&*state.backend, pattern).await;
-        self.inner
-            .metrics
-            .op_duration(imp, Operation::DeletePattern)
-            .observe_nanos(nanos_since(clock, start));
-        r.inspect_err(|e| self.inner.metrics.error(imp, e.error_type()))
+        let delete = self.delete_pattern_in(&*state.backend, pattern);
+        self.timed(imp, Operation::DeletePattern, delete).await
     }
 
     async fn delete_pattern_in(&self, backend: &dyn Cache, pattern: &str) -> Result<u64> {
