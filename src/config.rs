@@ -185,6 +185,10 @@ pub struct RedisSettings {
     /// PEM file of a private CA for `rediss://`; unset trusts the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Replicas (a count) that must acknowledge every write and invalidation before it returns (Redis `WAIT`), so
+    /// that a failover cannot bring back a value an invalidation removed; 0 (the default) does not wait.
+    #[serde(default)]
+    pub wait_replicas: u32,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -195,6 +199,7 @@ impl fmt::Debug for RedisSettings {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("response_timeout_ms", &self.response_timeout_ms)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }
@@ -228,6 +233,7 @@ impl Default for Settings {
                     connect_timeout_ms: 500,
                     response_timeout_ms: 100,
                     tls_ca_file: None,
+                    wait_replicas: 0,
                 },
                 patterns: BTreeMap::new(),
                 read_timeout_ms: Policy::default().read_timeout_ms,
@@ -387,6 +393,7 @@ impl Settings {
             connect_timeout: Duration::from_millis(r.connect_timeout_ms),
             response_timeout: Duration::from_millis(r.response_timeout_ms),
             tls_ca_file: r.tls_ca_file.clone(),
+            wait_replicas: r.wait_replicas,
         }
     }
 

@@ -139,8 +139,10 @@ return {1, v}
 
 /// The fleet state of one service in one Redis.
 pub struct Fleet {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    /// One client per node for the subscription (a cluster delivers a `PUBLISH` on every node), tried in turn.
+    nodes: Vec<redis::Client>,
+    next_node: std::sync::atomic::AtomicUsize,
+    conn: crate::cache::RedisConn,
     key: String,
     secret: String,
     poll: Duration,
@@ -198,8 +200,13 @@ impl Fleet {
             ));
         }
         Ok(Fleet {
-            client: crate::cache::redis_client(redis)?,
-            conn: tokio::sync::OnceCell::new(),
+            nodes: crate::cache::redis_node_clients(redis)?,
+            next_node: std::sync::atomic::AtomicUsize::new(0),
+            conn: crate::cache::RedisConn::lazy(
+                redis,
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+            )?,
             key: opts.key.clone(),
             secret: secret.to_string(),
             poll: Duration::from_millis(opts.poll_ms),
@@ -216,17 +223,8 @@ impl Fleet {
         })
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager> {
-        let c = self
-            .conn
-            .get_or_try_init(|| async {
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)));
-                redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg).await
-            })
-            .await?;
-        Ok(c.clone())
+    async fn conn(&self) -> Result<crate::cache::RedisReady> {
+        Ok(self.conn.ready().await?)
     }
 
     fn sign(
@@ -524,8 +522,22 @@ impl Fleet {
         weak: &crate::registry::WeakRegistry,
         notify: &tokio::sync::mpsc::Sender<()>,
     ) -> Result<()> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.key).await?;
+        let i = self.next_node.load(std::sync::atomic::Ordering::Relaxed) % self.nodes.len();
+        let subscribed = async {
+            let mut pubsub = self.nodes[i].get_async_pubsub().await?;
+            pubsub.subscribe(&self.key).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(p) => p,
+            Err(e) => {
+                // Next time, the next node (a cluster's node may be down; any node delivers every message).
+                self.next_node
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
         // A change made while unsubscribed is picked up by this read.
         let _ = notify.try_send(());
         let mut stream = pubsub.on_message();

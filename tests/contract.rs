@@ -9,7 +9,7 @@ use bytes::Bytes;
 use cache_rollout::cache::{
     Cache, CacheImpl, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
 };
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 
 async fn redis_cache(server: &RedisServer) -> RedisCache {
     RedisCache::connect(RedisOptions {
@@ -21,6 +21,26 @@ async fn redis_cache(server: &RedisServer) -> RedisCache {
     })
     .await
     .expect("connect to the test redis")
+}
+
+async fn cluster_cache(cluster: &RedisCluster) -> RedisCache {
+    let c = RedisCache::connect(RedisOptions {
+        url: cluster.url(),
+        response_timeout: Duration::from_secs(2),
+        ..RedisOptions::default()
+    })
+    .await
+    .expect("connect to the test cluster");
+    assert!(c.is_cluster());
+    c
+}
+
+fn keyslot(raw: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(raw)
+        .expect("CLUSTER KEYSLOT")
 }
 
 /// What a storing backend must do.
@@ -269,6 +289,90 @@ async fn redis_cache_meets_the_contract() {
     storing_contract(&c).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_meets_the_contract() {
+    let cluster = RedisCluster::start();
+    let c = cluster_cache(&cluster).await;
+    storing_contract(&c).await; // leases and tags included
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_keys_spread_over_every_primary_and_pattern_deletion_scans_them_all() {
+    let cluster = RedisCluster::start();
+    let c = cluster_cache(&cluster).await;
+    let mut raw = cluster.nodes[0].conn();
+    // A key, its lease and its generation share the key's own slot (so the lease scripts may run); an
+    // application's hash tag is honoured.
+    for key in ["user:1", "order:77", "{u7}:profile", "}odd{", "a{}b"] {
+        let slot = keyslot(&mut raw, key);
+        assert_eq!(keyslot(&mut raw, &c.redis_key(key)), slot, "{key}");
+        assert_eq!(keyslot(&mut raw, &c.lease_key(key)), slot, "{key}");
+        assert_eq!(keyslot(&mut raw, &c.generation_key(key)), slot, "{key}");
+    }
+    assert_eq!(
+        keyslot(&mut raw, &c.redis_key("{u7}:profile")),
+        keyslot(&mut raw, &c.redis_key("{u7}:orders"))
+    );
+    for i in 0..1500 {
+        c.set(&format!("user:{i}"), Bytes::from_static(b"v"), None)
+            .await
+            .expect("set");
+        c.set(&format!("order:{i}"), Bytes::from_static(b"o"), None)
+            .await
+            .expect("set");
+    }
+    let spread = cluster.keys_per_primary();
+    assert_eq!(spread.len(), 3);
+    for (port, n) in &spread {
+        assert!(*n > 600, "primary {port} holds {n} of 3000 keys: {spread:?}");
+    }
+    // A lease granted before the deletion cannot fill afterwards, whichever slot its key is in.
+    let ttl = Duration::from_secs(60);
+    for (i, key) in ["user:lease", "order:lease"].iter().enumerate() {
+        assert_eq!(
+            c.lease(key, 7 + i as u64, ttl, &[]).await.expect("lease"),
+            Lookup::Lease(7 + i as u64)
+        );
+    }
+    let n = c
+        .delete_matching("user", &|k| k.starts_with("user:"))
+        .await
+        .expect("delete_matching");
+    assert_eq!(
+        n, 1501,
+        "every user key on every primary, and the lease of user:lease"
+    );
+    assert_eq!(c.get("user:42").await.expect("get"), None);
+    assert!(c.get("order:42").await.expect("get").is_some(), "other patterns stay");
+    for (i, key) in ["user:lease", "order:lease"].iter().enumerate() {
+        assert!(
+            !c.set_leased(key, Bytes::from_static(b"old"), ttl, 7 + i as u64, &[])
+                .await
+                .expect("set_leased"),
+            "{key}: a pattern deletion revokes every lease granted before it"
+        );
+    }
+    // A flush removes the rest but never a generation (a lease of generation 0 would be valid again).
+    c.delete_matching("", &|_| true).await.expect("flush");
+    let left: u64 = cluster.keys_per_primary().iter().map(|(_, n)| n).sum();
+    assert_eq!(left, 16_384, "only the 16,384 slot generations remain");
+    let generations: Vec<String> = cluster
+        .primaries()
+        .into_iter()
+        .filter_map(|i| {
+            redis::Cmd::get(c.generation_key("order:42"))
+                .query::<Option<String>>(&mut cluster.nodes[i].conn())
+                .ok()
+                .flatten()
+        })
+        .collect();
+    assert_eq!(
+        generations,
+        ["2"],
+        "held by one primary, moved by both deletions"
+    );
+}
+
 #[tokio::test]
 async fn memory_cache_is_bounded_in_entries_and_bytes() {
     let c = MemoryCache::new(100, 1 << 20);
@@ -348,13 +452,13 @@ async fn redis_pattern_deletion_revokes_every_lease_granted_before_it() {
         .expect("set_leased"));
     let mut raw = server.conn();
     let generation: Option<String> = redis::cmd("GET")
-        .arg(c.generation_key())
+        .arg(c.generation_key("a:1"))
         .query(&mut raw)
         .expect("get");
     assert_eq!(generation.as_deref(), Some("1"));
     c.delete_matching("", &|_| true).await.expect("flush");
     let generation: Option<String> = redis::cmd("GET")
-        .arg(c.generation_key())
+        .arg(c.generation_key("a:1"))
         .query(&mut raw)
         .expect("get");
     assert_eq!(

@@ -24,7 +24,9 @@ mod redis;
 
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
-pub(crate) use self::redis::client as redis_client;
+pub(crate) use self::redis::{
+    node_clients as redis_node_clients, Conn as RedisConn, Ready as RedisReady,
+};
 pub use self::redis::{RedisCache, RedisOptions};
 
 /// Which backend: the value of `CACHE_IMPL`, and the `impl` label of every metric.

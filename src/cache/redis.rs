@@ -3,13 +3,45 @@
 //!
 //! Every key is stored under a namespace prefix (`cache.redis.key_prefix`, default `cr:`) so that pattern deletion
 //! (`SCAN MATCH`, never `KEYS`) can never touch keys that belong to something else in the same database.
+//!
+//! # Redis Cluster
+//!
+//! A URL of the form `redis+cluster://host1:port1,host2:port2,...` (`rediss+cluster://` for TLS; a
+//! `user:password@` before the first host applies to every node) connects to a Redis Cluster through the `redis`
+//! crate's [`ClusterConnection`], which follows the cluster's slot map, its `MOVED`/`ASK` redirections and its
+//! failovers. The nodes listed are only where the slot map is first read; one reachable node is enough.
+//!
+//! A cluster only runs a script or a `MULTI` on keys of one hash slot, so the key layout differs
+//! (<https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags>):
+//!
+//! | what | single Redis | cluster |
+//! |---|---|---|
+//! | entry of `key` | `cr:key` | `cr:{T}key`, `T` a short tag that hashes to `key`'s own slot |
+//! | its lease | `cr:key ~lease` | `cr:{T}key ~lease` (same slot) |
+//! | lease generation | `cr: ~gen`, one | `cr: ~gen{T}`, one per slot (16,384 keys once a deletion ran) |
+//! | set of a tag's keys | `cr: ~tag:t` | `cr: ~tag:t` (its own slot) |
+//!
+//! `T` is chosen so that `cr:{T}key` lands in the slot `key` itself hashes to (a `{...}` hash tag in the
+//! application's key is honoured), so keys spread over the cluster as they would without the prefix.
+//!
+//! Tags live in other slots than their keys, so on a cluster a tagged write first records the key in the tag's set
+//! (and extends the set's TTL), then writes the entry; a tag invalidation first takes the members out of the set,
+//! then deletes each entry and its lease (and puts the members back if a deletion failed, so a retry finds them).
+//! A fill whose lease was granted before the invalidation is refused either way. Pattern deletion increments every
+//! slot's generation, then scans every primary.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::{StreamExt, TryStreamExt};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::AsyncCommands;
 
 use super::{Cache, CacheImpl, Health, Lookup, Traced, LEASE_SUFFIX, TAG_PREFIX};
@@ -66,6 +98,21 @@ return 0
     )
 });
 
+/// Cluster only: records ARGV[1] in the tag set KEYS[1], which then lives at least ARGV[2] ms (or, with ARGV[2]
+/// empty, without expiry). A set that already lives without expiry keeps living so (one of its entries does).
+static TAG_ADD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SADD', KEYS[1], ARGV[1])
+if ARGV[2] == '' then redis.call('PERSIST', KEYS[1]) return 1 end
+local t = redis.call('PTTL', KEYS[1])
+if existed == 0 or (t >= 0 and t < tonumber(ARGV[2])) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+",
+    )
+});
+
 /// Deletes a tag's entries and their leases. KEYS: tag set; ARGV: namespace prefix, lease suffix.
 static INVALIDATE_TAG: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -95,6 +142,10 @@ pub struct RedisOptions {
     /// PEM file of the CA that signed the server's certificate, for `rediss://` with a private CA; `None` trusts
     /// the system's roots (and Mozilla's, built in).
     pub tls_ca_file: Option<PathBuf>,
+    /// Replicas that must acknowledge each write and invalidation (Redis `WAIT`, within `response_timeout`)
+    /// before it returns; fewer is an [`Error::Timeout`] of operation `wait`, and the caller knows the
+    /// invalidation may not survive a failover. 0 does not wait.
+    pub wait_replicas: u32,
 }
 
 impl Default for RedisOptions {
@@ -105,14 +156,16 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_millis(100),
             tls_ca_file: None,
+            wait_replicas: 0,
         }
     }
 }
 
-/// A byte cache in Redis. Cheap to clone: clones share one multiplexed connection.
+/// A byte cache in Redis or in a Redis Cluster. Cheap to clone: clones share one multiplexed connection (per node,
+/// on a cluster).
 #[derive(Clone)]
 pub struct RedisCache {
-    conn: ConnectionManager,
+    conn: Conn,
     opts: RedisOptions,
 }
 
@@ -121,29 +174,227 @@ impl std::fmt::Debug for RedisCache {
         f.debug_struct("RedisCache")
             .field("url", &crate::config::redact_url(&self.opts.url))
             .field("key_prefix", &self.opts.key_prefix)
+            .field("cluster", &self.is_cluster())
             .finish()
     }
 }
 
-impl RedisCache {
-    /// Connects now, and fails if Redis cannot be reached within `connect_timeout`.
+/// A connection to one Redis ([`ConnectionManager`]) or to a cluster ([`ClusterConnection`], opened on first use
+/// and kept). Cheap to clone.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<LazyCluster>),
+}
+
+pub(crate) struct LazyCluster {
+    client: ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+/// An open connection, as [`Conn::ready`] returns it.
+#[derive(Clone)]
+pub(crate) enum Ready {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Ready {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Ready::Single(c) => c.req_packed_command(cmd),
+            Ready::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Ready::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Ready::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Ready::Single(c) => c.get_db(),
+            Ready::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// A connection for `opts.url` that connects on first use (a single Redis: and reconnects after a failure;
+    /// a cluster: and follows its slot map), each command bounded by `response_timeout`.
     ///
     /// # Errors
-    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Io`] for an unreadable `tls_ca_file`;
-    /// [`Error::Config`] for an empty `key_prefix`.
+    /// [`Error::Redis`] for a URL that cannot be parsed; [`Error::Io`] for an unreadable `tls_ca_file`;
+    /// [`Error::Config`] for an empty `key_prefix` or an empty cluster node list.
+    pub(crate) fn lazy(
+        opts: &RedisOptions,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Conn> {
+        check_prefix(opts)?;
+        let ca = read_ca(opts)?;
+        if let Some(nodes) = cluster_nodes(&opts.url)? {
+            let mut b = ClusterClientBuilder::new(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                // As for a single Redis: callers are bounded by their own deadline, and during an outage each
+                // command should fail fast and fall back rather than queue behind a long back-off.
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(100);
+            if let Some(pem) = ca {
+                b = b.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                });
+            }
+            return Ok(Conn::Cluster(Arc::new(LazyCluster {
+                client: b.build()?,
+                conn: tokio::sync::OnceCell::new(),
+            })));
+        }
+        let client = single_client(opts, ca)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout))
+            // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
+            // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast
+            // and fall back to the loader rather than queue behind a long back-off.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
+            client, cfg,
+        )?))
+    }
+
+    /// The open connection, connecting a cluster first if it is not yet (concurrent callers wait for one attempt;
+    /// a failed attempt is tried again by the next call).
+    pub(crate) async fn ready(&self) -> redis::RedisResult<Ready> {
+        match self {
+            Conn::Single(c) => Ok(Ready::Single(c.clone())),
+            Conn::Cluster(l) => {
+                let c = l
+                    .conn
+                    .get_or_try_init(|| l.client.get_async_connection())
+                    .await?;
+                Ok(Ready::Cluster(c.clone()))
+            }
+        }
+    }
+}
+
+/// The nodes of a `redis+cluster://` or `rediss+cluster://` URL as one `redis://` (`rediss://`) URL each, with
+/// the URL's credentials and path; `None` for any other URL.
+///
+/// # Errors
+/// [`Error::Config`] for a cluster URL without a node.
+pub(crate) fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>> {
+    let (scheme, rest) = match url.split_once("://") {
+        Some(("redis+cluster", rest)) => ("redis", rest),
+        Some(("rediss+cluster", rest)) => ("rediss", rest),
+        _ => return Ok(None),
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{userinfo}{h}{path}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err(Error::config(
+            "REDIS_URL",
+            crate::config::redact_url(url),
+            "a cluster URL lists its nodes: redis+cluster://host1:port1,host2:port2",
+        ));
+    }
+    Ok(Some(nodes))
+}
+
+/// One plain client per node of `opts.url` (one for a single Redis): for pub/sub, which a cluster delivers on
+/// every node.
+///
+/// # Errors
+/// As [`Conn::lazy`].
+pub(crate) fn node_clients(opts: &RedisOptions) -> Result<Vec<redis::Client>> {
+    check_prefix(opts)?;
+    let ca = read_ca(opts)?;
+    match cluster_nodes(&opts.url)? {
+        None => Ok(vec![single_client(opts, ca)?]),
+        Some(nodes) => nodes
+            .into_iter()
+            .map(|url| {
+                single_client(
+                    &RedisOptions {
+                        url,
+                        ..opts.clone()
+                    },
+                    ca.clone(),
+                )
+            })
+            .collect(),
+    }
+}
+
+impl RedisCache {
+    /// Connects now, and fails if Redis (a single server, or a cluster's slot map) cannot be reached within
+    /// `connect_timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Timeout`] when connecting takes longer
+    /// than `connect_timeout`; [`Error::Io`] for an unreadable `tls_ca_file`; [`Error::Config`] for an empty
+    /// `key_prefix`, a cluster URL without nodes, or a `key_prefix` with `{` or `}` on a cluster.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
-        let client = client(&opts)?;
-        let conn = ConnectionManager::new_with_config(client, manager_config(&opts)).await?;
-        Ok(RedisCache { conn, opts })
+        let cache = Self::connect_lazy(opts)?;
+        let budget = cache.opts.connect_timeout;
+        match &cache.conn {
+            Conn::Single(c) => {
+                // The manager reconnects on demand; a PING within the connect deadline is the eager check.
+                let mut c = c.clone();
+                super::within(budget, "connect", async {
+                    Ok(redis::cmd("PING").query_async::<String>(&mut c).await?)
+                })
+                .await?;
+            }
+            Conn::Cluster(_) => {
+                super::within(budget, "connect", async { Ok(cache.conn.ready().await?) }).await?;
+            }
+        }
+        Ok(cache)
     }
 
     /// Connects on first use and keeps retrying in the background; calls fail (and fall back) until it succeeds.
     ///
     /// # Errors
-    /// [`Error::Redis`] for a URL that cannot be parsed.
+    /// As [`connect`](Self::connect), except for the unreachable server.
     pub fn connect_lazy(opts: RedisOptions) -> Result<Self> {
-        let client = client(&opts)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config(&opts))?;
+        let conn = Conn::lazy(&opts, opts.connect_timeout, opts.response_timeout)?;
+        if matches!(conn, Conn::Cluster(_)) && opts.key_prefix.contains(['{', '}']) {
+            return Err(Error::config(
+                "cache.redis.key_prefix",
+                &opts.key_prefix,
+                "must not contain { or } on a cluster (it would become every key's hash tag: one slot for all)",
+            ));
+        }
         Ok(RedisCache { conn, opts })
     }
 
@@ -152,27 +403,43 @@ impl RedisCache {
         &self.opts
     }
 
-    /// The Redis key under which `key` is stored (`key_prefix` + `key`).
+    /// `true` when connected to a Redis Cluster (a `redis+cluster://` URL).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// The Redis key under which `key` is stored: `key_prefix` + `key`; on a cluster `key_prefix` + `{T}` + `key`,
+    /// where the hash tag `T` puts it in the slot of `key` itself.
     pub fn redis_key(&self, key: &str) -> String {
-        let mut k = String::with_capacity(self.opts.key_prefix.len() + key.len());
+        let mut k = String::with_capacity(self.opts.key_prefix.len() + key.len() + 8);
         k.push_str(&self.opts.key_prefix);
+        if self.is_cluster() {
+            k.push('{');
+            k.push_str(slot_tag(key));
+            k.push('}');
+        }
         k.push_str(key);
         k
     }
 
-    /// The Redis key of `key`'s lease.
+    /// The Redis key of `key`'s lease (in `key`'s slot).
     pub fn lease_key(&self, key: &str) -> String {
         let mut k = self.redis_key(key);
         k.push_str(LEASE_SUFFIX);
         k
     }
 
-    /// The Redis key of the lease generation: every pattern deletion and flush increments it first, and a fill is
-    /// refused when it moved since its lease was granted. `SCAN` cannot delete a key and its lease at one instant
-    /// (a fill may land on a key the scan has passed, under a lease the scan has not reached yet); the generation
-    /// closes that window.
-    pub fn generation_key(&self) -> String {
-        format!("{} ~gen", self.opts.key_prefix)
+    /// The Redis key of the lease generation that covers `key`: one for the database on a single Redis, one per
+    /// hash slot on a cluster (in the slot of `key`). Every pattern deletion and flush increments it first, and a
+    /// fill is refused when it moved since its lease was granted. `SCAN` cannot delete a key and its lease at one
+    /// instant (a fill may land on a key the scan has passed, under a lease the scan has not reached yet); the
+    /// generation closes that window.
+    pub fn generation_key(&self, key: &str) -> String {
+        if self.is_cluster() {
+            format!("{} ~gen{{{}}}", self.opts.key_prefix, slot_tag(key))
+        } else {
+            format!("{} ~gen", self.opts.key_prefix)
+        }
     }
 
     /// The Redis key of the set of keys recorded under `tag`.
@@ -180,7 +447,32 @@ impl RedisCache {
         format!("{}{TAG_PREFIX}{tag}", self.opts.key_prefix)
     }
 
-    /// The script invocation with a key, its lease, and its tag sets as KEYS.
+    /// The application's key of a Redis key found by a scan (the prefix and a cluster hash tag taken off), or the
+    /// name of a tag set after the prefix.
+    fn app_key<'k>(&self, redis_key: &'k str) -> &'k str {
+        let k = &redis_key[self.opts.key_prefix.len()..];
+        if self.is_cluster() && k.starts_with('{') {
+            return k.find('}').map_or(k, |i| &k[i + 1..]);
+        }
+        k
+    }
+
+    /// The `SCAN MATCH` glob for the keys (and leases) whose application key starts with `prefix`.
+    fn scan_glob(&self, prefix: &str) -> String {
+        let mut g = glob_escape(&self.opts.key_prefix);
+        if self.is_cluster() && !prefix.is_empty() {
+            g.push_str("\\{*\\}");
+        }
+        g.push_str(&glob_escape(prefix));
+        g.push('*');
+        g
+    }
+
+    async fn ready(&self) -> redis::RedisResult<Ready> {
+        self.conn.ready().await
+    }
+
+    /// The script invocation with a key, its lease, its generation and (on a single Redis) its tag sets as KEYS.
     fn invocation<'s>(
         &self,
         script: &'s redis::Script,
@@ -190,20 +482,267 @@ impl RedisCache {
         let mut inv = script.prepare_invoke();
         inv.key(self.redis_key(key))
             .key(self.lease_key(key))
-            .key(self.generation_key());
-        for t in tags {
-            inv.key(self.tag_key(t));
+            .key(self.generation_key(key));
+        if !self.is_cluster() {
+            for t in tags {
+                inv.key(self.tag_key(t));
+            }
         }
         inv
     }
+
+    /// Cluster: records `key` in each tag's set, which then lives at least `ttl` (`None`: without expiry).
+    async fn tags_add(&self, key: &str, tags: &[String], ttl: Option<Duration>) -> Result<()> {
+        let ms = ttl.map(|t| millis(t).to_string()).unwrap_or_default();
+        futures_util::future::try_join_all(tags.iter().map(|t| {
+            let ms = &ms;
+            async move {
+                let mut inv = TAG_ADD.prepare_invoke();
+                inv.key(self.tag_key(t)).arg(key).arg(ms);
+                let _: i64 = bounded(&self.opts, "tag", async {
+                    inv.invoke_async(&mut self.ready().await?).await
+                })
+                .await?;
+                Ok::<_, Error>(())
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// With `wait_replicas`, waits until that many replicas of the node holding `key` (a single Redis: of the
+    /// server; `None` on a cluster: of the node at that address) have every write made so far.
+    async fn replicated(&self, key: Option<&str>, node: Option<(String, u16)>) -> Result<()> {
+        let want = self.opts.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(want).arg(millis(self.opts.response_timeout));
+        let acked: i64 = bounded(&self.opts, "wait", async {
+            match self.ready().await? {
+                Ready::Single(mut c) => wait.query_async(&mut c).await,
+                Ready::Cluster(mut c) => {
+                    let route = match (node, key) {
+                        (Some((host, port)), _) => SingleNodeRoutingInfo::ByAddress { host, port },
+                        (None, k) => SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                            self.redis_key(k.unwrap_or("")),
+                            SlotAddr::Master,
+                        )),
+                    };
+                    let v = c.route_command(wait, RoutingInfo::SingleNode(route)).await?;
+                    redis::from_redis_value(v).map_err(redis::RedisError::from)
+                }
+            }
+        })
+        .await?;
+        if acked < i64::from(want) {
+            return Err(Error::Timeout {
+                operation: "wait",
+                after: self.opts.response_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes `key` and its lease (one slot, one `MULTI`); `true` when the key was present.
+    async fn delete_pair(&self, key: &str) -> Result<bool> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.redis_key(key))
+            .del(self.lease_key(key));
+        let (n, _): (u64, u64) = bounded(&self.opts, "delete", async {
+            pipe.query_async(&mut self.ready().await?).await
+        })
+        .await?;
+        self.replicated(Some(key), None).await?;
+        Ok(n > 0)
+    }
+
+    /// Cluster: [`Cache::invalidate_tag`]. Takes the members out of the set, then deletes each entry and its lease;
+    /// members whose deletion failed are put back, so that a retry finds them.
+    async fn invalidate_tag_cluster(&self, tag: &str) -> Result<u64> {
+        let tk = self.tag_key(tag);
+        let mut pipe = redis::pipe();
+        pipe.atomic().smembers(&tk).del(&tk).ignore();
+        let (members,): (Vec<String>,) = bounded(&self.opts, "invalidate_tag", async {
+            pipe.query_async(&mut self.ready().await?).await
+        })
+        .await?;
+        let results: Vec<(String, Result<bool>)> = futures_util::stream::iter(members)
+            .map(|m| async move {
+                let r = self.delete_pair(&m).await;
+                (m, r)
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let mut deleted = 0;
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (m, r) in results {
+            match r {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    failed.push(m);
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        match error {
+            None => Ok(deleted),
+            Some(e) => {
+                let put_back: Result<i64> = bounded(&self.opts, "invalidate_tag", async {
+                    self.ready().await?.sadd(&tk, &failed).await
+                })
+                .await;
+                if let Err(again) = put_back {
+                    tracing::warn!(tag, error = %again, members = failed.len(), "tag members whose deletion failed could not be put back: a retry will not find them");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn incr(&self, key: String) -> Result<i64> {
+        bounded(&self.opts, "scan", async {
+            self.ready().await?.incr(key, 1).await
+        })
+        .await
+    }
+
+    /// Cluster: [`Cache::delete_matching`]. Moves every slot's generation, then scans every primary.
+    async fn delete_matching_cluster(
+        &self,
+        prefix: &str,
+        belongs: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<u64> {
+        let Ready::Cluster(mut cluster) = self.ready().await? else {
+            unreachable!("called on a cluster only");
+        };
+        let generations: Vec<String> = SLOT_TAGS
+            .values()
+            .map(|tag| format!("{} ~gen{{{tag}}}", self.opts.key_prefix))
+            .collect();
+        futures_util::stream::iter(generations)
+            .map(|key| self.incr(key))
+            .buffer_unordered(256)
+            .try_collect::<Vec<i64>>()
+            .await?;
+        let slots: redis::Value = bounded(&self.opts, "scan", async {
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut cluster)
+                .await
+        })
+        .await?;
+        let glob = self.scan_glob(prefix);
+        let generation = format!("{} ~gen", self.opts.key_prefix);
+        let mut deleted = 0u64;
+        for (host, port) in primaries(slots)? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&glob)
+                    .arg("COUNT")
+                    .arg(1000);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let page = bounded(
+                    &self.opts,
+                    "scan",
+                    cluster.route_command(scan, route),
+                )
+                .await?;
+                let (next, keys): (u64, Vec<String>) =
+                    redis::from_redis_value(page).map_err(redis::RedisError::from)?;
+                let doomed: Vec<&String> = keys
+                    .iter()
+                    .filter(|k| {
+                        if k.starts_with(&generation) {
+                            return false; // never reset: a lease of generation 0 would be valid again
+                        }
+                        let k = self.app_key(k);
+                        belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
+                    })
+                    .collect();
+                if !doomed.is_empty() {
+                    // Keys of many slots: the cluster connection splits the command by slot.
+                    let n: u64 = bounded(&self.opts, "scan", async {
+                        redis::cmd("UNLINK")
+                            .arg(&doomed)
+                            .query_async(&mut cluster)
+                            .await
+                    })
+                    .await?;
+                    deleted += n;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            self.replicated(None, Some((host, port))).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// The primaries (host, port) of a `CLUSTER SLOTS` reply.
+fn primaries(slots: redis::Value) -> Result<Vec<(String, u16)>> {
+    let ranges: Vec<Vec<redis::Value>> =
+        redis::from_redis_value(slots).map_err(redis::RedisError::from)?;
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Some(primary) = range.into_iter().nth(2) else {
+            continue;
+        };
+        let node: Vec<redis::Value> =
+            redis::from_redis_value(primary).map_err(redis::RedisError::from)?;
+        let mut node = node.into_iter();
+        let (Some(host), Some(port)) = (node.next(), node.next()) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value(host).map_err(redis::RedisError::from)?;
+        let port: u16 = redis::from_redis_value(port).map_err(redis::RedisError::from)?;
+        if !out.iter().any(|(h, p)| *h == host && *p == port) {
+            out.push((host, port));
+        }
+    }
+    Ok(out)
+}
+
+/// For every hash slot, a short tag (decimal digits) that hashes to it: `{tag}` in a key puts the key in that slot.
+/// Found by trying 0, 1, 2, … (about 170,000 CRC16s, once per process, on first use of a cluster).
+static SLOT_TAGS: LazyLock<HashMap<Slot, Box<str>>> = LazyLock::new(|| {
+    const SLOTS: usize = 16_384;
+    let mut tags = HashMap::with_capacity(SLOTS);
+    for i in 0u32.. {
+        if tags.len() == SLOTS {
+            break;
+        }
+        let t = i.to_string();
+        tags.entry(Slot::for_key(&t))
+            .or_insert_with(|| t.into_boxed_str());
+    }
+    tags
+});
+
+/// The tag of the slot `key` hashes to (honouring a `{...}` hash tag in `key`).
+fn slot_tag(key: &str) -> &'static str {
+    &SLOT_TAGS[&Slot::for_key(key)]
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// A client for `opts.url`; with `tls_ca_file`, one that trusts that CA (rustls, ring provider).
-pub(crate) fn client(opts: &RedisOptions) -> Result<redis::Client> {
+fn check_prefix(opts: &RedisOptions) -> Result<()> {
     if opts.key_prefix.is_empty() {
         // Pattern deletion and the flush of a newly active backend are confined to the prefix; an empty prefix
         // would let them delete every key in the database.
@@ -213,13 +752,26 @@ pub(crate) fn client(opts: &RedisOptions) -> Result<redis::Client> {
             "must not be empty",
         ));
     }
-    match &opts.tls_ca_file {
-        None => Ok(redis::Client::open(opts.url.as_str())?),
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|source| Error::Io {
+    Ok(())
+}
+
+fn read_ca(opts: &RedisOptions) -> Result<Option<Vec<u8>>> {
+    opts.tls_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| Error::Io {
                 context: format!("reading cache.redis.tls_ca_file {}", path.display()),
                 source,
-            })?;
+            })
+        })
+        .transpose()
+}
+
+/// A client for a single Redis at `opts.url`; with a CA's PEM, one that trusts that CA (rustls, ring provider).
+fn single_client(opts: &RedisOptions, ca: Option<Vec<u8>>) -> Result<redis::Client> {
+    match ca {
+        None => Ok(redis::Client::open(opts.url.as_str())?),
+        Some(pem) => {
             let certs = redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem),
@@ -227,18 +779,6 @@ pub(crate) fn client(opts: &RedisOptions) -> Result<redis::Client> {
             Ok(redis::Client::build_with_tls(opts.url.as_str(), certs)?)
         }
     }
-}
-
-fn manager_config(opts: &RedisOptions) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(opts.response_timeout))
-        // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
-        // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast and
-        // fall back to the loader rather than queue behind a long back-off.
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(10))
-        .set_max_delay(Duration::from_millis(100))
 }
 
 /// Runs one Redis command with `response_timeout` as an overall deadline, which also covers waiting for a
@@ -274,8 +814,10 @@ impl Cache for RedisCache {
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
         async move {
-            let mut c = self.conn.clone();
-            let v: Option<Vec<u8>> = bounded(&self.opts, "get", c.get(self.redis_key(key))).await?;
+            let v: Option<Vec<u8>> = bounded(&self.opts, "get", async {
+                self.ready().await?.get(self.redis_key(key)).await
+            })
+            .await?;
             Ok(v.map(Bytes::from))
         }
         .traced("get", CacheImpl::Redis, key)
@@ -301,7 +843,7 @@ impl Cache for RedisCache {
             // MULTI/EXEC rather than a script: an application write is a hot path, and Lua costs Redis about 8×
             // a plain SET (and pauses for its garbage collector). Atomic all the same: a fill under a lease can
             // never land between the SET and the lease's deletion.
-            let mut c = self.conn.clone();
+            let cluster = self.is_cluster();
             let mut pipe = redis::pipe();
             pipe.atomic();
             let k = self.redis_key(key);
@@ -310,7 +852,7 @@ impl Cache for RedisCache {
                 None => pipe.set(&k, value.as_ref()).ignore(),
             };
             pipe.del(self.lease_key(key)).ignore();
-            for t in tags {
+            for t in tags.iter().filter(|_| !cluster) {
                 let tk = self.tag_key(t);
                 pipe.sadd(&tk, key).ignore();
                 match ttl {
@@ -326,8 +868,19 @@ impl Cache for RedisCache {
                     }
                 }
             }
-            let () = bounded(&self.opts, "set", pipe.query_async(&mut c)).await?;
-            Ok(())
+            let () = bounded(&self.opts, "set", async {
+                pipe.query_async(&mut self.ready().await?).await
+            })
+            .await?;
+            if cluster && !tags.is_empty() {
+                // Recorded after the write: a tag invalidation that took the set meanwhile has deleted the entry
+                // or will find it. An entry that could not be recorded is taken out again.
+                if let Err(e) = self.tags_add(key, tags, ttl).await {
+                    let _ = self.delete_pair(key).await;
+                    return Err(e);
+                }
+            }
+            self.replicated(Some(key), None).await
         }
         .traced("set_tagged", CacheImpl::Redis, key)
     }
@@ -340,11 +893,27 @@ impl Cache for RedisCache {
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Lookup>> {
         async move {
-            let mut c = self.conn.clone();
+            if self.is_cluster() && !tags.is_empty() {
+                // The tag sets live in other slots: record the key in them before the lease is granted, so a tag
+                // invalidation from then on revokes it. A hit needs no record, and is answered first.
+                if let Some(v) = bounded(&self.opts, "lease", async {
+                    self.ready()
+                        .await?
+                        .get::<_, Option<Vec<u8>>>(self.redis_key(key))
+                        .await
+                })
+                .await?
+                {
+                    return Ok(Lookup::Hit(Bytes::from(v)));
+                }
+                self.tags_add(key, tags, Some(lease_ttl)).await?;
+            }
             let mut inv = self.invocation(&LEASE, key, tags);
             inv.arg(token).arg(millis(lease_ttl)).arg(key);
-            let (kind, v): (i64, Vec<u8>) =
-                bounded(&self.opts, "lease", inv.invoke_async(&mut c)).await?;
+            let (kind, v): (i64, Vec<u8>) = bounded(&self.opts, "lease", async {
+                inv.invoke_async(&mut self.ready().await?).await
+            })
+            .await?;
             Ok(match kind {
                 1 => Lookup::Hit(Bytes::from(v)),
                 2 => Lookup::Lease(token),
@@ -363,10 +932,17 @@ impl Cache for RedisCache {
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<bool>> {
         async move {
-            let mut c = self.conn.clone();
+            if self.is_cluster() && !tags.is_empty() {
+                // Again before the fill, for the entry's TTL (and in case a tag invalidation took the set since
+                // the lease: then it also revoked the lease, and the fill below is refused).
+                self.tags_add(key, tags, Some(ttl)).await?;
+            }
             let mut inv = self.invocation(&SET_LEASED, key, tags);
             inv.arg(token).arg(value.as_ref()).arg(millis(ttl)).arg(key);
-            let n: i64 = bounded(&self.opts, "set", inv.invoke_async(&mut c)).await?;
+            let n: i64 = bounded(&self.opts, "set", async {
+                inv.invoke_async(&mut self.ready().await?).await
+            })
+            .await?;
             Ok(n == 1)
         }
         .traced("set_leased", CacheImpl::Redis, key)
@@ -374,10 +950,12 @@ impl Cache for RedisCache {
 
     fn release_lease<'a>(&'a self, key: &'a str, token: u64) -> BoxFuture<'a, Result<()>> {
         async move {
-            let mut c = self.conn.clone();
             let mut inv = RELEASE.prepare_invoke();
             inv.key(self.lease_key(key)).arg(token);
-            let _: i64 = bounded(&self.opts, "release", inv.invoke_async(&mut c)).await?;
+            let _: i64 = bounded(&self.opts, "release", async {
+                inv.invoke_async(&mut self.ready().await?).await
+            })
+            .await?;
             Ok(())
         }
         .traced("release_lease", CacheImpl::Redis, key)
@@ -385,28 +963,26 @@ impl Cache for RedisCache {
 
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
         async move {
-            let mut c = self.conn.clone();
+            if self.is_cluster() {
+                return self.invalidate_tag_cluster(tag).await;
+            }
             let mut inv = INVALIDATE_TAG.prepare_invoke();
             inv.key(self.tag_key(tag))
                 .arg(&self.opts.key_prefix)
                 .arg(LEASE_SUFFIX);
-            bounded(&self.opts, "invalidate_tag", inv.invoke_async(&mut c)).await
+            let n = bounded(&self.opts, "invalidate_tag", async {
+                inv.invoke_async(&mut self.ready().await?).await
+            })
+            .await?;
+            self.replicated(None, None).await?;
+            Ok(n)
         }
         .traced("invalidate_tag", CacheImpl::Redis, tag)
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        async move {
-            let mut c = self.conn.clone();
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .del(self.redis_key(key))
-                .del(self.lease_key(key));
-            let (n, _): (u64, u64) =
-                bounded(&self.opts, "delete", pipe.query_async(&mut c)).await?;
-            Ok(n > 0)
-        }
-        .traced("delete", CacheImpl::Redis, key)
+        self.delete_pair(key)
+            .traced("delete", CacheImpl::Redis, key)
     }
 
     fn delete_matching<'a>(
@@ -415,17 +991,19 @@ impl Cache for RedisCache {
         belongs: &'a (dyn Fn(&str) -> bool + Send + Sync),
     ) -> BoxFuture<'a, Result<u64>> {
         async move {
-            let mut c = self.conn.clone();
+            if self.is_cluster() {
+                return self.delete_matching_cluster(prefix, belongs).await;
+            }
+            let mut c = self.ready().await?;
             // First revoke every lease granted so far, whichever bucket the scan finds it in (or has passed).
-            let generation = self.generation_key();
+            let generation = self.generation_key("");
             let _: i64 = bounded(
                 &self.opts,
                 "scan",
                 redis::cmd("INCR").arg(&generation).query_async(&mut c),
             )
             .await?;
-            let glob = format!("{}*", glob_escape(&self.redis_key(prefix)));
-            let strip = self.opts.key_prefix.len();
+            let glob = self.scan_glob(prefix);
             let mut cursor: u64 = 0;
             let mut deleted = 0u64;
             loop {
@@ -445,18 +1023,19 @@ impl Cache for RedisCache {
                         if **k == generation {
                             return false; // never reset: a lease of generation 0 would be valid again
                         }
-                        let k = &k[strip..];
+                        let k = self.app_key(k);
                         belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
                     })
                     .collect();
                 if !doomed.is_empty() {
-                    let n: u64 = redis::cmd("UNLINK")
-                        .arg(&doomed)
-                        .query_async(&mut c)
-                        .await?;
+                    let n: u64 = bounded(&self.opts, "scan", async {
+                        redis::cmd("UNLINK").arg(&doomed).query_async(&mut c).await
+                    })
+                    .await?;
                     deleted += n;
                 }
                 if next == 0 {
+                    self.replicated(None, None).await?;
                     return Ok(deleted);
                 }
                 cursor = next;
@@ -467,10 +1046,12 @@ impl Cache for RedisCache {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         async move {
-            let mut c = self.conn.clone();
             let start = Instant::now();
-            let r: std::result::Result<String, redis::RedisError> =
-                redis::cmd("PING").query_async(&mut c).await;
+            // On a cluster the connection sends PING to every node and fails if one does not answer.
+            let r: std::result::Result<String, redis::RedisError> = async {
+                redis::cmd("PING").query_async(&mut self.ready().await?).await
+            }
+            .await;
             match r {
                 Ok(_) => Health {
                     up: true,

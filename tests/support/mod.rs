@@ -167,3 +167,97 @@ impl Drop for RedisServer {
 fn signal_quiet(pid: u32, sig: &str) {
     let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
 }
+
+/// A Redis Cluster of three primaries, each with one replica, on free loopback ports, persisting nothing. A
+/// primary's failure is noticed after `cluster-node-timeout` (1 s), and its replica then takes over.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts six `redis-server --cluster-enabled yes`, joins them with `redis-cli --cluster create` and waits until
+    /// every node reports `cluster_state:ok`.
+    pub fn start() -> Self {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+        ];
+        let nodes: Vec<RedisServer> = (0..6).map(|_| RedisServer::start_with(&args)).collect();
+        let cli = std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".into());
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cli} (Debian's redis-tools): {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// `redis+cluster://` with the first three nodes (any one is enough to find the others).
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes[..3]
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and the cluster has three primaries serving.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut n.conn())
+                    .map(|i| i.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            }) && self.primaries().len() == 3;
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Indexes of the running nodes whose role is master.
+    pub fn primaries(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .filter(|&i| {
+                redis::cmd("ROLE")
+                    .query::<Vec<redis::Value>>(&mut self.nodes[i].conn())
+                    .ok()
+                    .and_then(|r| r.into_iter().next())
+                    .map(|v| matches!(v, redis::Value::BulkString(b) if b == b"master"))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// The number of keys on every primary, by port.
+    pub fn keys_per_primary(&self) -> Vec<(u16, u64)> {
+        self.primaries()
+            .into_iter()
+            .map(|i| {
+                let n = &self.nodes[i];
+                let size: u64 = redis::cmd("DBSIZE").query(&mut n.conn()).expect("dbsize");
+                (n.port, size)
+            })
+            .collect()
+    }
+}
