@@ -15,7 +15,7 @@ use cache_rollout::{
     CacheRegistry, Mode, PatternPolicy, Policy, PolicyUpdate, RegistryOptions, RollbackRules,
 };
 use serde::{Deserialize, Serialize};
-use support::{metric, RedisServer};
+use support::{metric, RedisCluster, RedisServer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Item {
@@ -170,17 +170,32 @@ async fn write(reg: &CacheRegistry, origin: &Origin, tally: &Tally, k: usize) {
 /// Randomized concurrent history check: `readers` tasks per registry and `writers` tasks share `keys` keys for
 /// `ops` reads; every read is checked against the versions whose invalidation had returned when it started.
 async fn history_check(regs: &[CacheRegistry], keys: usize, ops: u64, seed: u64) -> Arc<Tally> {
+    history_run(regs, keys, Arc::new(AtomicU64::new(ops)), seed).await
+}
+
+/// [`history_check`] until `limit` reads, a limit the caller may change while it runs.
+async fn history_run(
+    regs: &[CacheRegistry],
+    keys: usize,
+    limit: Arc<AtomicU64>,
+    seed: u64,
+) -> Arc<Tally> {
     let origin = Origin::new(keys);
     let tally = Arc::new(Tally::default());
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for (r, reg) in regs.iter().enumerate() {
         for t in 0..4u64 {
-            let (reg, origin, tally, done) =
-                (reg.clone(), origin.clone(), tally.clone(), done.clone());
+            let (reg, origin, tally, done, limit) = (
+                reg.clone(),
+                origin.clone(),
+                tally.clone(),
+                done.clone(),
+                limit.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut rng = Rng(seed ^ ((r as u64 + 1) << 32) ^ (t + 1));
-                while done.fetch_add(1, Ordering::Relaxed) < ops {
+                while done.fetch_add(1, Ordering::Relaxed) < limit.load(Ordering::Relaxed) {
                     let k = rng.below(keys as u64) as usize;
                     let pause = if rng.below(4) == 0 {
                         rng.below(1500)
@@ -246,6 +261,75 @@ async fn no_stale_value_is_ever_read_after_an_invalidation_returned() {
     assert!(
         revoked >= 1.0,
         "the race the leases exist for happened during the test (a fill refused)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_stale_value_on_a_cluster_even_when_a_primary_is_killed_during_load() {
+    let mut cluster = RedisCluster::start();
+    let mut o = options(CacheImpl::Redis, &cluster.url(), &[]);
+    // Every write and invalidation is on a replica before it returns, so the replica that takes over from a killed
+    // primary never brings back a value an invalidation removed.
+    o.redis.wait_replicas = 1;
+    let a = registry(o.clone()).await;
+    let b = registry(o).await;
+    let regs = vec![a.clone(), b.clone()];
+
+    // Without a fault first.
+    let tally = history_check(&regs, 16, 8_000, 0xC1A5).await;
+    let (reads, writes, stale) = (
+        tally.reads.load(Ordering::Relaxed),
+        tally.writes.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    let hits = a.pattern_counts()["item"].hits + b.pattern_counts()["item"].hits;
+    eprintln!("cluster: {reads} reads, {writes} writes, {hits} hits");
+    assert_eq!(stale, 0, "stale reads in {reads} reads and {writes} writes");
+    assert!(hits > 500, "the cluster served: {hits} hits");
+
+    // Then a primary SIGKILLed under load. Its replica takes over after the node timeout; the killed node comes
+    // back (empty) and rejoins as the new primary's replica. The load runs through all of it.
+    let limit = Arc::new(AtomicU64::new(u64::MAX));
+    let load = {
+        let (regs, limit) = (regs.clone(), limit.clone());
+        tokio::spawn(async move { history_run(&regs, 16, limit, 0xDEAD).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = cluster.primaries()[0];
+    let killed = Instant::now();
+    cluster.nodes[victim].kill();
+    tokio::task::block_in_place(|| cluster.wait_ok(Duration::from_secs(30)));
+    let failover = killed.elapsed();
+    tokio::task::block_in_place(|| {
+        cluster.nodes[victim].restart();
+        cluster.wait_ok(Duration::from_secs(30));
+    });
+    let rejoined = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hits_before = a.pattern_counts()["item"].hits + b.pattern_counts()["item"].hits;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    limit.store(0, Ordering::Relaxed);
+    let tally = load.await.expect("load");
+    let (reads, writes, stale) = (
+        tally.reads.load(Ordering::Relaxed),
+        tally.writes.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    let hits_after = a.pattern_counts()["item"].hits + b.pattern_counts()["item"].hits;
+    eprintln!(
+        "primary killed: failover after {failover:?}, rejoined after {rejoined:?}; {reads} reads, {writes} writes, \
+         {} hits in the last second",
+        hits_after - hits_before
+    );
+    assert_eq!(
+        stale, 0,
+        "stale reads in {reads} reads and {writes} writes across the failover"
+    );
+    assert!(writes > 100 && reads > 1000, "{reads} reads, {writes} writes");
+    assert!(
+        hits_after - hits_before > 100,
+        "the cache serves again after the failover: {} hits in the last second",
+        hits_after - hits_before
     );
 }
 

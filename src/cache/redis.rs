@@ -518,7 +518,8 @@ impl RedisCache {
             return Ok(());
         }
         let mut wait = redis::cmd("WAIT");
-        wait.arg(want).arg(millis(self.opts.response_timeout));
+        // Half the deadline, so the server answers with the count before the client gives up.
+        wait.arg(want).arg(millis(self.opts.response_timeout / 2));
         let acked: i64 = bounded(&self.opts, "wait", async {
             match self.ready().await? {
                 Ready::Single(mut c) => wait.query_async(&mut c).await,
@@ -605,13 +606,6 @@ impl RedisCache {
         }
     }
 
-    async fn incr(&self, key: String) -> Result<i64> {
-        bounded(&self.opts, "scan", async {
-            self.ready().await?.incr(key, 1).await
-        })
-        .await
-    }
-
     /// Cluster: [`Cache::delete_matching`]. Moves every slot's generation, then scans every primary.
     async fn delete_matching_cluster(
         &self,
@@ -621,15 +615,6 @@ impl RedisCache {
         let Ready::Cluster(mut cluster) = self.ready().await? else {
             unreachable!("called on a cluster only");
         };
-        let generations: Vec<String> = SLOT_TAGS
-            .values()
-            .map(|tag| format!("{} ~gen{{{tag}}}", self.opts.key_prefix))
-            .collect();
-        futures_util::stream::iter(generations)
-            .map(|key| self.incr(key))
-            .buffer_unordered(256)
-            .try_collect::<Vec<i64>>()
-            .await?;
         let slots: redis::Value = bounded(&self.opts, "scan", async {
             redis::cmd("CLUSTER")
                 .arg("SLOTS")
@@ -637,10 +622,50 @@ impl RedisCache {
                 .await
         })
         .await?;
+        let ranges = slot_ranges(slots)?;
+        // Every slot's generation, in pipelines of 1,024 INCRs sent to the primary that holds the slots.
+        let mut batches = Vec::new();
+        for (first, last, host, port) in &ranges {
+            let slots: Vec<u16> = (*first..=*last).collect();
+            for chunk in slots.chunks(1024) {
+                let mut pipe = redis::pipe();
+                for slot in chunk {
+                    let tag = Slot::new(*slot).map_or("", |s| &*SLOT_TAGS[&s]);
+                    pipe.incr(format!("{} ~gen{{{tag}}}", self.opts.key_prefix), 1);
+                }
+                batches.push((pipe, chunk.len(), host.clone(), *port));
+            }
+        }
+        futures_util::stream::iter(batches)
+            .map(|(pipe, n, host, port)| {
+                let mut cluster = cluster.clone();
+                async move {
+                    let route = SingleNodeRoutingInfo::ByAddress { host, port };
+                    let replies = bounded(
+                        &self.opts,
+                        "scan",
+                        cluster.route_pipeline(pipe, 0, n, route),
+                    )
+                    .await?;
+                    for r in replies {
+                        let _: i64 = redis::from_redis_value(r).map_err(redis::RedisError::from)?;
+                    }
+                    Ok::<_, Error>(())
+                }
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let mut primaries: Vec<(String, u16)> = Vec::new();
+        for (_, _, host, port) in ranges {
+            if !primaries.iter().any(|(h, p)| *h == host && *p == port) {
+                primaries.push((host, port));
+            }
+        }
         let glob = self.scan_glob(prefix);
         let generation = format!("{} ~gen", self.opts.key_prefix);
         let mut deleted = 0u64;
-        for (host, port) in primaries(slots)? {
+        for (host, port) in primaries {
             let mut cursor: u64 = 0;
             loop {
                 let mut scan = redis::cmd("SCAN");
@@ -693,26 +718,23 @@ impl RedisCache {
     }
 }
 
-/// The primaries (host, port) of a `CLUSTER SLOTS` reply.
-fn primaries(slots: redis::Value) -> Result<Vec<(String, u16)>> {
-    let ranges: Vec<Vec<redis::Value>> =
-        redis::from_redis_value(slots).map_err(redis::RedisError::from)?;
-    let mut out: Vec<(String, u16)> = Vec::new();
-    for range in ranges {
-        let Some(primary) = range.into_iter().nth(2) else {
+/// The slot ranges of a `CLUSTER SLOTS` reply: first slot, last slot, and the primary's host and port.
+fn slot_ranges(slots: redis::Value) -> Result<Vec<(u16, u16, String, u16)>> {
+    fn parse<T: redis::FromRedisValue>(v: redis::Value) -> Result<T> {
+        Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+    }
+    let mut out = Vec::new();
+    for range in parse::<Vec<Vec<redis::Value>>>(slots)? {
+        let mut range = range.into_iter();
+        let (Some(first), Some(last), Some(primary)) = (range.next(), range.next(), range.next())
+        else {
             continue;
         };
-        let node: Vec<redis::Value> =
-            redis::from_redis_value(primary).map_err(redis::RedisError::from)?;
-        let mut node = node.into_iter();
+        let mut node = parse::<Vec<redis::Value>>(primary)?.into_iter();
         let (Some(host), Some(port)) = (node.next(), node.next()) else {
             continue;
         };
-        let host: String = redis::from_redis_value(host).map_err(redis::RedisError::from)?;
-        let port: u16 = redis::from_redis_value(port).map_err(redis::RedisError::from)?;
-        if !out.iter().any(|(h, p)| *h == host && *p == port) {
-            out.push((host, port));
-        }
+        out.push((parse(first)?, parse(last)?, parse(host)?, parse(port)?));
     }
     Ok(out)
 }

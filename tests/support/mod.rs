@@ -215,7 +215,8 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 
-    /// Waits until every running node reports `cluster_state:ok` and the cluster has three primaries serving.
+    /// Waits until every running node reports `cluster_state:ok`, the cluster has three primaries serving, and every
+    /// replica has finished its sync.
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
@@ -225,7 +226,16 @@ impl RedisCluster {
                     .query::<String>(&mut n.conn())
                     .map(|i| i.contains("cluster_state:ok"))
                     .unwrap_or(false)
-            }) && self.primaries().len() == 3;
+            }) && self.primaries().len() == 3
+                && self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut n.conn())
+                        .map(|i| {
+                            i.contains("role:master") || i.contains("master_link_status:up")
+                        })
+                        .unwrap_or(false)
+                });
             if ok {
                 return;
             }
