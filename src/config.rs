@@ -301,29 +301,36 @@ impl Settings {
                 self.admin_token.as_deref().unwrap_or_default(),
             )?;
         }
-        match url::Url::parse(&c.redis.url) {
-            Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {
-                if u.fragment() == Some("insecure") {
+        let urls = crate::cache::redis_cluster_nodes(&c.redis.url)?
+            .unwrap_or_else(|| vec![c.redis.url.clone()]);
+        for url in urls {
+            match url::Url::parse(&url) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {
+                    if u.fragment() == Some("insecure") {
+                        return Err(Error::config(
+                            "cache.redis.url (REDIS_URL)",
+                            redact_url(&c.redis.url),
+                            "#insecure (no certificate check) is not supported; set cache.redis.tls_ca_file instead",
+                        ));
+                    }
+                }
+                Ok(u) => {
                     return Err(Error::config(
                         "cache.redis.url (REDIS_URL)",
                         redact_url(&c.redis.url),
-                        "#insecure (no certificate check) is not supported; set cache.redis.tls_ca_file instead",
-                    ));
+                        format!(
+                            "scheme {:?} is not redis://, rediss://, redis+cluster:// or rediss+cluster://",
+                            u.scheme()
+                        ),
+                    ))
                 }
-            }
-            Ok(u) => {
-                return Err(Error::config(
-                    "cache.redis.url (REDIS_URL)",
-                    redact_url(&c.redis.url),
-                    format!("scheme {:?} is not redis:// or rediss://", u.scheme()),
-                ))
-            }
-            Err(e) => {
-                return Err(Error::config(
-                    "cache.redis.url (REDIS_URL)",
-                    redact_url(&c.redis.url),
-                    e.to_string(),
-                ))
+                Err(e) => {
+                    return Err(Error::config(
+                        "cache.redis.url (REDIS_URL)",
+                        redact_url(&c.redis.url),
+                        format!("{e} (in {})", redact_url(&url)),
+                    ))
+                }
             }
         }
         let positive = [

@@ -324,7 +324,10 @@ async fn redis_cluster_keys_spread_over_every_primary_and_pattern_deletion_scans
     let spread = cluster.keys_per_primary();
     assert_eq!(spread.len(), 3);
     for (port, n) in &spread {
-        assert!(*n > 600, "primary {port} holds {n} of 3000 keys: {spread:?}");
+        assert!(
+            *n > 600,
+            "primary {port} holds {n} of 3000 keys: {spread:?}"
+        );
     }
     // A lease granted before the deletion cannot fill afterwards, whichever slot its key is in.
     let ttl = Duration::from_secs(60);
@@ -343,7 +346,10 @@ async fn redis_cluster_keys_spread_over_every_primary_and_pattern_deletion_scans
         "every user key on every primary, and the lease of user:lease"
     );
     assert_eq!(c.get("user:42").await.expect("get"), None);
-    assert!(c.get("order:42").await.expect("get").is_some(), "other patterns stay");
+    assert!(
+        c.get("order:42").await.expect("get").is_some(),
+        "other patterns stay"
+    );
     for (i, key) in ["user:lease", "order:lease"].iter().enumerate() {
         assert!(
             !c.set_leased(key, Bytes::from_static(b"old"), ttl, 7 + i as u64, &[])

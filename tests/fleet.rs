@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{command, metric, repo, RedisServer, Service, TOKEN};
+use support::{command, metric, repo, RedisCluster, RedisServer, Service, TOKEN};
 
 /// The environment of a fleet instance; `poll_ms`: the re-read period.
 fn fleet_env(url: &str, poll_ms: u64) -> Vec<(&'static str, String)> {
@@ -146,6 +146,71 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_fleet_on_a_redis_cluster_follows_one_state_through_a_node_failure() {
+    let mut cluster = RedisCluster::start();
+    let env = fleet_env(&cluster.url(), 5000);
+    let fleet: Vec<Service> = (0..2).map(|_| start(&env)).collect();
+    converge(&fleet, "fleet version 1", |s| s["fleet"]["version"] == 1);
+    let t0 = Instant::now();
+    fleet[0].put_config(json!({"impl": "redis", "whitelist": ["user"]}));
+    converge(&fleet, "impl redis everywhere", |s| {
+        s["impl"] == "redis" && s["fleet"]["version"] == 2
+    });
+    let flip = t0.elapsed();
+    eprintln!("cluster: PUT on one instance → both serving: {flip:?}");
+    assert!(flip < Duration::from_secs(1), "{flip:?}");
+
+    // An invalidation on one instance reaches the other through the cluster: instance 1 hits the value instance
+    // 0 refilled after its write (its own origin still has the old name).
+    for svc in &fleet {
+        assert_eq!(svc.get("/users/5").1["name"], "User 5");
+    }
+    let (s, _, text) = fleet[0]
+        .request(
+            reqwest::Method::PUT,
+            "/users/5",
+            Some(json!({"name": "Renamed", "email": "r@example.com"})),
+        )
+        .expect("PUT /users/5");
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(fleet[0].get("/users/5").1["name"], "Renamed");
+    let key = cache_rollout::cache::RedisCache::connect_lazy(cache_rollout::cache::RedisOptions {
+        url: cluster.url(),
+        ..Default::default()
+    })
+    .expect("cluster options")
+    .redis_key("user:5");
+    let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let mut conn = redis::cluster::ClusterClient::new(nodes)
+        .and_then(|c| c.get_connection())
+        .expect("a cluster connection");
+    fleet[0].wait_for(
+        || {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query::<i64>(&mut conn)
+                .is_ok_and(|n| n == 1)
+        },
+        "the refill of user:5",
+    );
+    assert_eq!(fleet[1].get("/users/5").1["name"], "Renamed");
+
+    // The node both instances subscribe through (the URL's first, a primary) dies: its replica takes over, the
+    // instances subscribe through another node, and the next change still arrives by notification.
+    drop(conn);
+    cluster.nodes[0].kill();
+    cluster.wait_ok(Duration::from_secs(30));
+    let t0 = Instant::now();
+    fleet[1].put_config(json!({"whitelist": ["user", "project"]}));
+    converge(&fleet, "the change after the failover", |s| {
+        s["whitelist"] == json!(["user", "project"]) && s["fleet"]["version"] == 3
+    });
+    let flip = t0.elapsed();
+    eprintln!("cluster, after a failover: PUT on one instance → both serving: {flip:?}");
+    assert!(flip < Duration::from_secs(1), "{flip:?}");
 }
 
 #[test]

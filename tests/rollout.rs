@@ -325,7 +325,10 @@ async fn no_stale_value_on_a_cluster_even_when_a_primary_is_killed_during_load()
         stale, 0,
         "stale reads in {reads} reads and {writes} writes across the failover"
     );
-    assert!(writes > 100 && reads > 1000, "{reads} reads, {writes} writes");
+    assert!(
+        writes > 100 && reads > 1000,
+        "{reads} reads, {writes} writes"
+    );
     assert!(
         hits_after - hits_before > 100,
         "the cache serves again after the failover: {} hits in the last second",

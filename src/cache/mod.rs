@@ -25,7 +25,8 @@ mod redis;
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
 pub(crate) use self::redis::{
-    node_clients as redis_node_clients, Conn as RedisConn, Ready as RedisReady,
+    cluster_nodes as redis_cluster_nodes, node_clients as redis_node_clients, Conn as RedisConn,
+    Ready as RedisReady,
 };
 pub use self::redis::{RedisCache, RedisOptions};
 

@@ -531,7 +531,9 @@ impl RedisCache {
                             SlotAddr::Master,
                         )),
                     };
-                    let v = c.route_command(wait, RoutingInfo::SingleNode(route)).await?;
+                    let v = c
+                        .route_command(wait, RoutingInfo::SingleNode(route))
+                        .await?;
                     redis::from_redis_value(v).map_err(redis::RedisError::from)
                 }
             }
@@ -678,12 +680,7 @@ impl RedisCache {
                     host: host.clone(),
                     port,
                 });
-                let page = bounded(
-                    &self.opts,
-                    "scan",
-                    cluster.route_command(scan, route),
-                )
-                .await?;
+                let page = bounded(&self.opts, "scan", cluster.route_command(scan, route)).await?;
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(page).map_err(redis::RedisError::from)?;
                 let doomed: Vec<&String> = keys
@@ -1071,7 +1068,9 @@ impl Cache for RedisCache {
             let start = Instant::now();
             // On a cluster the connection sends PING to every node and fails if one does not answer.
             let r: std::result::Result<String, redis::RedisError> = async {
-                redis::cmd("PING").query_async(&mut self.ready().await?).await
+                redis::cmd("PING")
+                    .query_async(&mut self.ready().await?)
+                    .await
             }
             .await;
             match r {

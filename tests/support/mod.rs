@@ -231,9 +231,7 @@ impl RedisCluster {
                     redis::cmd("INFO")
                         .arg("replication")
                         .query::<String>(&mut n.conn())
-                        .map(|i| {
-                            i.contains("role:master") || i.contains("master_link_status:up")
-                        })
+                        .map(|i| i.contains("role:master") || i.contains("master_link_status:up"))
                         .unwrap_or(false)
                 });
             if ok {
