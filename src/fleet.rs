@@ -522,22 +522,8 @@ impl Fleet {
         weak: &crate::registry::WeakRegistry,
         notify: &tokio::sync::mpsc::Sender<()>,
     ) -> Result<()> {
-        let i = self.next_node.load(std::sync::atomic::Ordering::Relaxed) % self.nodes.len();
-        let subscribed = async {
-            let mut pubsub = self.nodes[i].get_async_pubsub().await?;
-            pubsub.subscribe(&self.key).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        }
-        .await;
-        let mut pubsub = match subscribed {
-            Ok(p) => p,
-            Err(e) => {
-                // Next time, the next node (a cluster's node may be down; any node delivers every message).
-                self.next_node
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(e.into());
-            }
-        };
+        let mut pubsub =
+            crate::cache::redis_subscribe(&self.nodes, &self.next_node, &self.key).await?;
         // A change made while unsubscribed is picked up by this read.
         let _ = notify.try_send(());
         let mut stream = pubsub.on_message();

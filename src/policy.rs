@@ -152,6 +152,11 @@ pub struct PatternPolicy {
     /// Deadline of a cache read of this pattern, in milliseconds; `None`: `read_timeout_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_timeout_ms: Option<u64>,
+    /// With `impl = "redis"`: keep this pattern's values also in an in-process L1 in front of Redis, for at most
+    /// this many seconds (1 to 86,400), invalidated on every instance through Redis pub/sub
+    /// ([`TieredCache`](crate::cache::TieredCache)). `None`: no L1. Ignored with another impl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l1_ttl_secs: Option<u64>,
 }
 
 /// Where a tripped rollback sends the traffic.
@@ -313,6 +318,14 @@ impl Policy {
             }
             if let Some(t) = s.read_timeout_ms {
                 check_deadline_ms(&format!("cache.patterns.{p}.read_timeout_ms"), t)?;
+            }
+            if let Some(t) = s.l1_ttl_secs {
+                check_range(
+                    &format!("cache.patterns.{p}.l1_ttl_secs"),
+                    t,
+                    1..=86_400,
+                    "must be between 1 and 86400 seconds",
+                )?;
             }
         }
         check_deadline_ms("cache.read_timeout_ms", self.read_timeout_ms)?;

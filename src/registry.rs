@@ -39,7 +39,8 @@ use serde::Serialize;
 
 use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
 use crate::cache::{
-    Cache, CacheImpl, Health, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
+    Cache, CacheImpl, Health, L1Patterns, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
+    TieredCache,
 };
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
@@ -336,6 +337,15 @@ struct WhitelistShards {
     gets: std::sync::atomic::AtomicU64,
     /// Raw clock reading when it was created.
     since: u64,
+}
+
+/// The patterns of `policy` with an in-process L1, and their L1 TTLs in seconds.
+fn l1_patterns(policy: &Policy) -> L1Patterns {
+    policy
+        .patterns
+        .iter()
+        .filter_map(|(p, pp)| pp.l1_ttl_secs.map(|t| (p.clone(), t)))
+        .collect()
 }
 
 /// The route of a pattern with settings `pp`, whitelisted or not, under its breaker.
@@ -2352,11 +2362,15 @@ impl CacheRegistry {
         redis: &RedisOptions,
     ) -> Result<Arc<dyn Cache>> {
         let same_impl = policy.imp == cur.policy.imp;
-        if same_impl && (policy.imp != CacheImpl::Redis || *redis == cur.redis) {
+        let l1 = l1_patterns(policy);
+        if same_impl
+            && (policy.imp != CacheImpl::Redis
+                || (*redis == cur.redis && l1 == l1_patterns(&cur.policy)))
+        {
             return Ok(Arc::clone(&cur.backend));
         }
-        // The same Redis data behind a new connection (only a timeout changed): everything it holds saw every
-        // invalidation, so it is reconnected but not flushed.
+        // The same Redis data behind a new connection (only a timeout or the L1 patterns changed): everything it
+        // holds saw every invalidation, so it is reconnected but not flushed.
         let same_data = same_impl
             && redis.url == cur.redis.url
             && redis.key_prefix == cur.redis.key_prefix
@@ -2367,7 +2381,17 @@ impl CacheRegistry {
                 self.inner.memory_max_entries,
                 self.inner.memory_max_bytes,
             )),
-            CacheImpl::Redis => Arc::new(RedisCache::connect(redis.clone()).await?),
+            CacheImpl::Redis if l1.is_empty() => {
+                Arc::new(RedisCache::connect(redis.clone()).await?)
+            }
+            CacheImpl::Redis => Arc::new(TieredCache::new(
+                RedisCache::connect(redis.clone()).await?,
+                l1,
+                self.inner.key_patterns.clone(),
+                self.inner.memory_max_entries,
+                self.inner.memory_max_bytes,
+                self.inner.metrics.l1_counts(),
+            )?),
         };
         // Otherwise the new backend missed every invalidation made while it was not active (in this process or a
         // previous one): drop everything it holds under its prefix before it serves anything.

@@ -203,6 +203,8 @@ async fn history_run(
                         0
                     };
                     read(&reg, &origin, &tally, k, pause).await;
+                    // An L1 hit never waits: without this, readers would starve the writers of the runtime.
+                    tokio::task::yield_now().await;
                 }
             }));
         }
@@ -923,4 +925,176 @@ async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() 
         ),
         1.0
     );
+}
+
+/// Options with an in-process L1 (60 s) in front of Redis for `item`.
+fn l1_options(url: &str) -> RegistryOptions {
+    let mut l1 = pattern(Mode::Serve, 100.0);
+    l1.l1_ttl_secs = Some(60);
+    options(CacheImpl::Redis, url, &[("item", l1)])
+}
+
+fn l1_count(reg: &CacheRegistry, result: &str) -> f64 {
+    metric(
+        &reg.metrics().render(),
+        &format!(r#"cache_l1_total{{result="{result}"}}"#),
+    )
+}
+
+/// Waits until every registry's L1 has subscribed to the invalidation channel (its first clear).
+async fn l1_live(regs: &[CacheRegistry]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while regs.iter().any(|r| l1_count(r, "cleared") < 1.0) {
+        assert!(Instant::now() < deadline, "the L1 did not subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `item:{k}` through `reg`, loading `version` from the shared origin; the version read.
+async fn read_version(reg: &CacheRegistry, k: u64, version: &AtomicU64) -> u64 {
+    let item: Result<Item, Infallible> = reg
+        .get_or_load_tagged(&format!("item:{k}"), &["items"], || async {
+            Ok(Item {
+                id: k,
+                version: version.load(Ordering::SeqCst),
+            })
+        })
+        .await;
+    item.expect("infallible").version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_l1_in_front_of_redis_passes_the_history_check() {
+    let server = RedisServer::start();
+    let reg = registry(l1_options(&server.url())).await;
+    l1_live(std::slice::from_ref(&reg)).await;
+    // L1 hits take microseconds: many reads, so that the writers (one write per ~0.7 ms) make enough changes.
+    let tally = history_check(std::slice::from_ref(&reg), 16, 100_000, 0x11AA).await;
+    let (reads, writes, stale) = (
+        tally.reads.load(Ordering::Relaxed),
+        tally.writes.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    let (hits, fills, skipped) = (
+        l1_count(&reg, "hit"),
+        l1_count(&reg, "fill"),
+        l1_count(&reg, "skipped"),
+    );
+    eprintln!("L1: {reads} reads, {writes} writes, {hits} L1 hits, {fills} fills, {skipped} fills skipped");
+    assert_eq!(stale, 0, "stale reads in {reads} reads and {writes} writes");
+    assert!(writes > 100, "{writes} writes");
+    assert!(hits > 1000.0, "the L1 served: {hits} hits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_on_one_instance_reaches_every_instances_l1() {
+    let mut server = RedisServer::start();
+    let regs: Vec<CacheRegistry> =
+        futures_util::future::join_all((0..3).map(|_| registry(l1_options(&server.url())))).await;
+    l1_live(&regs).await;
+    let version = AtomicU64::new(1);
+    // Every instance holds item:1 in its L1: its second read is an L1 hit.
+    for reg in &regs {
+        assert_eq!(read_version(reg, 1, &version).await, 1);
+        let before = l1_count(reg, "hit");
+        assert_eq!(read_version(reg, 1, &version).await, 1);
+        assert_eq!(l1_count(reg, "hit"), before + 1.0, "served from L1");
+    }
+
+    // Written on the origin, invalidated on instance 0: the other two drop their L1 copy when the message arrives.
+    let mut lag = Vec::new();
+    for (round, step) in ["key", "tag", "pattern"].into_iter().enumerate() {
+        let new = version.fetch_add(1, Ordering::SeqCst) + 1;
+        let by = &regs[round % 3];
+        let t0 = Instant::now();
+        match step {
+            "key" => assert!(by.invalidate("item:1").await.expect("invalidate")),
+            "tag" => assert_eq!(by.invalidate_tag("items").await.expect("invalidate_tag"), 1),
+            _ => assert_eq!(
+                by.invalidate_pattern("item")
+                    .await
+                    .expect("invalidate_pattern"),
+                1
+            ),
+        }
+        let returned = t0.elapsed();
+        // The instance that invalidated never serves the old value.
+        assert_eq!(read_version(by, 1, &version).await, new, "{}", step);
+        for reg in &regs {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while read_version(reg, 1, &version).await != new {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: an L1 kept the old value",
+                    step
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let everywhere = t0.elapsed();
+        lag.push((step, returned, everywhere));
+        // And from then on, no instance serves the old value.
+        for _ in 0..50 {
+            for reg in &regs {
+                assert_eq!(read_version(reg, 1, &version).await, new, "{}", step);
+            }
+        }
+    }
+    eprintln!("invalidation returned → every L1 without the old value: {lag:?}");
+    for (what, _, everywhere) in &lag {
+        assert!(
+            *everywhere < Duration::from_secs(1),
+            "{what}: {everywhere:?}"
+        );
+    }
+
+    // Redis gone: the L1 stops being used (no message could reach it), and every read is the loader's.
+    let hits_before: f64 = regs.iter().map(|r| l1_count(r, "hit")).sum();
+    let cleared: Vec<f64> = regs.iter().map(|r| l1_count(r, "cleared")).collect();
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while regs
+        .iter()
+        .zip(&cleared)
+        .any(|(r, c)| l1_count(r, "cleared") < c + 1.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the L1 did not notice the lost subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = version.fetch_add(1, Ordering::SeqCst) + 1;
+    for reg in &regs {
+        assert_eq!(
+            read_version(reg, 1, &version).await,
+            new,
+            "the loader's value"
+        );
+    }
+    let hits_after: f64 = regs.iter().map(|r| l1_count(r, "hit")).sum();
+    assert_eq!(
+        hits_after, hits_before,
+        "no L1 hit without the subscription"
+    );
+    // Back: each L1 subscribes again (starting empty) and serves.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while regs
+        .iter()
+        .zip(&cleared)
+        .any(|(r, c)| l1_count(r, "cleared") < c + 2.0)
+    {
+        assert!(Instant::now() < deadline, "the L1 did not subscribe again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for reg in &regs {
+        let hits = l1_count(reg, "hit");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while l1_count(reg, "hit") == hits {
+            assert_eq!(read_version(reg, 1, &version).await, new);
+            assert!(Instant::now() < deadline, "the L1 serves again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -21,14 +21,16 @@ use crate::error::Result;
 mod memory;
 mod null;
 mod redis;
+mod tiered;
 
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
 pub(crate) use self::redis::{
-    cluster_nodes as redis_cluster_nodes, node_clients as redis_node_clients, Conn as RedisConn,
-    Ready as RedisReady,
+    cluster_nodes as redis_cluster_nodes, node_clients as redis_node_clients,
+    subscribe as redis_subscribe, Conn as RedisConn, Ready as RedisReady,
 };
 pub use self::redis::{RedisCache, RedisOptions};
+pub use self::tiered::{L1Patterns, TieredCache, L1_RESULTS};
 
 /// Which backend: the value of `CACHE_IMPL`, and the `impl` label of every metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

@@ -355,7 +355,50 @@ pub(crate) fn node_clients(opts: &RedisOptions) -> Result<Vec<redis::Client>> {
     }
 }
 
+/// Subscribes to `channel` through one of `nodes` (a cluster delivers every `PUBLISH` on every node), starting
+/// with node `next` and moving `next` on after a failure, so the next attempt tries another node.
+///
+/// # Errors
+/// [`Error::Redis`] when that node cannot be reached or refuses.
+pub(crate) async fn subscribe(
+    nodes: &[redis::Client],
+    next: &std::sync::atomic::AtomicUsize,
+    channel: &str,
+) -> Result<redis::aio::PubSub> {
+    use std::sync::atomic::Ordering;
+    let i = next.load(Ordering::Relaxed) % nodes.len().max(1);
+    let Some(node) = nodes.get(i) else {
+        return Err(Error::config(
+            "REDIS_URL",
+            "",
+            "no node to subscribe through",
+        ));
+    };
+    let subscribed = async {
+        let mut pubsub = node.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    }
+    .await;
+    subscribed.map_err(|e| {
+        next.fetch_add(1, Ordering::Relaxed);
+        e.into()
+    })
+}
+
 impl RedisCache {
+    /// `PUBLISH`es `message` on `channel`, within `response_timeout`.
+    ///
+    /// # Errors
+    /// Redis failures and the deadline ([`Error::Redis`], [`Error::Timeout`]).
+    pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<()> {
+        let _: i64 = bounded(&self.opts, "publish", async {
+            self.ready().await?.publish(channel, message).await
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Connects now, and fails if Redis (a single server, or a cluster's slot map) cannot be reached within
     /// `connect_timeout`.
     ///

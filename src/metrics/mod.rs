@@ -102,6 +102,7 @@ pub struct Metrics {
     value_size: HistogramVec,
     enabled: IntGaugeVec,
     fleet_version: prometheus::IntGauge,
+    l1: IntCounterVec,
     swaps: IntCounterVec,
     invalidate: IntCounterVec,
     candidate_requests: IntCounterVec,
@@ -203,6 +204,15 @@ impl Metrics {
         registry
             .register(Box::new(fleet_version.clone()))
             .expect("fresh registry");
+        let l1 = counter(
+            "cache_l1_total",
+            "In-process L1 in front of Redis: hits, fills, fills skipped for an invalidation in flight, entries \
+             invalidated by a message, whole-L1 clears.",
+            &["result"],
+        );
+        for result in crate::cache::L1_RESULTS {
+            l1.with_label_values(&[result]);
+        }
         let fast = |name: &str, help: &str, labels: &[&str]| {
             let h = Arc::new(
                 DurationHistogramVec::new(name, help, labels).expect("valid histogram definition"),
@@ -290,6 +300,7 @@ impl Metrics {
             value_size,
             enabled,
             fleet_version,
+            l1,
             swaps,
             invalidate,
             candidate_requests,
@@ -369,6 +380,11 @@ impl Metrics {
                 .with_label_values(&[i.as_str()])
                 .set(i64::from(enabled && i == active));
         }
+    }
+
+    /// The `cache_l1_total` counter, by result, for a [`TieredCache`](crate::cache::TieredCache).
+    pub(crate) fn l1_counts(&self) -> IntCounterVec {
+        self.l1.clone()
     }
 
     pub(crate) fn set_fleet_version(&self, version: u64) {
