@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run: redis-server (every Redis test), openssl (the rediss:// test's certificates),
+# Debian packages the tests run: redis-server (every Redis test), redis-tools (redis-cli: the cluster tests join their
+# nodes with `redis-cli --cluster create`), openssl (the rediss:// test's certificates),
 # procps (the kill binary the fault tests stop and resume redis-server with; `type -P` skips the shell builtin) and
 # prometheus (prometheus and promtool: tests/prometheus.rs checks the shipped rules and dashboard against it).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 type -P kill >/dev/null 2>&1 || missing+=(procps)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)

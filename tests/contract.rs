@@ -358,6 +358,31 @@ async fn redis_cluster_keys_spread_over_every_primary_and_pattern_deletion_scans
             "{key}: a pattern deletion revokes every lease granted before it"
         );
     }
+    // A tag invalidation interrupted after it took the members (a crash, a cancelled call) leaves them in the tag's
+    // pending set; the next invalidation of the tag deletes them.
+    let team = ["team:9".to_string()];
+    c.set_tagged("t:9", Bytes::from_static(b"v"), Some(ttl), &team)
+        .await
+        .expect("set_tagged");
+    let tk = c.tag_key("team:9");
+    let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let mut cc = redis::cluster::ClusterClient::new(nodes)
+        .and_then(|c| c.get_connection())
+        .expect("a cluster connection");
+    let () = redis::cmd("RENAME")
+        .arg(&tk)
+        .arg(format!("{tk} ~pending"))
+        .query(&mut cc)
+        .expect("the set made pending, as an interrupted invalidation leaves it");
+    assert!(c.get("t:9").await.expect("get").is_some());
+    assert_eq!(c.invalidate_tag("team:9").await.expect("invalidate_tag"), 1);
+    assert_eq!(c.get("t:9").await.expect("get"), None);
+    let pending: i64 = redis::cmd("EXISTS")
+        .arg(format!("{tk} ~pending"))
+        .query(&mut cc)
+        .expect("exists");
+    assert_eq!(pending, 0, "nothing left pending");
+
     // A flush removes the rest but never a generation (a lease of generation 0 would be valid again).
     let t = std::time::Instant::now();
     c.delete_matching("", &|_| true).await.expect("flush");

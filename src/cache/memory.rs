@@ -131,6 +131,16 @@ impl MemoryCache {
         }
     }
 
+    /// Drops every entry and tag record at once (moka's `invalidate_all`: no walk over the entries). Leases stay:
+    /// only [`delete`](Cache::delete) and [`delete_matching`](Cache::delete_matching) revoke them.
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+        self.tags
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Number of entries (approximate until moka's pending maintenance has run).
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()

@@ -113,6 +113,24 @@ return 1
     )
 });
 
+/// Cluster only: moves the members of the tag set KEYS[1] into its pending set KEYS[2] (same slot) and returns every
+/// pending member. The pending set lives until its members are deleted.
+static TAG_TAKE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
+return redis.call('SMEMBERS', KEYS[2])
+",
+    )
+});
+
+/// Suffix of a cluster tag's pending set (members taken by an invalidation and not yet deleted).
+const PENDING_SUFFIX: &str = " ~pending";
+
 /// Deletes a tag's entries and their leases. KEYS: tag set; ARGV: namespace prefix, lease suffix.
 static INVALIDATE_TAG: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -485,9 +503,18 @@ impl RedisCache {
         }
     }
 
-    /// The Redis key of the set of keys recorded under `tag`.
+    /// The Redis key of the set of keys recorded under `tag`: `key_prefix ~tag:tag`; on a cluster
+    /// `key_prefix ~tag:{T}tag`, in the slot `tag` hashes to (so that the set and its pending set share one).
     pub fn tag_key(&self, tag: &str) -> String {
-        format!("{}{TAG_PREFIX}{tag}", self.opts.key_prefix)
+        if self.is_cluster() {
+            format!(
+                "{}{TAG_PREFIX}{{{}}}{tag}",
+                self.opts.key_prefix,
+                slot_tag(tag)
+            )
+        } else {
+            format!("{}{TAG_PREFIX}{tag}", self.opts.key_prefix)
+        }
     }
 
     /// The application's key of a Redis key found by a scan (the prefix and a cluster hash tag taken off), or the
@@ -541,21 +568,23 @@ impl RedisCache {
             let ms = &ms;
             async move {
                 let mut inv = TAG_ADD.prepare_invoke();
-                inv.key(self.tag_key(t)).arg(key).arg(ms);
+                let tk = self.tag_key(t);
+                inv.key(&tk).arg(key).arg(ms);
                 let _: i64 = bounded(&self.opts, "tag", async {
                     inv.invoke_async(&mut self.ready().await?).await
                 })
                 .await?;
-                Ok::<_, Error>(())
+                // The membership must survive a failover as much as the entry does.
+                self.replicated(Some(tk), None).await
             }
         }))
         .await?;
         Ok(())
     }
 
-    /// With `wait_replicas`, waits until that many replicas of the node holding `key` (a single Redis: of the
-    /// server; `None` on a cluster: of the node at that address) have every write made so far.
-    async fn replicated(&self, key: Option<&str>, node: Option<(String, u16)>) -> Result<()> {
+    /// With `wait_replicas`, waits until that many replicas of the server (a single Redis), or on a cluster of the
+    /// primary holding the Redis key `on` (or else of the node at `node`), have every write made so far.
+    async fn replicated(&self, on: Option<String>, node: Option<(String, u16)>) -> Result<()> {
         let want = self.opts.wait_replicas;
         if want == 0 {
             return Ok(());
@@ -567,10 +596,10 @@ impl RedisCache {
             match self.ready().await? {
                 Ready::Single(mut c) => wait.query_async(&mut c).await,
                 Ready::Cluster(mut c) => {
-                    let route = match (node, key) {
+                    let route = match (node, on) {
                         (Some((host, port)), _) => SingleNodeRoutingInfo::ByAddress { host, port },
                         (None, k) => SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-                            self.redis_key(k.unwrap_or("")),
+                            k.unwrap_or_default(),
                             SlotAddr::Master,
                         )),
                     };
@@ -601,18 +630,21 @@ impl RedisCache {
             pipe.query_async(&mut self.ready().await?).await
         })
         .await?;
-        self.replicated(Some(key), None).await?;
+        self.replicated(Some(self.redis_key(key)), None).await?;
         Ok(n > 0)
     }
 
-    /// Cluster: [`Cache::invalidate_tag`]. Takes the members out of the set, then deletes each entry and its lease;
-    /// members whose deletion failed are put back, so that a retry finds them.
+    /// Cluster: [`Cache::invalidate_tag`]. Moves the members into the tag's pending set (one slot, one script), then
+    /// deletes each entry and its lease, then takes the deleted ones out of the pending set. Members whose deletion
+    /// failed (or that an interrupted invalidation left) stay pending, and the next invalidation of the tag deletes
+    /// them.
     async fn invalidate_tag_cluster(&self, tag: &str) -> Result<u64> {
         let tk = self.tag_key(tag);
-        let mut pipe = redis::pipe();
-        pipe.atomic().smembers(&tk).del(&tk).ignore();
-        let (members,): (Vec<String>,) = bounded(&self.opts, "invalidate_tag", async {
-            pipe.query_async(&mut self.ready().await?).await
+        let pending = format!("{tk}{PENDING_SUFFIX}");
+        let mut inv = TAG_TAKE.prepare_invoke();
+        inv.key(&tk).key(&pending);
+        let members: Vec<String> = bounded(&self.opts, "invalidate_tag", async {
+            inv.invoke_async(&mut self.ready().await?).await
         })
         .await?;
         let results: Vec<(String, Result<bool>)> = futures_util::stream::iter(members)
@@ -624,30 +656,28 @@ impl RedisCache {
             .collect()
             .await;
         let mut deleted = 0;
-        let mut failed = Vec::new();
+        let mut done = Vec::new();
         let mut error = None;
         for (m, r) in results {
             match r {
-                Ok(true) => deleted += 1,
-                Ok(false) => {}
+                Ok(present) => {
+                    deleted += u64::from(present);
+                    done.push(m);
+                }
                 Err(e) => {
-                    failed.push(m);
                     error.get_or_insert(e);
                 }
             }
         }
+        if !done.is_empty() {
+            let _: i64 = bounded(&self.opts, "invalidate_tag", async {
+                self.ready().await?.srem(&pending, &done).await
+            })
+            .await?;
+        }
         match error {
             None => Ok(deleted),
-            Some(e) => {
-                let put_back: Result<i64> = bounded(&self.opts, "invalidate_tag", async {
-                    self.ready().await?.sadd(&tk, &failed).await
-                })
-                .await;
-                if let Err(again) = put_back {
-                    tracing::warn!(tag, error = %again, members = failed.len(), "tag members whose deletion failed could not be put back: a retry will not find them");
-                }
-                Err(e)
-            }
+            Some(e) => Err(e),
         }
     }
 
@@ -670,7 +700,7 @@ impl RedisCache {
         let ranges = slot_ranges(slots)?;
         // Every slot's generation, in pipelines of 1,024 INCRs sent to the primary that holds the slots.
         let mut batches = Vec::new();
-        for (first, last, host, port) in &ranges {
+        for (first, last, ..) in &ranges {
             let slots: Vec<u16> = (*first..=*last).collect();
             for chunk in slots.chunks(1024) {
                 let mut pipe = redis::pipe();
@@ -678,14 +708,16 @@ impl RedisCache {
                     let tag = Slot::new(*slot).map_or("", |s| &*SLOT_TAGS[&s]);
                     pipe.incr(format!("{} ~gen{{{tag}}}", self.opts.key_prefix), 1);
                 }
-                batches.push((pipe, chunk.len(), host.clone(), *port));
+                batches.push((pipe, chunk.len(), chunk[0]));
             }
         }
         futures_util::stream::iter(batches)
-            .map(|(pipe, n, host, port)| {
+            .map(|(pipe, n, slot)| {
                 let mut cluster = cluster.clone();
                 async move {
-                    let route = SingleNodeRoutingInfo::ByAddress { host, port };
+                    // By slot: the connection's own slot map (and its redirections) pick the primary.
+                    let route =
+                        SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
                     let replies = bounded(
                         &self.opts,
                         "scan",
@@ -763,7 +795,7 @@ fn slot_ranges(slots: redis::Value) -> Result<Vec<(u16, u16, String, u16)>> {
     fn parse<T: redis::FromRedisValue>(v: redis::Value) -> Result<T> {
         Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
     }
-    let mut out = Vec::new();
+    let mut out: Vec<(u16, u16, String, u16)> = Vec::new();
     for range in parse::<Vec<Vec<redis::Value>>>(slots)? {
         let mut range = range.into_iter();
         let (Some(first), Some(last), Some(primary)) = (range.next(), range.next(), range.next())
@@ -775,6 +807,21 @@ fn slot_ranges(slots: redis::Value) -> Result<Vec<(u16, u16, String, u16)>> {
             continue;
         };
         out.push((parse(first)?, parse(last)?, parse(host)?, parse(port)?));
+    }
+    // Every slot must be covered, or some leases would not be revoked and some keys not scanned.
+    let covered: u32 = out
+        .iter()
+        .map(|(first, last, ..)| u32::from(last.saturating_sub(*first)) + 1)
+        .sum();
+    if covered != 16_384
+        || out
+            .iter()
+            .any(|(.., host, _)| host.is_empty() || host == "?")
+    {
+        return Err(Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "CLUSTER SLOTS does not cover every slot with an addressed primary (the cluster is changing)",
+        ))));
     }
     Ok(out)
 }
@@ -942,7 +989,7 @@ impl Cache for RedisCache {
                     return Err(e);
                 }
             }
-            self.replicated(Some(key), None).await
+            self.replicated(Some(self.redis_key(key)), None).await
         }
         .traced("set_tagged", CacheImpl::Redis, key)
     }
@@ -997,7 +1044,9 @@ impl Cache for RedisCache {
             if self.is_cluster() && !tags.is_empty() {
                 // Again before the fill, for the entry's TTL (and in case a tag invalidation took the set since
                 // the lease: then it also revoked the lease, and the fill below is refused).
-                self.tags_add(key, tags, Some(ttl)).await?;
+                // Recorded before the entry is stored: one deadline longer, so the set outlives the entry.
+                self.tags_add(key, tags, Some(ttl + self.opts.response_timeout))
+                    .await?;
             }
             let mut inv = self.invocation(&SET_LEASED, key, tags);
             inv.arg(token).arg(value.as_ref()).arg(millis(ttl)).arg(key);

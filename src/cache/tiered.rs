@@ -3,17 +3,21 @@
 //!
 //! - **Reads** of an L1 pattern look in L1 first; a miss reads Redis (with its lease, as without L1) and keeps the
 //!   value in L1 for at most the pattern's `l1_ttl_secs`.
-//! - **Writes and invalidations** go to Redis first, then drop the key from this instance's L1, then `PUBLISH` the
-//!   key on the channel `<key_prefix> ~l1`; every other instance drops it from its L1 when the message arrives. Tag
-//!   invalidations and pattern deletions publish "everything": the receivers empty their L1 (an L1 entry does not
-//!   know its tags).
+//! - **Writes and invalidations** go to Redis first, then (even when Redis failed: it may have changed all the same)
+//!   drop the key from this instance's L1, then `PUBLISH` the key on the channel `<key_prefix> ~l1`; every other
+//!   instance drops it from its L1 when the message arrives. A failed `PUBLISH` fails the write or invalidation, so
+//!   the caller retries it. Tag invalidations and pattern deletions publish "everything": the receivers empty their
+//!   L1 (an L1 entry does not know its tags).
 //! - **The stale-set race in L1**: a value read from Redis just before another instance's invalidation, and put in
 //!   L1 just after its message, would stay there. Every message moves an invalidation sequence number under a write
 //!   lock; a value is put in L1 only under the read lock and only if the sequence has not moved since before the
 //!   Redis read. (Conservative: any message, of any key, skips the fills in flight.)
 //! - **Lost messages**: pub/sub delivers at most once. While the subscription is down, L1 is not read and not
 //!   filled, and it is emptied when the subscription (re)starts, so a message missed meanwhile cannot leave an old
-//!   value behind.
+//!   value behind. A dead subscription is noticed when its connection closes, or within about 2 s by a `PING`
+//!   (sent every second, answered within a second); until then L1 is still read.
+//! - **Every instance needs the same L1 patterns**: an instance publishes only the invalidations of its own L1
+//!   patterns. The fleet state (`[cache.fleet]`) keeps the policy the same everywhere.
 //!
 //! What it does not promise: on *another* instance, the old value can be served from L1 until the message arrives
 //! (the pub/sub delivery time; measured in `docs/scaling.md`). The instance that invalidated never serves it, and no
@@ -203,7 +207,7 @@ impl Inner {
                 }
             }
             None => {
-                let _ = self.l1.delete_matching("", &|_| true).await;
+                self.l1.clear();
                 self.counts.with_label_values(&["cleared"]).inc();
             }
         }
@@ -305,11 +309,12 @@ impl Cache for TieredCache {
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<()>> {
         async move {
-            self.inner.l2.set_tagged(key, value, ttl, tags).await?;
+            // Whatever Redis answered (a failed call may still have changed it), the L1 copies go.
+            let stored = self.inner.l2.set_tagged(key, value, ttl, tags).await;
             if self.l1_ttl(key).is_some() {
                 self.invalidate_everywhere(Some(key)).await?;
             }
-            Ok(())
+            stored
         }
         .boxed()
     }
@@ -368,20 +373,20 @@ impl Cache for TieredCache {
 
     fn invalidate_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<u64>> {
         async move {
-            let n = self.inner.l2.invalidate_tag(tag).await?;
+            let n = self.inner.l2.invalidate_tag(tag).await;
             self.invalidate_everywhere(None).await?;
-            Ok(n)
+            n
         }
         .boxed()
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool>> {
         async move {
-            let present = self.inner.l2.delete(key).await?;
+            let present = self.inner.l2.delete(key).await;
             if self.l1_ttl(key).is_some() {
                 self.invalidate_everywhere(Some(key)).await?;
             }
-            Ok(present)
+            present
         }
         .boxed()
     }
@@ -392,9 +397,9 @@ impl Cache for TieredCache {
         belongs: &'a (dyn Fn(&str) -> bool + Send + Sync),
     ) -> BoxFuture<'a, Result<u64>> {
         async move {
-            let n = self.inner.l2.delete_matching(prefix, belongs).await?;
+            let n = self.inner.l2.delete_matching(prefix, belongs).await;
             self.invalidate_everywhere(None).await?;
-            Ok(n)
+            n
         }
         .boxed()
     }
