@@ -39,6 +39,19 @@ fn converge(fleet: &[Service], what: &str, ok: impl Fn(&Value) -> bool) -> Durat
     t0.elapsed()
 }
 
+/// `PUT /users/5` (a new name) on `svc`, which invalidates `user:5`; then `svc` reads the new name.
+fn rename_user_5(svc: &Service) {
+    let (s, _, text) = svc
+        .request(
+            reqwest::Method::PUT,
+            "/users/5",
+            Some(json!({"name": "Renamed", "email": "r@example.com"})),
+        )
+        .expect("PUT /users/5");
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(svc.get("/users/5").1["name"], "Renamed");
+}
+
 fn counter(svc: &Service, series: &str) -> f64 {
     metric(&svc.get("/metrics").2, series)
 }
@@ -75,15 +88,7 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
     }
     let hits_before: f64 = fleet.iter().map(|s| counter(s, hits)).sum();
     assert!(hits_before >= 2.0, "{hits_before}");
-    let (s, _, text) = fleet[0]
-        .request(
-            reqwest::Method::PUT,
-            "/users/5",
-            Some(json!({"name": "Renamed", "email": "r@example.com"})),
-        )
-        .expect("PUT /users/5");
-    assert_eq!(s, 200, "{text}");
-    assert_eq!(fleet[0].get("/users/5").1["name"], "Renamed");
+    rename_user_5(&fleet[0]);
     // The fill may finish just after instance 0 answered: wait for it, or the others would load from their own
     // origins.
     let mut conn = redis.conn();
@@ -168,15 +173,7 @@ fn a_fleet_on_a_redis_cluster_follows_one_state_through_a_node_failure() {
     for svc in &fleet {
         assert_eq!(svc.get("/users/5").1["name"], "User 5");
     }
-    let (s, _, text) = fleet[0]
-        .request(
-            reqwest::Method::PUT,
-            "/users/5",
-            Some(json!({"name": "Renamed", "email": "r@example.com"})),
-        )
-        .expect("PUT /users/5");
-    assert_eq!(s, 200, "{text}");
-    assert_eq!(fleet[0].get("/users/5").1["name"], "Renamed");
+    rename_user_5(&fleet[0]);
     let key = cache_rollout::cache::RedisCache::connect_lazy(cache_rollout::cache::RedisOptions {
         url: cluster.url(),
         ..Default::default()

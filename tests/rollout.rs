@@ -101,14 +101,21 @@ struct Origin {
     versions: Vec<AtomicU64>,
     committed: Vec<AtomicU64>,
     loads: AtomicUsize,
+    /// Readers store `item:k` under the tag `row:k`, and writers invalidate that tag instead of the key.
+    tagged: bool,
 }
 
 impl Origin {
     fn new(keys: usize) -> Arc<Self> {
+        Self::with_tags(keys, false)
+    }
+
+    fn with_tags(keys: usize, tagged: bool) -> Arc<Self> {
         Arc::new(Origin {
             versions: (0..keys).map(|_| AtomicU64::new(1)).collect(),
             committed: (0..keys).map(|_| AtomicU64::new(1)).collect(),
             loads: AtomicUsize::new(0),
+            tagged,
         })
     }
 }
@@ -133,8 +140,10 @@ async fn read(
 ) -> Duration {
     let floor = origin.committed[k].load(Ordering::SeqCst);
     let start = Instant::now();
+    let tag = format!("row:{k}");
+    let tags: &[&str] = if origin.tagged { &[&tag] } else { &[] };
     let got: Result<Item, Infallible> = reg
-        .get_or_load(&format!("item:{k}"), || async {
+        .get_or_load_tagged(&format!("item:{k}"), tags, || async {
             origin.loads.fetch_add(1, Ordering::Relaxed);
             let v = origin.versions[k].load(Ordering::SeqCst);
             if pause_micros > 0 {
@@ -160,7 +169,15 @@ async fn read(
 /// invalidation that failed has not committed: the caller knows, see `invalidate`'s docs).
 async fn write(reg: &CacheRegistry, origin: &Origin, tally: &Tally, k: usize) {
     let v = origin.versions[k].fetch_add(1, Ordering::SeqCst) + 1;
-    while reg.invalidate(&format!("item:{k}")).await.is_err() {
+    loop {
+        let done = if origin.tagged {
+            reg.invalidate_tag(&format!("row:{k}")).await.map(|_| ())
+        } else {
+            reg.invalidate(&format!("item:{k}")).await.map(|_| ())
+        };
+        if done.is_ok() {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     origin.committed[k].fetch_max(v, Ordering::SeqCst);
@@ -170,7 +187,7 @@ async fn write(reg: &CacheRegistry, origin: &Origin, tally: &Tally, k: usize) {
 /// Randomized concurrent history check: `readers` tasks per registry and `writers` tasks share `keys` keys for
 /// `ops` reads; every read is checked against the versions whose invalidation had returned when it started.
 async fn history_check(regs: &[CacheRegistry], keys: usize, ops: u64, seed: u64) -> Arc<Tally> {
-    history_run(regs, keys, Arc::new(AtomicU64::new(ops)), seed).await
+    history_run(regs, keys, Arc::new(AtomicU64::new(ops)), seed, false).await
 }
 
 /// [`history_check`] until `limit` reads, a limit the caller may change while it runs.
@@ -179,8 +196,9 @@ async fn history_run(
     keys: usize,
     limit: Arc<AtomicU64>,
     seed: u64,
+    tagged: bool,
 ) -> Arc<Tally> {
-    let origin = Origin::new(keys);
+    let origin = Origin::with_tags(keys, tagged);
     let tally = Arc::new(Tally::default());
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -289,12 +307,40 @@ async fn no_stale_value_on_a_cluster_even_when_a_primary_is_killed_during_load()
     assert_eq!(stale, 0, "stale reads in {reads} reads and {writes} writes");
     assert!(hits > 500, "the cluster served: {hits} hits");
 
+    // The same with tags, whose sets live in other slots than their keys: every value is stored under a tag, and
+    // every write invalidates the tag, not the key.
+    let revoked = |r: &CacheRegistry| {
+        metric(
+            &r.metrics().render(),
+            r#"cache_lease_total{impl="redis",result="revoked"}"#,
+        )
+    };
+    let revoked_before = revoked(&a) + revoked(&b);
+    // The first run's entries carry no tag (a tag invalidation would never reach them): start empty.
+    a.invalidate_pattern("item")
+        .await
+        .expect("invalidate_pattern");
+    let limit = Arc::new(AtomicU64::new(8_000));
+    let tally = history_run(&regs, 16, limit, 0x7A65, true).await;
+    let (reads, writes, stale) = (
+        tally.reads.load(Ordering::Relaxed),
+        tally.writes.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    let refused = revoked(&a) + revoked(&b) - revoked_before;
+    eprintln!("cluster, tags: {reads} reads, {writes} writes, {refused} fills refused by a tag invalidation");
+    assert_eq!(
+        stale, 0,
+        "stale reads in {reads} reads and {writes} tag invalidations"
+    );
+    assert!(writes > 100, "{writes} tag invalidations");
+
     // Then a primary SIGKILLed under load. Its replica takes over after the node timeout; the killed node comes
     // back (empty) and rejoins as the new primary's replica. The load runs through all of it.
     let limit = Arc::new(AtomicU64::new(u64::MAX));
     let load = {
         let (regs, limit) = (regs.clone(), limit.clone());
-        tokio::spawn(async move { history_run(&regs, 16, limit, 0xDEAD).await })
+        tokio::spawn(async move { history_run(&regs, 16, limit, 0xDEAD, false).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let victim = cluster.primaries()[0];

@@ -527,6 +527,26 @@ impl RedisCache {
         k
     }
 
+    /// The keys of a scan page that a pattern deletion removes: those whose application key `belongs` (a lease goes
+    /// with its key; a tag set only with a flush, since `belongs` never accepts a name with a space otherwise:
+    /// patterns cannot contain one), never a lease generation (a lease of generation 0 would be valid again).
+    fn doomed<'k>(
+        &self,
+        keys: &'k [String],
+        belongs: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Vec<&'k String> {
+        let generation = format!("{} ~gen", self.opts.key_prefix);
+        keys.iter()
+            .filter(|k| {
+                if k.starts_with(&generation) {
+                    return false;
+                }
+                let k = self.app_key(k);
+                belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
+            })
+            .collect()
+    }
+
     /// The `SCAN MATCH` glob for the keys (and leases) whose application key starts with `prefix`.
     fn scan_glob(&self, prefix: &str) -> String {
         let mut g = glob_escape(&self.opts.key_prefix);
@@ -740,7 +760,6 @@ impl RedisCache {
             }
         }
         let glob = self.scan_glob(prefix);
-        let generation = format!("{} ~gen", self.opts.key_prefix);
         let mut deleted = 0u64;
         for (host, port) in primaries {
             let mut cursor: u64 = 0;
@@ -758,16 +777,7 @@ impl RedisCache {
                 let page = bounded(&self.opts, "scan", cluster.route_command(scan, route)).await?;
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(page).map_err(redis::RedisError::from)?;
-                let doomed: Vec<&String> = keys
-                    .iter()
-                    .filter(|k| {
-                        if k.starts_with(&generation) {
-                            return false; // never reset: a lease of generation 0 would be valid again
-                        }
-                        let k = self.app_key(k);
-                        belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
-                    })
-                    .collect();
+                let doomed = self.doomed(&keys, belongs);
                 if !doomed.is_empty() {
                     // Keys of many slots: the cluster connection splits the command by slot.
                     let n: u64 = bounded(&self.opts, "scan", async {
@@ -1126,18 +1136,7 @@ impl Cache for RedisCache {
                     .arg(1000);
                 let (next, keys): (u64, Vec<String>) =
                     bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
-                // A lease goes with its key; a tag set only with a flush (`belongs` never accepts a name with a
-                // space otherwise, since patterns cannot contain one).
-                let doomed: Vec<&String> = keys
-                    .iter()
-                    .filter(|k| {
-                        if **k == generation {
-                            return false; // never reset: a lease of generation 0 would be valid again
-                        }
-                        let k = self.app_key(k);
-                        belongs(k.strip_suffix(LEASE_SUFFIX).unwrap_or(k))
-                    })
-                    .collect();
+                let doomed = self.doomed(&keys, belongs);
                 if !doomed.is_empty() {
                     let n: u64 = bounded(&self.opts, "scan", async {
                         redis::cmd("UNLINK").arg(&doomed).query_async(&mut c).await
