@@ -283,18 +283,39 @@ impl Conn {
             })));
         }
         let client = single_client(opts, ca)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(response_timeout))
-            // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
-            // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast
-            // and fall back to the loader rather than queue behind a long back-off.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
         Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
-            client, cfg,
+            client,
+            manager_config(connect_timeout, response_timeout),
         )?))
+    }
+
+    /// As [`lazy`](Self::lazy), but connected now: a single Redis within `connect_timeout` (the manager's own
+    /// connection deadline), a cluster's slot map and nodes within `connect_timeout` overall.
+    ///
+    /// # Errors
+    /// As [`lazy`](Self::lazy), and [`Error::Redis`] or [`Error::Timeout`] when Redis cannot be reached.
+    pub(crate) async fn eager(
+        opts: &RedisOptions,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Conn> {
+        if cluster_nodes(&opts.url)?.is_some() {
+            let conn = Self::lazy(opts, connect_timeout, response_timeout)?;
+            super::within(connect_timeout, "connect", async {
+                Ok(conn.ready().await?)
+            })
+            .await?;
+            return Ok(conn);
+        }
+        check_prefix(opts)?;
+        let client = single_client(opts, read_ca(opts)?)?;
+        Ok(Conn::Single(
+            ConnectionManager::new_with_config(
+                client,
+                manager_config(connect_timeout, response_timeout),
+            )
+            .await?,
+        ))
     }
 
     /// The open connection, connecting a cluster first if it is not yet (concurrent callers wait for one attempt;
@@ -311,6 +332,21 @@ impl Conn {
             }
         }
     }
+}
+
+fn manager_config(
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout))
+        // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
+        // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast and
+        // fall back to the loader rather than queue behind a long back-off.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100))
 }
 
 /// The nodes of a `redis+cluster://` or `rediss+cluster://` URL as one `redis://` (`rediss://`) URL each, with
@@ -425,22 +461,9 @@ impl RedisCache {
     /// than `connect_timeout`; [`Error::Io`] for an unreadable `tls_ca_file`; [`Error::Config`] for an empty
     /// `key_prefix`, a cluster URL without nodes, or a `key_prefix` with `{` or `}` on a cluster.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
-        let cache = Self::connect_lazy(opts)?;
-        let budget = cache.opts.connect_timeout;
-        match &cache.conn {
-            Conn::Single(c) => {
-                // The manager reconnects on demand; a PING within the connect deadline is the eager check.
-                let mut c = c.clone();
-                super::within(budget, "connect", async {
-                    Ok(redis::cmd("PING").query_async::<String>(&mut c).await?)
-                })
-                .await?;
-            }
-            Conn::Cluster(_) => {
-                super::within(budget, "connect", async { Ok(cache.conn.ready().await?) }).await?;
-            }
-        }
-        Ok(cache)
+        check_cluster_prefix(&opts)?;
+        let conn = Conn::eager(&opts, opts.connect_timeout, opts.response_timeout).await?;
+        Ok(RedisCache { conn, opts })
     }
 
     /// Connects on first use and keeps retrying in the background; calls fail (and fall back) until it succeeds.
@@ -448,14 +471,8 @@ impl RedisCache {
     /// # Errors
     /// As [`connect`](Self::connect), except for the unreachable server.
     pub fn connect_lazy(opts: RedisOptions) -> Result<Self> {
+        check_cluster_prefix(&opts)?;
         let conn = Conn::lazy(&opts, opts.connect_timeout, opts.response_timeout)?;
-        if matches!(conn, Conn::Cluster(_)) && opts.key_prefix.contains(['{', '}']) {
-            return Err(Error::config(
-                "cache.redis.key_prefix",
-                &opts.key_prefix,
-                "must not contain { or } on a cluster (it would become every key's hash tag: one slot for all)",
-            ));
-        }
         Ok(RedisCache { conn, opts })
     }
 
@@ -859,6 +876,17 @@ fn slot_tag(key: &str) -> &'static str {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn check_cluster_prefix(opts: &RedisOptions) -> Result<()> {
+    if cluster_nodes(&opts.url)?.is_some() && opts.key_prefix.contains(['{', '}']) {
+        return Err(Error::config(
+            "cache.redis.key_prefix",
+            &opts.key_prefix,
+            "must not contain { or } on a cluster (it would become every key's hash tag: one slot for all)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_prefix(opts: &RedisOptions) -> Result<()> {
