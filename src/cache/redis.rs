@@ -19,16 +19,17 @@
 //! | entry of `key` | `cr:key` | `cr:{T}key`, `T` a short tag that hashes to `key`'s own slot |
 //! | its lease | `cr:key ~lease` | `cr:{T}key ~lease` (same slot) |
 //! | lease generation | `cr: ~gen`, one | `cr: ~gen{T}`, one per slot (16,384 keys once a deletion ran) |
-//! | set of a tag's keys | `cr: ~tag:t` | `cr: ~tag:t` (its own slot) |
+//! | set of a tag's keys | `cr: ~tag:t` | `cr: ~tag:{T}t` in the slot of `t`, with its pending hash `… ~pending` |
 //!
 //! `T` is chosen so that `cr:{T}key` lands in the slot `key` itself hashes to (a `{...}` hash tag in the
 //! application's key is honoured), so keys spread over the cluster as they would without the prefix.
 //!
-//! Tags live in other slots than their keys, so on a cluster a tagged write first records the key in the tag's set
-//! (and extends the set's TTL), then writes the entry; a tag invalidation first takes the members out of the set,
-//! then deletes each entry and its lease (and puts the members back if a deletion failed, so a retry finds them).
-//! A fill whose lease was granted before the invalidation is refused either way. Pattern deletion increments every
-//! slot's generation, then scans every primary.
+//! Tags live in other slots than their keys, so on a cluster a lease with tags first records the key in the tags'
+//! sets, a fill records it again before it stores, and an application write records it after it stores. A tag
+//! invalidation moves the members into the tag's pending hash, marked with its token, deletes each entry and its
+//! lease, then removes the members still marked with its token; what it could not delete (or an interrupted one
+//! left) stays pending for the next invalidation of the tag. A fill whose lease was granted before the invalidation
+//! is refused either way. Pattern deletion increments every slot's generation, then scans every primary.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -113,22 +114,49 @@ return 1
     )
 });
 
-/// Cluster only: moves the members of the tag set KEYS[1] into its pending set KEYS[2] (same slot) and returns every
-/// pending member. The pending set lives until its members are deleted.
+/// Cluster only: moves the members of the tag set KEYS[1] into its pending hash KEYS[2] (same slot), marks every
+/// pending member with this invalidation's token ARGV[1], and returns them. The pending hash lives as long as the tag
+/// set would have, and at least ARGV[2] ms (persistent if either was).
 static TAG_TAKE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
-  redis.call('DEL', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
+local t = redis.call('PTTL', KEYS[1])
+local p = redis.call('PTTL', KEYS[2])
+local seen, out = {}, {}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do seen[m] = true end
+for _, m in ipairs(redis.call('HKEYS', KEYS[2])) do seen[m] = true end
+for m in pairs(seen) do
+  redis.call('HSET', KEYS[2], m, ARGV[1])
+  out[#out + 1] = m
 end
-return redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[1])
+if #out > 0 then
+  if t == -1 or p == -1 then
+    redis.call('PERSIST', KEYS[2])
+  else
+    redis.call('PEXPIRE', KEYS[2], math.max(t, p, tonumber(ARGV[2])))
+  end
+end
+return out
 ",
     )
 });
 
-/// Suffix of a cluster tag's pending set (members taken by an invalidation and not yet deleted).
+/// Cluster only: removes from the pending hash KEYS[1] the members ARGV[2..] still marked with token ARGV[1] (a later
+/// invalidation that took them again owns them now).
+static TAG_DONE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then n = n + redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return n
+",
+    )
+});
+
+/// Suffix of a cluster tag's pending hash (members taken by an invalidation and not yet deleted → its token).
 const PENDING_SUFFIX: &str = " ~pending";
 
 /// Deletes a tag's entries and their leases. KEYS: tag set; ARGV: namespace prefix, lease suffix.
@@ -265,7 +293,9 @@ impl Conn {
         if let Some(nodes) = cluster_nodes(&opts.url)? {
             let mut b = ClusterClientBuilder::new(nodes)
                 .connection_timeout(connect_timeout)
-                .response_timeout(response_timeout)
+                // Every call is bounded by its own deadline (`bounded`); this backstop must let the bulk steps of
+                // a pattern deletion (pipelines of 1,024 INCRs, SCAN pages) have their longer one.
+                .response_timeout(response_timeout.max(BULK_DEADLINE))
                 // As for a single Redis: callers are bounded by their own deadline, and during an outage each
                 // command should fail fast and fall back rather than queue behind a long back-off.
                 .retries(2)
@@ -453,12 +483,13 @@ impl RedisCache {
         Ok(())
     }
 
-    /// Connects now, and fails if Redis (a single server, or a cluster's slot map) cannot be reached within
-    /// `connect_timeout`.
+    /// Connects now, and fails if Redis cannot be reached: a single server with `connect_timeout` as the deadline of
+    /// each connection attempt (the connection manager tries twice), a cluster's slot map and nodes within
+    /// `connect_timeout` overall.
     ///
     /// # Errors
-    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Timeout`] when connecting takes longer
-    /// than `connect_timeout`; [`Error::Io`] for an unreadable `tls_ca_file`; [`Error::Config`] for an empty
+    /// [`Error::Redis`] for a bad URL or an unreachable server; [`Error::Timeout`] when a cluster takes longer than
+    /// `connect_timeout`; [`Error::Io`] for an unreadable `tls_ca_file`; [`Error::Config`] for an empty
     /// `key_prefix`, a cluster URL without nodes, or a `key_prefix` with `{` or `}` on a cluster.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
         check_cluster_prefix(&opts)?;
@@ -552,10 +583,13 @@ impl RedisCache {
         keys: &'k [String],
         belongs: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Vec<&'k String> {
-        let generation = format!("{} ~gen", self.opts.key_prefix);
+        // A single Redis has one generation key; a cluster one per slot, `… ~gen{T}`.
+        let generation = self.generation_key("");
+        let per_slot = format!("{} ~gen{{", self.opts.key_prefix);
+        let cluster = self.is_cluster();
         keys.iter()
             .filter(|k| {
-                if k.starts_with(&generation) {
+                if (cluster && k.starts_with(&per_slot)) || (!cluster && **k == generation) {
                     return false;
                 }
                 let k = self.app_key(k);
@@ -678,8 +712,9 @@ impl RedisCache {
     async fn invalidate_tag_cluster(&self, tag: &str) -> Result<u64> {
         let tk = self.tag_key(tag);
         let pending = format!("{tk}{PENDING_SUFFIX}");
+        let token = format!("{:016x}", pending_token());
         let mut inv = TAG_TAKE.prepare_invoke();
-        inv.key(&tk).key(&pending);
+        inv.key(&tk).key(&pending).arg(&token).arg(60_000);
         let members: Vec<String> = bounded(&self.opts, "invalidate_tag", async {
             inv.invoke_async(&mut self.ready().await?).await
         })
@@ -707,8 +742,10 @@ impl RedisCache {
             }
         }
         if !done.is_empty() {
+            let mut inv = TAG_DONE.prepare_invoke();
+            inv.key(&pending).arg(&token).arg(&done);
             let _: i64 = bounded(&self.opts, "invalidate_tag", async {
-                self.ready().await?.srem(&pending, &done).await
+                inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
         }
@@ -727,7 +764,7 @@ impl RedisCache {
         let Ready::Cluster(mut cluster) = self.ready().await? else {
             unreachable!("called on a cluster only");
         };
-        let slots: redis::Value = bounded(&self.opts, "scan", async {
+        let slots: redis::Value = bounded_bulk(&self.opts, async {
             redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut cluster)
@@ -752,15 +789,13 @@ impl RedisCache {
             .map(|(pipe, n, slot)| {
                 let mut cluster = cluster.clone();
                 async move {
-                    // By slot: the connection's own slot map (and its redirections) pick the primary.
+                    // By slot: the connection's own slot map picks the primary. A slot that moved meanwhile answers
+                    // `MOVED` inside the replies, which fails the deletion below (nothing is left half-revoked
+                    // silently; the caller retries).
                     let route =
                         SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                    let replies = bounded(
-                        &self.opts,
-                        "scan",
-                        cluster.route_pipeline(pipe, 0, n, route),
-                    )
-                    .await?;
+                    let replies =
+                        bounded_bulk(&self.opts, cluster.route_pipeline(pipe, 0, n, route)).await?;
                     for r in replies {
                         let _: i64 = redis::from_redis_value(r).map_err(redis::RedisError::from)?;
                     }
@@ -791,13 +826,13 @@ impl RedisCache {
                     host: host.clone(),
                     port,
                 });
-                let page = bounded(&self.opts, "scan", cluster.route_command(scan, route)).await?;
+                let page = bounded_bulk(&self.opts, cluster.route_command(scan, route)).await?;
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(page).map_err(redis::RedisError::from)?;
                 let doomed = self.doomed(&keys, belongs);
                 if !doomed.is_empty() {
                     // Keys of many slots: the cluster connection splits the command by slot.
-                    let n: u64 = bounded(&self.opts, "scan", async {
+                    let n: u64 = bounded_bulk(&self.opts, async {
                         redis::cmd("UNLINK")
                             .arg(&doomed)
                             .query_async(&mut cluster)
@@ -869,6 +904,18 @@ static SLOT_TAGS: LazyLock<HashMap<Slot, Box<str>>> = LazyLock::new(|| {
     tags
 });
 
+/// A token for one tag invalidation: unique within the process (a counter) and across processes (a random start).
+fn pending_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: LazyLock<AtomicU64> = LazyLock::new(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        AtomicU64::new(h.finish())
+    });
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// The tag of the slot `key` hashes to (honouring a `{...}` hash tag in `key`).
 fn slot_tag(key: &str) -> &'static str {
     &SLOT_TAGS[&Slot::for_key(key)]
@@ -926,6 +973,22 @@ fn single_client(opts: &RedisOptions, ca: Option<Vec<u8>>) -> Result<redis::Clie
             Ok(redis::Client::build_with_tls(opts.url.as_str(), certs)?)
         }
     }
+}
+
+/// The floor of the deadline of each bulk step of a pattern deletion on a cluster (a pipeline of 1,024 `INCR`s, a
+/// `SCAN` page of up to 1,000 keys, their `UNLINK`): an administrative operation, which on a busy machine must not
+/// fail for want of the 100 ms an application read gets.
+const BULK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// [`bounded`] with a deadline of at least [`BULK_DEADLINE`].
+async fn bounded_bulk<T>(
+    opts: &RedisOptions,
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    super::within(opts.response_timeout.max(BULK_DEADLINE), "scan", async {
+        Ok(f.await?)
+    })
+    .await
 }
 
 /// Runs one Redis command with `response_timeout` as an overall deadline, which also covers waiting for a
