@@ -562,11 +562,7 @@ impl Fleet {
     }
 }
 
-/// A fresh random epoch (16 hex digits from the OS's random source, through std's hasher seeds).
+/// A fresh random epoch: 16 hex digits.
 fn new_epoch() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(unix_ms());
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::random_u64())
 }

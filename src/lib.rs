@@ -66,5 +66,16 @@ pub mod replay;
 pub mod rollout;
 
 pub use crate::error::{Error, Result};
+
+/// 64 random bits (std's per-call random hasher keys, seeded from the OS), for ids and tokens that must differ
+/// between processes and calls: lease tokens' seed, fleet epochs, L1 instance ids, tag invalidation tokens. Not
+/// for secrets.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::hash::RandomState::new().hash_one((std::process::id(), now))
+}
 pub use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
 pub use crate::registry::{CacheRegistry, RegistryOptions};

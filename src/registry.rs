@@ -701,10 +701,7 @@ impl CacheRegistry {
                 impl_rolled_back: AtomicBool::new(false),
                 rollback_hook: Mutex::new(None),
                 next_id: std::sync::atomic::AtomicU64::new(1),
-                token_seed: {
-                    use std::hash::BuildHasher;
-                    std::hash::RandomState::new().hash_one(std::process::id())
-                },
+                token_seed: crate::random_u64(),
                 max_patterns,
                 memory_max_entries: opts.memory_max_entries,
                 memory_max_bytes: opts.memory_max_bytes,

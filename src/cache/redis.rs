@@ -492,7 +492,6 @@ impl RedisCache {
     /// `connect_timeout`; [`Error::Io`] for an unreadable `tls_ca_file`; [`Error::Config`] for an empty
     /// `key_prefix`, a cluster URL without nodes, or a `key_prefix` with `{` or `}` on a cluster.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
-        check_cluster_prefix(&opts)?;
         let conn = Conn::eager(&opts, opts.connect_timeout, opts.response_timeout).await?;
         Ok(RedisCache { conn, opts })
     }
@@ -502,7 +501,6 @@ impl RedisCache {
     /// # Errors
     /// As [`connect`](Self::connect), except for the unreachable server.
     pub fn connect_lazy(opts: RedisOptions) -> Result<Self> {
-        check_cluster_prefix(&opts)?;
         let conn = Conn::lazy(&opts, opts.connect_timeout, opts.response_timeout)?;
         Ok(RedisCache { conn, opts })
     }
@@ -583,13 +581,12 @@ impl RedisCache {
         keys: &'k [String],
         belongs: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Vec<&'k String> {
-        // A single Redis has one generation key; a cluster one per slot, `… ~gen{T}`.
-        let generation = self.generation_key("");
-        let per_slot = format!("{} ~gen{{", self.opts.key_prefix);
-        let cluster = self.is_cluster();
+        // `… ~gen` on a single Redis, `… ~gen{T}` per slot on a cluster.
+        let generation = format!("{} ~gen", self.opts.key_prefix);
         keys.iter()
             .filter(|k| {
-                if (cluster && k.starts_with(&per_slot)) || (!cluster && **k == generation) {
+                let rest = k.strip_prefix(&generation);
+                if rest.is_some_and(|r| r.is_empty() || (self.is_cluster() && r.starts_with('{'))) {
                     return false;
                 }
                 let k = self.app_key(k);
@@ -646,7 +643,7 @@ impl RedisCache {
                 })
                 .await?;
                 // The membership must survive a failover as much as the entry does.
-                self.replicated(Some(tk), None).await
+                self.replicated(WaitOn::RedisKey(&tk)).await
             }
         }))
         .await?;
@@ -654,8 +651,8 @@ impl RedisCache {
     }
 
     /// With `wait_replicas`, waits until that many replicas of the server (a single Redis), or on a cluster of the
-    /// primary holding the Redis key `on` (or else of the node at `node`), have every write made so far.
-    async fn replicated(&self, on: Option<String>, node: Option<(String, u16)>) -> Result<()> {
+    /// primary `on` names, have every write made so far.
+    async fn replicated(&self, on: WaitOn<'_>) -> Result<()> {
         let want = self.opts.wait_replicas;
         if want == 0 {
             return Ok(());
@@ -667,12 +664,14 @@ impl RedisCache {
             match self.ready().await? {
                 Ready::Single(mut c) => wait.query_async(&mut c).await,
                 Ready::Cluster(mut c) => {
-                    let route = match (node, on) {
-                        (Some((host, port)), _) => SingleNodeRoutingInfo::ByAddress { host, port },
-                        (None, k) => SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-                            k.unwrap_or_default(),
-                            SlotAddr::Master,
-                        )),
+                    let by_key = |k: &str| {
+                        SingleNodeRoutingInfo::SpecificNode(Route::with_key(k, SlotAddr::Master))
+                    };
+                    let route = match on {
+                        WaitOn::Node(host, port) => SingleNodeRoutingInfo::ByAddress { host, port },
+                        WaitOn::RedisKey(k) => by_key(k),
+                        WaitOn::Key(k) => by_key(&self.redis_key(k)),
+                        WaitOn::Server => SingleNodeRoutingInfo::RandomPrimary,
                     };
                     let v = c
                         .route_command(wait, RoutingInfo::SingleNode(route))
@@ -701,7 +700,7 @@ impl RedisCache {
             pipe.query_async(&mut self.ready().await?).await
         })
         .await?;
-        self.replicated(Some(self.redis_key(key)), None).await?;
+        self.replicated(WaitOn::Key(key)).await?;
         Ok(n > 0)
     }
 
@@ -712,7 +711,7 @@ impl RedisCache {
     async fn invalidate_tag_cluster(&self, tag: &str) -> Result<u64> {
         let tk = self.tag_key(tag);
         let pending = format!("{tk}{PENDING_SUFFIX}");
-        let token = format!("{:016x}", pending_token());
+        let token = format!("{:016x}", crate::random_u64());
         let mut inv = TAG_TAKE.prepare_invoke();
         inv.key(&tk).key(&pending).arg(&token).arg(60_000);
         let members: Vec<String> = bounded(&self.opts, "invalidate_tag", async {
@@ -816,12 +815,7 @@ impl RedisCache {
         for (host, port) in primaries {
             let mut cursor: u64 = 0;
             loop {
-                let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor)
-                    .arg("MATCH")
-                    .arg(&glob)
-                    .arg("COUNT")
-                    .arg(1000);
+                let scan = scan_page(cursor, &glob);
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port,
@@ -846,10 +840,22 @@ impl RedisCache {
                 }
                 cursor = next;
             }
-            self.replicated(None, Some((host, port))).await?;
+            self.replicated(WaitOn::Node(host, port)).await?;
         }
         Ok(deleted)
     }
+}
+
+/// Whose replicas [`RedisCache::replicated`] waits for. A single Redis has one server, whatever this says.
+enum WaitOn<'a> {
+    /// The primary holding the application's key.
+    Key(&'a str),
+    /// The primary holding this Redis key (a tag set).
+    RedisKey(&'a str),
+    /// The node at this address.
+    Node(String, u16),
+    /// The single server.
+    Server,
 }
 
 /// The slot ranges of a `CLUSTER SLOTS` reply: first slot, last slot, and the primary's host and port.
@@ -904,18 +910,6 @@ static SLOT_TAGS: LazyLock<HashMap<Slot, Box<str>>> = LazyLock::new(|| {
     tags
 });
 
-/// A token for one tag invalidation: unique within the process (a counter) and across processes (a random start).
-fn pending_token() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: LazyLock<AtomicU64> = LazyLock::new(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        AtomicU64::new(h.finish())
-    });
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 /// The tag of the slot `key` hashes to (honouring a `{...}` hash tag in `key`).
 fn slot_tag(key: &str) -> &'static str {
     &SLOT_TAGS[&Slot::for_key(key)]
@@ -923,17 +917,6 @@ fn slot_tag(key: &str) -> &'static str {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-fn check_cluster_prefix(opts: &RedisOptions) -> Result<()> {
-    if cluster_nodes(&opts.url)?.is_some() && opts.key_prefix.contains(['{', '}']) {
-        return Err(Error::config(
-            "cache.redis.key_prefix",
-            &opts.key_prefix,
-            "must not contain { or } on a cluster (it would become every key's hash tag: one slot for all)",
-        ));
-    }
-    Ok(())
 }
 
 fn check_prefix(opts: &RedisOptions) -> Result<()> {
@@ -944,6 +927,13 @@ fn check_prefix(opts: &RedisOptions) -> Result<()> {
             "cache.redis.key_prefix",
             "",
             "must not be empty",
+        ));
+    }
+    if opts.key_prefix.contains(['{', '}']) && cluster_nodes(&opts.url)?.is_some() {
+        return Err(Error::config(
+            "cache.redis.key_prefix",
+            &opts.key_prefix,
+            "must not contain { or } on a cluster (it would become every key's hash tag: one slot for all)",
         ));
     }
     Ok(())
@@ -999,6 +989,17 @@ async fn bounded<T>(
     f: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T> {
     super::within(opts.response_timeout, operation, async { Ok(f.await?) }).await
+}
+
+/// `SCAN cursor MATCH glob COUNT 1000`: one page of a pattern deletion.
+fn scan_page(cursor: u64, glob: &str) -> redis::Cmd {
+    let mut scan = redis::cmd("SCAN");
+    scan.arg(cursor)
+        .arg("MATCH")
+        .arg(glob)
+        .arg("COUNT")
+        .arg(1000);
+    scan
 }
 
 /// Escapes Redis glob metacharacters so a literal prefix can be used with `SCAN MATCH`.
@@ -1090,7 +1091,7 @@ impl Cache for RedisCache {
                     return Err(e);
                 }
             }
-            self.replicated(Some(self.redis_key(key)), None).await
+            self.replicated(WaitOn::Key(key)).await
         }
         .traced("set_tagged", CacheImpl::Redis, key)
     }
@@ -1186,7 +1187,7 @@ impl Cache for RedisCache {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
-            self.replicated(None, None).await?;
+            self.replicated(WaitOn::Server).await?;
             Ok(n)
         }
         .traced("invalidate_tag", CacheImpl::Redis, tag)
@@ -1219,12 +1220,7 @@ impl Cache for RedisCache {
             let mut cursor: u64 = 0;
             let mut deleted = 0u64;
             loop {
-                let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor)
-                    .arg("MATCH")
-                    .arg(&glob)
-                    .arg("COUNT")
-                    .arg(1000);
+                let scan = scan_page(cursor, &glob);
                 let (next, keys): (u64, Vec<String>) =
                     bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
                 let doomed = self.doomed(&keys, belongs);
@@ -1236,7 +1232,7 @@ impl Cache for RedisCache {
                     deleted += n;
                 }
                 if next == 0 {
-                    self.replicated(None, None).await?;
+                    self.replicated(WaitOn::Server).await?;
                     return Ok(deleted);
                 }
                 cursor = next;

@@ -35,7 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 
 use super::{Cache, CacheImpl, Health, Lookup, MemoryCache, RedisCache};
 use crate::error::Result;
@@ -63,7 +63,17 @@ struct Inner {
     gate: tokio::sync::RwLock<()>,
     /// `true` while the subscription is up: only then is L1 read and filled.
     live: AtomicBool,
-    counts: IntCounterVec,
+    /// `cache_l1_total`, one handle per result (resolved once: a label lookup per L1 hit would cost more than
+    /// the rest of the hit's bookkeeping).
+    counts: L1Counts,
+}
+
+struct L1Counts {
+    hit: IntCounter,
+    fill: IntCounter,
+    skipped: IntCounter,
+    invalidated: IntCounter,
+    cleared: IntCounter,
 }
 
 impl std::fmt::Debug for TieredCache {
@@ -105,11 +115,17 @@ impl TieredCache {
             patterns,
             key_patterns,
             channel,
-            id: format!("{:016x}", rand_id()),
+            id: format!("{:016x}", crate::random_u64()),
             seq: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(()),
             live: AtomicBool::new(false),
-            counts,
+            counts: L1Counts {
+                hit: counts.with_label_values(&["hit"]),
+                fill: counts.with_label_values(&["fill"]),
+                skipped: counts.with_label_values(&["skipped"]),
+                invalidated: counts.with_label_values(&["invalidated"]),
+                cleared: counts.with_label_values(&["cleared"]),
+            },
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -159,7 +175,7 @@ impl TieredCache {
         }
         let v = self.inner.l1.get(key).await.ok().flatten();
         if v.is_some() {
-            self.count("hit");
+            self.inner.counts.hit.inc();
         }
         v
     }
@@ -168,19 +184,15 @@ impl TieredCache {
     async fn l1_fill(&self, key: &str, value: &Bytes, ttl: Duration, seq: u64) {
         let _gate = self.inner.gate.read().await;
         if !self.is_live() || self.inner.seq.load(Ordering::Acquire) != seq {
-            self.count("skipped");
+            self.inner.counts.skipped.inc();
             return;
         }
         let _ = self.inner.l1.set(key, value.clone(), Some(ttl)).await;
-        self.count("fill");
+        self.inner.counts.fill.inc();
     }
 
     fn seq(&self) -> u64 {
         self.inner.seq.load(Ordering::Acquire)
-    }
-
-    fn count(&self, result: &str) {
-        self.inner.counts.with_label_values(&[result]).inc();
     }
 
     /// Drops `key` here and tells the other instances (`None`: everything).
@@ -203,12 +215,12 @@ impl Inner {
         match key {
             Some(k) => {
                 if self.l1.delete(k).await.unwrap_or(false) {
-                    self.counts.with_label_values(&["invalidated"]).inc();
+                    self.counts.invalidated.inc();
                 }
             }
             None => {
                 self.l1.clear();
-                self.counts.with_label_values(&["cleared"]).inc();
+                self.counts.cleared.inc();
             }
         }
     }
@@ -256,13 +268,6 @@ async fn listen(weak: &std::sync::Weak<Inner>, pubsub: redis::aio::PubSub) {
             _ => {}
         }
     }
-}
-
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 impl Cache for TieredCache {
