@@ -44,6 +44,15 @@ if [ ! -d ../shared/traces ]; then
     exit 1
 fi
 
-# Unit, integration and doc tests; benches are built and run once each in test mode.
+# Unit, integration and doc tests with the default features (all of them: the binary needs `cli`); benches are
+# built and run once each in test mode, and the examples are built (tests/integration.rs runs one).
 cargo test --locked --all-targets
 cargo test --locked --doc
+
+# The feature sets a library user picks (docs/integration.md): each builds, and runs the library's own tests, its
+# doctests, and the integration tests whose features it has (`redis`: the contract, registry and rollout suites).
+for features in "" "redis" "redis,axum"; do
+    echo "features: [${features}]"
+    cargo test --locked --no-default-features --features "$features" --lib --tests
+    cargo test --locked --no-default-features --features "$features" --doc
+done

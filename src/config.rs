@@ -1,4 +1,7 @@
-//! [`Settings`], loaded with figment. Later sources override earlier ones:
+//! [`Settings`]: the library's configuration, loaded with figment. The library reads only its own namespace, so an
+//! application keeps its own keys in the same files: the `[cache]` table (and `app_env`) of the files, the
+//! `CACHE_ROLLOUT_CACHE__*` variables and the product's variables. Every other key is left to the application.
+//! Later sources override earlier ones:
 //!
 //! 1. built-in defaults ([`Settings::default`]);
 //! 2. `config/default.toml`;
@@ -10,19 +13,20 @@
 //! | variable | key |
 //! |---|---|
 //! | `APP_ENV` | `app_env` (also picks the file of step 3) |
-//! | `FEATURE_CACHE` | `feature_cache` |
+//! | `FEATURE_CACHE` | `cache.enabled` |
 //! | `CACHE_IMPL` | `cache.impl` |
 //! | `CACHE_PATTERNS` | `cache.whitelist` (comma-separated, `*` for all) |
 //! | `REDIS_URL` | `cache.redis.url` |
-//! | `CACHE_ADMIN_TOKEN` | `admin_token` |
-//! | `BIND_ADDR` | `bind_addr` |
+//! | `CACHE_ADMIN_TOKEN` | `cache.admin_token` |
+//!
+//! The names a service owns in Redis default from its service name (see [`Settings::load`]): the key prefix
+//! `cr:<service>:` and the fleet key `cache-rollout:<service>:fleet` (whose pub/sub channel has the same name).
 //!
 //! Every key is documented in `docs/configuration.md` and `.env.example`. A bad value is an error that names the
-//! key and the value; start-up stops on it.
+//! key and the value; start-up stops on it. A missing directory or `default.toml` is logged as a warning.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -82,36 +86,17 @@ impl AppEnv {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (default).
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// All settings of the reference service and its registry.
+/// The library's settings: `app_env` and the `[cache]` table. Other top-level keys of the files belong to the
+/// application and are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Settings {
     /// `APP_ENV`.
     pub app_env: AppEnv,
-    /// `FEATURE_CACHE`: master switch.
-    pub feature_cache: bool,
-    /// `BIND_ADDR`: listen address of the reference service.
-    pub bind_addr: SocketAddr,
-    /// `CACHE_ADMIN_TOKEN`: bearer token for state-changing `/internal/cache` requests; unset refuses them.
-    #[serde(
-        default,
-        deserialize_with = "opt_string_like",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub admin_token: Option<String>,
-    /// `log_format`: `text` or `json`.
-    pub log_format: LogFormat,
+    /// The service these settings are for (not read from the files): the key prefix and the fleet key default
+    /// from it. Set by [`Settings::load`]; `""` in [`Settings::default`] (then the defaults are `cr:` and
+    /// `cache-rollout:fleet`).
+    #[serde(skip)]
+    pub service: String,
     /// The `[cache]` table.
     pub cache: CacheSettings,
 }
@@ -120,6 +105,16 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSettings {
+    /// `FEATURE_CACHE`: master switch; `false` sends every call straight to its loader, unmeasured.
+    pub enabled: bool,
+    /// `CACHE_ADMIN_TOKEN`: bearer token (16 or more characters) for state-changing `/internal/cache` requests, and
+    /// the key that signs the fleet state; unset refuses changes.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_like",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub admin_token: Option<String>,
     /// `CACHE_IMPL`: `null`, `memory` or `redis`.
     #[serde(rename = "impl")]
     pub imp: CacheImpl,
@@ -156,7 +151,7 @@ pub struct CacheSettings {
     pub rollback: crate::policy::RollbackRules,
     /// `[cache.fleet]`: one rollout state for every instance, in Redis (`docs/scaling.md`).
     #[serde(default)]
-    pub fleet: crate::fleet::FleetOptions,
+    pub fleet: FleetOptions,
 }
 
 /// The `[cache.memory]` table.
@@ -176,8 +171,9 @@ pub struct RedisSettings {
     /// `REDIS_URL`.
     #[serde(deserialize_with = "string_like")]
     pub url: String,
-    /// Prefix of every key written to Redis.
-    pub key_prefix: String,
+    /// Prefix of every key written to Redis; unset: `cr:<service>:` (see [`Settings::redis_options`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
     /// Connection deadline in milliseconds.
     pub connect_timeout_ms: u64,
     /// Per-command response deadline in milliseconds.
@@ -189,6 +185,32 @@ pub struct RedisSettings {
     /// that a failover cannot bring back a value an invalidation removed; 0 (the default) does not wait.
     #[serde(default)]
     pub wait_replicas: u32,
+}
+
+/// Where the fleet state lives and how often it is re-read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetOptions {
+    /// Follow and publish the fleet state (`cache.fleet.enabled`). Needs an admin token, which signs it.
+    pub enabled: bool,
+    /// The Redis key holding the state, and the name of its pub/sub channel (`cache.fleet.key`). Instances of one
+    /// service share it; each service has its own. Unset: `cache-rollout:<service>:fleet`, filled in by
+    /// [`Settings::fleet_options`]; `Fleet::new` refuses `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Re-read period in milliseconds (`cache.fleet.poll_ms`, default 1000, at least 100): a change whose
+    /// notification was lost is applied within this long.
+    pub poll_ms: u64,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            enabled: false,
+            key: None,
+            poll_ms: 1000,
+        }
+    }
 }
 
 impl fmt::Debug for RedisSettings {
@@ -208,11 +230,10 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             app_env: AppEnv::Development,
-            feature_cache: true,
-            bind_addr: SocketAddr::from(([127, 0, 0, 1], 8900)),
-            admin_token: None,
-            log_format: LogFormat::Text,
+            service: String::new(),
             cache: CacheSettings {
+                enabled: true,
+                admin_token: None,
                 imp: CacheImpl::Null,
                 whitelist: Vec::new(),
                 default_ttl_secs: 300,
@@ -226,10 +247,10 @@ impl Default for Settings {
                     max_bytes: 256 * 1024 * 1024,
                 },
                 analysis: AnalysisOptions::default(),
-                fleet: crate::fleet::FleetOptions::default(),
+                fleet: FleetOptions::default(),
                 redis: RedisSettings {
                     url: "redis://127.0.0.1:6379".into(),
-                    key_prefix: "cr:".into(),
+                    key_prefix: None,
                     connect_timeout_ms: 500,
                     response_timeout_ms: 100,
                     tls_ca_file: None,
@@ -245,32 +266,64 @@ impl Default for Settings {
     }
 }
 
-const ENV_VARS: [(&str, &str); 7] = [
+/// The product's environment variables and the keys they set.
+pub(crate) const ENV_VARS: [(&str, &str); 6] = [
     ("APP_ENV", "app_env"),
-    ("FEATURE_CACHE", "feature_cache"),
+    ("FEATURE_CACHE", "cache.enabled"),
     ("CACHE_IMPL", "cache.impl"),
     ("CACHE_PATTERNS", "cache.whitelist"),
     ("REDIS_URL", "cache.redis.url"),
-    ("CACHE_ADMIN_TOKEN", "admin_token"),
-    ("BIND_ADDR", "bind_addr"),
+    ("CACHE_ADMIN_TOKEN", "cache.admin_token"),
 ];
 
-impl Settings {
-    /// Loads from `config/` under the current directory and the environment.
-    ///
-    /// # Errors
-    /// As [`Settings::load_from`].
-    pub fn load() -> Result<Self> {
-        Self::load_from(Path::new("config"))
-    }
+/// Shortest admin token accepted, in characters.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
-    /// Loads from `dir` (`default.toml`, `<APP_ENV>.toml`; both optional) and the environment, then validates.
+/// Checks a service name: 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
+///
+/// # Errors
+/// [`Error::Config`] naming `service` and the value.
+pub fn validate_service(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "service",
+            name,
+            "must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+        ))
+    }
+}
+
+impl Settings {
+    /// Loads the settings of `service` from `dir` (`default.toml`, `<APP_ENV>.toml`; both optional, a missing
+    /// directory or `default.toml` is logged as a warning) and the environment, then validates. Only `app_env` and
+    /// the `[cache]` table are read from the files.
     ///
     /// # Errors
-    /// [`Error::Config`] or [`Error::Figment`] naming the key, the bad value and where it came from.
-    pub fn load_from(dir: &Path) -> Result<Self> {
+    /// [`Error::Config`] or [`Error::Figment`] naming the key, the bad value and where it came from; a bad
+    /// `service` name ([`validate_service`]).
+    pub fn load(service: &str, dir: impl AsRef<Path>) -> Result<Self> {
+        validate_service(service)?;
+        let dir = dir.as_ref();
         let env_name = std::env::var("APP_ENV").unwrap_or_else(|_| "development".into());
         let app_env = AppEnv::parse(&env_name)?;
+        if !dir.is_dir() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "configuration directory not found: running on built-in defaults and the environment"
+            );
+        } else if !dir.join("default.toml").is_file() {
+            tracing::warn!(
+                file = %dir.join("default.toml").display(),
+                "configuration file not found"
+            );
+        }
         let figment = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::file(dir.join("default.toml")))
             .merge(Toml::file(dir.join(format!("{}.toml", app_env.as_str()))))
@@ -282,7 +335,16 @@ impl Settings {
                     .map_or(k.as_str(), |(_, key)| key);
                 key.to_string().into()
             }));
-        let settings: Settings = figment.extract().map_err(name_env_var)?;
+        for moved in ["feature_cache", "admin_token"] {
+            if figment.find_value(moved).is_ok() {
+                tracing::warn!(
+                    key = moved,
+                    "top-level key ignored: it moved into the [cache] table (cache.enabled, cache.admin_token)"
+                );
+            }
+        }
+        let mut settings: Settings = figment.extract().map_err(name_env_var)?;
+        settings.service = service.to_string();
         settings.validate()?;
         Ok(settings)
     }
@@ -293,12 +355,13 @@ impl Settings {
     /// [`Error::Config`] naming the key and the value.
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
+        #[cfg(feature = "fleet")]
         if c.fleet.enabled {
             // Checks the key, the poll period and the admin token that signs the state.
             crate::fleet::Fleet::new(
-                &c.fleet,
+                &self.fleet_options(),
                 &self.redis_options(),
-                self.admin_token.as_deref().unwrap_or_default(),
+                c.admin_token.as_deref().unwrap_or_default(),
             )?;
         }
         let urls = crate::cache::redis_cluster_nodes(&c.redis.url)?
@@ -350,7 +413,7 @@ impl Settings {
                 return Err(Error::config(key, "0", "must be at least 1"));
             }
         }
-        if c.redis.key_prefix.is_empty() {
+        if c.redis.key_prefix.as_deref() == Some("") {
             return Err(Error::config(
                 "cache.redis.key_prefix",
                 "",
@@ -364,9 +427,12 @@ impl Settings {
                 "must be at most 10000",
             ));
         }
-        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        if c.admin_token
+            .as_deref()
+            .is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_LEN)
+        {
             return Err(Error::config(
-                "CACHE_ADMIN_TOKEN",
+                "cache.admin_token (CACHE_ADMIN_TOKEN)",
                 "***",
                 "must be at least 16 characters",
             ));
@@ -379,7 +445,7 @@ impl Settings {
     /// The runtime policy these settings describe.
     pub fn policy(&self) -> Policy {
         Policy {
-            enabled: self.feature_cache,
+            enabled: self.cache.enabled,
             imp: self.cache.imp,
             whitelist: normalize_whitelist(&self.cache.whitelist),
             default_ttl_secs: self.cache.default_ttl_secs,
@@ -391,17 +457,38 @@ impl Settings {
         }
     }
 
-    /// Redis connection options.
+    /// Redis connection options. The key prefix is `cache.redis.key_prefix`, or `cr:<service>:` when unset (`cr:`
+    /// without a service name).
     pub fn redis_options(&self) -> RedisOptions {
         let r = &self.cache.redis;
         RedisOptions {
             url: r.url.clone(),
-            key_prefix: r.key_prefix.clone(),
+            key_prefix: r.key_prefix.clone().unwrap_or_else(|| {
+                if self.service.is_empty() {
+                    "cr:".into()
+                } else {
+                    format!("cr:{}:", self.service)
+                }
+            }),
             connect_timeout: Duration::from_millis(r.connect_timeout_ms),
             response_timeout: Duration::from_millis(r.response_timeout_ms),
             tls_ca_file: r.tls_ca_file.clone(),
             wait_replicas: r.wait_replicas,
         }
+    }
+
+    /// The fleet options. The key (and channel) is `cache.fleet.key`, or `cache-rollout:<service>:fleet` when
+    /// unset (`cache-rollout:fleet` without a service name).
+    pub fn fleet_options(&self) -> FleetOptions {
+        let mut f = self.cache.fleet.clone();
+        if f.key.is_none() {
+            f.key = Some(if self.service.is_empty() {
+                "cache-rollout:fleet".into()
+            } else {
+                format!("cache-rollout:{}:fleet", self.service)
+            });
+        }
+        f
     }
 
     /// Options for [`CacheRegistry::new`](crate::CacheRegistry::new).
@@ -426,14 +513,13 @@ impl Settings {
     }
 
     /// The keys that differ between `self` and `next` but only take effect at start-up (a SIGHUP cannot apply
-    /// them): listen address, environment, log format, key-pattern templates and bound, value limits and version,
-    /// in-process cache bounds.
+    /// them): environment, key-pattern templates and bound, value limits and version, in-process cache bounds,
+    /// the fleet.
     pub fn restart_only_changes(&self, next: &Settings) -> Vec<&'static str> {
         let (a, b) = (&self.cache, &next.cache);
         [
             ("app_env", self.app_env != next.app_env),
-            ("bind_addr", self.bind_addr != next.bind_addr),
-            ("log_format", self.log_format != next.log_format),
+            ("cache.fleet", a.fleet != b.fleet),
             ("cache.templates", a.templates != b.templates),
             ("cache.max_patterns", a.max_patterns != b.max_patterns),
             (
@@ -464,8 +550,8 @@ impl Settings {
     pub fn redacted(&self) -> serde_json::Value {
         let mut s = self.clone();
         s.cache.redis.url = redact_url(&s.cache.redis.url);
-        if s.admin_token.is_some() {
-            s.admin_token = Some("***".into());
+        if s.cache.admin_token.is_some() {
+            s.cache.admin_token = Some("***".into());
         }
         serde_json::to_value(&s).unwrap_or(serde_json::Value::Null)
     }
@@ -574,7 +660,7 @@ mod tests {
     use figment::Jail;
 
     fn load(jail: &Jail) -> Result<Settings> {
-        Settings::load_from(&jail.directory().join("config"))
+        Settings::load("test-svc", jail.directory().join("config"))
     }
 
     fn err_text(r: Result<Settings>) -> String {
@@ -586,12 +672,16 @@ mod tests {
         Jail::expect_with(|jail| {
             let s = load(jail).expect("defaults load");
             assert_eq!(s.app_env, AppEnv::Development);
-            assert!(s.feature_cache);
+            assert!(s.cache.enabled);
             assert_eq!(s.cache.imp, CacheImpl::Null);
             assert!(s.cache.whitelist.is_empty());
-            assert_eq!(s.bind_addr.to_string(), "127.0.0.1:8900");
             assert_eq!(s.cache.redis.url, "redis://127.0.0.1:6379");
-            assert_eq!(s.admin_token, None);
+            assert_eq!(s.cache.admin_token, None);
+            assert_eq!(s.redis_options().key_prefix, "cr:test-svc:");
+            assert_eq!(
+                s.fleet_options().key.as_deref(),
+                Some("cache-rollout:test-svc:fleet")
+            );
             Ok(())
         });
     }
@@ -633,17 +723,15 @@ mod tests {
             jail.set_env("FEATURE_CACHE", "false");
             jail.set_env("REDIS_URL", "redis://:s3cret@127.0.0.1:7000/2");
             jail.set_env("CACHE_ADMIN_TOKEN", "1234567890123456");
-            jail.set_env("BIND_ADDR", "127.0.0.1:9999");
             jail.set_env("CACHE_PATTERNS", "*");
             let s = load(jail).expect("loads");
-            assert!(!s.feature_cache);
+            assert!(!s.cache.enabled);
             assert_eq!(s.cache.redis.url, "redis://:s3cret@127.0.0.1:7000/2");
             assert_eq!(
-                s.admin_token.as_deref(),
+                s.cache.admin_token.as_deref(),
                 Some("1234567890123456"),
                 "a numeric token stays text"
             );
-            assert_eq!(s.bind_addr.port(), 9999);
             assert_eq!(s.cache.whitelist, ["*"]);
             let shown = s.redacted().to_string();
             assert!(
@@ -786,15 +874,43 @@ mod tests {
     }
 
     #[test]
+    fn the_applications_own_keys_are_left_alone() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(
+                "config/default.toml",
+                "database_url = \"postgres://app\"\nbind_addr = \"0.0.0.0:80\"\n[server]\nworkers = 4\n\
+                 [cache]\nimpl = \"memory\"\n[cache.redis]\nkey_prefix = \"mine:\"\n",
+            )?;
+            let s = load(jail).expect("the application's keys are not the library's business");
+            assert_eq!(s.cache.imp, CacheImpl::Memory);
+            assert_eq!(
+                s.redis_options().key_prefix,
+                "mine:",
+                "an explicit prefix wins"
+            );
+            jail.create_file("config/default.toml", "[cache]\nimpl = \"null\"\nttl = 5\n")?;
+            let e = err_text(load(jail));
+            assert!(
+                e.contains("ttl"),
+                "unknown keys inside [cache] are still errors: {e}"
+            );
+            let e = err_text(Settings::load("two words", jail.directory().join("config")));
+            assert!(e.contains("service") && e.contains("two words"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn restart_only_changes_are_named() {
         let a = Settings::default();
         let mut b = a.clone();
         b.cache.imp = CacheImpl::Redis; // runtime: not listed
         b.cache.value_version = 2;
-        b.bind_addr = "127.0.0.1:9".parse().expect("addr");
+        b.app_env = AppEnv::Staging;
         assert_eq!(
             a.restart_only_changes(&b),
-            ["bind_addr", "cache.value_version"]
+            ["app_env", "cache.value_version"]
         );
         assert!(a.restart_only_changes(&a).is_empty());
     }

@@ -67,6 +67,7 @@ pub enum Error {
     Corrupt(String),
     /// Redis answered with an error, or the connection failed.
     #[error("redis: {0}")]
+    #[cfg(feature = "redis")]
     Redis(#[from] redis::RedisError),
     /// An operation did not finish within its deadline.
     #[error("{operation} timed out after {after:?}")]
@@ -112,8 +113,11 @@ impl Error {
     pub fn error_type(&self) -> &'static str {
         match self {
             Error::Timeout { .. } => "timeout",
+            #[cfg(feature = "redis")]
             Error::Redis(e) if e.is_timeout() => "timeout",
+            #[cfg(feature = "redis")]
             Error::Redis(e) if is_connection_error(e) => "connection",
+            #[cfg(feature = "redis")]
             Error::Redis(_) => "redis",
             Error::Corrupt(_) => "corrupt",
             Error::ValueTooLarge { .. } => "too_large",
@@ -147,6 +151,7 @@ impl Error {
     }
 }
 
+#[cfg(feature = "redis")]
 fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_connection_dropped()
         || e.is_connection_refusal()

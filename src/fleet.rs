@@ -25,33 +25,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::cache::RedisOptions;
+use crate::config::FleetOptions;
 use crate::error::{Error, Result};
 use crate::policy::{Policy, PolicyUpdate};
 use crate::registry::CacheRegistry;
-
-/// Where the fleet state lives and how often it is re-read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FleetOptions {
-    /// Follow and publish the fleet state (`cache.fleet.enabled`). Needs an admin token, which signs it.
-    pub enabled: bool,
-    /// The Redis key holding the state, and the name of its pub/sub channel (`cache.fleet.key`, default
-    /// `"cache-rollout:fleet"`). Instances of one service share it; give each service its own.
-    pub key: String,
-    /// Re-read period in milliseconds (`cache.fleet.poll_ms`, default 1000, at least 100): a change whose
-    /// notification was lost is applied within this long.
-    pub poll_ms: u64,
-}
-
-impl Default for FleetOptions {
-    fn default() -> Self {
-        FleetOptions {
-            enabled: false,
-            key: "cache-rollout:fleet".into(),
-            poll_ms: 1000,
-        }
-    }
-}
 
 /// The stored document: a policy, its version, and who wrote it, signed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,7 +149,8 @@ impl Fleet {
     /// # Errors
     /// [`Error::Config`] for a bad URL, an empty key, a poll under 100 ms, or a secret under 16 characters.
     pub fn new(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<Self> {
-        if opts.key.is_empty() {
+        let key = opts.key.clone().unwrap_or_default();
+        if key.is_empty() {
             return Err(Error::config("cache.fleet.key", "", "must not be empty"));
         }
         if opts.poll_ms < 100 {
@@ -182,19 +160,19 @@ impl Fleet {
                 "must be at least 100",
             ));
         }
-        if opts.key.starts_with(&redis.key_prefix) {
+        if key.starts_with(&redis.key_prefix) {
             return Err(Error::config(
                 "cache.fleet.key",
-                &opts.key,
+                &key,
                 format!(
                     "must not start with cache.redis.key_prefix ({:?}): flushing the cache would delete it",
                     redis.key_prefix
                 ),
             ));
         }
-        if secret.len() < 16 {
+        if secret.chars().count() < crate::config::MIN_ADMIN_TOKEN_LEN {
             return Err(Error::config(
-                "admin_token",
+                "cache.admin_token (CACHE_ADMIN_TOKEN)",
                 "***",
                 "the fleet state is signed with the admin token: set one of at least 16 characters",
             ));
@@ -207,7 +185,7 @@ impl Fleet {
                 Duration::from_secs(2),
                 Duration::from_secs(2),
             )?,
-            key: opts.key.clone(),
+            key: key.clone(),
             secret: secret.to_string(),
             poll: Duration::from_millis(opts.poll_ms),
             instance: format!(
@@ -216,7 +194,7 @@ impl Fleet {
                 std::process::id()
             ),
             status: Mutex::new(FleetStatus {
-                key: opts.key.clone(),
+                key,
                 ..FleetStatus::default()
             }),
             syncing: tokio::sync::Mutex::new(()),

@@ -51,19 +51,22 @@
 
 pub mod analysis;
 pub mod cache;
-pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod error;
+#[cfg(feature = "fleet")]
 pub mod fleet;
 mod flight;
+#[cfg(feature = "axum")]
 pub mod http;
 pub mod metrics;
 pub mod pattern;
 pub mod policy;
 pub mod registry;
+#[cfg(feature = "replay")]
 pub mod replay;
 pub mod rollout;
+pub mod service;
 
 pub use crate::error::{Error, Result};
 
@@ -79,3 +82,4 @@ pub(crate) fn random_u64() -> u64 {
 }
 pub use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
 pub use crate::registry::{CacheRegistry, RegistryOptions};
+pub use crate::service::CacheRollout;

@@ -38,10 +38,9 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
-use crate::cache::{
-    Cache, CacheImpl, Health, L1Patterns, Lookup, MemoryCache, NullCache, RedisCache, RedisOptions,
-    TieredCache,
-};
+use crate::cache::{Cache, CacheImpl, Health, Lookup, MemoryCache, NullCache, RedisOptions};
+#[cfg(feature = "redis")]
+use crate::cache::{L1Patterns, RedisCache, TieredCache};
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
@@ -340,6 +339,7 @@ struct WhitelistShards {
 }
 
 /// The patterns of `policy` with an in-process L1, and their L1 TTLs in seconds.
+#[cfg(feature = "redis")]
 fn l1_patterns(policy: &Policy) -> L1Patterns {
     policy
         .patterns
@@ -2359,11 +2359,11 @@ impl CacheRegistry {
         redis: &RedisOptions,
     ) -> Result<Arc<dyn Cache>> {
         let same_impl = policy.imp == cur.policy.imp;
-        let l1 = l1_patterns(policy);
-        if same_impl
-            && (policy.imp != CacheImpl::Redis
-                || (*redis == cur.redis && l1 == l1_patterns(&cur.policy)))
-        {
+        #[cfg(feature = "redis")]
+        let same_l1 = l1_patterns(policy) == l1_patterns(&cur.policy);
+        #[cfg(not(feature = "redis"))]
+        let same_l1 = true;
+        if same_impl && (policy.imp != CacheImpl::Redis || (*redis == cur.redis && same_l1)) {
             return Ok(Arc::clone(&cur.backend));
         }
         // The same Redis data behind a new connection (only a timeout or the L1 patterns changed): everything it
@@ -2378,17 +2378,7 @@ impl CacheRegistry {
                 self.inner.memory_max_entries,
                 self.inner.memory_max_bytes,
             )),
-            CacheImpl::Redis if l1.is_empty() => {
-                Arc::new(RedisCache::connect(redis.clone()).await?)
-            }
-            CacheImpl::Redis => Arc::new(TieredCache::new(
-                RedisCache::connect(redis.clone()).await?,
-                l1,
-                self.inner.key_patterns.clone(),
-                self.inner.memory_max_entries,
-                self.inner.memory_max_bytes,
-                self.inner.metrics.l1_counts(),
-            )?),
+            CacheImpl::Redis => self.connect_redis(policy, redis).await?,
         };
         // Otherwise the new backend missed every invalidation made while it was not active (in this process or a
         // previous one): drop everything it holds under its prefix before it serves anything.
@@ -2397,6 +2387,34 @@ impl CacheRegistry {
             tracing::info!(imp = %policy.imp, deleted = n, "cache: flushed the newly active backend");
         }
         Ok(backend)
+    }
+
+    /// A Redis backend for `policy`: with an in-process L1 in front when some pattern asks for one.
+    #[cfg(feature = "redis")]
+    async fn connect_redis(&self, policy: &Policy, redis: &RedisOptions) -> Result<Arc<dyn Cache>> {
+        let l1 = l1_patterns(policy);
+        let l2 = RedisCache::connect(redis.clone()).await?;
+        if l1.is_empty() {
+            return Ok(Arc::new(l2));
+        }
+        Ok(Arc::new(TieredCache::new(
+            l2,
+            l1,
+            self.inner.key_patterns.clone(),
+            self.inner.memory_max_entries,
+            self.inner.memory_max_bytes,
+            self.inner.metrics.l1_counts(),
+        )?))
+    }
+
+    /// Without the `redis` feature there is no Redis backend: the switch is refused and the state kept.
+    #[cfg(not(feature = "redis"))]
+    async fn connect_redis(&self, _: &Policy, _: &RedisOptions) -> Result<Arc<dyn Cache>> {
+        Err(Error::config(
+            "cache.impl (CACHE_IMPL)",
+            "redis",
+            "this build of cache-rollout has no `redis` feature",
+        ))
     }
 
     fn push_swap(&self, record: SwapRecord) {

@@ -28,7 +28,7 @@ use crate::pattern::OTHER;
 use crate::CacheRegistry;
 
 /// A trace file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TraceFormat {
     /// Twitter's cache-trace CSV.

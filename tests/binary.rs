@@ -139,14 +139,14 @@ fn sighup_rereads_the_configuration_files() {
     let old_token = "first-token-0123456789";
     std::fs::write(
         dir.path().join("default.toml"),
-        format!("admin_token = \"{old_token}\"\n[cache]\nimpl = \"null\"\n"),
+        format!("[cache]\nadmin_token = \"{old_token}\"\nimpl = \"null\"\n"),
     )
     .expect("write");
     let svc = Service::start(dir.path(), &[]);
     std::fs::write(
         dir.path().join("default.toml"),
         format!(
-            "admin_token = \"{TOKEN}\"\n[cache]\nimpl = \"memory\"\nwhitelist = [\"project\"]\nvalue_version = 3\n\
+            "[cache]\nadmin_token = \"{TOKEN}\"\nimpl = \"memory\"\nwhitelist = [\"project\"]\nvalue_version = 3\n\
              [cache.patterns.project]\nttl_secs = 30\n"
         ),
     )

@@ -19,7 +19,8 @@ fn fleet_env(url: &str, poll_ms: u64) -> Vec<(&'static str, String)> {
     ]
 }
 
-const KEY: &str = "cache-rollout:fleet";
+/// The reference service (`catalog`) keeps its fleet state under the key derived from its name.
+const KEY: &str = "cache-rollout:catalog:fleet";
 
 fn start(env: &[(&'static str, String)]) -> Service {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -95,7 +96,7 @@ fn three_instances_follow_one_state_and_see_each_others_invalidations() {
     fleet[0].wait_for(
         || {
             redis::cmd("EXISTS")
-                .arg("cr:user:5")
+                .arg("cr:catalog:user:5")
                 .query::<i64>(&mut conn)
                 .is_ok_and(|n| n == 1)
         },
@@ -186,6 +187,7 @@ fn a_fleet_on_a_redis_cluster_follows_one_state_through_a_node_failure() {
     rename_user_5(&fleet[0]);
     let key = cache_rollout::cache::RedisCache::connect_lazy(cache_rollout::cache::RedisOptions {
         url: cluster.url(),
+        key_prefix: "cr:catalog:".into(),
         ..Default::default()
     })
     .expect("cluster options")

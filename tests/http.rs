@@ -2,41 +2,42 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
-use cache_rollout::catalog::{app, AppContext, Origin};
 use cache_rollout::config::{AppEnv, Settings};
-use cache_rollout::http::AdminToken;
-use cache_rollout::CacheRegistry;
+use cache_rollout::http::{internal_router, AdminToken, InternalState};
+use cache_rollout::{CacheRegistry, CacheRollout, RegistryOptions};
 use serde_json::{json, Value};
 use support::{metric, RedisServer};
 use tower::ServiceExt;
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
+/// The reference service's catalog, compiled here from the binary's source: it uses nothing but the library's
+/// public API.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../src/bin/cache-rollout/catalog.rs"]
+mod catalog;
+
 async fn service(mut settings: Settings) -> Router {
     settings.cache.redis.connect_timeout_ms = 500;
-    let registry = CacheRegistry::new(settings.registry_options().expect("options"))
+    let cache = CacheRollout::builder("catalog")
+        .settings(settings)
+        .build()
         .await
-        .expect("registry");
-    app(AppContext {
-        fleet: None,
-        registry,
-        origin: Origin::seeded(100, Duration::ZERO).expect("origin"),
-        admin_token: AdminToken::new(settings.admin_token.clone()),
-        settings: Arc::new(settings),
-    })
+        .expect("cache");
+    catalog::app(
+        &cache,
+        catalog::Origin::seeded(100, Duration::ZERO).expect("origin"),
+    )
 }
 
 fn settings(redis_url: Option<String>, token: Option<&str>) -> Settings {
-    let mut s = Settings {
-        admin_token: token.map(str::to_string),
-        ..Settings::default()
-    };
+    let mut s = Settings::default();
+    s.cache.admin_token = token.map(str::to_string);
     if let Some(url) = redis_url {
         s.cache.redis.url = url;
     }
@@ -330,6 +331,45 @@ async fn production_hides_everything_under_internal() {
     assert_eq!(s, StatusCode::OK, "the service itself still works");
 }
 
+/// The `http` module's example as written (the library's pieces merged by hand): with the environment production,
+/// every path under `/internal/` answers 404, whatever the application mounted.
+#[tokio::test]
+async fn the_internal_router_is_closed_in_production_however_it_is_mounted() {
+    let registry = CacheRegistry::new(RegistryOptions::default())
+        .await
+        .expect("registry");
+    let token = AdminToken::new(Some(TOKEN.into())).expect("a long token");
+    let app = Router::new().merge(internal_router(
+        InternalState::new(registry, token).with_env(AppEnv::Production),
+    ));
+    for (method, uri) in [
+        (Method::GET, "/internal/cache"),
+        (Method::PUT, "/internal/cache/config"),
+        (Method::GET, "/internal/cache/report"),
+    ] {
+        let (status, _, _) = call(&app, method.clone(), uri, Some(TOKEN), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
+    }
+}
+
+#[tokio::test]
+async fn a_short_admin_token_is_refused_by_the_library() {
+    let e = AdminToken::new(Some("12345".into())).expect_err("5 characters");
+    assert!(e.to_string().contains("16"), "{e}");
+    assert!(
+        !e.to_string().contains("12345"),
+        "the token is not echoed: {e}"
+    );
+    let mut s = settings(None, None);
+    s.cache.admin_token = Some("short-token".into());
+    let e = CacheRollout::builder("catalog")
+        .settings(s)
+        .build()
+        .await
+        .expect_err("a short token stops start-up");
+    assert!(e.to_string().contains("admin_token"), "{e}");
+}
+
 #[tokio::test]
 async fn state_redacts_the_redis_password_and_the_token() {
     let app = service(settings(
@@ -473,7 +513,7 @@ async fn config_shows_the_configuration_in_force_after_a_switch() {
     assert_eq!(state["config"]["cache"]["impl"], "memory");
     assert_eq!(state["config"]["cache"]["whitelist"], json!(["user"]));
     assert_eq!(state["config"]["cache"]["patterns"]["user"]["ttl_secs"], 60);
-    assert_eq!(state["config"]["admin_token"], "***");
+    assert_eq!(state["config"]["cache"]["admin_token"], "***");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

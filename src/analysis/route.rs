@@ -54,6 +54,7 @@ pub(crate) struct RouteCalls {
 
 impl RouteCalls {
     /// Adds a finished request's calls.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     pub(crate) fn merge(&self, scope: RequestScope) {
         let calls = scope.calls.into_inner();
         if calls.is_empty() {

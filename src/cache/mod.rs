@@ -20,16 +20,24 @@ use crate::error::Result;
 
 mod memory;
 mod null;
+#[cfg(feature = "redis")]
 mod redis;
+mod redis_options;
+#[cfg(feature = "redis")]
 mod tiered;
 
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisCache;
+#[cfg(feature = "fleet")]
 pub(crate) use self::redis::{
-    cluster_nodes as redis_cluster_nodes, node_clients as redis_node_clients,
-    subscribe as redis_subscribe, Conn as RedisConn, Ready as RedisReady,
+    node_clients as redis_node_clients, subscribe as redis_subscribe, Conn as RedisConn,
+    Ready as RedisReady,
 };
-pub use self::redis::{RedisCache, RedisOptions};
+pub(crate) use self::redis_options::cluster_nodes as redis_cluster_nodes;
+pub use self::redis_options::RedisOptions;
+#[cfg(feature = "redis")]
 pub use self::tiered::{L1Patterns, TieredCache, L1_RESULTS};
 
 /// Which backend: the value of `CACHE_IMPL`, and the `impl` label of every metric.

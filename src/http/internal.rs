@@ -8,8 +8,13 @@
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
 //! | the same when no token is configured | 403: changes are refused |
 //!
-//! The token is compared in constant time. In production mount [`production_internal_router`] instead: every
-//! path under `/internal/` answers 404.
+//! The token is compared in constant time, and is at least 16 characters ([`AdminToken::new`] refuses a shorter
+//! one).
+//!
+//! **Closed by construction.** The router reads the environment itself: when it is `production`, or `APP_ENV`
+//! holds a value that is not one of the four known ones, every path under `/internal/` answers 404, whatever the
+//! application merged. [`InternalState::new`] reads `APP_ENV` (unset: `development`);
+//! [`InternalState::with_env`] sets it explicitly.
 
 use std::sync::Arc;
 
@@ -23,26 +28,58 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::config::redact_url;
+use crate::config::{redact_url, AppEnv, MIN_ADMIN_TOKEN_LEN};
 use crate::error::Error;
 use crate::policy::PolicyUpdate;
 use crate::CacheRegistry;
 
-/// The bearer token for `PUT /internal/cache/config`, replaceable at runtime (the reference service replaces it
-/// on SIGHUP, so a leaked token can be rotated without a restart). Clones share the token.
-#[derive(Clone, Debug, Default)]
+/// The bearer token for `PUT /internal/cache/config`, replaceable at runtime (a SIGHUP reload replaces it, so a
+/// leaked token can be rotated without a restart). Clones share the token. [`AdminToken::default`] holds none.
+#[derive(Clone, Default)]
 pub struct AdminToken(Arc<ArcSwapOption<String>>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.load().is_some();
+        f.debug_tuple("AdminToken")
+            .field(&if set { "***" } else { "unset" })
+            .finish()
+    }
+}
 
 impl AdminToken {
     /// `None` refuses every change with 403.
-    pub fn new(token: Option<String>) -> Self {
-        AdminToken(Arc::new(ArcSwapOption::from(token.map(Arc::new))))
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a token under [`MIN_ADMIN_TOKEN_LEN`] (16) characters; the token itself is not in the
+    /// message.
+    pub fn new(token: Option<String>) -> Result<Self, Error> {
+        check_token(token.as_deref())?;
+        Ok(AdminToken(Arc::new(ArcSwapOption::from(
+            token.map(Arc::new),
+        ))))
     }
 
     /// Replaces the token; requests after this call are checked against the new one.
-    pub fn set(&self, token: Option<String>) {
+    ///
+    /// # Errors
+    /// As [`AdminToken::new`]; the old token stays.
+    pub fn set(&self, token: Option<String>) -> Result<(), Error> {
+        check_token(token.as_deref())?;
         self.0.store(token.map(Arc::new));
+        Ok(())
     }
+}
+
+fn check_token(token: Option<&str>) -> Result<(), Error> {
+    if token.is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_LEN) {
+        return Err(Error::config(
+            "cache.admin_token (CACHE_ADMIN_TOKEN)",
+            "***",
+            "must be at least 16 characters",
+        ));
+    }
+    Ok(())
 }
 
 /// What the internal router needs.
@@ -51,18 +88,34 @@ pub struct InternalState {
     registry: CacheRegistry,
     admin_token: AdminToken,
     config: serde_json::Value,
+    #[cfg(feature = "fleet")]
     fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// `None`: `APP_ENV` held an unknown value; the router is closed.
+    env: Option<AppEnv>,
 }
 
 impl InternalState {
-    /// `admin_token`: the bearer token for `PUT` (see [`AdminToken`]).
+    /// `admin_token`: the bearer token for `PUT` (see [`AdminToken`]). The environment is read from `APP_ENV`
+    /// now: unset is `development`; `production` or an unknown value closes the router (every path 404).
     pub fn new(registry: CacheRegistry, admin_token: AdminToken) -> Self {
+        let env = match std::env::var("APP_ENV") {
+            Err(_) => Some(AppEnv::Development),
+            Ok(v) => AppEnv::parse(&v).ok(),
+        };
         InternalState {
             registry,
             admin_token,
             config: serde_json::Value::Null,
+            #[cfg(feature = "fleet")]
             fleet: None,
+            env,
         }
+    }
+
+    /// Sets the environment instead of reading `APP_ENV`: in [`AppEnv::Production`] the router is closed.
+    pub fn with_env(mut self, env: AppEnv) -> Self {
+        self.env = Some(env);
+        self
     }
 
     /// Adds the effective configuration shown under `config` (pass it redacted, e.g.
@@ -74,14 +127,26 @@ impl InternalState {
 
     /// Routes runtime changes through the fleet state (every instance applies them), and shows its status under
     /// `fleet` in `GET /internal/cache`.
+    #[cfg(feature = "fleet")]
     pub fn with_fleet(mut self, fleet: Option<Arc<crate::fleet::Fleet>>) -> Self {
         self.fleet = fleet;
         self
     }
 }
 
-/// `GET /internal/cache`, `GET /internal/cache/report` and `PUT /internal/cache/config`.
+/// `GET /internal/cache`, `GET /internal/cache/report` and `PUT /internal/cache/config`; in production, or when the
+/// environment is unknown, every path under `/internal/` answers 404 instead (see the module doc).
 pub fn internal_router(state: InternalState) -> Router {
+    match state.env {
+        Some(AppEnv::Production) => return closed_router(),
+        None => {
+            tracing::warn!(
+                "APP_ENV holds an unknown value: every path under /internal/ answers 404"
+            );
+            return closed_router();
+        }
+        Some(_) => {}
+    }
     Router::new()
         .route("/internal/cache", get(show))
         .route("/internal/cache/report", get(report))
@@ -89,8 +154,8 @@ pub fn internal_router(state: InternalState) -> Router {
         .with_state(state)
 }
 
-/// Every path under `/internal/` answers 404 (`APP_ENV=production`).
-pub fn production_internal_router() -> Router {
+/// Every path under `/internal/` answers 404.
+fn closed_router() -> Router {
     let not_found = || async { StatusCode::NOT_FOUND };
     Router::new()
         .route("/internal", any(not_found))
@@ -106,6 +171,7 @@ async fn view(state: &InternalState) -> serde_json::Value {
             "config".into(),
             effective_config(&state.config, &state.registry),
         );
+        #[cfg(feature = "fleet")]
         if let Some(f) = &state.fleet {
             obj.insert("fleet".into(), json!(f.status()));
         }
@@ -118,10 +184,8 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     let mut config = startup.clone();
     let policy = registry.policy();
     let redis = registry.redis_options();
-    if let Some(obj) = config.as_object_mut() {
-        obj.insert("feature_cache".into(), json!(policy.enabled));
-    }
     if let Some(cache) = config.get_mut("cache").and_then(|c| c.as_object_mut()) {
+        cache.insert("enabled".into(), json!(policy.enabled));
         cache.insert("impl".into(), json!(policy.imp));
         cache.insert("whitelist".into(), json!(policy.whitelist));
         cache.insert("default_ttl_secs".into(), json!(policy.default_ttl_secs));
@@ -180,6 +244,7 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
         Ok(u) => u,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
     };
+    #[cfg(feature = "fleet")]
     let applied = match &state.fleet {
         // Stored for every instance, then applied here at once (the others follow within their poll period).
         Some(f) => match f.write(&state.registry.policy(), &update, "api").await {
@@ -199,6 +264,8 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
         },
         None => state.registry.switch_from(&update, "api").await.map(|_| ()),
     };
+    #[cfg(not(feature = "fleet"))]
+    let applied = state.registry.switch_from(&update, "api").await.map(|_| ());
     match applied {
         Ok(_) => Json(view(&state).await).into_response(),
         Err(e @ (Error::Config { .. } | Error::InvalidPattern { .. })) => {

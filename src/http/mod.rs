@@ -1,5 +1,8 @@
 //! HTTP pieces for any axum app: the candidate-route layer, the `/internal/cache` router and `/metrics`.
 //!
+//! Most applications take them from [`CacheRollout`](crate::CacheRollout) (`cache.layer()`, `cache.router()`),
+//! which also wires the fleet, the configuration shown and the SIGHUP token rotation. Mounted by hand:
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cache_rollout::Error> {
 //! use axum::{routing::get, Router};
@@ -7,11 +10,13 @@
 //! use cache_rollout::{CacheRegistry, RegistryOptions};
 //!
 //! let registry = CacheRegistry::new(RegistryOptions::default()).await?;
+//! let token = AdminToken::new(std::env::var("CACHE_ADMIN_TOKEN").ok())?; // 16+ characters, or an error
 //! let app = Router::new()
 //!     .route("/users/{id}", get(|| async { "..." }))
 //!     .layer(CandidateLayer::new(registry.metrics()))          // counts the routes above it
 //!     .merge(metrics_router(registry.clone()))
-//!     .merge(internal_router(InternalState::new(registry, AdminToken::new(Some("a-long-admin-token".into())))));
+//!     // Reads APP_ENV: in production, or with an unknown value, every path under /internal/ answers 404.
+//!     .merge(internal_router(InternalState::new(registry, token)));
 //! # let _ = app; Ok(()) }
 //! ```
 
@@ -19,7 +24,7 @@ mod candidate;
 mod internal;
 
 pub use self::candidate::{Candidate, CandidateLayer, CandidateResponseFuture, UNMATCHED_ROUTE};
-pub use self::internal::{internal_router, production_internal_router, AdminToken, InternalState};
+pub use self::internal::{internal_router, AdminToken, InternalState};
 
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -101,7 +101,9 @@ pub struct Metrics {
     coalesced: IntCounterVec,
     value_size: HistogramVec,
     enabled: IntGaugeVec,
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
     fleet_version: prometheus::IntGauge,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     l1: IntCounterVec,
     swaps: IntCounterVec,
     invalidate: IntCounterVec,
@@ -210,6 +212,7 @@ impl Metrics {
              invalidated by a message, whole-L1 clears.",
             &["result"],
         );
+        #[cfg(feature = "redis")]
         for result in crate::cache::L1_RESULTS {
             l1.with_label_values(&[result]);
         }
@@ -383,10 +386,12 @@ impl Metrics {
     }
 
     /// The `cache_l1_total` counter, by result, for a [`TieredCache`](crate::cache::TieredCache).
+    #[cfg(feature = "redis")]
     pub(crate) fn l1_counts(&self) -> IntCounterVec {
         self.l1.clone()
     }
 
+    #[cfg(feature = "fleet")]
     pub(crate) fn set_fleet_version(&self, version: u64) {
         self.fleet_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));

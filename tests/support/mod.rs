@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod service;
+// The binary is built only with the `cli` feature.
+#[cfg(feature = "cli")]
+pub mod service;
+#[cfg(feature = "cli")]
 #[allow(unused_imports)] // each test crate (and bench) uses its own part
 pub use service::{command, repo, Service, BIN, TOKEN};
 

@@ -47,19 +47,25 @@ impl Service {
 
     /// As [`Service::start`], with more `serve` arguments (`--users`, `--origin-delay-ms`).
     pub fn start_with(config_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Service {
-        let port = super::free_port();
         let mut cmd = command();
         cmd.arg("serve")
             .arg("--config-dir")
             .arg(config_dir)
-            .args(args)
-            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("start cache-rollout serve");
+        Self::launch(cmd)
+    }
+
+    /// Runs `cmd` (any HTTP service that reads `BIND_ADDR` and answers `/health`) on a free port, collecting its
+    /// stderr, and waits for `/health`.
+    pub fn launch(mut cmd: Command) -> Service {
+        let port = super::free_port();
+        cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start the service");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = Arc::clone(&log);

@@ -21,59 +21,54 @@ use axum::{Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AppEnv, Settings};
-use crate::http::{
-    internal_router, metrics_router, production_internal_router, AdminToken, CandidateLayer,
-    InternalState,
-};
-use crate::CacheRegistry;
+use cache_rollout::{CacheRegistry, CacheRollout};
 
 /// A user row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct User {
+pub(crate) struct User {
     /// Primary key.
-    pub id: i64,
+    pub(crate) id: i64,
     /// Display name.
-    pub name: String,
+    pub(crate) name: String,
     /// E-mail address.
-    pub email: String,
+    pub(crate) email: String,
 }
 
 /// A project row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Project {
+pub(crate) struct Project {
     /// Primary key.
-    pub id: i64,
+    pub(crate) id: i64,
     /// Project name.
-    pub name: String,
+    pub(crate) name: String,
     /// Owning user's id.
-    pub owner_id: i64,
+    pub(crate) owner_id: i64,
 }
 
 /// One member of a project.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Member {
+pub(crate) struct Member {
     /// The user's id.
-    pub user_id: i64,
+    pub(crate) user_id: i64,
     /// The user's name.
-    pub name: String,
+    pub(crate) name: String,
     /// `owner`, `maintainer` or `viewer`.
-    pub role: String,
+    pub(crate) role: String,
 }
 
 /// Body of `PUT /users/{id}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UserUpdate {
+pub(crate) struct UserUpdate {
     /// New display name.
-    pub name: String,
+    pub(crate) name: String,
     /// New e-mail address.
-    pub email: String,
+    pub(crate) email: String,
 }
 
 /// The origin: an in-memory SQLite database behind a mutex, queried on Tokio's blocking pool.
 #[derive(Clone)]
-pub struct Origin {
+pub(crate) struct Origin {
     conn: Arc<Mutex<Connection>>,
     delay: Duration,
 }
@@ -89,7 +84,7 @@ impl std::fmt::Debug for Origin {
 /// Origin failure (a SQLite error or a panicked query task).
 #[derive(Debug, thiserror::Error)]
 #[error("origin: {0}")]
-pub struct OriginError(String);
+pub(crate) struct OriginError(String);
 
 impl Origin {
     /// Creates and seeds the database: `users` users (ids 1..=users), `users / 10` projects (at least 1), each with
@@ -97,7 +92,7 @@ impl Origin {
     ///
     /// # Errors
     /// A SQLite error (which an in-memory database only gives when out of memory).
-    pub fn seeded(users: i64, delay: Duration) -> Result<Self, OriginError> {
+    pub(crate) fn seeded(users: i64, delay: Duration) -> Result<Self, OriginError> {
         let conn = Connection::open_in_memory().map_err(|e| OriginError(e.to_string()))?;
         seed(&conn, users).map_err(|e| OriginError(e.to_string()))?;
         Ok(Origin {
@@ -127,7 +122,7 @@ impl Origin {
     ///
     /// # Errors
     /// [`OriginError`].
-    pub async fn user(&self, id: i64) -> Result<Option<User>, OriginError> {
+    pub(crate) async fn user(&self, id: i64) -> Result<Option<User>, OriginError> {
         self.query(move |c| {
             c.query_row(
                 "SELECT id, name, email FROM users WHERE id = ?1",
@@ -149,7 +144,7 @@ impl Origin {
     ///
     /// # Errors
     /// [`OriginError`].
-    pub async fn project(&self, id: i64) -> Result<Option<Project>, OriginError> {
+    pub(crate) async fn project(&self, id: i64) -> Result<Option<Project>, OriginError> {
         self.query(move |c| {
             c.query_row(
                 "SELECT id, name, owner_id FROM projects WHERE id = ?1",
@@ -171,7 +166,10 @@ impl Origin {
     ///
     /// # Errors
     /// [`OriginError`].
-    pub async fn members(&self, project_id: i64) -> Result<Option<Vec<Member>>, OriginError> {
+    pub(crate) async fn members(
+        &self,
+        project_id: i64,
+    ) -> Result<Option<Vec<Member>>, OriginError> {
         self.query(move |c| {
             let exists: Option<i64> = c
                 .query_row("SELECT id FROM projects WHERE id = ?1", params![project_id], |r| r.get(0))
@@ -199,7 +197,7 @@ impl Origin {
     ///
     /// # Errors
     /// [`OriginError`].
-    pub async fn projects_of(&self, user_id: i64) -> Result<Vec<i64>, OriginError> {
+    pub(crate) async fn projects_of(&self, user_id: i64) -> Result<Vec<i64>, OriginError> {
         self.query(move |c| {
             let mut st = c.prepare("SELECT project_id FROM project_members WHERE user_id = ?1")?;
             let rows = st.query_map(params![user_id], |r| r.get(0))?;
@@ -212,7 +210,11 @@ impl Origin {
     ///
     /// # Errors
     /// [`OriginError`].
-    pub async fn update_user(&self, id: i64, update: UserUpdate) -> Result<bool, OriginError> {
+    pub(crate) async fn update_user(
+        &self,
+        id: i64,
+        update: UserUpdate,
+    ) -> Result<bool, OriginError> {
         self.query(move |c| {
             c.execute(
                 "UPDATE users SET name = ?2, email = ?3 WHERE id = ?1",
@@ -268,45 +270,34 @@ fn seed(c: &Connection, users: i64) -> rusqlite::Result<()> {
 
 /// Shared state of the catalog handlers.
 #[derive(Clone, Debug)]
-pub struct AppContext {
+pub(crate) struct AppContext {
     /// The cache registry.
-    pub registry: CacheRegistry,
+    pub(crate) registry: CacheRegistry,
     /// The origin database.
-    pub origin: Origin,
-    /// The settings the service was started with.
-    pub settings: Arc<Settings>,
-    /// The admin token, replaceable at runtime (SIGHUP).
-    pub admin_token: AdminToken,
-    /// The fleet state followed (`[cache.fleet] enabled`): runtime changes then go through it, to every instance.
-    pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    pub(crate) origin: Origin,
 }
 
-/// The whole reference service as a router (testable with `tower::ServiceExt::oneshot`).
-pub fn app(ctx: AppContext) -> Router {
-    let catalog = Router::new()
+/// The whole reference service as a router (testable with `tower::ServiceExt::oneshot`), built on the library's
+/// public entry point like any application's: its own routes, the candidate-route layer, and the library's router
+/// for `/metrics` and `/internal/cache`.
+pub(crate) fn app(cache: &CacheRollout, origin: Origin) -> Router {
+    let ctx = AppContext {
+        registry: cache.registry().clone(),
+        origin,
+    };
+    Router::new()
         .route("/users/{id}", get(get_user).put(put_user))
         .route("/projects/{id}", get(get_project))
         .route("/projects/{id}/members", get(get_members))
         // An explicit fallback, so that the layer below also counts requests that matched no route.
         .fallback(|| async { found(None::<()>) })
-        .with_state(ctx.clone())
-        .layer(CandidateLayer::new(ctx.registry.metrics()));
-    let internal = if ctx.settings.app_env == AppEnv::Production {
-        production_internal_router()
-    } else {
-        internal_router(
-            InternalState::new(ctx.registry.clone(), ctx.admin_token.clone())
-                .with_config(ctx.settings.redacted())
-                .with_fleet(ctx.fleet.clone()),
-        )
-    };
-    catalog
+        .with_state(ctx)
+        .layer(cache.layer())
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
         )
-        .merge(metrics_router(ctx.registry.clone()))
-        .merge(internal)
+        .merge(cache.router())
 }
 
 fn origin_error(e: &OriginError) -> Response {

@@ -1,18 +1,73 @@
-//! The `cache-rollout` binary: `serve` (the reference service; the default), `replay TRACE`, `report --url URL`.
+//! The `cache-rollout` binary: `serve` (the reference service; the default), `replay TRACE`, `report --url URL`,
+//! `fleet show|set`. Built on the library's public API only.
 
-use std::path::PathBuf;
+mod catalog;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cache_rollout::analysis::{AnalysisOptions, Report};
 use cache_rollout::cache::{CacheImpl, RedisOptions};
-use cache_rollout::catalog::{self, AppContext, Origin};
-use cache_rollout::config::{LogFormat, Settings};
-use cache_rollout::http::AdminToken;
+use cache_rollout::config::Settings;
 use cache_rollout::replay::{self, ReplayOptions, TraceFormat};
-use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+use cache_rollout::{CacheRegistry, CacheRollout, Policy, RegistryOptions};
 use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Origin;
+
+/// The reference service's name: its Redis key prefix is `cr:catalog:` and its fleet key
+/// `cache-rollout:catalog:fleet`, unless the configuration names others.
+const SERVICE: &str = "catalog";
+
+/// The reference service's own settings, beside the library's `[cache]` table in the same files: the top-level
+/// `bind_addr` (`BIND_ADDR`) and `log_format` (`CACHE_ROLLOUT_LOG_FORMAT`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServiceSettings {
+    bind_addr: SocketAddr,
+    log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    /// Human-readable lines (default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl ServiceSettings {
+    /// The top-level keys of `dir/default.toml` and `dir/<APP_ENV>.toml`, then `BIND_ADDR`.
+    fn load(dir: &Path) -> cache_rollout::Result<Self> {
+        use figment::providers::{Env, Format, Serialized, Toml};
+        let env = std::env::var("APP_ENV").unwrap_or_else(|_| "development".into());
+        let env = cache_rollout::config::AppEnv::parse(&env)?;
+        figment::Figment::from(Serialized::defaults(ServiceSettings {
+            bind_addr: SocketAddr::from(([127, 0, 0, 1], 8900)),
+            log_format: LogFormat::Text,
+        }))
+        .merge(Toml::file(dir.join("default.toml")))
+        .merge(Toml::file(dir.join(format!("{}.toml", env.as_str()))))
+        .merge(Env::prefixed("CACHE_ROLLOUT_").filter(|k| {
+            k.as_str().eq_ignore_ascii_case("bind_addr")
+                || k.as_str().eq_ignore_ascii_case("log_format")
+        }))
+        .merge(Env::raw().only(&["BIND_ADDR"]).map(|_| "bind_addr".into()))
+        .extract()
+        .map_err(|e| {
+            let value = std::env::var("BIND_ADDR").unwrap_or_default();
+            if e.path.first().is_some_and(|k| k == "bind_addr") && !value.is_empty() {
+                cache_rollout::Error::config("BIND_ADDR", value, e.kind.to_string())
+            } else {
+                cache_rollout::Error::from(e)
+            }
+        })
+    }
+}
 
 /// Observe-first caching: measure through a NullCache, then serve key patterns from Redis at runtime.
 #[derive(Parser)]
@@ -87,7 +142,7 @@ struct ReplayArgs {
     trace: PathBuf,
     /// Trace format; guessed from the file name when absent.
     #[arg(long, value_enum)]
-    format: Option<TraceFormat>,
+    format: Option<FormatArg>,
     /// Backend every pattern is served from.
     #[arg(long = "impl", value_enum, default_value = "null")]
     imp: ImplArg,
@@ -118,6 +173,14 @@ struct ReplayArgs {
     /// Keys sampled per pattern by the estimator (SHARDS s_max).
     #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
     sample_keys: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    /// Twitter's cache-trace CSV.
+    Twitter,
+    /// ARC `.lis`.
+    Arc,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -178,10 +241,15 @@ fn init_logs(format: LogFormat) {
 }
 
 async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
-    let settings = Settings::load_from(&args.config_dir)?;
-    init_logs(settings.log_format);
-    // Logs the cache state in one line (`cache: enabled impl=null whitelist=[]`) once it is installed.
-    let registry = CacheRegistry::new(settings.registry_options()?).await?;
+    let service = ServiceSettings::load(&args.config_dir)?;
+    init_logs(service.log_format);
+    // Logs the cache state in one line (`cache: enabled impl=null whitelist=[]`) once it is installed; follows the
+    // fleet state when [cache.fleet] is on; re-reads the files on SIGHUP.
+    let cache = CacheRollout::builder(SERVICE)
+        .config_dir(&args.config_dir)
+        .reload_on_sighup(true)
+        .build()
+        .await?;
     let origin =
         Origin::seeded(args.users, Duration::from_millis(args.origin_delay_ms)).map_err(|e| {
             cache_rollout::Error::Io {
@@ -189,40 +257,14 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
                 source: std::io::Error::other(e.to_string()),
             }
         })?;
-    let listener = tokio::net::TcpListener::bind(settings.bind_addr)
+    let listener = tokio::net::TcpListener::bind(service.bind_addr)
         .await
         .map_err(|source| cache_rollout::Error::Io {
-            context: format!("binding {}", settings.bind_addr),
+            context: format!("binding {}", service.bind_addr),
             source,
         })?;
-    tracing::info!(addr = %settings.bind_addr, env = settings.app_env.as_str(), "listening");
-    let admin_token = AdminToken::new(settings.admin_token.clone());
-    // One rollout state for every instance (docs/scaling.md): applied now, then followed.
-    let fleet = if settings.cache.fleet.enabled {
-        let fleet = Arc::new(cache_rollout::fleet::Fleet::new(
-            &settings.cache.fleet,
-            &settings.redis_options(),
-            settings.admin_token.as_deref().unwrap_or_default(),
-        )?);
-        Arc::clone(&fleet).spawn(registry.clone(), settings.policy());
-        Some(fleet)
-    } else {
-        None
-    };
-    spawn_sighup_reload(
-        registry.clone(),
-        admin_token.clone(),
-        settings.clone(),
-        args.config_dir.clone(),
-        fleet.clone(),
-    );
-    let app = catalog::app(AppContext {
-        registry,
-        origin,
-        settings: Arc::new(settings),
-        admin_token,
-        fleet,
-    });
+    tracing::info!(addr = %service.bind_addr, env = cache.env().as_str(), "listening");
+    let app = catalog::app(&cache, origin);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -232,58 +274,6 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
         })?;
     tracing::info!("shut down");
     Ok(())
-}
-
-/// SIGHUP re-reads the configuration files (and the environment) and applies the runtime part (policy, Redis
-/// options, admin token); a bad file keeps the old state. Keys that need a restart are named in a warning.
-fn spawn_sighup_reload(
-    registry: CacheRegistry,
-    admin_token: AdminToken,
-    mut current: Settings,
-    dir: PathBuf,
-    fleet: Option<Arc<cache_rollout::fleet::Fleet>>,
-) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match Settings::load_from(&dir) {
-                Ok(s) => {
-                    for key in current.restart_only_changes(&s) {
-                        tracing::warn!(
-                            key,
-                            "SIGHUP: this setting changed but only takes effect after a restart"
-                        );
-                    }
-                    // Under a fleet state the files' policy does not win: the running (fleet) policy stays, and
-                    // only the Redis options and the token are re-read.
-                    let policy = if fleet.is_some() {
-                        registry.policy()
-                    } else {
-                        s.policy()
-                    };
-                    if let Err(e) = registry.reload(policy, s.redis_options()).await {
-                        tracing::error!(error = %e, "SIGHUP: reload refused, previous state kept");
-                        continue;
-                    }
-                    if s.admin_token != current.admin_token {
-                        admin_token.set(s.admin_token.clone());
-                        tracing::info!("SIGHUP: admin token replaced");
-                    }
-                    current = s;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: configuration invalid, previous state kept")
-                }
-            }
-        }
-    });
-    #[cfg(not(unix))]
-    let _ = (registry, admin_token, current, dir, fleet);
 }
 
 async fn shutdown_signal() {
@@ -330,11 +320,11 @@ async fn redis_memory(url: &str) -> cache_rollout::Result<(u64, u64)> {
 }
 
 async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
-    let settings = Settings::load_from(&args.config_dir)?;
+    let settings = Settings::load(SERVICE, &args.config_dir)?;
     let fleet = cache_rollout::fleet::Fleet::new(
-        &settings.cache.fleet,
+        &settings.fleet_options(),
         &settings.redis_options(),
-        settings.admin_token.as_deref().unwrap_or_default(),
+        settings.cache.admin_token.as_deref().unwrap_or_default(),
     )?;
     let state = match args.action {
         FleetAction::Show => fleet.read().await?,
@@ -395,7 +385,11 @@ async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {
 }
 
 async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
-    let format = match args.format.or_else(|| TraceFormat::guess(&args.trace)) {
+    let format = args.format.map(|f| match f {
+        FormatArg::Twitter => TraceFormat::Twitter,
+        FormatArg::Arc => TraceFormat::Arc,
+    });
+    let format = match format.or_else(|| TraceFormat::guess(&args.trace)) {
         Some(f) => f,
         None => {
             return Err(cache_rollout::Error::Trace {
