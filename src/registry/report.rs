@@ -1,0 +1,225 @@
+//! The phase-2 report and the predicted hit ratios, from the estimators.
+
+use super::*;
+
+impl CacheRegistry {
+    /// The phase-2 analysis (`GET /internal/cache/report`): per-pattern and shared miss ratio curves, memory,
+    /// origin time saved, route × pattern, and the recommendation. Empty predictions when the analysis is disabled.
+    pub fn report(&self) -> analysis::Report {
+        use prometheus::core::Metric as _;
+        let s = self.inner.state.load_full();
+        let (capacities, overhead, ignore_ttl) = match &self.inner.analysis {
+            Some(a) => (
+                a.opts.capacities.clone(),
+                a.opts.per_key_overhead_bytes,
+                a.opts.ignore_ttl,
+            ),
+            None => (
+                AnalysisOptions::default().capacities,
+                analysis::REDIS_PER_KEY_OVERHEAD_BYTES,
+                false,
+            ),
+        };
+        let observed_seconds = self.observed_seconds();
+        let mut names: Vec<(&str, usize)> = s.patterns.iter().map(|(n, &i)| (&**n, i)).collect();
+        names.sort_unstable_by_key(|&(_, i)| i);
+        let mut total_gets = 0;
+        let (mut loader_secs, mut loader_calls) = (0.0, 0u64);
+        let patterns: Vec<_> = names
+            .iter()
+            .map(|&(name, i)| {
+                let e = self.slot(i);
+                let counts = e.metrics.counts();
+                total_gets += counts.gets;
+                let loader = e.metrics.loader_proto();
+                loader_secs += loader.get_sample_sum();
+                loader_calls += loader.get_sample_count();
+                analysis::PatternInput {
+                    name: name.to_string(),
+                    gets: counts.gets,
+                    hits: counts.hits,
+                    writes: counts.writes,
+                    deletes: counts.deletes,
+                    served: s.serves(name),
+                    ttl_secs: (!ignore_ttl).then(|| s.ttl(name).as_secs()),
+                    policy_ttl_secs: s.ttl(name).as_secs(),
+                    loader,
+                    value_size: e.metrics.value_size.metric().get_histogram().clone(),
+                    curve: e.shards.as_ref().map(|sh| sh.curve(counts.gets)),
+                }
+            })
+            .collect();
+        let mean_loader = if loader_calls > 0 {
+            loader_secs / loader_calls as f64
+        } else {
+            0.0
+        };
+        let shared = self.inner.analysis.as_ref().map(|a| {
+            let (curve, stats) = a.shared.curve(total_gets);
+            analysis::shared_report(
+                total_gets,
+                &curve,
+                &stats,
+                &capacities,
+                observed_seconds,
+                mean_loader,
+            )
+        });
+        let whitelisted = s.whitelisted.as_ref().map(|w| {
+            let gets = w.gets.load(Ordering::Relaxed);
+            let (curve, stats) = w.shards.curve(gets);
+            let since = self
+                .inner
+                .clock
+                .delta_as_nanos(w.since, self.inner.clock.raw()) as f64
+                * 1e-9;
+            analysis::shared_report(gets, &curve, &stats, &capacities, since, mean_loader)
+        });
+        let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
+        let routes = self
+            .inner
+            .metrics
+            .routes()
+            .into_iter()
+            .map(|(route, method, m)| analysis::RouteInput {
+                method,
+                route,
+                requests: m.requests.get(),
+                seconds: m.duration.get_sample_sum(),
+                calls: m
+                    .calls
+                    .snapshot()
+                    .into_iter()
+                    .map(|(t, n, ns)| (tags.get(&t).map_or(OTHER, |n| *n).to_string(), n, ns))
+                    .collect(),
+            })
+            .collect();
+        analysis::build(
+            analysis::ReportContext {
+                capacities: &capacities,
+                per_key_overhead_bytes: overhead,
+                observed_seconds,
+                generated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            },
+            patterns,
+            shared,
+            whitelisted,
+            routes,
+        )
+    }
+
+    /// Predicted hit ratio of every pattern together in one LRU cache of `bytes` bytes (keys, values and the
+    /// per-key overhead counted); `None` when the analysis is disabled.
+    pub fn predicted_hit_ratio_at_bytes(&self, bytes: u64) -> Option<f64> {
+        let a = self.inner.analysis.as_ref()?;
+        let s = self.inner.state.load();
+        let gets = s
+            .patterns
+            .values()
+            .map(|&i| self.slot(i).metrics.counts().gets)
+            .sum();
+        Some(a.shared.curve(gets).0.hit_ratio_at_bytes(bytes as f64))
+    }
+
+    /// Seconds since the registry started, on its clock.
+    pub(super) fn observed_seconds(&self) -> f64 {
+        let epoch = self
+            .inner
+            .analysis
+            .as_ref()
+            .map_or(self.inner.started, |a| a.epoch);
+        self.inner
+            .clock
+            .delta_as_nanos(epoch, self.inner.clock.raw()) as f64
+            * 1e-9
+    }
+
+    /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
+    /// together (`key_pattern="*"`), for the `cache_predicted_hit_ratio` gauge: (pattern, capacity, ratio).
+    pub(crate) fn predicted_hit_ratios(&self) -> Vec<(String, u64, f64)> {
+        let Some(a) = &self.inner.analysis else {
+            return Vec::new();
+        };
+        let s = self.inner.state.load();
+        let mut out = Vec::new();
+        let mut total = 0;
+        for (name, &i) in s.patterns.iter() {
+            let e = self.slot(i);
+            let gets = e.metrics.counts().gets;
+            total += gets;
+            if let Some(sh) = &e.shards {
+                let (curve, _) = sh.curve(gets);
+                for &c in &a.opts.capacities {
+                    out.push((name.to_string(), c, curve.hit_ratio_at_objects(c as f64)));
+                }
+            }
+        }
+        let (curve, _) = a.shared.curve(total);
+        for &c in &a.opts.capacities {
+            out.push(("*".to_string(), c, curve.hit_ratio_at_objects(c as f64)));
+        }
+        out
+    }
+}
+
+/// `cache_predicted_hit_ratio{key_pattern,capacity}`: the estimators' predictions at the configured capacities,
+/// computed at scrape time. `key_pattern` is a pattern with its own estimator (at most `analysis.max_patterns`) or
+/// `*` for all patterns in one cache; `capacity` one of the (at most 8) configured capacities, in objects.
+pub(super) struct PredictedHitRatio {
+    pub(super) registry: std::sync::Weak<Inner>,
+    pub(super) desc: prometheus::core::Desc,
+}
+
+impl PredictedHitRatio {
+    pub(super) fn new(registry: std::sync::Weak<Inner>) -> Self {
+        let desc = prometheus::core::Desc::new(
+            "cache_predicted_hit_ratio".into(),
+            "Predicted LRU hit ratio (0-1) of a cache of `capacity` objects, per key pattern (`*`: all patterns in \
+             one cache), from the SHARDS miss ratio curve."
+                .into(),
+            vec!["key_pattern".into(), "capacity".into()],
+            HashMap::new(),
+        )
+        .expect("valid gauge description");
+        PredictedHitRatio { registry, desc }
+    }
+}
+
+impl prometheus::core::Collector for PredictedHitRatio {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto;
+        let Some(inner) = self.registry.upgrade() else {
+            return Vec::new();
+        };
+        let registry = CacheRegistry { inner };
+        let metrics = registry
+            .predicted_hit_ratios()
+            .into_iter()
+            .map(|(pattern, capacity, ratio)| {
+                let mut m = proto::Metric::default();
+                let mut labels = Vec::with_capacity(2);
+                for (n, v) in [("capacity", capacity.to_string()), ("key_pattern", pattern)] {
+                    let mut l = proto::LabelPair::default();
+                    l.set_name(n.to_string());
+                    l.set_value(v);
+                    labels.push(l);
+                }
+                m.set_label(labels);
+                let mut g = proto::Gauge::default();
+                g.set_value(ratio);
+                m.set_gauge(g);
+                m
+            })
+            .collect();
+        let mut family = proto::MetricFamily::default();
+        family.set_name("cache_predicted_hit_ratio".into());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(proto::MetricType::GAUGE);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}

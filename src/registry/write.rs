@@ -1,0 +1,278 @@
+//! Writes and invalidations by the application: `set`, `invalidate`, `invalidate_tag`, `invalidate_pattern`.
+
+use super::*;
+
+impl CacheRegistry {
+    /// Stores `value` under `key` with the pattern's TTL. For a pattern that is not served (or with caching
+    /// disabled) the write is only counted, and the key is deleted from the active backend so that an older copy
+    /// can never be served later.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::Encode`], [`Error::ValueTooLarge`], or the backend's error (also counted).
+    pub async fn set<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.set_value(key, &JsonRef(value), &[]).await
+    }
+
+    /// [`set`](Self::set), recording the entry under `tags` (see [`invalidate_tag`](Self::invalidate_tag)).
+    ///
+    /// # Errors
+    /// As [`set`](Self::set); a malformed tag is an [`Error::InvalidKey`].
+    pub async fn set_tagged<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &T,
+        tags: &[&str],
+    ) -> Result<()> {
+        self.set_value(key, &JsonRef(value), tags).await
+    }
+
+    /// [`set`](Self::set) for raw bytes.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn set_bytes(&self, key: &str, value: Bytes) -> Result<()> {
+        self.set_value(key, &value, &[]).await
+    }
+
+    pub(super) async fn set_value<C: Codec>(
+        &self,
+        key: &str,
+        value: &C,
+        tags: &[&str],
+    ) -> Result<()> {
+        validate_key(key)?;
+        for t in tags {
+            validate_key(t)?;
+        }
+        let state = self.inner.state.load_full();
+        let (entry, ttl, track) = {
+            let mut buf = None;
+            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
+            let entry = self.entry(&state, &pattern);
+            let route = state.route(&pattern);
+            let serves = route.is_some();
+            let track = state
+                .policy
+                .enabled
+                .then(|| self.track(&state, entry, &pattern, key, serves))
+                .flatten();
+            (entry, route.map(|r| r.ttl), track)
+        };
+        if state.policy.enabled {
+            entry.metrics.write();
+        }
+        if let Some(t) = &track {
+            let size = codec::HEADER_BYTES + value.payload_len();
+            if size <= self.inner.max_value_bytes {
+                self.record(entry, t, Access::Set, self.inner.clock.raw(), Some(size));
+            } else {
+                self.forget(entry, t); // refused as too large: the key is not in the cache after this
+            }
+        }
+        // Under the NullCache there is nothing to detach or delete: a load left over from an earlier backend can
+        // only store into a backend that is flushed before it is active again.
+        if state.stores {
+            // Whatever happens below, a load of this key in flight predates this value.
+            self.inner.flights.detach(key);
+        }
+        let Some(ttl) = ttl.filter(|_| state.policy.enabled) else {
+            if state.policy.enabled {
+                // Observed: count the write, size one in `size_sample_every` without encoding.
+                entry.metrics.set(CacheImpl::Null);
+                if entry.metrics.sample_size(self.inner.size_sample_every) {
+                    entry
+                        .metrics
+                        .value_size
+                        .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
+                }
+            }
+            if !state.stores {
+                return Ok(());
+            }
+            // The active backend may hold an older copy (see the module docs): drop it.
+            return state.backend.delete(key).await.map(|_| ());
+        };
+        let bytes = codec::encode(key, value, self.inner.value_version)?;
+        let imp = state.backend.kind();
+        if bytes.len() > self.inner.max_value_bytes {
+            self.inner.metrics.error(imp, "too_large");
+            // The old value is stale now that the caller has a new one: do not leave it behind.
+            let _ = state.backend.delete(key).await;
+            return Err(Error::ValueTooLarge {
+                key: key.to_string(),
+                size: bytes.len(),
+                max: self.inner.max_value_bytes,
+            });
+        }
+        entry.metrics.value_size.observe(bytes.len() as f64);
+        let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
+        let imp = state.backend.kind();
+        let write = state.backend.set_tagged(key, bytes, Some(ttl), &tags);
+        self.timed(imp, Operation::Set, write)
+            .await
+            .inspect(|()| entry.metrics.set(imp))
+            .inspect_err(|e| tracing::debug!(key, error = %e, "cache: set failed"))
+    }
+
+    /// Deletes every entry stored with `tag` ([`get_or_load_tagged`](Self::get_or_load_tagged),
+    /// [`set_tagged`](Self::set_tagged)) from the active backend, revokes the leases of loads in progress with it
+    /// (in every process: the tag's keys are kept in the backend), and detaches this process's loads with it;
+    /// returns how many entries were deleted. Counted in `cache_invalidate_total{tag}` (the first 32 tags by
+    /// name, later ones as `other`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for a malformed tag, or the backend's error (also counted).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        validate_key(tag)?;
+        let state = self.inner.state.load_full();
+        if state.stores {
+            self.inner.flights.detach_tagged(tag);
+        }
+        let imp = state.backend.kind();
+        self.inner.metrics.invalidated_tag(imp, tag);
+        if !state.stores {
+            return Ok(0);
+        }
+        self.timed(
+            imp,
+            Operation::InvalidateTag,
+            state.backend.invalidate_tag(tag),
+        )
+        .await
+    }
+
+    /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
+    /// in flight; `true` when it was present.
+    ///
+    /// With caching disabled the delete still happens (unmeasured), so that re-enabling never serves a value
+    /// older than a write made in between.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], or the backend's error (also counted): the caller must know that a stale value may
+    /// remain until its TTL.
+    pub async fn invalidate(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        let state = self.inner.state.load_full();
+        if state.stores {
+            self.inner.flights.detach(key);
+        }
+        if !state.policy.enabled {
+            return state.backend.delete(key).await;
+        }
+        let (entry, served) = {
+            let mut buf = None;
+            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
+            (self.entry(&state, &pattern), state.serves(&pattern))
+        };
+        let imp = state.backend.kind();
+        entry.metrics.del(imp);
+        self.inner.metrics.invalidated(imp, "key");
+        if let Some(a) = &self.inner.analysis {
+            let hash = key_hash(key);
+            if let Some(s) = &entry.shards {
+                s.delete(hash, entry.tag);
+            }
+            a.shared.delete(hash, entry.tag);
+            if let Some(w) = state.whitelisted.as_ref().filter(|_| served) {
+                w.shards.delete(hash, entry.tag);
+            }
+        }
+        if !state.stores {
+            return Ok(false); // the NullCache holds nothing
+        }
+        self.timed(imp, Operation::Delete, state.backend.delete(key))
+            .await
+    }
+
+    /// Deletes every key of `pattern` from the active backend (Redis: `SCAN` + `UNLINK`) and detaches the
+    /// pattern's loads in flight; returns how many keys were deleted.
+    ///
+    /// # Errors
+    /// [`Error::InvalidPattern`], or the backend's error (also counted).
+    pub async fn invalidate_pattern(&self, pattern: &str) -> Result<u64> {
+        validate_pattern(pattern)?;
+        let kp = &self.inner.key_patterns;
+        if pattern == "*" {
+            self.inner.flights.detach_matching(|_| true);
+        } else {
+            self.inner
+                .flights
+                .detach_matching(|k| kp.pattern_of(k) == pattern);
+        }
+        let state = self.inner.state.load_full();
+        let imp = state.backend.kind();
+        self.inner.metrics.invalidated(imp, "pattern");
+        if let Some(a) = &self.inner.analysis {
+            if pattern == "*" {
+                for &i in state.patterns.values() {
+                    if let Some(s) = &self.slot(i).shards {
+                        s.delete_all(None);
+                    }
+                }
+                a.shared.delete_all(None);
+                if let Some(w) = &state.whitelisted {
+                    w.shards.delete_all(None);
+                }
+            } else if let Some(&i) = state.patterns.get(pattern) {
+                let entry = self.slot(i);
+                if let Some(s) = &entry.shards {
+                    s.delete_all(None);
+                }
+                a.shared.delete_all(Some(entry.tag));
+                if let Some(w) = &state.whitelisted {
+                    w.shards.delete_all(Some(entry.tag));
+                }
+            }
+        }
+        let delete = self.delete_pattern_in(&*state.backend, pattern);
+        self.timed(imp, Operation::DeletePattern, delete).await
+    }
+
+    pub(super) async fn delete_pattern_in(
+        &self,
+        backend: &dyn Cache,
+        pattern: &str,
+    ) -> Result<u64> {
+        if pattern == "*" {
+            return backend.delete_matching("", &|_| true).await;
+        }
+        let prefix = literal_prefix(pattern);
+        let kp = &self.inner.key_patterns;
+        backend
+            .delete_matching(prefix, &|k| kp.pattern_of(k) == pattern)
+            .await
+    }
+}
+
+/// The part of a pattern before its first `*` segment: every key of the pattern starts with it.
+pub(super) fn literal_prefix(pattern: &str) -> &str {
+    match pattern.find('*') {
+        Some(i) => &pattern[..i],
+        None => pattern,
+    }
+}
+
+/// Encodes a borrowed value with the same type tag as [`Json<T>`], for `set`.
+pub(super) struct JsonRef<'a, T>(&'a T);
+
+impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
+    fn write_payload(
+        &self,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<(), serde_json::Error> {
+        serde_json::to_writer(bytes::BufMut::writer(out), self.0)
+    }
+    fn read_payload(_payload: Bytes) -> std::result::Result<Self, String> {
+        Err("JsonRef only encodes".into())
+    }
+    fn type_tag() -> u32 {
+        <Json<T> as Codec>::type_tag()
+    }
+    fn payload_len(&self) -> usize {
+        codec::json_len(self.0)
+    }
+}
