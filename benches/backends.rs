@@ -30,7 +30,7 @@ fn registry(rt: &tokio::runtime::Runtime, url: String, l1_ttl_secs: Option<u64>)
     let reg = rt
         .block_on(CacheRegistry::new(RegistryOptions {
             policy: Policy {
-                imp: CacheImpl::Redis,
+                cache_impl: CacheImpl::Redis,
                 whitelist: vec!["user".into()],
                 patterns: [(
                     "user".to_string(),
@@ -50,7 +50,11 @@ fn registry(rt: &tokio::runtime::Runtime, url: String, l1_ttl_secs: Option<u64>)
             ..RegistryOptions::default()
         }))
         .expect("registry");
-    assert_eq!(reg.policy().imp, CacheImpl::Redis, "bench Redis reachable");
+    assert_eq!(
+        reg.policy().cache_impl,
+        CacheImpl::Redis,
+        "bench Redis reachable"
+    );
     reg
 }
 

@@ -30,13 +30,13 @@ async fn loader(i: u64) -> Result<u64, Infallible> {
 
 fn registry(
     rt: &tokio::runtime::Runtime,
-    imp: CacheImpl,
+    cache_impl: CacheImpl,
     enabled: bool,
     analysis: bool,
 ) -> CacheRegistry {
     rt.block_on(CacheRegistry::new(RegistryOptions {
         policy: Policy {
-            imp,
+            cache_impl,
             enabled,
             whitelist: vec!["*".into()],
             ..Policy::default()

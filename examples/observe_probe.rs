@@ -32,7 +32,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let imp = if scenario.starts_with("memory") {
+        let cache_impl = if scenario.starts_with("memory") {
             CacheImpl::Memory
         } else {
             CacheImpl::Null
@@ -44,7 +44,7 @@ fn main() {
         };
         let registry = CacheRegistry::new(RegistryOptions {
             policy: Policy {
-                imp,
+                cache_impl,
                 whitelist: vec!["*".into()],
                 ..Policy::default()
             },

@@ -46,6 +46,9 @@ fi
 
 # Unit, integration and doc tests with the default features (all of them: the binary needs `cli`); benches are
 # built and run once each in test mode, and the examples are built (tests/integration.rs runs one).
+# tests/integration.rs runs examples/existing_service as a program: `cargo test --all-targets` builds examples only
+# as test harnesses, so build the program itself first.
+cargo build --locked --example existing_service
 cargo test --locked --all-targets
 cargo test --locked --doc
 

@@ -35,9 +35,10 @@ use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::analysis::AnalysisOptions;
+pub use crate::cache::redact_url;
 use crate::cache::{CacheImpl, RedisOptions};
 use crate::error::{Error, Result};
-use crate::pattern::KeyPatterns;
+use crate::pattern::{KeyPatterns, MAX_PATTERNS_LIMIT};
 use crate::policy::{normalize_whitelist, PatternPolicy, Policy};
 use crate::registry::RegistryOptions;
 
@@ -64,6 +65,22 @@ impl AppEnv {
             AppEnv::Test => "test",
             AppEnv::Staging => "staging",
             AppEnv::Production => "production",
+        }
+    }
+
+    /// `APP_ENV` as read by `std::env::var`: unset is [`AppEnv::Development`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a value that is not one of the four names, or not UTF-8.
+    pub fn from_var(var: std::result::Result<String, std::env::VarError>) -> Result<Self> {
+        match var {
+            Err(std::env::VarError::NotPresent) => Ok(AppEnv::Development),
+            Err(std::env::VarError::NotUnicode(v)) => Err(Error::config(
+                "APP_ENV",
+                v.to_string_lossy(),
+                "not UTF-8; expected one of development, test, staging, production",
+            )),
+            Ok(v) => AppEnv::parse(&v),
         }
     }
 
@@ -102,7 +119,7 @@ pub struct Settings {
 }
 
 /// The `[cache]` table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSettings {
     /// `FEATURE_CACHE`: master switch; `false` sends every call straight to its loader, unmeasured.
@@ -117,7 +134,7 @@ pub struct CacheSettings {
     pub admin_token: Option<String>,
     /// `CACHE_IMPL`: `null`, `memory` or `redis`.
     #[serde(rename = "impl")]
-    pub imp: CacheImpl,
+    pub cache_impl: CacheImpl,
     /// `CACHE_PATTERNS`: whitelisted key patterns; `*` means all.
     #[serde(deserialize_with = "comma_list")]
     pub whitelist: Vec<String>,
@@ -213,6 +230,33 @@ impl Default for FleetOptions {
     }
 }
 
+/// The admin token is shown as `***`.
+impl fmt::Debug for CacheSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheSettings")
+            .field("enabled", &self.enabled)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("cache_impl", &self.cache_impl)
+            .field("whitelist", &self.whitelist)
+            .field("default_ttl_secs", &self.default_ttl_secs)
+            .field("max_patterns", &self.max_patterns)
+            .field("templates", &self.templates)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("size_sample_every", &self.size_sample_every)
+            .field("value_version", &self.value_version)
+            .field("memory", &self.memory)
+            .field("redis", &self.redis)
+            .field("patterns", &self.patterns)
+            .field("analysis", &self.analysis)
+            .field("read_timeout_ms", &self.read_timeout_ms)
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("lease_wait_ms", &self.lease_wait_ms)
+            .field("rollback", &self.rollback)
+            .field("fleet", &self.fleet)
+            .finish()
+    }
+}
+
 impl fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSettings")
@@ -234,7 +278,7 @@ impl Default for Settings {
             cache: CacheSettings {
                 enabled: true,
                 admin_token: None,
-                imp: CacheImpl::Null,
+                cache_impl: CacheImpl::Null,
                 whitelist: Vec::new(),
                 default_ttl_secs: 300,
                 max_patterns: 100,
@@ -311,8 +355,7 @@ impl Settings {
     pub fn load(service: &str, dir: impl AsRef<Path>) -> Result<Self> {
         validate_service(service)?;
         let dir = dir.as_ref();
-        let env_name = std::env::var("APP_ENV").unwrap_or_else(|_| "development".into());
-        let app_env = AppEnv::parse(&env_name)?;
+        let app_env = AppEnv::from_var(std::env::var("APP_ENV"))?;
         if !dir.is_dir() {
             tracing::warn!(
                 dir = %dir.display(),
@@ -335,13 +378,20 @@ impl Settings {
                     .map_or(k.as_str(), |(_, key)| key);
                 key.to_string().into()
             }));
-        for moved in ["feature_cache", "admin_token"] {
-            if figment.find_value(moved).is_ok() {
-                tracing::warn!(
-                    key = moved,
-                    "top-level key ignored: it moved into the [cache] table (cache.enabled, cache.admin_token)"
-                );
-            }
+        // The master switch moved into [cache]: a `feature_cache = false` left at the top would silently turn
+        // caching back on, so it stops start-up. A top-level `admin_token` may be the application's own.
+        if figment.find_value("feature_cache").is_ok() {
+            return Err(Error::config(
+                "feature_cache",
+                "(a top-level key)",
+                "moved: set cache.enabled in the [cache] table (or FEATURE_CACHE)",
+            ));
+        }
+        if figment.find_value("admin_token").is_ok() {
+            tracing::warn!(
+                "top-level admin_token is not read by cache-rollout: the admin token is cache.admin_token \
+                 (or CACHE_ADMIN_TOKEN)"
+            );
         }
         let mut settings: Settings = figment.extract().map_err(name_env_var)?;
         settings.service = service.to_string();
@@ -420,7 +470,7 @@ impl Settings {
                 "must not be empty: pattern deletion and flushes are confined to it",
             ));
         }
-        if c.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {
+        if c.max_patterns > MAX_PATTERNS_LIMIT {
             return Err(Error::config(
                 "cache.max_patterns",
                 c.max_patterns.to_string(),
@@ -446,7 +496,7 @@ impl Settings {
     pub fn policy(&self) -> Policy {
         Policy {
             enabled: self.cache.enabled,
-            imp: self.cache.imp,
+            cache_impl: self.cache.cache_impl,
             whitelist: normalize_whitelist(&self.cache.whitelist),
             default_ttl_secs: self.cache.default_ttl_secs,
             patterns: self.cache.patterns.clone(),
@@ -581,24 +631,6 @@ fn name_env_var(e: figment::Error) -> Error {
     Error::from(e)
 }
 
-/// `url` with its password (and a username used as a password, as in `redis://:secret@host`) replaced by `***`.
-/// In an unparsable URL everything before the last `@` is replaced, since it may hold a password.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        // Without a parse we cannot find the password; everything before the last '@' may be credentials.
-        Err(_) => match url.rfind('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_string(),
-        },
-    }
-}
-
 struct StringLike;
 
 impl serde::de::Visitor<'_> for StringLike {
@@ -673,7 +705,7 @@ mod tests {
             let s = load(jail).expect("defaults load");
             assert_eq!(s.app_env, AppEnv::Development);
             assert!(s.cache.enabled);
-            assert_eq!(s.cache.imp, CacheImpl::Null);
+            assert_eq!(s.cache.cache_impl, CacheImpl::Null);
             assert!(s.cache.whitelist.is_empty());
             assert_eq!(s.cache.redis.url, "redis://127.0.0.1:6379");
             assert_eq!(s.cache.admin_token, None);
@@ -700,7 +732,7 @@ mod tests {
             )?;
             jail.set_env("APP_ENV", "staging");
             let s = load(jail).expect("loads");
-            assert_eq!(s.cache.imp, CacheImpl::Memory, "from default.toml");
+            assert_eq!(s.cache.cache_impl, CacheImpl::Memory, "from default.toml");
             assert_eq!(
                 s.cache.default_ttl_secs, 20,
                 "staging.toml beats default.toml"
@@ -711,7 +743,7 @@ mod tests {
             jail.set_env("CACHE_ROLLOUT_CACHE__DEFAULT_TTL_SECS", "30");
             let s = load(jail).expect("loads");
             assert_eq!(s.cache.whitelist, ["user", "project"], "env beats files");
-            assert_eq!(s.cache.imp, CacheImpl::Redis);
+            assert_eq!(s.cache.cache_impl, CacheImpl::Redis);
             assert_eq!(s.cache.default_ttl_secs, 30);
             Ok(())
         });
@@ -883,7 +915,7 @@ mod tests {
                  [cache]\nimpl = \"memory\"\n[cache.redis]\nkey_prefix = \"mine:\"\n",
             )?;
             let s = load(jail).expect("the application's keys are not the library's business");
-            assert_eq!(s.cache.imp, CacheImpl::Memory);
+            assert_eq!(s.cache.cache_impl, CacheImpl::Memory);
             assert_eq!(
                 s.redis_options().key_prefix,
                 "mine:",
@@ -902,10 +934,51 @@ mod tests {
     }
 
     #[test]
+    fn a_top_level_feature_cache_stops_start_up_and_debug_hides_the_token() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file("config/default.toml", "feature_cache = false\n")?;
+            let e = err_text(load(jail));
+            assert!(
+                e.contains("feature_cache") && e.contains("cache.enabled"),
+                "{e}"
+            );
+            jail.create_file("config/default.toml", "[cache]\nenabled = false\n")?;
+            jail.set_env("CACHE_ADMIN_TOKEN", "debug-secret-0123456789");
+            let s = load(jail).expect("loads");
+            assert!(!s.cache.enabled);
+            let shown = format!("{s:?}");
+            assert!(!shown.contains("debug-secret"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn app_env_unset_is_development_and_bad_values_are_errors() {
+        use std::env::VarError;
+        assert_eq!(
+            AppEnv::from_var(Err(VarError::NotPresent)).expect("unset"),
+            AppEnv::Development
+        );
+        assert_eq!(
+            AppEnv::from_var(Ok("production".into())).expect("known"),
+            AppEnv::Production
+        );
+        assert!(AppEnv::from_var(Ok("prod".into())).is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let bad = std::ffi::OsString::from_vec(vec![0xff, 0xfe]);
+            assert!(AppEnv::from_var(Err(VarError::NotUnicode(bad))).is_err());
+        }
+    }
+
+    #[test]
     fn restart_only_changes_are_named() {
         let a = Settings::default();
         let mut b = a.clone();
-        b.cache.imp = CacheImpl::Redis; // runtime: not listed
+        b.cache.cache_impl = CacheImpl::Redis; // runtime: not listed
         b.cache.value_version = 2;
         b.app_env = AppEnv::Staging;
         assert_eq!(

@@ -542,5 +542,5 @@ impl Fleet {
 
 /// A fresh random epoch: 16 hex digits.
 fn new_epoch() -> String {
-    format!("{:016x}", crate::random_u64())
+    format!("{:016x}", crate::random::random_u64())
 }

@@ -12,6 +12,10 @@
 //!
 //! ## Getting started
 //!
+//! An application builds one [`CacheRollout`] (configuration, registry, fleet, SIGHUP, the axum pieces) and reads
+//! through [`CacheRegistry::get_or_load`]; `docs/integration.md` and `examples/existing_service.rs` show a whole
+//! service. Without axum or configuration files, the registry alone:
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cache_rollout::Error> {
 //! use cache_rollout::{CacheRegistry, PolicyUpdate, RegistryOptions};
@@ -21,10 +25,10 @@
 //! let name: Result<String, std::io::Error> =
 //!     cache.get_or_load("user:1", || async { Ok("Ada".to_string()) }).await;
 //!
-//! // Later, at runtime: serve `user` from Redis.
+//! // Later, at runtime: serve `user` from an in-process cache (or from Redis, with the `redis` feature).
 //! cache
 //!     .switch(&PolicyUpdate {
-//!         imp: Some(CacheImpl::Redis),
+//!         cache_impl: Some(CacheImpl::Memory),
 //!         whitelist: Some(vec!["user".into()]),
 //!         ..Default::default()
 //!     })
@@ -32,22 +36,38 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Features
+//!
+//! | feature | adds |
+//! |---|---|
+//! | *(none)* | the registry, the null and in-process backends, metrics, the analysis, [`CacheRollout`] |
+//! | `redis` | the Redis backend (single, Cluster, TLS) and the L1 in front of it |
+//! | `axum` | `http`: the candidate-route layer, `/metrics`, `/internal/cache`; `CacheRollout::layer` and `router` |
+//! | `fleet` | `fleet`: one rollout state for every instance (implies `redis`) |
+//! | `replay` | `replay`: trace readers and the replay driver |
+//! | `cli` (default) | the `cache-rollout` binary; all of the above |
+//!
 //! ## Layout
 //!
 //! | module | what lives there |
 //! |---|---|
-//! | [`analysis`] | SHARDS miss-ratio-curve estimators, route × pattern, the phase-2 report and recommendation |
-//! | [`error`] | the one [`Error`] type, with predicates |
-//! | [`pattern`] | key → key pattern, templates, the bounded pattern table |
+//! | [`service`] | [`CacheRollout`]: the one entry point for an application |
+//! | [`config`] | [`Settings`](config::Settings): the `[cache]` table and the product's variables, loaded with figment |
+//! | [`registry`] | [`CacheRegistry`]: a folder of one concept per file (call path, observe, serve, shadow, writes, switching, rollback, estimators, views) |
+//! | [`policy`] | [`Policy`] and [`PolicyUpdate`]: what can change at runtime, and its validation |
+//! | [`rollout`] | per-pattern route, ramp, sliding window and breaker |
 //! | [`cache`] | the [`Cache`](cache::Cache) trait and the null, memory and Redis backends |
 //! | [`codec`] | the versioned, checksummed envelope of cached values |
-//! | [`policy`] | [`Policy`] and [`PolicyUpdate`]: what can change at runtime, and its validation |
-//! | [`registry`] | [`CacheRegistry`]: the `ArcSwap`ped policy and backend, cache-aside, single-flight, switching |
+//! | [`pattern`] | key → key pattern, templates, the bounded pattern table |
+//! | [`analysis`] | SHARDS miss-ratio-curve estimators, route × pattern, the phase-2 report and recommendation |
 //! | [`metrics`] | Prometheus families and per-pattern label handles |
-//! | [`http`] | candidate-route layer, `/internal/cache` router, `/metrics` |
-//! | [`config`] | [`Settings`](config::Settings), loaded with figment |
-//! | [`replay`] | trace readers (Twitter cache-trace, ARC `.lis`) and the replay driver |
-//! | [`catalog`] | the reference service: a catalog API over SQLite, cached through the registry |
+//! | `http` | candidate-route layer, `/internal/cache` router, `/metrics` (feature `axum`) |
+//! | `fleet` | the fleet state in Redis (feature `fleet`) |
+//! | `replay` | trace readers (Twitter cache-trace, ARC `.lis`) and the replay driver (feature `replay`) |
+//! | [`error`] | the one [`Error`] type, with predicates |
+//!
+//! The binary (`src/bin/cache-rollout/`, feature `cli`) is the reference service, a catalog API over SQLite, built
+//! on this public API only.
 
 pub mod analysis;
 pub mod cache;
@@ -62,6 +82,7 @@ pub mod http;
 pub mod metrics;
 pub mod pattern;
 pub mod policy;
+mod random;
 pub mod registry;
 #[cfg(feature = "replay")]
 pub mod replay;
@@ -70,16 +91,6 @@ pub mod service;
 
 pub use crate::error::{Error, Result};
 
-/// 64 random bits (std's per-call random hasher keys, seeded from the OS), for ids and tokens that must differ
-/// between processes and calls: lease tokens' seed, fleet epochs, L1 instance ids, tag invalidation tokens. Not
-/// for secrets.
-pub(crate) fn random_u64() -> u64 {
-    use std::hash::BuildHasher;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    std::hash::RandomState::new().hash_one((std::process::id(), now))
-}
 pub use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
 pub use crate::registry::{CacheRegistry, RegistryOptions};
 pub use crate::service::CacheRollout;

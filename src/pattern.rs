@@ -27,6 +27,9 @@ use arc_swap::ArcSwap;
 
 use crate::error::{Error, Result};
 
+/// Most distinct key patterns a registry tracks (`max_patterns` is clamped to it).
+pub const MAX_PATTERNS_LIMIT: usize = 10_000;
+
 /// The pattern that every pattern past the table's bound folds into.
 pub const OTHER: &str = "other";
 

@@ -57,8 +57,8 @@ pub struct Policy {
     pub enabled: bool,
     /// The backend that serves whitelisted patterns.
     #[serde(rename = "impl")]
-    pub imp: CacheImpl,
-    /// Key patterns served by `imp`; `["*"]` means all. Every other pattern is observed through the NullCache.
+    pub cache_impl: CacheImpl,
+    /// Key patterns served by `cache_impl`; `["*"]` means all. Every other pattern is observed through the NullCache.
     pub whitelist: Vec<String>,
     /// TTL of patterns without their own, in seconds (at least 1).
     pub default_ttl_secs: u64,
@@ -96,7 +96,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             enabled: true,
-            imp: CacheImpl::Null,
+            cache_impl: CacheImpl::Null,
             whitelist: Vec::new(),
             default_ttl_secs: 300,
             patterns: BTreeMap::new(),
@@ -276,7 +276,7 @@ pub struct PolicyUpdate {
     pub enabled: Option<bool>,
     /// New impl.
     #[serde(default, rename = "impl", skip_serializing_if = "Option::is_none")]
-    pub imp: Option<CacheImpl>,
+    pub cache_impl: Option<CacheImpl>,
     /// New whitelist (replaces the old one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whitelist: Option<Vec<String>>,
@@ -300,8 +300,17 @@ impl Policy {
     ///
     /// # Errors
     /// [`Error::Config`] naming the key (`cache.default_ttl_secs`, `cache.patterns.<p>.ttl_secs`) and value, or
-    /// [`Error::InvalidPattern`] for a bad whitelist entry or pattern name.
+    /// [`Error::InvalidPattern`] for a bad whitelist entry or pattern name; [`Error::Config`] for impl `redis` in a
+    /// build without the `redis` feature.
     pub fn validate(&self) -> Result<()> {
+        #[cfg(not(feature = "redis"))]
+        if self.cache_impl == CacheImpl::Redis {
+            return Err(Error::config(
+                "cache.impl (CACHE_IMPL)",
+                "redis",
+                "this build of cache-rollout has no `redis` feature",
+            ));
+        }
         check_ttl("cache.default_ttl_secs", self.default_ttl_secs)?;
         for p in &self.whitelist {
             if p != "*" {
@@ -353,8 +362,8 @@ impl Policy {
         if let Some(e) = update.enabled {
             p.enabled = e;
         }
-        if let Some(i) = update.imp {
-            p.imp = i;
+        if let Some(i) = update.cache_impl {
+            p.cache_impl = i;
         }
         if let Some(w) = &update.whitelist {
             p.whitelist = normalize_whitelist(w);
@@ -403,7 +412,7 @@ mod tests {
             serde_json::from_str(r#"{"impl":"redis","whitelist":["user"," user ",""]}"#)
                 .expect("parses");
         let m = p.merged(&u).expect("valid");
-        assert_eq!(m.imp, CacheImpl::Redis);
+        assert_eq!(m.cache_impl, CacheImpl::Redis);
         assert_eq!(m.whitelist, ["user"]);
         assert!(m.enabled);
         let bad = PolicyUpdate {

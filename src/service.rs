@@ -35,7 +35,8 @@
 //! The service name (1 to 64 characters of `A-Z a-z 0-9 _ . -`) is the default of every name the service owns in
 //! a shared Redis: the key prefix `cr:<service>:` (flushes and pattern deletions never leave it), the fleet key and
 //! channel `cache-rollout:<service>:fleet`, and the L1 invalidation channel (`<prefix> ~l1`). Two services on one
-//! Redis never flush, invalidate or steer each other unless their configuration names the same prefix or key.
+//! Redis never flush, invalidate or steer each other unless their configuration names the same (or an enclosing)
+//! prefix, or the same fleet key: a service configured with `key_prefix = "cr:"` flushes every `cr:<service>:`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -231,9 +231,9 @@ fn bad_configuration_stops_start_up_naming_key_and_value() {
 }
 
 /// `cache-rollout replay --impl IMP --json TRACE`, which must succeed, parsed.
-fn replay_json(imp: &str, trace: &Path) -> Value {
+fn replay_json(cache_impl: &str, trace: &Path) -> Value {
     let out = command()
-        .args(["replay", "--impl", imp, "--json"])
+        .args(["replay", "--impl", cache_impl, "--json"])
         .arg(trace)
         .output()
         .expect("run replay");

@@ -313,7 +313,7 @@ fn a_change_whose_notification_is_lost_is_applied_by_the_next_read() {
     let doc: Value = serde_json::from_str(&raw).expect("JSON");
     let mut policy: cache_rollout::Policy =
         serde_json::from_value(doc["policy"].clone()).expect("a policy");
-    policy.imp = cache_rollout::cache::CacheImpl::Memory;
+    policy.cache_impl = cache_rollout::cache::CacheImpl::Memory;
     policy.whitelist = vec!["project".into()];
     let at = "2026-01-01T00:00:00Z";
     let epoch = doc["epoch"].as_str().expect("epoch").to_string();

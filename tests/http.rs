@@ -429,7 +429,7 @@ async fn candidate_routes_are_counted_by_matched_path() {
 #[tokio::test]
 async fn put_user_invalidates_the_cached_copy() {
     let mut s = settings(None, Some(TOKEN));
-    s.cache.imp = cache_rollout::cache::CacheImpl::Memory;
+    s.cache.cache_impl = cache_rollout::cache::CacheImpl::Memory;
     s.cache.whitelist = vec!["user".into()];
     let app = service(s).await;
     let (_, before, _) = get(&app, "/users/5").await;
@@ -463,7 +463,7 @@ async fn put_user_invalidates_the_cached_copy() {
 #[tokio::test]
 async fn renaming_a_user_refreshes_the_member_lists_that_show_them() {
     let mut s = settings(None, Some(TOKEN));
-    s.cache.imp = cache_rollout::cache::CacheImpl::Memory;
+    s.cache.cache_impl = cache_rollout::cache::CacheImpl::Memory;
     s.cache.whitelist = vec!["user".into(), "project:*:members".into()];
     let app = service(s).await;
     let (_, members, _) = get(&app, "/projects/1/members").await;

@@ -16,7 +16,8 @@ use serde_json::json;
 use support::service::{command, Service, TOKEN};
 use support::{metric, RedisServer};
 
-/// `target/<profile>/examples/existing_service`, built with the tests (`cargo test` builds the examples).
+/// `target/<profile>/examples/existing_service`, built before the tests by `scripts/test.sh` (`cargo test
+/// --all-targets` builds examples only as test harnesses).
 fn example() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
@@ -26,7 +27,7 @@ fn example() -> PathBuf {
     let path = dir.join("examples").join("existing_service");
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --all-targets` (or build the example)",
+        "{} is missing: build it first with `cargo build --example existing_service` (scripts/test.sh does)",
         path.display()
     );
     path
@@ -191,7 +192,7 @@ fn the_example_hides_internal_in_production_and_refuses_an_unknown_environment()
 
 fn settings(redis_url: &str, fleet: bool) -> Settings {
     let mut s = Settings::default();
-    s.cache.imp = CacheImpl::Redis;
+    s.cache.cache_impl = CacheImpl::Redis;
     s.cache.whitelist = vec!["*".into()];
     s.cache.redis.url = redis_url.into();
     s.cache.admin_token = Some(TOKEN.into());
@@ -224,7 +225,7 @@ async fn two_services_on_one_redis_never_flush_invalidate_or_steer_each_other() 
         .expect("b");
     for (cache, name) in [(&a, "a"), (&b, "b")] {
         let s = cache.registry().state().await;
-        assert_eq!(s.imp, CacheImpl::Redis, "{name}: {:?}", s.swaps);
+        assert_eq!(s.cache_impl, CacheImpl::Redis, "{name}: {:?}", s.swaps);
     }
     assert_eq!(read(&a, "user:1", "from a").await, "from a");
     assert_eq!(read(&b, "user:1", "from b").await, "from b");
@@ -244,14 +245,14 @@ async fn two_services_on_one_redis_never_flush_invalidate_or_steer_each_other() 
         .expect("invalidate");
     a.registry()
         .switch(&PolicyUpdate {
-            imp: Some(CacheImpl::Null),
+            cache_impl: Some(CacheImpl::Null),
             ..Default::default()
         })
         .await
         .expect("to null");
     a.registry()
         .switch(&PolicyUpdate {
-            imp: Some(CacheImpl::Redis),
+            cache_impl: Some(CacheImpl::Redis),
             ..Default::default()
         })
         .await

@@ -28,10 +28,14 @@ fn user(id: u64, version: u64) -> User {
     }
 }
 
-fn options(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> RegistryOptions {
+fn options(
+    cache_impl: CacheImpl,
+    whitelist: &[&str],
+    redis_url: Option<String>,
+) -> RegistryOptions {
     RegistryOptions {
         policy: Policy {
-            imp,
+            cache_impl,
             whitelist: whitelist.iter().map(ToString::to_string).collect(),
             ..Policy::default()
         },
@@ -45,8 +49,12 @@ fn options(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> Reg
     }
 }
 
-async fn registry(imp: CacheImpl, whitelist: &[&str], redis_url: Option<String>) -> CacheRegistry {
-    CacheRegistry::new(options(imp, whitelist, redis_url))
+async fn registry(
+    cache_impl: CacheImpl,
+    whitelist: &[&str],
+    redis_url: Option<String>,
+) -> CacheRegistry {
+    CacheRegistry::new(options(cache_impl, whitelist, redis_url))
         .await
         .expect("registry")
 }
@@ -103,9 +111,9 @@ async fn hits_resume(reg: &CacheRegistry, calls: &AtomicUsize, after: &str) {
     }
 }
 
-fn switch(imp: CacheImpl, whitelist: &[&str]) -> PolicyUpdate {
+fn switch(cache_impl: CacheImpl, whitelist: &[&str]) -> PolicyUpdate {
     PolicyUpdate {
-        imp: Some(imp),
+        cache_impl: Some(cache_impl),
         whitelist: Some(whitelist.iter().map(ToString::to_string).collect()),
         ..PolicyUpdate::default()
     }
@@ -320,7 +328,7 @@ async fn switch_to_unreachable_redis_keeps_the_old_state() {
         .expect_err("nothing listens");
     assert!(e.is_connection() || e.is_timeout(), "{e}");
     let state = reg.state().await;
-    assert_eq!(state.imp, CacheImpl::Memory);
+    assert_eq!(state.cache_impl, CacheImpl::Memory);
     let last = state.swaps.last().expect("history");
     assert!(!last.ok && last.error.is_some());
     assert_eq!(last.to_impl, CacheImpl::Redis);
@@ -335,7 +343,7 @@ async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appea
         Some(format!("redis://127.0.0.1:{port}")),
     )
     .await;
-    assert_eq!(reg.policy().imp, CacheImpl::Null, "starts observing");
+    assert_eq!(reg.policy().cache_impl, CacheImpl::Null, "starts observing");
     let calls = AtomicUsize::new(0);
     assert_eq!(load(&reg, 1, &calls).await, user(1, 1));
     let state = reg.state().await;
@@ -345,7 +353,7 @@ async fn registry_starts_observing_when_redis_is_down_and_switches_when_it_appea
     let _server = RedisServer::start_on(port, &[]);
     // The background retry runs every 5 s; bounded wait.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while reg.policy().imp != CacheImpl::Redis {
+    while reg.policy().cache_impl != CacheImpl::Redis {
         assert!(
             Instant::now() < deadline,
             "did not switch to Redis once it appeared"
@@ -633,7 +641,7 @@ async fn switch_null_redis_null_under_load_fails_no_call() {
     );
     assert!(redis_hits > 0.0, "Redis served hits while it was on");
     let state = reg.state().await;
-    assert_eq!(state.imp, CacheImpl::Null);
+    assert_eq!(state.cache_impl, CacheImpl::Null);
     assert_eq!(state.version, start_version + 2, "two successful swaps");
     for t in ["connection", "timeout", "redis", "corrupt"] {
         assert_eq!(reg.metrics().errors(CacheImpl::Redis, t), 0, "{t}");
@@ -709,12 +717,12 @@ async fn new_patterns_during_switches_keep_their_own_counts() {
         let reg = reg.clone();
         tokio::spawn(async move {
             for i in 0..40 {
-                let imp = if i % 2 == 0 {
+                let cache_impl = if i % 2 == 0 {
                     CacheImpl::Memory
                 } else {
                     CacheImpl::Null
                 };
-                reg.switch(&switch(imp, &["p1", "p7"]))
+                reg.switch(&switch(cache_impl, &["p1", "p7"]))
                     .await
                     .expect("switch");
                 tokio::task::yield_now().await;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_rollout::cache::{CacheImpl, RedisOptions};
+use cache_rollout::registry::SwapSource;
 use cache_rollout::rollout::{ramp_hash, BreakerState};
 use cache_rollout::{
     CacheRegistry, Mode, PatternPolicy, Policy, PolicyUpdate, RegistryOptions, RollbackRules,
@@ -40,10 +41,14 @@ fn quick_rules() -> RollbackRules {
 
 /// Options for tests that are not about deadlines or rollbacks: this shared VM stalls a process for 100 ms now and
 /// then, which a 50 ms deadline or a p99 rule would (rightly) act on. Fault tests set their own.
-fn options(imp: CacheImpl, url: &str, patterns: &[(&str, PatternPolicy)]) -> RegistryOptions {
+fn options(
+    cache_impl: CacheImpl,
+    url: &str,
+    patterns: &[(&str, PatternPolicy)],
+) -> RegistryOptions {
     RegistryOptions {
         policy: Policy {
-            imp,
+            cache_impl,
             whitelist: vec!["item".into()],
             patterns: patterns
                 .iter()
@@ -67,9 +72,13 @@ fn options(imp: CacheImpl, url: &str, patterns: &[(&str, PatternPolicy)]) -> Reg
 }
 
 async fn registry(opts: RegistryOptions) -> CacheRegistry {
-    let imp = opts.policy.imp;
+    let cache_impl = opts.policy.cache_impl;
     let reg = CacheRegistry::new(opts).await.expect("registry");
-    assert_eq!(reg.policy().imp, imp, "the backend is reachable");
+    assert_eq!(
+        reg.policy().cache_impl,
+        cache_impl,
+        "the backend is reachable"
+    );
     reg
 }
 
@@ -586,11 +595,8 @@ async fn shadow_mode_serves_the_loader_compares_and_rolls_back_on_mismatches() {
     let breaker = view.breaker.as_ref().expect("rolled back");
     assert_eq!(breaker.state, BreakerState::Open);
     assert_eq!(view.mode, Mode::Observe, "back to observe");
-    assert!(state
-        .swaps
-        .iter()
-        .any(|s| s.source == "rollback"
-            && s.reason.as_deref() == Some("item: mismatch_rate -> observe")));
+    assert!(state.swaps.iter().any(|s| s.source == SwapSource::Rollback
+        && s.reason.as_deref() == Some("item: mismatch_rate -> observe")));
     assert_eq!(
         metric(
             &reg.metrics().render(),
@@ -617,8 +623,8 @@ async fn shadow_mode_serves_the_loader_compares_and_rolls_back_on_mismatches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_invalidate_their_entries_and_revoke_loads_in_flight() {
     let server = RedisServer::start();
-    for imp in [CacheImpl::Redis, CacheImpl::Memory] {
-        let reg = registry(options(imp, &server.url(), &[])).await;
+    for cache_impl in [CacheImpl::Redis, CacheImpl::Memory] {
+        let reg = registry(options(cache_impl, &server.url(), &[])).await;
         let loads = AtomicUsize::new(0);
         let get = |k: u64, tags: &'static [&'static str]| {
             let (reg, loads) = (&reg, &loads);
@@ -638,11 +644,11 @@ async fn tags_invalidate_their_entries_and_revoke_loads_in_flight() {
             .await
             .expect("set");
         get(1, &["team:7"]).await;
-        assert_eq!(loads.load(Ordering::SeqCst), 3, "{imp}: cached");
+        assert_eq!(loads.load(Ordering::SeqCst), 3, "{cache_impl}: cached");
         assert_eq!(
             reg.invalidate_tag("team:7").await.expect("invalidate"),
             3,
-            "{imp}"
+            "{cache_impl}"
         );
         get(1, &["team:7"]).await;
         get(2, &["team:7", "org:1"]).await;
@@ -650,7 +656,7 @@ async fn tags_invalidate_their_entries_and_revoke_loads_in_flight() {
         assert_eq!(
             loads.load(Ordering::SeqCst),
             5,
-            "{imp}: 1 and 2 reloaded, 3 kept"
+            "{cache_impl}: 1 and 2 reloaded, 3 kept"
         );
         assert!(
             reg.invalidate_tag("bad tag").await.is_err(),
@@ -669,18 +675,18 @@ async fn tags_invalidate_their_entries_and_revoke_loads_in_flight() {
             .count();
         assert!(
             tag_series <= 32 + 1,
-            "{imp}: tag labels are bounded: {tag_series}"
+            "{cache_impl}: tag labels are bounded: {tag_series}"
         );
         assert!(
             metric(
                 &text,
-                &format!(r#"cache_invalidate_total{{impl="{imp}",tag="other"}}"#)
+                &format!(r#"cache_invalidate_total{{impl="{cache_impl}",tag="other"}}"#)
             ) >= 8.0
         );
         assert_eq!(
             metric(
                 &text,
-                &format!(r#"cache_invalidate_total{{impl="{imp}",tag="team:7"}}"#)
+                &format!(r#"cache_invalidate_total{{impl="{cache_impl}",tag="team:7"}}"#)
             ),
             1.0
         );
@@ -941,7 +947,7 @@ async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() 
     }
     server.pause();
     let mut n = 0;
-    while reg.policy().imp == CacheImpl::Redis {
+    while reg.policy().cache_impl == CacheImpl::Redis {
         read(&reg, &origin, &tally, n % 10, 0).await;
         n += 1;
         assert!(n < 2000, "no rollback after {n} timed-out reads");
@@ -949,9 +955,9 @@ async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() 
     }
     server.resume();
     let state = reg.state().await;
-    assert_eq!(state.imp, CacheImpl::Null);
+    assert_eq!(state.cache_impl, CacheImpl::Null);
     let last = state.swaps.last().expect("the rollback swap");
-    assert_eq!(last.source, "rollback");
+    assert_eq!(last.source, SwapSource::Rollback);
     assert!(
         last.reason
             .as_deref()
@@ -959,7 +965,7 @@ async fn an_impl_scope_rollback_switches_to_null_and_back_after_the_cool_down() 
         "{last:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(15);
-    while reg.policy().imp != CacheImpl::Redis {
+    while reg.policy().cache_impl != CacheImpl::Redis {
         assert!(Instant::now() < deadline, "the impl did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -129,7 +129,7 @@ impl AnalysisOptions {
                 "must be above 0 and at most 1",
             ));
         }
-        if self.max_patterns > crate::registry::MAX_PATTERNS_LIMIT {
+        if self.max_patterns > crate::pattern::MAX_PATTERNS_LIMIT {
             return Err(Error::config(
                 "cache.analysis.max_patterns",
                 self.max_patterns.to_string(),

@@ -650,7 +650,7 @@ pub(crate) fn build(
         }
     }
     let apply = PolicyUpdate {
-        imp: Some(CacheImpl::Redis),
+        cache_impl: Some(CacheImpl::Redis),
         whitelist: Some(whitelist.clone()),
         patterns: (!apply_patterns.is_empty()).then_some(apply_patterns),
         ..PolicyUpdate::default()

@@ -36,7 +36,7 @@ pub(crate) use self::redis::{
     Ready as RedisReady,
 };
 pub(crate) use self::redis_options::cluster_nodes as redis_cluster_nodes;
-pub use self::redis_options::RedisOptions;
+pub use self::redis_options::{redact_url, RedisOptions};
 #[cfg(feature = "redis")]
 pub use self::tiered::{L1Patterns, TieredCache, L1_RESULTS};
 

@@ -1,8 +1,9 @@
 //! [`RedisCache`]: Redis through the `redis` crate's [`ConnectionManager`], a multiplexed connection that
 //! reconnects by itself (with exponential back-off) after a failure.
 //!
-//! Every key is stored under a namespace prefix (`cache.redis.key_prefix`, default `cr:`) so that pattern deletion
-//! (`SCAN MATCH`, never `KEYS`) can never touch keys that belong to something else in the same database.
+//! Every key is stored under a namespace prefix (`cache.redis.key_prefix`: `cr:<service>:` from the service name,
+//! `cr:` in [`RedisOptions::default`]) so that pattern deletion (`SCAN MATCH`, never `KEYS`) can never touch keys
+//! that belong to something else in the same database.
 //!
 //! # Redis Cluster
 //!
@@ -185,7 +186,7 @@ pub struct RedisCache {
 impl std::fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisCache")
-            .field("url", &crate::config::redact_url(&self.opts.url))
+            .field("url", &super::redact_url(&self.opts.url))
             .field("key_prefix", &self.opts.key_prefix)
             .field("cluster", &self.is_cluster())
             .finish()
@@ -260,7 +261,7 @@ impl Conn {
         if let Some(nodes) = cluster_nodes(&opts.url)? {
             let mut b = ClusterClientBuilder::new(nodes)
                 .connection_timeout(connect_timeout)
-                // Every call is bounded by its own deadline (`bounded`); this backstop must let the bulk steps of
+                // Every call is bounded by its own deadline (`with_response_timeout`); this backstop must let the bulk steps of
                 // a pattern deletion (pipelines of 1,024 INCRs, SCAN pages) have their longer one.
                 .response_timeout(response_timeout.max(BULK_DEADLINE))
                 // As for a single Redis: callers are bounded by their own deadline, and during an outage each
@@ -339,7 +340,7 @@ fn manager_config(
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(response_timeout))
         // Reconnection is on demand (the next command after a failure starts it). Keep its own retries short:
-        // callers are bounded by `bounded` below anyway, and during an outage each command should fail fast and
+        // callers are bounded by `with_response_timeout` below anyway, and during an outage each command should fail fast and
         // fall back to the loader rather than queue behind a long back-off.
         .set_number_of_retries(1)
         .set_min_delay(Duration::from_millis(10))
@@ -408,7 +409,7 @@ impl RedisCache {
     /// # Errors
     /// Redis failures and the deadline ([`Error::Redis`], [`Error::Timeout`]).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<()> {
-        let _: i64 = bounded(&self.opts, "publish", async {
+        let _: i64 = with_response_timeout(&self.opts, "publish", async {
             self.ready().await?.publish(channel, message).await
         })
         .await?;
@@ -570,7 +571,7 @@ impl RedisCache {
                 let mut inv = TAG_ADD.prepare_invoke();
                 let tk = self.tag_key(t);
                 inv.key(&tk).arg(key).arg(ms);
-                let _: i64 = bounded(&self.opts, "tag", async {
+                let _: i64 = with_response_timeout(&self.opts, "tag", async {
                     inv.invoke_async(&mut self.ready().await?).await
                 })
                 .await?;
@@ -592,7 +593,7 @@ impl RedisCache {
         let mut wait = redis::cmd("WAIT");
         // Half the deadline, so the server answers with the count before the client gives up.
         wait.arg(want).arg(millis(self.opts.response_timeout / 2));
-        let acked: i64 = bounded(&self.opts, "wait", async {
+        let acked: i64 = with_response_timeout(&self.opts, "wait", async {
             match self.ready().await? {
                 Ready::Single(mut c) => wait.query_async(&mut c).await,
                 Ready::Cluster(mut c) => {
@@ -628,7 +629,7 @@ impl RedisCache {
         pipe.atomic()
             .del(self.redis_key(key))
             .del(self.lease_key(key));
-        let (n, _): (u64, u64) = bounded(&self.opts, "delete", async {
+        let (n, _): (u64, u64) = with_response_timeout(&self.opts, "delete", async {
             pipe.query_async(&mut self.ready().await?).await
         })
         .await?;
@@ -643,10 +644,10 @@ impl RedisCache {
     async fn invalidate_tag_cluster(&self, tag: &str) -> Result<u64> {
         let tk = self.tag_key(tag);
         let pending = format!("{tk}{PENDING_SUFFIX}");
-        let token = format!("{:016x}", crate::random_u64());
+        let token = format!("{:016x}", crate::random::random_u64());
         let mut inv = TAG_TAKE.prepare_invoke();
         inv.key(&tk).key(&pending).arg(&token).arg(60_000);
-        let members: Vec<String> = bounded(&self.opts, "invalidate_tag", async {
+        let members: Vec<String> = with_response_timeout(&self.opts, "invalidate_tag", async {
             inv.invoke_async(&mut self.ready().await?).await
         })
         .await?;
@@ -675,7 +676,7 @@ impl RedisCache {
         if !done.is_empty() {
             let mut inv = TAG_DONE.prepare_invoke();
             inv.key(&pending).arg(&token).arg(&done);
-            let _: i64 = bounded(&self.opts, "invalidate_tag", async {
+            let _: i64 = with_response_timeout(&self.opts, "invalidate_tag", async {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
@@ -695,7 +696,7 @@ impl RedisCache {
         let Ready::Cluster(mut cluster) = self.ready().await? else {
             unreachable!("called on a cluster only");
         };
-        let slots: redis::Value = bounded_bulk(&self.opts, async {
+        let slots: redis::Value = with_bulk_timeout(&self.opts, async {
             redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut cluster)
@@ -726,7 +727,8 @@ impl RedisCache {
                     let route =
                         SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
                     let replies =
-                        bounded_bulk(&self.opts, cluster.route_pipeline(pipe, 0, n, route)).await?;
+                        with_bulk_timeout(&self.opts, cluster.route_pipeline(pipe, 0, n, route))
+                            .await?;
                     for r in replies {
                         let _: i64 = redis::from_redis_value(r).map_err(redis::RedisError::from)?;
                     }
@@ -752,13 +754,14 @@ impl RedisCache {
                     host: host.clone(),
                     port,
                 });
-                let page = bounded_bulk(&self.opts, cluster.route_command(scan, route)).await?;
+                let page =
+                    with_bulk_timeout(&self.opts, cluster.route_command(scan, route)).await?;
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(page).map_err(redis::RedisError::from)?;
                 let doomed = self.doomed(&keys, belongs);
                 if !doomed.is_empty() {
                     // Keys of many slots: the cluster connection splits the command by slot.
-                    let n: u64 = bounded_bulk(&self.opts, async {
+                    let n: u64 = with_bulk_timeout(&self.opts, async {
                         redis::cmd("UNLINK")
                             .arg(&doomed)
                             .query_async(&mut cluster)
@@ -902,8 +905,8 @@ fn single_client(opts: &RedisOptions, ca: Option<Vec<u8>>) -> Result<redis::Clie
 /// fail for want of the 100 ms an application read gets.
 const BULK_DEADLINE: Duration = Duration::from_secs(2);
 
-/// [`bounded`] with a deadline of at least [`BULK_DEADLINE`].
-async fn bounded_bulk<T>(
+/// [`with_response_timeout`] with a deadline of at least [`BULK_DEADLINE`].
+async fn with_bulk_timeout<T>(
     opts: &RedisOptions,
     f: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T> {
@@ -915,7 +918,7 @@ async fn bounded_bulk<T>(
 
 /// Runs one Redis command with `response_timeout` as an overall deadline, which also covers waiting for a
 /// reconnection in progress.
-async fn bounded<T>(
+async fn with_response_timeout<T>(
     opts: &RedisOptions,
     operation: &'static str,
     f: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -957,7 +960,7 @@ impl Cache for RedisCache {
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
         async move {
-            let v: Option<Vec<u8>> = bounded(&self.opts, "get", async {
+            let v: Option<Vec<u8>> = with_response_timeout(&self.opts, "get", async {
                 self.ready().await?.get(self.redis_key(key)).await
             })
             .await?;
@@ -1011,7 +1014,7 @@ impl Cache for RedisCache {
                     }
                 }
             }
-            let () = bounded(&self.opts, "set", async {
+            let () = with_response_timeout(&self.opts, "set", async {
                 pipe.query_async(&mut self.ready().await?).await
             })
             .await?;
@@ -1039,7 +1042,7 @@ impl Cache for RedisCache {
             if self.is_cluster() && !tags.is_empty() {
                 // The tag sets live in other slots: record the key in them before the lease is granted, so a tag
                 // invalidation from then on revokes it. A hit needs no record, and is answered first.
-                if let Some(v) = bounded(&self.opts, "lease", async {
+                if let Some(v) = with_response_timeout(&self.opts, "lease", async {
                     self.ready()
                         .await?
                         .get::<_, Option<Vec<u8>>>(self.redis_key(key))
@@ -1053,7 +1056,7 @@ impl Cache for RedisCache {
             }
             let mut inv = self.invocation(&LEASE, key, tags);
             inv.arg(token).arg(millis(lease_ttl)).arg(key);
-            let (kind, v): (i64, Vec<u8>) = bounded(&self.opts, "lease", async {
+            let (kind, v): (i64, Vec<u8>) = with_response_timeout(&self.opts, "lease", async {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
@@ -1084,7 +1087,7 @@ impl Cache for RedisCache {
             }
             let mut inv = self.invocation(&SET_LEASED, key, tags);
             inv.arg(token).arg(value.as_ref()).arg(millis(ttl)).arg(key);
-            let n: i64 = bounded(&self.opts, "set", async {
+            let n: i64 = with_response_timeout(&self.opts, "set", async {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
@@ -1097,7 +1100,7 @@ impl Cache for RedisCache {
         async move {
             let mut inv = RELEASE.prepare_invoke();
             inv.key(self.lease_key(key)).arg(token);
-            let _: i64 = bounded(&self.opts, "release", async {
+            let _: i64 = with_response_timeout(&self.opts, "release", async {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
@@ -1115,7 +1118,7 @@ impl Cache for RedisCache {
             inv.key(self.tag_key(tag))
                 .arg(&self.opts.key_prefix)
                 .arg(LEASE_SUFFIX);
-            let n = bounded(&self.opts, "invalidate_tag", async {
+            let n = with_response_timeout(&self.opts, "invalidate_tag", async {
                 inv.invoke_async(&mut self.ready().await?).await
             })
             .await?;
@@ -1142,7 +1145,7 @@ impl Cache for RedisCache {
             let mut c = self.ready().await?;
             // First revoke every lease granted so far, whichever bucket the scan finds it in (or has passed).
             let generation = self.generation_key("");
-            let _: i64 = bounded(
+            let _: i64 = with_response_timeout(
                 &self.opts,
                 "scan",
                 redis::cmd("INCR").arg(&generation).query_async(&mut c),
@@ -1154,10 +1157,10 @@ impl Cache for RedisCache {
             loop {
                 let scan = scan_page(cursor, &glob);
                 let (next, keys): (u64, Vec<String>) =
-                    bounded(&self.opts, "scan", scan.query_async(&mut c)).await?;
+                    with_response_timeout(&self.opts, "scan", scan.query_async(&mut c)).await?;
                 let doomed = self.doomed(&keys, belongs);
                 if !doomed.is_empty() {
-                    let n: u64 = bounded(&self.opts, "scan", async {
+                    let n: u64 = with_response_timeout(&self.opts, "scan", async {
                         redis::cmd("UNLINK").arg(&doomed).query_async(&mut c).await
                     })
                     .await?;

@@ -67,9 +67,27 @@ pub(crate) fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>> {
     if nodes.is_empty() {
         return Err(Error::config(
             "REDIS_URL",
-            crate::config::redact_url(url),
+            redact_url(url),
             "a cluster URL lists its nodes: redis+cluster://host1:port1,host2:port2",
         ));
     }
     Ok(Some(nodes))
+}
+
+/// `url` with its password (and a username used as a password, as in `redis://:secret@host`) replaced by `***`.
+/// In an unparsable URL everything before the last `@` is replaced, since it may hold a password.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        // Without a parse we cannot find the password; everything before the last '@' may be credentials.
+        Err(_) => match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_string(),
+        },
+    }
 }

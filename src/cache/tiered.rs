@@ -115,7 +115,7 @@ impl TieredCache {
             patterns,
             key_patterns,
             channel,
-            id: format!("{:016x}", crate::random_u64()),
+            id: format!("{:016x}", crate::random::random_u64()),
             seq: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(()),
             live: AtomicBool::new(false),

@@ -12,9 +12,10 @@
 //! one).
 //!
 //! **Closed by construction.** The router reads the environment itself: when it is `production`, or `APP_ENV`
-//! holds a value that is not one of the four known ones, every path under `/internal/` answers 404, whatever the
-//! application merged. [`InternalState::new`] reads `APP_ENV` (unset: `development`);
-//! [`InternalState::with_env`] sets it explicitly.
+//! holds a value that is not one of the four known ones, the router answers 404 for every path under `/internal/`
+//! (its own routes and any other: it mounts a catch-all there, so an application route under `/internal/` must not
+//! be merged with it). [`InternalState::new`] reads `APP_ENV` (unset: `development`); [`InternalState::with_env`]
+//! can close it further, never open it.
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{redact_url, AppEnv, MIN_ADMIN_TOKEN_LEN};
 use crate::error::Error;
 use crate::policy::PolicyUpdate;
+use crate::registry::SwapSource;
 use crate::CacheRegistry;
 
 /// The bearer token for `PUT /internal/cache/config`, replaceable at runtime (a SIGHUP reload replaces it, so a
@@ -96,12 +98,10 @@ pub struct InternalState {
 
 impl InternalState {
     /// `admin_token`: the bearer token for `PUT` (see [`AdminToken`]). The environment is read from `APP_ENV`
-    /// now: unset is `development`; `production` or an unknown value closes the router (every path 404).
+    /// now: unset is `development`; `production`, an unknown value or one that is not UTF-8 closes the router
+    /// (every path 404).
     pub fn new(registry: CacheRegistry, admin_token: AdminToken) -> Self {
-        let env = match std::env::var("APP_ENV") {
-            Err(_) => Some(AppEnv::Development),
-            Ok(v) => AppEnv::parse(&v).ok(),
-        };
+        let env = AppEnv::from_var(std::env::var("APP_ENV")).ok();
         InternalState {
             registry,
             admin_token,
@@ -112,9 +112,14 @@ impl InternalState {
         }
     }
 
-    /// Sets the environment instead of reading `APP_ENV`: in [`AppEnv::Production`] the router is closed.
+    /// Also closes the router when `env` is [`AppEnv::Production`]. It can only close it: with `APP_ENV`
+    /// production or unknown, the router stays closed whatever `env` says, so a configuration that did not come
+    /// from the environment cannot open `/internal/` in production.
     pub fn with_env(mut self, env: AppEnv) -> Self {
-        self.env = Some(env);
+        self.env = match self.env {
+            None | Some(AppEnv::Production) => self.env,
+            Some(_) => Some(env),
+        };
         self
     }
 
@@ -186,7 +191,7 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     let redis = registry.redis_options();
     if let Some(cache) = config.get_mut("cache").and_then(|c| c.as_object_mut()) {
         cache.insert("enabled".into(), json!(policy.enabled));
-        cache.insert("impl".into(), json!(policy.imp));
+        cache.insert("impl".into(), json!(policy.cache_impl));
         cache.insert("whitelist".into(), json!(policy.whitelist));
         cache.insert("default_ttl_secs".into(), json!(policy.default_ttl_secs));
         cache.insert("patterns".into(), json!(policy.patterns));
@@ -262,10 +267,14 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
             },
             Err(e) => Err(e),
         },
-        None => state.registry.switch_from(&update, "api").await.map(|_| ()),
+        None => state.registry.switch_from(&update, SwapSource::Api).await.map(|_| ()),
     };
     #[cfg(not(feature = "fleet"))]
-    let applied = state.registry.switch_from(&update, "api").await.map(|_| ());
+    let applied = state
+        .registry
+        .switch_from(&update, SwapSource::Api)
+        .await
+        .map(|_| ());
     match applied {
         Ok(_) => Json(view(&state).await).into_response(),
         Err(e @ (Error::Config { .. } | Error::InvalidPattern { .. })) => {

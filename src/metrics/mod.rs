@@ -267,12 +267,12 @@ impl Metrics {
         );
         // The storing impls' lease results and built-in invalidation kinds exist from the start, at 0, so that the
         // first of each is an increase Prometheus can see.
-        for imp in [CacheImpl::Memory, CacheImpl::Redis] {
+        for cache_impl in [CacheImpl::Memory, CacheImpl::Redis] {
             for result in ["granted", "held", "waited", "revoked"] {
-                leases.with_label_values(&[imp.as_str(), result]);
+                leases.with_label_values(&[cache_impl.as_str(), result]);
             }
             for tag in ["key", "pattern"] {
-                invalidate.with_label_values(&[imp.as_str(), tag]);
+                invalidate.with_label_values(&[cache_impl.as_str(), tag]);
             }
         }
         let errors = CacheImpl::ALL
@@ -365,16 +365,16 @@ impl Metrics {
             .clone()
     }
 
-    pub(crate) fn error(&self, imp: CacheImpl, error_type: &str) {
+    pub(crate) fn error(&self, cache_impl: CacheImpl, error_type: &str) {
         let idx = ERROR_TYPES
             .iter()
             .position(|t| *t == error_type)
             .unwrap_or(ERROR_TYPES.len() - 1);
-        self.errors[imp.index()][idx].inc();
+        self.errors[cache_impl.index()][idx].inc();
     }
 
-    pub(crate) fn op_duration(&self, imp: CacheImpl, op: Operation) -> &DurationHistogram {
-        &self.op_duration[imp.index()][op as usize]
+    pub(crate) fn op_duration(&self, cache_impl: CacheImpl, op: Operation) -> &DurationHistogram {
+        &self.op_duration[cache_impl.index()][op as usize]
     }
 
     pub(crate) fn set_enabled(&self, enabled: bool, active: CacheImpl) {
@@ -403,15 +403,15 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn invalidated(&self, imp: CacheImpl, tag: &str) {
+    pub(crate) fn invalidated(&self, cache_impl: CacheImpl, tag: &str) {
         self.invalidate
-            .with_label_values(&[imp.as_str(), tag])
+            .with_label_values(&[cache_impl.as_str(), tag])
             .inc();
     }
 
     /// `cache_invalidate_total` for an application tag: the first [`MAX_TAG_LABELS`] tags seen keep their name,
     /// later ones count under `other`.
-    pub(crate) fn invalidated_tag(&self, imp: CacheImpl, tag: &str) {
+    pub(crate) fn invalidated_tag(&self, cache_impl: CacheImpl, tag: &str) {
         let label = {
             let mut seen = self
                 .tag_labels
@@ -423,7 +423,7 @@ impl Metrics {
                 crate::pattern::OTHER.to_string()
             }
         };
-        self.invalidated(imp, &label);
+        self.invalidated(cache_impl, &label);
     }
 
     /// The ramp and shadow handles of one pattern (resolved when the pattern is first routed).
@@ -432,35 +432,38 @@ impl Metrics {
             ramped: self.call_duration.with_label_values(&["ramped", pattern]),
             unramped: self.call_duration.with_label_values(&["unramped", pattern]),
             shadowed: self.call_duration.with_label_values(&["shadowed", pattern]),
-            shadow: SHADOW_RESULTS.map(|r| self.shadow.with_label_values(&[pattern, r])),
+            shadow: ShadowResult::ALL
+                .map(|r| self.shadow.with_label_values(&[pattern, r.as_str()])),
         }
     }
 
     /// Creates the `cache_rollback_total` series of a served or shadowed pattern at 0, one per reason, so that the
     /// first rollback is an increase Prometheus can see (`increase()` cannot see a series that starts at 1).
-    pub(crate) fn declare_rollbacks(&self, imp: CacheImpl, pattern: &str) {
+    pub(crate) fn declare_rollbacks(&self, cache_impl: CacheImpl, pattern: &str) {
         for reason in crate::rollout::Reason::ALL {
             self.rollbacks
-                .with_label_values(&[imp.as_str(), pattern, reason.as_str()]);
+                .with_label_values(&[cache_impl.as_str(), pattern, reason.as_str()]);
         }
     }
 
-    pub(crate) fn rollback(&self, imp: CacheImpl, pattern: &str, reason: &str) {
+    pub(crate) fn rollback(&self, cache_impl: CacheImpl, pattern: &str, reason: &str) {
         self.rollbacks
-            .with_label_values(&[imp.as_str(), pattern, reason])
+            .with_label_values(&[cache_impl.as_str(), pattern, reason])
             .inc();
     }
 
-    pub(crate) fn lease(&self, imp: CacheImpl, result: &str) {
-        self.leases.with_label_values(&[imp.as_str(), result]).inc();
+    pub(crate) fn lease(&self, cache_impl: CacheImpl, result: &str) {
+        self.leases
+            .with_label_values(&[cache_impl.as_str(), result])
+            .inc();
     }
 
     /// Total of `cache_errors_total` for one impl and error type (for tests and the JSON state).
-    pub fn errors(&self, imp: CacheImpl, error_type: &str) -> u64 {
+    pub fn errors(&self, cache_impl: CacheImpl, error_type: &str) -> u64 {
         ERROR_TYPES
             .iter()
             .position(|t| *t == error_type)
-            .map_or(0, |idx| self.errors[imp.index()][idx].get())
+            .map_or(0, |idx| self.errors[cache_impl.index()][idx].get())
     }
 }
 
@@ -485,8 +488,39 @@ impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
 /// Most application tags with their own `tag` label in `cache_invalidate_total`.
 pub const MAX_TAG_LABELS: usize = 32;
 
-/// The `result` label values of `cache_shadow_total`, in the order `GET /internal/cache` lists them.
-pub const SHADOW_RESULTS: [&str; 4] = ["match", "mismatch", "miss", "error"];
+/// How one shadow comparison ended: the `result` label of `cache_shadow_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShadowResult {
+    /// The cache held the loader's value.
+    Match,
+    /// The cache held another value (deleted, then refilled).
+    Mismatch,
+    /// The cache held nothing (filled in the background).
+    Miss,
+    /// The cache failed.
+    Error,
+}
+
+impl ShadowResult {
+    /// Every result, in the order `GET /internal/cache` lists them.
+    pub const ALL: [ShadowResult; 4] = [
+        ShadowResult::Match,
+        ShadowResult::Mismatch,
+        ShadowResult::Miss,
+        ShadowResult::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowResult::Match => "match",
+            ShadowResult::Mismatch => "mismatch",
+            ShadowResult::Miss => "miss",
+            ShadowResult::Error => "error",
+        }
+    }
+}
 
 /// The label handles of one routed pattern (`Default`: detached handles, all zero, for a pattern not seen yet).
 #[derive(Debug, Clone)]
@@ -494,8 +528,15 @@ pub(crate) struct RolloutMetrics {
     pub(crate) ramped: Arc<DurationHistogram>,
     pub(crate) unramped: Arc<DurationHistogram>,
     pub(crate) shadowed: Arc<DurationHistogram>,
-    /// By [`SHADOW_RESULTS`].
-    pub(crate) shadow: [IntCounter; 4],
+    /// By [`ShadowResult`], in the order of [`ShadowResult::ALL`].
+    shadow: [IntCounter; 4],
+}
+
+impl RolloutMetrics {
+    /// The `cache_shadow_total` counter of one result.
+    pub(crate) fn shadow(&self, result: ShadowResult) -> &IntCounter {
+        &self.shadow[result as usize]
+    }
 }
 
 impl Default for RolloutMetrics {

@@ -128,25 +128,25 @@ impl PatternMetrics {
     }
 
     #[inline]
-    fn add(&self, kind: Kind, imp: CacheImpl) {
-        self.stripe().counters[kind as usize][imp.index()].fetch_add(1, Ordering::Relaxed);
+    fn add(&self, kind: Kind, cache_impl: CacheImpl) {
+        self.stripe().counters[kind as usize][cache_impl.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]
-    pub(crate) fn hit(&self, imp: CacheImpl) {
-        self.add(Kind::Hit, imp);
+    pub(crate) fn hit(&self, cache_impl: CacheImpl) {
+        self.add(Kind::Hit, cache_impl);
     }
     #[inline]
-    pub(crate) fn miss(&self, imp: CacheImpl) {
-        self.add(Kind::Miss, imp);
+    pub(crate) fn miss(&self, cache_impl: CacheImpl) {
+        self.add(Kind::Miss, cache_impl);
     }
     #[inline]
-    pub(crate) fn set(&self, imp: CacheImpl) {
-        self.add(Kind::Set, imp);
+    pub(crate) fn set(&self, cache_impl: CacheImpl) {
+        self.add(Kind::Set, cache_impl);
     }
     #[inline]
-    pub(crate) fn del(&self, imp: CacheImpl) {
-        self.add(Kind::Del, imp);
+    pub(crate) fn del(&self, cache_impl: CacheImpl) {
+        self.add(Kind::Del, cache_impl);
     }
     /// An application write (`CacheRegistry::set`).
     #[inline]
@@ -187,10 +187,10 @@ impl PatternMetrics {
         })
     }
 
-    fn total(&self, kind: Kind, imp: CacheImpl) -> u64 {
+    fn total(&self, kind: Kind, cache_impl: CacheImpl) -> u64 {
         self.stripes
             .iter()
-            .map(|s| s.counters[kind as usize][imp.index()].load(Ordering::Relaxed))
+            .map(|s| s.counters[kind as usize][cache_impl.index()].load(Ordering::Relaxed))
             .sum()
     }
 
@@ -214,8 +214,8 @@ impl PatternMetrics {
     }
 
     /// Hits of one impl only.
-    pub fn hits_of(&self, imp: CacheImpl) -> u64 {
-        self.total(Kind::Hit, imp)
+    pub fn hits_of(&self, cache_impl: CacheImpl) -> u64 {
+        self.total(Kind::Hit, cache_impl)
     }
 
     /// Loader calls so far and their total duration in seconds.
@@ -319,13 +319,13 @@ impl Collector for PatternCollector {
                 let metrics = patterns
                     .iter()
                     .flat_map(|(name, m)| {
-                        CacheImpl::ALL.iter().map(move |&imp| {
+                        CacheImpl::ALL.iter().map(move |&cache_impl| {
                             let mut metric = proto::Metric::from_label(vec![
-                                label("impl", imp.as_str()),
+                                label("impl", cache_impl.as_str()),
                                 label("key_pattern", name),
                             ]);
                             let mut c = proto::Counter::default();
-                            c.set_value(m.total(*kind, imp) as f64);
+                            c.set_value(m.total(*kind, cache_impl) as f64);
                             metric.set_counter(c);
                             metric
                         })

@@ -123,7 +123,7 @@ impl Active {
 
     /// Whether the pattern's keys go to the backend (shadow or serve mode; writes of every key, reads of the
     /// ramped ones).
-    pub(super) fn serves(&self, pattern: &str) -> bool {
+    pub(super) fn routed(&self, pattern: &str) -> bool {
         self.route(pattern).is_some()
     }
 

@@ -92,7 +92,7 @@ impl CacheRegistry {
     {
         let mut buf = None;
         let (entry, plan, track, pattern) = {
-            let state = self.inner.state.load();
+            let state = self.inner.active.load();
             if !state.policy.enabled {
                 drop(state);
                 return loader().await;

@@ -132,13 +132,13 @@ impl CacheRegistry {
                 .min(u64::from(u32::MAX)) as u32
         });
         if let Some(s) = &entry.shards {
-            s.access(t.hash, access, now, weight, t.ttl, entry.tag);
+            s.access(t.hash, access, now, weight, t.ttl, entry.slot);
         }
         a.shared
-            .access(t.hash, access, now, weight, t.ttl, entry.tag);
+            .access(t.hash, access, now, weight, t.ttl, entry.slot);
         if let Some(w) = &t.whitelisted {
             w.shards
-                .access(t.hash, access, now, weight, t.ttl, entry.tag);
+                .access(t.hash, access, now, weight, t.ttl, entry.slot);
         }
     }
 
@@ -148,11 +148,11 @@ impl CacheRegistry {
             return;
         };
         if let Some(s) = &entry.shards {
-            s.delete(t.hash, entry.tag);
+            s.delete(t.hash, entry.slot);
         }
-        a.shared.delete(t.hash, entry.tag);
+        a.shared.delete(t.hash, entry.slot);
         if let Some(w) = &t.whitelisted {
-            w.shards.delete(t.hash, entry.tag);
+            w.shards.delete(t.hash, entry.slot);
         }
     }
 }

@@ -64,7 +64,9 @@ use crate::cache::{L1Patterns, RedisCache, TieredCache};
 use crate::codec::{self, Codec, Json};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
-use crate::metrics::{Metrics, Operation, PatternCounts, PatternMetrics, RolloutMetrics};
+use crate::metrics::{
+    Metrics, Operation, PatternCounts, PatternMetrics, RolloutMetrics, ShadowResult,
+};
 use crate::pattern::{validate_key, validate_pattern, KeyPatterns, OTHER};
 use crate::policy::{Mode, PatternPolicy, Policy, PolicyUpdate, RollbackRules, RollbackScope};
 use crate::rollout::{self, Breaker, BreakerState, Event, Reason, Route, Window, WindowCounts};
@@ -82,6 +84,7 @@ mod timing;
 mod view;
 mod write;
 
+pub use self::switch::SwapSource;
 pub use self::view::{ArmView, RouteView, StateView, SwapRecord};
 #[allow(unused_imports)] // each file uses its own part
 use self::{
@@ -140,8 +143,7 @@ impl Default for RegistryOptions {
     }
 }
 
-/// Most distinct key patterns a registry tracks (`max_patterns` is clamped to it).
-pub const MAX_PATTERNS_LIMIT: usize = 10_000;
+pub use crate::pattern::MAX_PATTERNS_LIMIT;
 
 /// Per-pattern entry of the pattern table.
 struct PatternEntry {
@@ -153,7 +155,7 @@ struct PatternEntry {
     /// Ramp and shadow handles, resolved when the pattern is first routed.
     rollout: OnceLock<RolloutMetrics>,
     /// Its slot: the pattern's tag in the shared estimator and in route × pattern.
-    tag: u32,
+    slot: u32,
     /// Its own miss-ratio-curve estimator (the first `analysis.max_patterns` patterns).
     shards: Option<Shards>,
 }
@@ -162,7 +164,8 @@ struct PatternEntry {
 type PatternMap = HashMap<Box<str>, usize, foldhash::fast::RandomState>;
 
 struct Inner {
-    state: ArcSwap<Active>,
+    /// The active state: every call loads it once.
+    active: ArcSwap<Active>,
     key_patterns: KeyPatterns,
     metrics: Metrics,
     flights: Arc<Flights>,
@@ -218,11 +221,11 @@ pub struct CacheRegistry {
 }
 
 /// A callback told of each rollback a registry decides: `(key_pattern, reason)`.
-pub type RollbackHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+pub(crate) type RollbackHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A [`CacheRegistry`] handle that does not keep it alive ([`CacheRegistry::downgrade`]).
 #[derive(Clone)]
-pub struct WeakRegistry(std::sync::Weak<Inner>);
+pub(crate) struct WeakRegistry(std::sync::Weak<Inner>);
 
 impl std::fmt::Debug for WeakRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,7 +263,7 @@ impl CacheRegistry {
         });
         let max_patterns = opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT);
         let observe = Policy {
-            imp: CacheImpl::Null,
+            cache_impl: CacheImpl::Null,
             ..opts.policy.clone()
         };
         let initial = Active::new(
@@ -273,7 +276,7 @@ impl CacheRegistry {
         );
         let registry = CacheRegistry {
             inner: Arc::new(Inner {
-                state: ArcSwap::from_pointee(initial),
+                active: ArcSwap::from_pointee(initial),
                 key_patterns: opts.key_patterns,
                 metrics: Metrics::new(),
                 flights: Arc::new(Flights::new()),
@@ -289,7 +292,7 @@ impl CacheRegistry {
                 impl_rolled_back: AtomicBool::new(false),
                 rollback_hook: Mutex::new(None),
                 next_id: std::sync::atomic::AtomicU64::new(1),
-                token_seed: crate::random_u64(),
+                token_seed: crate::random::random_u64(),
                 max_patterns,
                 memory_max_entries: opts.memory_max_entries,
                 memory_max_bytes: opts.memory_max_bytes,
@@ -310,10 +313,14 @@ impl CacheRegistry {
             .metrics
             .set_enabled(target.enabled, CacheImpl::Null);
         if let Err(e) = registry
-            .install(Change::Replace(target.clone(), None), "startup")
+            .install(
+                Change::Replace(target.clone(), None),
+                SwapSource::Startup,
+                None,
+            )
             .await
         {
-            tracing::warn!(error = %e, "cache: {} unavailable at start-up; observing until it is", target.imp);
+            tracing::warn!(error = %e, "cache: {} unavailable at start-up; observing until it is", target.cache_impl);
             tracing::info!(
                 source = "startup",
                 reason = "startup: the configured impl is unavailable",
@@ -327,14 +334,18 @@ impl CacheRegistry {
 
     fn spawn_retry(&self, target: Policy) {
         let weak = Arc::downgrade(&self.inner);
-        let since = self.inner.state.load().version;
+        let since = self.inner.active.load().version;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let reg = CacheRegistry { inner };
                 match reg
-                    .install(Change::Retry(target.clone(), since), "retry")
+                    .install(
+                        Change::Retry(target.clone(), since),
+                        SwapSource::Retry,
+                        None,
+                    )
                     .await
                 {
                     Ok(_) => return, // installed, or superseded by a newer switch
@@ -379,7 +390,7 @@ impl CacheRegistry {
             metrics: self.inner.metrics.pattern(name),
             window: Window::default(),
             rollout: OnceLock::new(),
-            tag: idx as u32,
+            slot: idx as u32,
             shards,
         }
     }
@@ -394,7 +405,7 @@ impl CacheRegistry {
             .new_pattern
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let cur = self.inner.state.load();
+        let cur = self.inner.active.load();
         if let Some(&i) = cur.patterns.get(pattern) {
             return i;
         }
@@ -411,7 +422,7 @@ impl CacheRegistry {
             return i;
         }
         self.inner.slots[idx].get_or_init(|| self.new_pattern_entry(name, idx));
-        self.inner.state.rcu(|cur| {
+        self.inner.active.rcu(|cur| {
             let mut patterns = PatternMap::clone(&cur.patterns);
             patterns.insert(name.into(), idx);
             Active {
@@ -432,12 +443,12 @@ impl CacheRegistry {
     }
 
     /// A handle that does not keep the registry alive (background tasks stop once it is dropped).
-    pub fn downgrade(&self) -> WeakRegistry {
+    pub(crate) fn downgrade(&self) -> WeakRegistry {
         WeakRegistry(Arc::downgrade(&self.inner))
     }
 
     /// The registry of a [`WeakRegistry`], if it is still alive.
-    pub fn upgrade(weak: &WeakRegistry) -> Option<CacheRegistry> {
+    pub(crate) fn upgrade(weak: &WeakRegistry) -> Option<CacheRegistry> {
         weak.0.upgrade().map(|inner| CacheRegistry { inner })
     }
 }
@@ -461,20 +472,20 @@ mod tests {
     #[test]
     fn whitelist_decides_what_is_served() {
         let policy = Policy {
-            imp: CacheImpl::Memory,
+            cache_impl: CacheImpl::Memory,
             whitelist: vec!["user".into()],
             ..Policy::default()
         };
         let a = active(policy.clone(), Arc::new(MemoryCache::new(10, 1000)));
-        assert!(a.serves("user"));
-        assert!(!a.serves("project"));
+        assert!(a.routed("user"));
+        assert!(!a.routed("project"));
         let all = Policy {
             whitelist: vec!["*".into()],
             ..policy.clone()
         };
-        assert!(active(all.clone(), Arc::new(MemoryCache::new(10, 1000))).serves("project"));
+        assert!(active(all.clone(), Arc::new(MemoryCache::new(10, 1000))).routed("project"));
         assert!(
-            !active(all, Arc::new(NullCache)).serves("user"),
+            !active(all, Arc::new(NullCache)).routed("user"),
             "the NullCache serves nothing even when whitelisted"
         );
     }

@@ -22,7 +22,7 @@ impl CacheRegistry {
         let r = loader().await;
         let nanos = nanos_since(clock, start);
         m.observed_load(nanos, r.is_ok());
-        analysis::record_call(entry.tag, nanos);
+        analysis::record_call(entry.slot, nanos);
         let mut size = None;
         if let Ok(v) = &r {
             let sized = m.sample_size(self.inner.size_sample_every);

@@ -7,7 +7,7 @@ impl CacheRegistry {
     /// origin time saved, route × pattern, and the recommendation. Empty predictions when the analysis is disabled.
     pub fn report(&self) -> analysis::Report {
         use prometheus::core::Metric as _;
-        let s = self.inner.state.load_full();
+        let s = self.inner.active.load_full();
         let (capacities, overhead, ignore_ttl) = match &self.inner.analysis {
             Some(a) => (
                 a.opts.capacities.clone(),
@@ -40,7 +40,7 @@ impl CacheRegistry {
                     hits: counts.hits,
                     writes: counts.writes,
                     deletes: counts.deletes,
-                    served: s.serves(name),
+                    served: s.routed(name),
                     ttl_secs: (!ignore_ttl).then(|| s.ttl(name).as_secs()),
                     policy_ttl_secs: s.ttl(name).as_secs(),
                     loader,
@@ -112,7 +112,7 @@ impl CacheRegistry {
     /// per-key overhead counted); `None` when the analysis is disabled.
     pub fn predicted_hit_ratio_at_bytes(&self, bytes: u64) -> Option<f64> {
         let a = self.inner.analysis.as_ref()?;
-        let s = self.inner.state.load();
+        let s = self.inner.active.load();
         let gets = s
             .patterns
             .values()
@@ -140,7 +140,7 @@ impl CacheRegistry {
         let Some(a) = &self.inner.analysis else {
             return Vec::new();
         };
-        let s = self.inner.state.load();
+        let s = self.inner.active.load();
         let mut out = Vec::new();
         let mut total = 0;
         for (name, &i) in s.patterns.iter() {

@@ -90,7 +90,7 @@ impl CacheRegistry {
 
     #[cold]
     pub(super) fn judge(&self, entry: &PatternEntry, pattern: &str, route: &Route, bucket: u64) {
-        let state = self.inner.state.load();
+        let state = self.inner.active.load();
         let rules = &state.policy.rollback;
         if !rules.enabled {
             return;
@@ -107,9 +107,9 @@ impl CacheRegistry {
             .map(|r| (r, counts))
             .or_else(|| rollout::judge(rules, &recent, min).map(|r| (r, recent)));
         if let Some((reason, counts)) = tripped {
-            let (rules, imp) = (rules.clone(), state.policy.imp);
+            let (rules, cache_impl) = (rules.clone(), state.policy.cache_impl);
             drop(state);
-            self.trip(entry, pattern, reason, counts, &rules, imp);
+            self.trip(entry, pattern, reason, counts, &rules, cache_impl);
         }
     }
 
@@ -122,19 +122,19 @@ impl CacheRegistry {
 
     /// Rebuilds the active routes under `breakers` (called with the breakers' lock held, so no change is lost).
     pub(super) fn apply_breakers(&self, breakers: &BTreeMap<String, Breaker>) {
-        self.inner.state.rcu(|cur| cur.with_breakers(breakers));
+        self.inner.active.rcu(|cur| cur.with_breakers(breakers));
     }
 
     /// Records an automatic rollback, or one of its steps, in the swap history.
     pub(super) fn push_rollback(&self, pattern: &str, what: String) {
-        let s = self.inner.state.load();
+        let s = self.inner.active.load();
         self.push_swap(SwapRecord {
             at: now_rfc3339(),
-            source: "rollback".into(),
+            source: SwapSource::Rollback,
             version: s.version,
             ok: true,
-            from_impl: s.policy.imp,
-            to_impl: s.policy.imp,
+            from_impl: s.policy.cache_impl,
+            to_impl: s.policy.cache_impl,
             whitelist: s.policy.whitelist.clone(),
             error: None,
             reason: Some(format!("{pattern}: {what}")),
@@ -151,7 +151,7 @@ impl CacheRegistry {
         reason: Reason,
         counts: WindowCounts,
         rules: &RollbackRules,
-        imp: CacheImpl,
+        cache_impl: CacheImpl,
     ) {
         let cooldown = Duration::from_secs(rules.cooldown_secs);
         let to = match rules.scope {
@@ -172,7 +172,7 @@ impl CacheRegistry {
         };
         self.inner
             .metrics
-            .rollback(imp, &entry.name, reason.as_str());
+            .rollback(cache_impl, &entry.name, reason.as_str());
         tracing::warn!(
             key_pattern = pattern,
             reason = reason.as_str(),
@@ -197,7 +197,8 @@ impl CacheRegistry {
 
     /// Calls `hook(key_pattern, reason)` on every rollback this registry decides (not on those it is
     /// told of by [`remote_rollback`](Self::remote_rollback)). One hook; a second call replaces the first.
-    pub fn on_rollback(&self, hook: RollbackHook) {
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
+    pub(crate) fn on_rollback(&self, hook: RollbackHook) {
         *self
             .inner
             .rollback_hook
@@ -210,8 +211,9 @@ impl CacheRegistry {
     /// traffic; nothing happens while rollback is off here or the pattern's breaker is open or probing. Not counted in
     /// `cache_rollback_total` (the deciding instance counted it); logged at WARN and kept in the swap history. A
     /// pattern this instance has not seen yet, or whose breaker is open already, is left alone.
-    pub fn remote_rollback(&self, pattern: &str, reason: &str, from: &str) {
-        let rules = self.inner.state.load().policy.rollback.clone();
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
+    pub(crate) fn remote_rollback(&self, pattern: &str, reason: &str, from: &str) {
+        let rules = self.inner.active.load().policy.rollback.clone();
         if !rules.enabled || self.breakers().contains_key(pattern) {
             // Rollback off here, or this instance's own breaker for the pattern is open or probing already.
             return;
@@ -225,7 +227,7 @@ impl CacheRegistry {
             );
             return;
         };
-        let Some(&idx) = self.inner.state.load().patterns.get(pattern) else {
+        let Some(&idx) = self.inner.active.load().patterns.get(pattern) else {
             return;
         };
         let entry = self.slot(idx);
@@ -292,19 +294,19 @@ impl CacheRegistry {
         tokio::spawn(async move {
             let before = reg.policy();
             let update = PolicyUpdate {
-                imp: Some(CacheImpl::Null),
+                cache_impl: Some(CacheImpl::Null),
                 ..PolicyUpdate::default()
             };
             let done = reg
-                .install_why(Change::Update(update), "rollback", Some(why))
+                .install(Change::Update(update), SwapSource::Rollback, Some(why))
                 .await;
-            let since = reg.inner.state.load().version;
+            let since = reg.inner.active.load().version;
             tokio::time::sleep(cooldown).await;
             reg.inner.impl_rolled_back.store(false, Ordering::Release);
             if done.is_ok() {
-                let back = Some(format!("cool-down over -> impl {}", before.imp));
+                let back = Some(format!("cool-down over -> impl {}", before.cache_impl));
                 let _ = reg
-                    .install_why(Change::Retry(before, since), "rollback", back)
+                    .install(Change::Retry(before, since), SwapSource::Rollback, back)
                     .await;
             }
         });
@@ -319,7 +321,7 @@ impl CacheRegistry {
             }
             _ => return, // closed by configuration, or tripped again since
         }
-        if let Some(&i) = self.inner.state.load().patterns.get(pattern) {
+        if let Some(&i) = self.inner.active.load().patterns.get(pattern) {
             self.slot(i).window.reset();
         }
         self.apply_breakers(&b);

@@ -26,10 +26,10 @@ impl CacheRegistry {
             tags,
             start,
         } = call;
-        let imp = backend.kind();
+        let cache_impl = backend.kind();
         let clock = &self.inner.clock;
         let token = self.next_token();
-        let looked = bounded(
+        let looked = within_if_remote(
             &*backend,
             route.read_timeout,
             "lease",
@@ -39,7 +39,7 @@ impl CacheRegistry {
         let read_ns = nanos_since(clock, start);
         self.inner
             .metrics
-            .op_duration(imp, Operation::Get)
+            .op_duration(cache_impl, Operation::Get)
             .observe_nanos(read_ns);
         let rm = self.rollout_metrics(entry);
         let looked = match looked {
@@ -49,8 +49,8 @@ impl CacheRegistry {
             }
             Err(e) => {
                 self.read_done(entry, pattern, route, start, read_ns, ReadResult::of(&e));
-                self.inner.metrics.error(imp, e.error_type());
-                rm.shadow[3].inc();
+                self.inner.metrics.error(cache_impl, e.error_type());
+                rm.shadow(ShadowResult::Error).inc();
                 None
             }
         };
@@ -60,67 +60,91 @@ impl CacheRegistry {
         };
         // The loader's value as it would be stored; `None`: nothing to compare or fill (the loader failed, or the
         // value cannot be encoded or is too large).
-        let bytes = match &r {
-            Ok(v) => match codec::encode(key, v, self.inner.value_version) {
-                Ok(b) if b.len() <= self.inner.max_value_bytes => Some(b),
-                Ok(_) => {
-                    self.inner.metrics.error(imp, "too_large");
-                    None
-                }
-                Err(e) => {
-                    self.inner.metrics.error(imp, e.error_type());
-                    None
-                }
-            },
-            Err(_) => None,
-        };
-        let (reg, key, idx) = (self.clone(), key.to_string(), entry.tag as usize);
+        let bytes = r
+            .as_ref()
+            .ok()
+            .and_then(|v| self.storable(key, v, cache_impl));
         match (looked, bytes) {
-            (Lookup::Hit(cached), Some(bytes)) => {
-                if codec::same_value(&cached, &bytes) {
-                    rm.shadow[0].inc();
-                    self.compared(entry, pattern, route, start, true);
-                } else {
-                    // Confirm before counting: if the key changed or went away meanwhile, a write and its
-                    // invalidation came during the load, and the difference is not the cache's fault.
-                    let (pattern, route) = (pattern.to_string(), route.clone());
-                    tokio::spawn(async move {
-                        let e = reg.slot(idx);
-                        let rm = reg.rollout_metrics(e);
-                        match reg.timed(imp, Operation::Get, backend.get(&key)).await {
-                            Ok(Some(now)) if now == cached => {
-                                rm.shadow[1].inc();
-                                tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
-                                reg.compared(e, &pattern, &route, reg.inner.clock.raw(), false);
-                                let _ = reg
-                                    .timed(imp, Operation::Delete, backend.delete(&key))
-                                    .await;
-                            }
-                            Ok(_) => rm.shadow[2].inc(),
-                            Err(_) => rm.shadow[3].inc(),
-                        }
-                    });
-                }
+            (Lookup::Hit(cached), Some(bytes)) if codec::same_value(&cached, &bytes) => {
+                rm.shadow(ShadowResult::Match).inc();
+                self.compared(entry, pattern, route, start, true);
             }
+            (Lookup::Hit(cached), Some(_)) => self.confirm_mismatch(call, backend, cached),
             (Lookup::Lease(token), Some(bytes)) => {
-                rm.shadow[2].inc();
-                let (tags, ttl) = (tags.to_vec(), route.ttl);
-                tokio::spawn(async move {
-                    let fill = backend.set_leased(&key, bytes, ttl, token, &tags);
-                    match reg.timed(imp, Operation::Set, fill).await {
-                        Ok(true) => reg.slot(idx).metrics.set(imp),
-                        Ok(false) => reg.inner.metrics.lease(imp, "revoked"),
-                        Err(_) => {}
-                    }
-                });
+                rm.shadow(ShadowResult::Miss).inc();
+                self.fill_in_background(call, backend, token, bytes);
             }
             (Lookup::Lease(token), None) => {
                 // Not filled: release the lease so that other processes need not wait for it to expire.
-                self.release_in_background(&backend, &key, token);
+                self.release_in_background(&backend, key, token);
             }
-            (Lookup::Held, _) => rm.shadow[2].inc(),
+            (Lookup::Held, _) => rm.shadow(ShadowResult::Miss).inc(),
             (Lookup::Hit(_), None) => {}
         }
         r
+    }
+
+    /// `value` encoded as it would be stored; `None` (counted) when it cannot be encoded or is too large.
+    fn storable<C: Codec>(&self, key: &str, value: &C, cache_impl: CacheImpl) -> Option<Bytes> {
+        match codec::encode(key, value, self.inner.value_version) {
+            Ok(b) if b.len() <= self.inner.max_value_bytes => Some(b),
+            Ok(_) => {
+                self.inner.metrics.error(cache_impl, "too_large");
+                None
+            }
+            Err(e) => {
+                self.inner.metrics.error(cache_impl, e.error_type());
+                None
+            }
+        }
+    }
+
+    /// The cache held another value than the loader's: confirmed in the background before it is counted. If the
+    /// key changed or went away meanwhile, a write and its invalidation came during the load, and the difference
+    /// is not the cache's fault; otherwise it is a mismatch, and the cached copy is deleted.
+    fn confirm_mismatch(&self, call: Call<'_>, backend: Arc<dyn Cache>, cached: Bytes) {
+        let (reg, key, slot) = (self.clone(), call.key.to_string(), call.entry.slot as usize);
+        let (pattern, route) = (call.pattern.to_string(), call.route.clone());
+        let cache_impl = backend.kind();
+        tokio::spawn(async move {
+            let e = reg.slot(slot);
+            let rm = reg.rollout_metrics(e);
+            match reg
+                .timed(cache_impl, Operation::Get, backend.get(&key))
+                .await
+            {
+                Ok(Some(now)) if now == cached => {
+                    rm.shadow(ShadowResult::Mismatch).inc();
+                    tracing::warn!(key, "cache: shadow mismatch, cached copy deleted");
+                    reg.compared(e, &pattern, &route, reg.inner.clock.raw(), false);
+                    let _ = reg
+                        .timed(cache_impl, Operation::Delete, backend.delete(&key))
+                        .await;
+                }
+                Ok(_) => rm.shadow(ShadowResult::Miss).inc(),
+                Err(_) => rm.shadow(ShadowResult::Error).inc(),
+            }
+        });
+    }
+
+    /// A shadow miss under the key's lease: the loader's value is stored in the background.
+    fn fill_in_background(
+        &self,
+        call: Call<'_>,
+        backend: Arc<dyn Cache>,
+        token: u64,
+        bytes: Bytes,
+    ) {
+        let (reg, key, slot) = (self.clone(), call.key.to_string(), call.entry.slot as usize);
+        let (tags, ttl) = (call.tags.to_vec(), call.route.ttl);
+        let cache_impl = backend.kind();
+        tokio::spawn(async move {
+            let fill = backend.set_leased(&key, bytes, ttl, token, &tags);
+            match reg.timed(cache_impl, Operation::Set, fill).await {
+                Ok(true) => reg.slot(slot).metrics.set(cache_impl),
+                Ok(false) => reg.inner.metrics.lease(cache_impl, "revoked"),
+                Err(_) => {}
+            }
+        });
     }
 }

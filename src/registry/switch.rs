@@ -12,6 +12,43 @@ pub(super) fn l1_patterns(policy: &Policy) -> L1Patterns {
         .collect()
 }
 
+/// What asked for a swap: recorded in the swap history (`GET /internal/cache` → `swaps[].source`) and in its log
+/// event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SwapSource {
+    /// The configuration at start-up.
+    Startup,
+    /// The start-up configuration again, retried every 5 s while its backend was unreachable.
+    Retry,
+    /// `PUT /internal/cache/config`.
+    Api,
+    /// SIGHUP: the configuration files were re-read.
+    Sighup,
+    /// The application, through [`CacheRegistry::switch`].
+    Library,
+    /// The fleet state (`docs/scaling.md`).
+    Fleet,
+    /// An automatic rollback, its half-open probe, or its recovery.
+    Rollback,
+}
+
+impl SwapSource {
+    /// The lowercase name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwapSource::Startup => "startup",
+            SwapSource::Retry => "retry",
+            SwapSource::Api => "api",
+            SwapSource::Sighup => "sighup",
+            SwapSource::Library => "library",
+            SwapSource::Fleet => "fleet",
+            SwapSource::Rollback => "rollback",
+        }
+    }
+}
+
 /// What a swap installs, decided under the switch lock so concurrent switches never lose one another's change.
 pub(super) enum Change {
     Update(PolicyUpdate),
@@ -23,16 +60,64 @@ pub(super) enum Change {
     Fleet(Policy),
 }
 
+impl Change {
+    /// The breakers a successful swap closes: those of the patterns it names (for a fleet policy, those whose
+    /// settings changed from `cur`), or `None`: all of them (a full reload).
+    fn closes(&self, cur: &Policy) -> Option<Vec<String>> {
+        match self {
+            Change::Update(u) => Some(
+                u.patterns
+                    .as_ref()
+                    .map(|p| p.keys().cloned().collect())
+                    .unwrap_or_default(),
+            ),
+            Change::Replace(..) => None,
+            Change::Retry(..) => Some(Vec::new()),
+            Change::Fleet(p) => Some(
+                cur.patterns
+                    .keys()
+                    .chain(p.patterns.keys())
+                    .filter(|k| cur.patterns.get(*k) != p.patterns.get(*k))
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The policy and Redis options to install over `cur`, validated; `None` for a start-up retry that someone
+    /// else's switch has superseded.
+    fn resolve(self, cur: &Active) -> Result<Option<(Policy, RedisOptions)>> {
+        Ok(Some(match self {
+            Change::Update(u) => (cur.policy.merged(&u)?, cur.redis.clone()),
+            Change::Replace(p, r) => {
+                p.validate()?;
+                (p, r.unwrap_or_else(|| cur.redis.clone()))
+            }
+            Change::Retry(p, since) => {
+                if cur.version != since {
+                    return Ok(None);
+                }
+                (p, cur.redis.clone())
+            }
+            Change::Fleet(p) => {
+                p.validate()?;
+                (p, cur.redis.clone())
+            }
+        }))
+    }
+}
+
 impl CacheRegistry {
     /// Installs a whole policy read from the fleet state (source `fleet`, reason `fleet version N`). Breakers stay
     /// open but for those of patterns whose settings changed.
     ///
     /// # Errors
     /// As [`switch`](Self::switch); the previous state stays.
-    pub async fn apply_fleet_policy(&self, policy: Policy, version: u64) -> Result<()> {
-        self.install_why(
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
+    pub(crate) async fn apply_fleet_policy(&self, policy: Policy, version: u64) -> Result<()> {
+        self.install(
             Change::Fleet(policy),
-            "fleet",
+            SwapSource::Fleet,
             Some(format!("fleet version {version}")),
         )
         .await
@@ -46,15 +131,20 @@ impl CacheRegistry {
     /// An invalid update ([`Error::Config`], [`Error::InvalidPattern`]); an unreachable Redis ([`Error::Redis`],
     /// [`Error::Timeout`]).
     pub async fn switch(&self, update: &PolicyUpdate) -> Result<StateView> {
-        self.switch_from(update, "library").await
+        self.switch_from(update, SwapSource::Library).await
     }
 
-    /// [`switch`](Self::switch) with the source recorded in the swap history (`api`, `sighup`, …).
+    /// [`switch`](Self::switch) with another source recorded in the swap history.
     ///
     /// # Errors
     /// As [`switch`](Self::switch).
-    pub async fn switch_from(&self, update: &PolicyUpdate, source: &str) -> Result<StateView> {
-        self.install(Change::Update(update.clone()), source).await?;
+    pub async fn switch_from(
+        &self,
+        update: &PolicyUpdate,
+        source: SwapSource,
+    ) -> Result<StateView> {
+        self.install(Change::Update(update.clone()), source, None)
+            .await?;
         Ok(self.state().await)
     }
 
@@ -63,86 +153,56 @@ impl CacheRegistry {
     /// # Errors
     /// As [`switch`](Self::switch).
     pub async fn reload(&self, policy: Policy, redis: RedisOptions) -> Result<StateView> {
-        self.install(Change::Replace(policy, Some(redis)), "sighup")
-            .await?;
+        self.install(
+            Change::Replace(policy, Some(redis)),
+            SwapSource::Sighup,
+            None,
+        )
+        .await?;
         Ok(self.state().await)
     }
 
-    pub(super) async fn install(&self, change: Change, source: &str) -> Result<()> {
-        self.install_why(change, source, None).await
-    }
-
-    pub(super) async fn install_why(
+    /// The one switching operation behind every source: builds the next state from `change` (connecting and
+    /// flushing a newly active backend first), swaps it in atomically, and records the swap with `source` and
+    /// `reason` (`None`: the source's name). On failure the state stays as it was.
+    pub(super) async fn install(
         &self,
         change: Change,
-        source: &str,
+        source: SwapSource,
         reason: Option<String>,
     ) -> Result<()> {
         let _one_at_a_time = self.inner.switching.lock().await;
-        let cur = self.inner.state.load_full();
-        // Breakers a successful swap closes: those of the patterns it names, or all of them on a full reload.
-        let closes: Option<Vec<String>> = match &change {
-            Change::Update(u) => Some(
-                u.patterns
-                    .as_ref()
-                    .map(|p| p.keys().cloned().collect())
-                    .unwrap_or_default(),
-            ),
-            Change::Replace(..) => None,
-            Change::Retry(..) => Some(Vec::new()),
-            Change::Fleet(p) => Some(
-                cur.policy
-                    .patterns
-                    .keys()
-                    .chain(p.patterns.keys())
-                    .filter(|k| cur.policy.patterns.get(*k) != p.patterns.get(*k))
-                    .cloned()
-                    .collect(),
-            ),
-        };
-        let (policy, redis) = match change {
-            Change::Update(u) => (cur.policy.merged(&u)?, cur.redis.clone()),
-            Change::Replace(p, r) => {
-                p.validate()?;
-                (p, r.unwrap_or_else(|| cur.redis.clone()))
-            }
-            Change::Retry(p, since) => {
-                if cur.version != since {
-                    return Ok(()); // someone switched since start-up: their choice wins
-                }
-                (p, cur.redis.clone())
-            }
-            Change::Fleet(p) => {
-                p.validate()?;
-                (p, cur.redis.clone())
-            }
+        let cur = self.inner.active.load_full();
+        let closes = change.closes(&cur.policy);
+        let Some((policy, redis)) = change.resolve(&cur)? else {
+            return Ok(()); // a start-up retry, after someone else switched: their choice wins
         };
         let result = self.prepare(&cur, &policy, &redis).await;
         let version = cur.version + u64::from(result.is_ok());
         let record = SwapRecord {
-            at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            source: source.to_string(),
+            at: now_rfc3339(),
+            source,
             version,
             ok: result.is_ok(),
-            from_impl: cur.policy.imp,
-            to_impl: policy.imp,
+            from_impl: cur.policy.cache_impl,
+            to_impl: policy.cache_impl,
             whitelist: policy.whitelist.clone(),
             error: result.as_ref().err().map(ToString::to_string),
             reason,
         };
         let backend = match result {
             Ok(b) => b,
-            Err(e) if source == "retry" => {
+            Err(e) if source == SwapSource::Retry => {
                 // The start-up failure is on record already; repeating it every 5 s would push the history out.
-                tracing::debug!(to = %policy.imp, error = %e, "cache: start-up retry failed");
+                tracing::debug!(to = %policy.cache_impl, error = %e, "cache: start-up retry failed");
                 return Err(e);
             }
             Err(e) => {
                 self.inner.metrics.swap(false);
                 tracing::warn!(
-                    source,
-                    to = %policy.imp,
-                    reason = record.reason.as_deref().unwrap_or(source),
+                    source = source.as_str(),
+                    to = %policy.cache_impl,
+                    reason = record.reason.as_deref().unwrap_or(source.as_str()),
                     error = %e,
                     "cache: swap refused, previous state kept"
                 );
@@ -151,7 +211,7 @@ impl CacheRegistry {
             }
         };
         self.inner.metrics.swap(true);
-        let (enabled, imp) = (policy.enabled, policy.imp);
+        let (enabled, cache_impl) = (policy.enabled, policy.cache_impl);
         let mut breakers = self.breakers();
         match closes {
             None => breakers.clear(),
@@ -168,22 +228,22 @@ impl CacheRegistry {
         if next.stores {
             for (pattern, route) in &next.routes {
                 if route.mode != Mode::Observe {
-                    self.inner.metrics.declare_rollbacks(imp, pattern);
+                    self.inner.metrics.declare_rollbacks(cache_impl, pattern);
                 }
             }
         }
         // rcu, not store: a pattern first seen during the swap must not be lost. Under the breakers' lock, so a
         // trip cannot slip in between.
-        self.inner.state.rcu(|cur| Active {
+        self.inner.active.rcu(|cur| Active {
             patterns: Arc::clone(&cur.patterns),
             ..next.clone()
         });
         drop(breakers);
-        self.inner.metrics.set_enabled(enabled, imp);
+        self.inner.metrics.set_enabled(enabled, cache_impl);
         tracing::info!(
-            source,
+            source = source.as_str(),
             version,
-            reason = record.reason.as_deref().unwrap_or(source),
+            reason = record.reason.as_deref().unwrap_or(source.as_str()),
             "{}",
             self.state_line()
         );
@@ -202,7 +262,9 @@ impl CacheRegistry {
         if !next.stores || next.policy.whitelist.is_empty() {
             return None;
         }
-        if cur.policy.imp == next.policy.imp && cur.policy.whitelist == next.policy.whitelist {
+        if cur.policy.cache_impl == next.policy.cache_impl
+            && cur.policy.whitelist == next.policy.whitelist
+        {
             if let Some(w) = &cur.whitelisted {
                 return Some(Arc::clone(w));
             }
@@ -220,12 +282,13 @@ impl CacheRegistry {
         policy: &Policy,
         redis: &RedisOptions,
     ) -> Result<Arc<dyn Cache>> {
-        let same_impl = policy.imp == cur.policy.imp;
+        let same_impl = policy.cache_impl == cur.policy.cache_impl;
         #[cfg(feature = "redis")]
         let same_l1 = l1_patterns(policy) == l1_patterns(&cur.policy);
         #[cfg(not(feature = "redis"))]
         let same_l1 = true;
-        if same_impl && (policy.imp != CacheImpl::Redis || (*redis == cur.redis && same_l1)) {
+        if same_impl && (policy.cache_impl != CacheImpl::Redis || (*redis == cur.redis && same_l1))
+        {
             return Ok(Arc::clone(&cur.backend));
         }
         // The same Redis data behind a new connection (only a timeout or the L1 patterns changed): everything it
@@ -234,7 +297,7 @@ impl CacheRegistry {
             && redis.url == cur.redis.url
             && redis.key_prefix == cur.redis.key_prefix
             && redis.tls_ca_file == cur.redis.tls_ca_file;
-        let backend: Arc<dyn Cache> = match policy.imp {
+        let backend: Arc<dyn Cache> = match policy.cache_impl {
             CacheImpl::Null => Arc::new(NullCache),
             CacheImpl::Memory => Arc::new(MemoryCache::new(
                 self.inner.memory_max_entries,
@@ -246,7 +309,7 @@ impl CacheRegistry {
         // previous one): drop everything it holds under its prefix before it serves anything.
         if !backend.always_misses() && !same_data {
             let n = backend.delete_matching("", &|_| true).await?;
-            tracing::info!(imp = %policy.imp, deleted = n, "cache: flushed the newly active backend");
+            tracing::info!(to = %policy.cache_impl, deleted = n, "cache: flushed the newly active backend");
         }
         Ok(backend)
     }

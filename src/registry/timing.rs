@@ -4,7 +4,7 @@ use super::*;
 
 /// Runs a cache operation with `budget` as its deadline (only for a backend that can hang: an in-process one answers
 /// without waiting, and a timer per call would be pure cost).
-pub(super) fn bounded<T, F: Future<Output = Result<T>>>(
+pub(super) fn within_if_remote<T, F: Future<Output = Result<T>>>(
     backend: &dyn Cache,
     budget: Duration,
     operation: &'static str,
@@ -23,14 +23,59 @@ pub(super) fn nanos_since(clock: &quanta::Clock, start: u64) -> u64 {
     clock.delta_as_nanos(start, clock.raw())
 }
 
+/// The read deadline of one served call, shared by all its cache steps (the read, a corrupt entry's delete, the
+/// lease, the polls for another process's fill, the fill, a lease's release): each step gets what is left, and the
+/// time it takes is spent from it, so a Redis that hangs adds at most the deadline to the call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadline {
+    budget: Duration,
+    spent_ns: u64,
+}
+
+impl Deadline {
+    /// `budget` for the whole call, of which `spent_ns` nanoseconds are already gone.
+    pub(super) fn new(budget: Duration, spent_ns: u64) -> Self {
+        Deadline { budget, spent_ns }
+    }
+
+    /// What is left of it (zero once it has passed).
+    pub(super) fn left(&self) -> Duration {
+        self.budget
+            .saturating_sub(Duration::from_nanos(self.spent_ns))
+    }
+}
+
 impl CacheRegistry {
+    /// One cache step of a served call: `f` within what is left of `deadline` (past it, [`Error::Timeout`] of
+    /// `name`), its duration observed in `cache_operation_duration_seconds{operation}` and spent from `deadline`.
+    /// Failures are the caller's to count: some are expected (a lease held elsewhere), some are not.
+    pub(super) async fn step<T>(
+        &self,
+        backend: &dyn Cache,
+        deadline: &mut Deadline,
+        operation: Operation,
+        name: &'static str,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let clock = &self.inner.clock;
+        let t0 = clock.raw();
+        let r = within_if_remote(backend, deadline.left(), name, f).await;
+        let ns = nanos_since(clock, t0);
+        self.inner
+            .metrics
+            .op_duration(backend.kind(), operation)
+            .observe_nanos(ns);
+        deadline.spent_ns += ns;
+        r
+    }
+
     /// Runs one backend operation off the read path (writes, invalidations, lease releases, background fills),
     /// observing its duration in
     /// `cache_operation_duration_seconds{operation}` and counting its failure in `cache_errors_total`, so that
     /// every counted error has its operation counted too (the error ratio's two sides count the same calls).
     pub(super) async fn timed<T>(
         &self,
-        imp: CacheImpl,
+        cache_impl: CacheImpl,
         operation: Operation,
         f: impl Future<Output = Result<T>>,
     ) -> Result<T> {
@@ -39,10 +84,10 @@ impl CacheRegistry {
         let r = f.await;
         let metrics = &self.inner.metrics;
         metrics
-            .op_duration(imp, operation)
+            .op_duration(cache_impl, operation)
             .observe_nanos(nanos_since(clock, t0));
         if let Err(e) = &r {
-            metrics.error(imp, e.error_type());
+            metrics.error(cache_impl, e.error_type());
         }
         r
     }

@@ -7,9 +7,8 @@ use super::*;
 pub struct SwapRecord {
     /// When, RFC 3339 UTC.
     pub at: String,
-    /// What asked for it: `startup`, `api`, `sighup`, `retry`, `library`, or `rollback` (an automatic rollback, its
-    /// half-open probe, or its recovery).
-    pub source: String,
+    /// What asked for it.
+    pub source: SwapSource,
     /// State version after the swap (unchanged when it failed).
     pub version: u64,
     /// Whether the new state was installed.
@@ -35,7 +34,7 @@ pub struct StateView {
     pub enabled: bool,
     /// Active impl.
     #[serde(rename = "impl")]
-    pub imp: CacheImpl,
+    pub cache_impl: CacheImpl,
     /// Whitelisted patterns.
     pub whitelist: Vec<String>,
     /// State version, +1 on every successful swap.
@@ -123,17 +122,17 @@ impl ArmView {
 impl CacheRegistry {
     /// The active policy.
     pub fn policy(&self) -> Policy {
-        self.inner.state.load().policy.clone()
+        self.inner.active.load().policy.clone()
     }
 
     /// The active Redis options (those of the last successful swap).
     pub fn redis_options(&self) -> RedisOptions {
-        self.inner.state.load().redis.clone()
+        self.inner.active.load().redis.clone()
     }
 
     /// One line for logs: `cache: enabled impl=null whitelist=[]`.
-    pub fn state_line(&self) -> String {
-        let s = self.inner.state.load();
+    pub(crate) fn state_line(&self) -> String {
+        let s = self.inner.active.load();
         format!(
             "cache: {} impl={} whitelist=[{}]",
             if s.policy.enabled {
@@ -141,7 +140,7 @@ impl CacheRegistry {
             } else {
                 "disabled"
             },
-            s.policy.imp,
+            s.policy.cache_impl,
             s.policy.whitelist.join(",")
         )
     }
@@ -149,7 +148,7 @@ impl CacheRegistry {
     /// Counters of every key pattern seen so far.
     pub fn pattern_counts(&self) -> BTreeMap<String, PatternCounts> {
         self.inner
-            .state
+            .active
             .load()
             .patterns
             .iter()
@@ -159,7 +158,7 @@ impl CacheRegistry {
 
     /// A snapshot for `GET /internal/cache`, with a Redis health check (at most 250 ms) when the impl is `redis`.
     pub async fn state(&self) -> StateView {
-        let s = self.inner.state.load_full();
+        let s = self.inner.active.load_full();
         let redis = if s.backend.kind() == CacheImpl::Redis {
             Some(
                 tokio::time::timeout(Duration::from_millis(250), s.backend.health())
@@ -175,7 +174,7 @@ impl CacheRegistry {
         };
         StateView {
             enabled: s.policy.enabled,
-            imp: s.policy.imp,
+            cache_impl: s.policy.cache_impl,
             whitelist: s.policy.whitelist.clone(),
             version: s.version,
             policy: s.policy.clone(),
@@ -221,7 +220,7 @@ impl CacheRegistry {
                 let route = s.routes.get(name).unwrap_or(&s.default_route);
                 let entry = s.patterns.get(name).map(|&i| self.slot(i));
                 let rm = entry.map_or(&empty, |e| self.rollout_metrics(e));
-                let hits = entry.map_or(0, |e| e.metrics.hits_of(s.policy.imp));
+                let hits = entry.map_or(0, |e| e.metrics.hits_of(s.policy.cache_impl));
                 let view = RouteView {
                     mode: if s.route(name).is_some() {
                         route.mode
@@ -237,10 +236,9 @@ impl CacheRegistry {
                     ramped: ArmView::of(&rm.ramped, hits),
                     unramped: ArmView::of(&rm.unramped, 0),
                     shadowed: ArmView::of(&rm.shadowed, 0),
-                    shadow: crate::metrics::SHADOW_RESULTS
-                        .iter()
-                        .zip(&rm.shadow)
-                        .map(|(r, c)| (*r, c.get()))
+                    shadow: ShadowResult::ALL
+                        .into_iter()
+                        .map(|r| (r.as_str(), rm.shadow(r).get()))
                         .collect(),
                 };
                 (name.to_string(), view)

@@ -48,7 +48,7 @@ impl CacheRegistry {
         for t in tags {
             validate_key(t)?;
         }
-        let state = self.inner.state.load_full();
+        let state = self.inner.active.load_full();
         let (entry, ttl, track) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
@@ -97,9 +97,9 @@ impl CacheRegistry {
             return state.backend.delete(key).await.map(|_| ());
         };
         let bytes = codec::encode(key, value, self.inner.value_version)?;
-        let imp = state.backend.kind();
+        let cache_impl = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
-            self.inner.metrics.error(imp, "too_large");
+            self.inner.metrics.error(cache_impl, "too_large");
             // The old value is stale now that the caller has a new one: do not leave it behind.
             let _ = state.backend.delete(key).await;
             return Err(Error::ValueTooLarge {
@@ -110,11 +110,11 @@ impl CacheRegistry {
         }
         entry.metrics.value_size.observe(bytes.len() as f64);
         let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
-        let imp = state.backend.kind();
+        let cache_impl = state.backend.kind();
         let write = state.backend.set_tagged(key, bytes, Some(ttl), &tags);
-        self.timed(imp, Operation::Set, write)
+        self.timed(cache_impl, Operation::Set, write)
             .await
-            .inspect(|()| entry.metrics.set(imp))
+            .inspect(|()| entry.metrics.set(cache_impl))
             .inspect_err(|e| tracing::debug!(key, error = %e, "cache: set failed"))
     }
 
@@ -128,17 +128,17 @@ impl CacheRegistry {
     /// [`Error::InvalidKey`] for a malformed tag, or the backend's error (also counted).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         validate_key(tag)?;
-        let state = self.inner.state.load_full();
+        let state = self.inner.active.load_full();
         if state.stores {
             self.inner.flights.detach_tagged(tag);
         }
-        let imp = state.backend.kind();
-        self.inner.metrics.invalidated_tag(imp, tag);
+        let cache_impl = state.backend.kind();
+        self.inner.metrics.invalidated_tag(cache_impl, tag);
         if !state.stores {
             return Ok(0);
         }
         self.timed(
-            imp,
+            cache_impl,
             Operation::InvalidateTag,
             state.backend.invalidate_tag(tag),
         )
@@ -156,7 +156,7 @@ impl CacheRegistry {
     /// remain until its TTL.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
-        let state = self.inner.state.load_full();
+        let state = self.inner.active.load_full();
         if state.stores {
             self.inner.flights.detach(key);
         }
@@ -166,25 +166,25 @@ impl CacheRegistry {
         let (entry, served) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
-            (self.entry(&state, &pattern), state.serves(&pattern))
+            (self.entry(&state, &pattern), state.routed(&pattern))
         };
-        let imp = state.backend.kind();
-        entry.metrics.del(imp);
-        self.inner.metrics.invalidated(imp, "key");
+        let cache_impl = state.backend.kind();
+        entry.metrics.del(cache_impl);
+        self.inner.metrics.invalidated(cache_impl, "key");
         if let Some(a) = &self.inner.analysis {
             let hash = key_hash(key);
             if let Some(s) = &entry.shards {
-                s.delete(hash, entry.tag);
+                s.delete(hash, entry.slot);
             }
-            a.shared.delete(hash, entry.tag);
+            a.shared.delete(hash, entry.slot);
             if let Some(w) = state.whitelisted.as_ref().filter(|_| served) {
-                w.shards.delete(hash, entry.tag);
+                w.shards.delete(hash, entry.slot);
             }
         }
         if !state.stores {
             return Ok(false); // the NullCache holds nothing
         }
-        self.timed(imp, Operation::Delete, state.backend.delete(key))
+        self.timed(cache_impl, Operation::Delete, state.backend.delete(key))
             .await
     }
 
@@ -203,9 +203,9 @@ impl CacheRegistry {
                 .flights
                 .detach_matching(|k| kp.pattern_of(k) == pattern);
         }
-        let state = self.inner.state.load_full();
-        let imp = state.backend.kind();
-        self.inner.metrics.invalidated(imp, "pattern");
+        let state = self.inner.active.load_full();
+        let cache_impl = state.backend.kind();
+        self.inner.metrics.invalidated(cache_impl, "pattern");
         if let Some(a) = &self.inner.analysis {
             if pattern == "*" {
                 for &i in state.patterns.values() {
@@ -222,14 +222,15 @@ impl CacheRegistry {
                 if let Some(s) = &entry.shards {
                     s.delete_all(None);
                 }
-                a.shared.delete_all(Some(entry.tag));
+                a.shared.delete_all(Some(entry.slot));
                 if let Some(w) = &state.whitelisted {
-                    w.shards.delete_all(Some(entry.tag));
+                    w.shards.delete_all(Some(entry.slot));
                 }
             }
         }
         let delete = self.delete_pattern_in(&*state.backend, pattern);
-        self.timed(imp, Operation::DeletePattern, delete).await
+        self.timed(cache_impl, Operation::DeletePattern, delete)
+            .await
     }
 
     pub(super) async fn delete_pattern_in(

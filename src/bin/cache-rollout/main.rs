@@ -145,7 +145,7 @@ struct ReplayArgs {
     format: Option<FormatArg>,
     /// Backend every pattern is served from.
     #[arg(long = "impl", value_enum, default_value = "null")]
-    imp: ImplArg,
+    cache_impl: ImplArg,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -401,7 +401,7 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
             })
         }
     };
-    let imp = match args.imp {
+    let cache_impl = match args.cache_impl {
         ImplArg::Null => CacheImpl::Null,
         ImplArg::Memory => CacheImpl::Memory,
         ImplArg::Redis => CacheImpl::Redis,
@@ -409,7 +409,7 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
     let (clock, mock) = quanta::Clock::mock();
     let opts = RegistryOptions {
         policy: Policy {
-            imp,
+            cache_impl,
             whitelist: vec!["*".into()],
             default_ttl_secs: args.ttl.unwrap_or(86_400),
             ..Policy::default()
@@ -439,10 +439,10 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         ..RegistryOptions::default()
     };
     let registry = CacheRegistry::new(opts).await?;
-    if registry.policy().imp != imp {
+    if registry.policy().cache_impl != cache_impl {
         return Err(cache_rollout::Error::config(
             "--impl",
-            imp.as_str(),
+            cache_impl.as_str(),
             "the backend could not be reached (see the log above)",
         ));
     }
@@ -452,7 +452,7 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         clock: Some(mock),
     };
     // What Redis holds besides this replay's keys (its own structures, other prefixes): not room for the cache.
-    let baseline = if imp == CacheImpl::Redis {
+    let baseline = if cache_impl == CacheImpl::Redis {
         Some(redis_memory(&args.redis_url).await?)
     } else {
         None
