@@ -38,6 +38,11 @@ impl Deadline {
         Deadline { budget, spent_ns }
     }
 
+    /// Spends `ns` nanoseconds of it.
+    pub(super) fn spend(&mut self, ns: u64) {
+        self.spent_ns += ns;
+    }
+
     /// What is left of it (zero once it has passed).
     pub(super) fn left(&self) -> Duration {
         self.budget
@@ -65,7 +70,7 @@ impl CacheRegistry {
             .metrics
             .op_duration(backend.kind(), operation)
             .observe_nanos(ns);
-        deadline.spent_ns += ns;
+        deadline.spend(ns);
         r
     }
 
