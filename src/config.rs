@@ -35,7 +35,7 @@ use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::analysis::AnalysisOptions;
-pub use crate::cache::redact_url;
+use crate::cache::redact_url;
 use crate::cache::{CacheImpl, RedisOptions};
 use crate::error::{Error, Result};
 use crate::pattern::{KeyPatterns, MAX_PATTERNS_LIMIT};
@@ -565,7 +565,7 @@ impl Settings {
     /// The keys that differ between `self` and `next` but only take effect at start-up (a SIGHUP cannot apply
     /// them): environment, key-pattern templates and bound, value limits and version, in-process cache bounds,
     /// the fleet.
-    pub fn restart_only_changes(&self, next: &Settings) -> Vec<&'static str> {
+    pub(crate) fn restart_only_changes(&self, next: &Settings) -> Vec<&'static str> {
         let (a, b) = (&self.cache, &next.cache);
         [
             ("app_env", self.app_env != next.app_env),
@@ -739,11 +739,11 @@ mod tests {
             );
             assert_eq!(s.cache.whitelist, ["b"]);
             jail.set_env("CACHE_PATTERNS", "user, project");
-            jail.set_env("CACHE_IMPL", "redis");
+            jail.set_env("CACHE_IMPL", "null");
             jail.set_env("CACHE_ROLLOUT_CACHE__DEFAULT_TTL_SECS", "30");
             let s = load(jail).expect("loads");
             assert_eq!(s.cache.whitelist, ["user", "project"], "env beats files");
-            assert_eq!(s.cache.cache_impl, CacheImpl::Redis);
+            assert_eq!(s.cache.cache_impl, CacheImpl::Null);
             assert_eq!(s.cache.default_ttl_secs, 30);
             Ok(())
         });

@@ -5,7 +5,7 @@
 //!   document (HMAC-SHA256 keyed by the admin token) and stores it with a compare-and-set script that also
 //!   `PUBLISH`es the new version on the key's channel. A concurrent writer's change is never lost: the loser retries
 //!   on the new version.
-//! - **Follow**: [`Fleet::spawn`] subscribes to the channel and re-reads the key every `poll` (1 s by default), so a
+//! - **Follow**: `Fleet::spawn` (started by [`CacheRollout`](crate::CacheRollout)) subscribes to the channel and re-reads the key every `poll` (1 s by default), so a
 //!   missed message is caught by the next read. A document of another epoch or a higher version, with a valid
 //!   signature, is applied to the registry as a whole new policy (source `fleet`); one that does not verify is
 //!   refused and logged.
@@ -381,7 +381,8 @@ impl Fleet {
     ///
     /// # Errors
     /// As [`read`](Self::read); a policy the registry refuses.
-    pub async fn apply_now(&self, registry: &CacheRegistry) -> Result<()> {
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    pub(crate) async fn apply_now(&self, registry: &CacheRegistry) -> Result<()> {
         self.sync(registry, None).await
     }
 
@@ -442,7 +443,7 @@ impl Fleet {
     /// Follows the state for `registry` until the registry is dropped: applies it now (storing `init` if the key
     /// is empty), then on every notification and every poll period. Rollbacks of this instance are published;
     /// those of other instances open the same breaker here.
-    pub fn spawn(self: Arc<Self>, registry: CacheRegistry, init: Policy) {
+    pub(crate) fn spawn(self: Arc<Self>, registry: CacheRegistry, init: Policy) {
         let weak = registry.downgrade();
         let fleet = Arc::clone(&self);
         registry.on_rollback(Arc::new(

@@ -406,13 +406,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn redis_is_valid_only_in_a_build_with_the_redis_feature() {
+        let p = Policy {
+            cache_impl: CacheImpl::Redis,
+            ..Policy::default()
+        };
+        let r = p.validate();
+        if cfg!(feature = "redis") {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            let e = r.expect_err("no redis feature").to_string();
+            assert!(e.contains("redis") && e.contains("feature"), "{e}");
+        }
+    }
+
+    #[test]
     fn update_merges_and_validates() {
         let p = Policy::default();
         let u: PolicyUpdate =
-            serde_json::from_str(r#"{"impl":"redis","whitelist":["user"," user ",""]}"#)
+            serde_json::from_str(r#"{"impl":"memory","whitelist":["user"," user ",""]}"#)
                 .expect("parses");
         let m = p.merged(&u).expect("valid");
-        assert_eq!(m.cache_impl, CacheImpl::Redis);
+        assert_eq!(m.cache_impl, CacheImpl::Memory);
         assert_eq!(m.whitelist, ["user"]);
         assert!(m.enabled);
         let bad = PolicyUpdate {

@@ -243,20 +243,13 @@ async fn two_services_on_one_redis_never_flush_invalidate_or_steer_each_other() 
         .invalidate_pattern("user")
         .await
         .expect("invalidate");
-    a.registry()
-        .switch(&PolicyUpdate {
-            cache_impl: Some(CacheImpl::Null),
+    for to in [CacheImpl::Null, CacheImpl::Redis] {
+        let update = PolicyUpdate {
+            cache_impl: Some(to),
             ..Default::default()
-        })
-        .await
-        .expect("to null");
-    a.registry()
-        .switch(&PolicyUpdate {
-            cache_impl: Some(CacheImpl::Redis),
-            ..Default::default()
-        })
-        .await
-        .expect("back to redis");
+        };
+        a.registry().switch(&update).await.expect("switch");
+    }
     assert_eq!(
         read(&b, "user:1", "b's origin again").await,
         "from b",

@@ -29,7 +29,8 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::config::{redact_url, AppEnv, MIN_ADMIN_TOKEN_LEN};
+use crate::cache::redact_url;
+use crate::config::{AppEnv, MIN_ADMIN_TOKEN_LEN};
 use crate::error::Error;
 use crate::policy::PolicyUpdate;
 use crate::registry::SwapSource;

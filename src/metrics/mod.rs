@@ -489,22 +489,22 @@ impl<C: prometheus::core::Collector> prometheus::core::Collector for Shared<C> {
 pub const MAX_TAG_LABELS: usize = 32;
 
 /// How one shadow comparison ended: the `result` label of `cache_shadow_total`.
+/// The discriminant is the index in [`ShadowResult::ALL`] and in a pattern's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ShadowResult {
+pub(crate) enum ShadowResult {
     /// The cache held the loader's value.
-    Match,
+    Match = 0,
     /// The cache held another value (deleted, then refilled).
-    Mismatch,
+    Mismatch = 1,
     /// The cache held nothing (filled in the background).
-    Miss,
+    Miss = 2,
     /// The cache failed.
-    Error,
+    Error = 3,
 }
 
 impl ShadowResult {
-    /// Every result, in the order `GET /internal/cache` lists them.
-    pub const ALL: [ShadowResult; 4] = [
+    /// Every result, in the order `GET /internal/cache` lists them (and of their discriminants).
+    pub(crate) const ALL: [ShadowResult; 4] = [
         ShadowResult::Match,
         ShadowResult::Mismatch,
         ShadowResult::Miss,
@@ -512,7 +512,7 @@ impl ShadowResult {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ShadowResult::Match => "match",
             ShadowResult::Mismatch => "mismatch",

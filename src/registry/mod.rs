@@ -96,7 +96,7 @@ use self::{
 pub const SWAP_HISTORY: usize = 20;
 
 /// Everything a registry needs besides the [`Policy`]; fixed for the registry's life, except `redis`, which
-/// [`CacheRegistry::reload`] may replace.
+/// a SIGHUP reload (`CacheRollout::builder(..).reload_on_sighup(true)`) may replace.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
     /// The initial policy.
@@ -143,7 +143,7 @@ impl Default for RegistryOptions {
     }
 }
 
-pub use crate::pattern::MAX_PATTERNS_LIMIT;
+use crate::pattern::MAX_PATTERNS_LIMIT;
 
 /// Per-pattern entry of the pattern table.
 struct PatternEntry {

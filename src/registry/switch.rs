@@ -138,7 +138,7 @@ impl CacheRegistry {
     ///
     /// # Errors
     /// As [`switch`](Self::switch).
-    pub async fn switch_from(
+    pub(crate) async fn switch_from(
         &self,
         update: &PolicyUpdate,
         source: SwapSource,
@@ -152,7 +152,7 @@ impl CacheRegistry {
     ///
     /// # Errors
     /// As [`switch`](Self::switch).
-    pub async fn reload(&self, policy: Policy, redis: RedisOptions) -> Result<StateView> {
+    pub(crate) async fn reload(&self, policy: Policy, redis: RedisOptions) -> Result<StateView> {
         self.install(
             Change::Replace(policy, Some(redis)),
             SwapSource::Sighup,

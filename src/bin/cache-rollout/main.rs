@@ -44,8 +44,7 @@ impl ServiceSettings {
     /// The top-level keys of `dir/default.toml` and `dir/<APP_ENV>.toml`, then `BIND_ADDR`.
     fn load(dir: &Path) -> cache_rollout::Result<Self> {
         use figment::providers::{Env, Format, Serialized, Toml};
-        let env = std::env::var("APP_ENV").unwrap_or_else(|_| "development".into());
-        let env = cache_rollout::config::AppEnv::parse(&env)?;
+        let env = cache_rollout::config::AppEnv::from_var(std::env::var("APP_ENV"))?;
         figment::Figment::from(Serialized::defaults(ServiceSettings {
             bind_addr: SocketAddr::from(([127, 0, 0, 1], 8900)),
             log_format: LogFormat::Text,
