@@ -9,8 +9,10 @@ pub(super) enum Plan {
     Observe,
     /// Routed, but the key is outside the pattern's ramp: observed, and timed as the unramped arm.
     Unramped,
-    /// Served or shadowed.
-    Routed(Route, Arc<dyn Cache>),
+    /// In the ramp of a pattern in serve mode: cache-aside on `Arc<dyn Cache>`.
+    Serve(Route, Arc<dyn Cache>),
+    /// In the ramp of a pattern in shadow mode: the loader answers, the cache is compared beside it.
+    Shadow(Route, Arc<dyn Cache>),
 }
 
 /// One served or shadowed call: what its paths share.
@@ -106,57 +108,64 @@ impl CacheRegistry {
             }
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
             let entry = self.entry(&state, &pattern);
+            // The one decision of the call.
             let plan = match state.route(&pattern) {
                 None => Plan::Observe,
                 Some(r) if !r.includes(key) => Plan::Unramped,
-                Some(r) => Plan::Routed(r.clone(), Arc::clone(&state.backend)),
+                Some(r) if r.mode == Mode::Shadow => {
+                    Plan::Shadow(r.clone(), Arc::clone(&state.backend))
+                }
+                Some(r) => Plan::Serve(r.clone(), Arc::clone(&state.backend)),
             };
-            let serves = matches!(plan, Plan::Routed(..));
-            let track = self.track(&state, entry, &pattern, key, serves);
-            if serves {
+            let routed = matches!(plan, Plan::Serve(..) | Plan::Shadow(..));
+            let track = self.track(&state, entry, &pattern, key, routed);
+            if routed {
                 if let Some(w) = &state.whitelisted {
                     w.gets.fetch_add(1, Ordering::Relaxed);
                 }
             }
             (entry, plan, track, pattern)
         };
-        if let Plan::Routed(route, backend) = plan {
-            let tags: Vec<String> = if tags.is_empty() {
-                Vec::new()
-            } else {
-                tags.iter().map(|t| (*t).to_string()).collect()
-            };
-            let call = Call {
-                key,
-                pattern: &pattern,
-                entry,
-                route: &route,
-                tags: &tags,
-                start: self.inner.clock.raw(),
-            };
-            let shadowed = route.mode == Mode::Shadow;
-            // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
-            // route, the flight), and inline they would make every call's future, observed ones too, larger,
-            // which costs the observe path a larger copy per call. A served call does I/O anyway.
-            let r = if shadowed {
-                Box::pin(self.shadow(call, track, backend, loader)).await
-            } else {
-                Box::pin(self.serve(call, track, &backend, loader)).await
-            };
-            let rm = self.rollout_metrics(entry);
-            let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
-            arm.observe_nanos(nanos_since(&self.inner.clock, call.start));
-            return r;
-        }
-        // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped arm). One
-        // call site, so the observe future is built in place.
-        let unramped = matches!(plan, Plan::Unramped).then(|| self.inner.clock.raw());
-        let r = self.observe(entry, track, loader).await;
-        if let Some(start) = unramped {
-            self.rollout_metrics(entry)
-                .unramped
-                .observe_nanos(nanos_since(&self.inner.clock, start));
-        }
+        let (route, backend, shadowed) = match plan {
+            Plan::Serve(route, backend) => (route, backend, false),
+            Plan::Shadow(route, backend) => (route, backend, true),
+            Plan::Observe | Plan::Unramped => {
+                // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped
+                // arm). One call site, so the observe future is built in place.
+                let unramped = matches!(plan, Plan::Unramped).then(|| self.inner.clock.raw());
+                let r = self.observe(entry, track, loader).await;
+                if let Some(start) = unramped {
+                    self.rollout_metrics(entry)
+                        .unramped
+                        .observe_nanos(nanos_since(&self.inner.clock, start));
+                }
+                return r;
+            }
+        };
+        let tags: Vec<String> = if tags.is_empty() {
+            Vec::new()
+        } else {
+            tags.iter().map(|t| (*t).to_string()).collect()
+        };
+        let call = Call {
+            key,
+            pattern: &pattern,
+            entry,
+            route: &route,
+            tags: &tags,
+            start: self.inner.clock.raw(),
+        };
+        // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
+        // route, the flight), and inline they would make every call's future, observed ones too, larger,
+        // which costs the observe path a larger copy per call. A served call does I/O anyway.
+        let r = if shadowed {
+            Box::pin(self.shadow(call, track, backend, loader)).await
+        } else {
+            Box::pin(self.serve(call, track, &backend, loader)).await
+        };
+        let rm = self.rollout_metrics(entry);
+        let arm = if shadowed { &rm.shadowed } else { &rm.ramped };
+        arm.observe_nanos(nanos_since(&self.inner.clock, call.start));
         r
     }
 }
