@@ -28,27 +28,27 @@ struct User {
 /// A registry serving `user` from the Redis at `url`, with an L1 of `l1_ttl_secs` when given.
 fn registry(rt: &tokio::runtime::Runtime, url: String, l1_ttl_secs: Option<u64>) -> CacheRegistry {
     let reg = rt
-        .block_on(CacheRegistry::new(RegistryOptions {
-            policy: Policy {
-                cache_impl: CacheImpl::Redis,
-                whitelist: vec!["user".into()],
-                patterns: [(
-                    "user".to_string(),
-                    PatternPolicy {
-                        l1_ttl_secs,
-                        ..PatternPolicy::default()
-                    },
-                )]
-                .into(),
-                ..Policy::default()
-            },
-            redis: RedisOptions {
-                url,
-                response_timeout: Duration::from_secs(1),
-                ..RedisOptions::default()
-            },
-            ..RegistryOptions::default()
-        }))
+        .block_on(CacheRegistry::new(
+            RegistryOptions::default()
+                .with_policy(Policy {
+                    cache_impl: CacheImpl::Redis,
+                    whitelist: vec!["user".into()],
+                    patterns: [(
+                        "user".to_string(),
+                        PatternPolicy {
+                            l1_ttl_secs,
+                            ..PatternPolicy::default()
+                        },
+                    )]
+                    .into(),
+                    ..Policy::default()
+                })
+                .with_redis(
+                    RedisOptions::default()
+                        .with_url(url)
+                        .with_response_timeout(Duration::from_secs(1)),
+                ),
+        ))
         .expect("registry");
     assert_eq!(
         reg.policy().cache_impl,

@@ -34,19 +34,19 @@ fn registry(
     enabled: bool,
     analysis: bool,
 ) -> CacheRegistry {
-    rt.block_on(CacheRegistry::new(RegistryOptions {
-        policy: Policy {
-            cache_impl,
-            enabled,
-            whitelist: vec!["*".into()],
-            ..Policy::default()
-        },
-        analysis: AnalysisOptions {
-            enabled: analysis,
-            ..AnalysisOptions::default()
-        },
-        ..RegistryOptions::default()
-    }))
+    rt.block_on(CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(Policy {
+                cache_impl,
+                enabled,
+                whitelist: vec!["*".into()],
+                ..Policy::default()
+            })
+            .with_analysis(AnalysisOptions {
+                enabled: analysis,
+                ..AnalysisOptions::default()
+            }),
+    ))
     .expect("registry")
 }
 

@@ -42,18 +42,18 @@ fn main() {
         } else {
             1024
         };
-        let registry = CacheRegistry::new(RegistryOptions {
-            policy: Policy {
-                cache_impl,
-                whitelist: vec!["*".into()],
-                ..Policy::default()
-            },
-            analysis: AnalysisOptions {
-                enabled: !scenario.ends_with("_plain"),
-                ..AnalysisOptions::default()
-            },
-            ..RegistryOptions::default()
-        })
+        let registry = CacheRegistry::new(
+            RegistryOptions::default()
+                .with_policy(Policy {
+                    cache_impl,
+                    whitelist: vec!["*".into()],
+                    ..Policy::default()
+                })
+                .with_analysis(AnalysisOptions {
+                    enabled: !scenario.ends_with("_plain"),
+                    ..AnalysisOptions::default()
+                }),
+        )
         .await
         .expect("registry");
         let keys: Vec<String> = (0..keys_n).map(|i| format!("user:{i}")).collect();

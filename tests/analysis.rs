@@ -86,19 +86,19 @@ async fn replay_registry(
     ttl: Option<u64>,
 ) -> CacheRegistry {
     let (clock, mock) = quanta::Clock::mock();
-    let registry = CacheRegistry::new(RegistryOptions {
-        policy: Policy {
-            default_ttl_secs: ttl.unwrap_or(86_400),
-            ..Policy::default()
-        },
-        max_patterns: 1000,
-        analysis: AnalysisOptions {
-            ignore_ttl: ttl.is_none(),
-            ..analysis
-        },
-        clock: Some(clock),
-        ..RegistryOptions::default()
-    })
+    let registry = CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(Policy {
+                default_ttl_secs: ttl.unwrap_or(86_400),
+                ..Policy::default()
+            })
+            .with_max_patterns(1000)
+            .with_analysis(AnalysisOptions {
+                ignore_ttl: ttl.is_none(),
+                ..analysis
+            })
+            .with_clock(clock),
+    )
     .await
     .expect("registry");
     let text = lines.join("\n");
@@ -355,12 +355,9 @@ fn estimator_memory_stays_within_its_bound_over_ten_million_keys() {
 
 #[tokio::test]
 async fn values_a_cache_would_refuse_are_not_predicted_as_hits() {
-    let registry = CacheRegistry::new(RegistryOptions {
-        max_value_bytes: 100,
-        ..RegistryOptions::default()
-    })
-    .await
-    .expect("registry");
+    let registry = CacheRegistry::new(RegistryOptions::default().with_max_value_bytes(100))
+        .await
+        .expect("registry");
     for _ in 0..10 {
         for id in 0..50 {
             let _: Result<String, Infallible> = registry

@@ -12,23 +12,23 @@ use cache_rollout::cache::{
 use support::{RedisCluster, RedisServer};
 
 async fn redis_cache(server: &RedisServer) -> RedisCache {
-    RedisCache::connect(RedisOptions {
-        url: server.url(),
-        // The contract is about what the backend stores, not about deadlines: this VM stalls a process for
-        // 100 ms now and then (measured with plain SETs too), which would fail a 100 ms deadline at random.
-        response_timeout: Duration::from_secs(2),
-        ..RedisOptions::default()
-    })
+    // The contract is about what the backend stores, not about deadlines: this VM stalls a process for 100 ms now
+    // and then (measured with plain SETs too), which would fail a 100 ms deadline at random.
+    RedisCache::connect(
+        RedisOptions::default()
+            .with_url(server.url())
+            .with_response_timeout(Duration::from_secs(2)),
+    )
     .await
     .expect("connect to the test redis")
 }
 
 async fn cluster_cache(cluster: &RedisCluster) -> RedisCache {
-    let c = RedisCache::connect(RedisOptions {
-        url: cluster.url(),
-        response_timeout: Duration::from_secs(2),
-        ..RedisOptions::default()
-    })
+    let c = RedisCache::connect(
+        RedisOptions::default()
+            .with_url(cluster.url())
+            .with_response_timeout(Duration::from_secs(2)),
+    )
     .await
     .expect("connect to the test cluster");
     assert!(c.is_cluster());
@@ -507,11 +507,11 @@ async fn redis_pattern_deletion_revokes_every_lease_granted_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_connect_fails_fast_when_nothing_listens() {
     let port = support::free_port();
-    let r = RedisCache::connect(RedisOptions {
-        url: format!("redis://127.0.0.1:{port}"),
-        connect_timeout: Duration::from_millis(300),
-        ..RedisOptions::default()
-    })
+    let r = RedisCache::connect(
+        RedisOptions::default()
+            .with_url(format!("redis://127.0.0.1:{port}"))
+            .with_connect_timeout(Duration::from_millis(300)),
+    )
     .await;
     let e = r.expect_err("nothing listens");
     assert!(
@@ -641,11 +641,9 @@ async fn rediss_with_a_private_ca_meets_the_contract() {
             .spawn()
             .expect("start redis-server with TLS"),
     );
-    let opts = RedisOptions {
-        url: format!("rediss://127.0.0.1:{port}"),
-        tls_ca_file: Some(d.join("ca.pem")),
-        ..RedisOptions::default()
-    };
+    let opts = RedisOptions::default()
+        .with_url(format!("rediss://127.0.0.1:{port}"))
+        .with_tls_ca_file(Some(d.join("ca.pem")));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let c = loop {
         match RedisCache::connect(opts.clone()).await {
@@ -662,11 +660,7 @@ async fn rediss_with_a_private_ca_meets_the_contract() {
     storing_contract(&c).await;
 
     // Without the private CA the server's certificate is not trusted.
-    let untrusted = RedisCache::connect(RedisOptions {
-        tls_ca_file: None,
-        ..opts
-    })
-    .await;
+    let untrusted = RedisCache::connect(opts.with_tls_ca_file(None)).await;
     assert!(
         untrusted.is_err(),
         "a certificate from an unknown CA must be refused"

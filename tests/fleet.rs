@@ -185,11 +185,11 @@ fn a_fleet_on_a_redis_cluster_follows_one_state_through_a_node_failure() {
         assert_eq!(svc.get("/users/5").1["name"], "User 5");
     }
     rename_user_5(&fleet[0]);
-    let key = cache_rollout::cache::RedisCache::connect_lazy(cache_rollout::cache::RedisOptions {
-        url: cluster.url(),
-        key_prefix: "cr:catalog:".into(),
-        ..Default::default()
-    })
+    let key = cache_rollout::cache::RedisCache::connect_lazy(
+        cache_rollout::cache::RedisOptions::default()
+            .with_url(cluster.url())
+            .with_key_prefix("cr:catalog:"),
+    )
     .expect("cluster options")
     .redis_key("user:5");
     let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();

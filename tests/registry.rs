@@ -33,20 +33,18 @@ fn options(
     whitelist: &[&str],
     redis_url: Option<String>,
 ) -> RegistryOptions {
-    RegistryOptions {
-        policy: Policy {
+    RegistryOptions::default()
+        .with_policy(Policy {
             cache_impl,
             whitelist: whitelist.iter().map(ToString::to_string).collect(),
             ..Policy::default()
-        },
-        redis: RedisOptions {
-            url: redis_url.unwrap_or_else(|| "redis://127.0.0.1:1".into()),
-            connect_timeout: Duration::from_millis(500),
-            response_timeout: Duration::from_millis(200),
-            ..RedisOptions::default()
-        },
-        ..RegistryOptions::default()
-    }
+        })
+        .with_redis(
+            RedisOptions::default()
+                .with_url(redis_url.unwrap_or_else(|| "redis://127.0.0.1:1".into()))
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_response_timeout(Duration::from_millis(200)),
+        )
 }
 
 async fn registry(

@@ -46,8 +46,8 @@ fn options(
     url: &str,
     patterns: &[(&str, PatternPolicy)],
 ) -> RegistryOptions {
-    RegistryOptions {
-        policy: Policy {
+    RegistryOptions::default()
+        .with_policy(Policy {
             cache_impl,
             whitelist: vec!["item".into()],
             patterns: patterns
@@ -60,15 +60,13 @@ fn options(
             },
             read_timeout_ms: 2000,
             ..Policy::default()
-        },
-        redis: RedisOptions {
-            url: url.to_string(),
-            connect_timeout: Duration::from_millis(300),
-            response_timeout: Duration::from_millis(200),
-            ..RedisOptions::default()
-        },
-        ..RegistryOptions::default()
-    }
+        })
+        .with_redis(
+            RedisOptions::default()
+                .with_url(url.to_string())
+                .with_connect_timeout(Duration::from_millis(300))
+                .with_response_timeout(Duration::from_millis(200)),
+        )
 }
 
 async fn registry(opts: RegistryOptions) -> CacheRegistry {

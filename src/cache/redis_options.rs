@@ -6,8 +6,21 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// How to reach Redis.
+/// How to reach Redis. Built from [`RedisOptions::default`] with the `with_*` setters, each of which states its
+/// default.
+///
+/// ```
+/// use cache_rollout::cache::RedisOptions;
+/// use std::time::Duration;
+///
+/// let redis = RedisOptions::default()
+///     .with_url("redis://127.0.0.1:6390")
+///     .with_key_prefix("cr:bookshop:")
+///     .with_response_timeout(Duration::from_millis(50));
+/// assert_eq!(redis.connect_timeout, Duration::from_millis(500));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisOptions {
     /// `redis://` or `rediss://` URL (may carry a password; it is never logged).
     pub url: String,
@@ -24,6 +37,50 @@ pub struct RedisOptions {
     /// before it returns; fewer is an [`Error::Timeout`] of operation `wait`, and the caller knows the
     /// invalidation may not survive a failover. 0 does not wait.
     pub wait_replicas: u32,
+}
+
+impl RedisOptions {
+    /// `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL. Default: `redis://127.0.0.1:6379`.
+    #[must_use]
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// Prefix of every key, not empty. Default: `cr:` (from a service name: `cr:<service>:`).
+    #[must_use]
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Deadline for establishing a connection. Default: 500 ms.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Deadline of each command's response. Default: 100 ms.
+    #[must_use]
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// PEM file of a private CA for `rediss://`; `None` trusts the system's roots. Default: `None`.
+    #[must_use]
+    pub fn with_tls_ca_file(mut self, path: Option<PathBuf>) -> Self {
+        self.tls_ca_file = path;
+        self
+    }
+
+    /// Replicas (a count) that must acknowledge each write and invalidation. Default: 0 (no wait).
+    #[must_use]
+    pub fn with_wait_replicas(mut self, replicas: u32) -> Self {
+        self.wait_replicas = replicas;
+        self
+    }
 }
 
 impl Default for RedisOptions {

@@ -97,7 +97,21 @@ pub const SWAP_HISTORY: usize = 20;
 
 /// Everything a registry needs besides the [`Policy`]; fixed for the registry's life, except `redis`, which
 /// a SIGHUP reload (`CacheRollout::builder(..).reload_on_sighup(true)`) may replace.
+///
+/// Built from [`RegistryOptions::default`] with the `with_*` setters, each of which states its default:
+///
+/// ```
+/// use cache_rollout::{Policy, RegistryOptions};
+///
+/// let opts = RegistryOptions::default()
+///     .with_max_value_bytes(64 * 1024)
+///     .with_memory_max_entries(10_000);
+/// assert_eq!(opts.max_patterns, 100);
+/// ```
+///
+/// Most applications use [`CacheRollout`](crate::CacheRollout), which builds these from the configuration.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RegistryOptions {
     /// The initial policy.
     pub policy: Policy,
@@ -123,6 +137,86 @@ pub struct RegistryOptions {
     /// The clock for durations and TTLs; `None`: the TSC-backed [`quanta::Clock::new`]. Trace replay passes a mock
     /// clock ([`quanta::Clock::mock`]) that follows the trace's timestamps.
     pub clock: Option<quanta::Clock>,
+}
+
+impl RegistryOptions {
+    /// The initial policy. Default: [`Policy::default`] (observe everything through the NullCache).
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Key → pattern rule. Default: the default rule, no templates.
+    #[must_use]
+    pub fn with_key_patterns(mut self, key_patterns: KeyPatterns) -> Self {
+        self.key_patterns = key_patterns;
+        self
+    }
+
+    /// Bound on distinct key patterns, a count (clamped to 1 … [`MAX_PATTERNS_LIMIT`]). Default: 100.
+    #[must_use]
+    pub fn with_max_patterns(mut self, max_patterns: usize) -> Self {
+        self.max_patterns = max_patterns;
+        self
+    }
+
+    /// Where Redis is. Default: [`RedisOptions::default`] (`redis://127.0.0.1:6379`, prefix `cr:`).
+    #[must_use]
+    pub fn with_redis(mut self, redis: RedisOptions) -> Self {
+        self.redis = redis;
+        self
+    }
+
+    /// [`MemoryCache`] bound, in entries. Default: 100,000.
+    #[must_use]
+    pub fn with_memory_max_entries(mut self, entries: u64) -> Self {
+        self.memory_max_entries = entries;
+        self
+    }
+
+    /// [`MemoryCache`] bound, in bytes of keys and values. Default: 256 MiB.
+    #[must_use]
+    pub fn with_memory_max_bytes(mut self, bytes: u64) -> Self {
+        self.memory_max_bytes = bytes;
+        self
+    }
+
+    /// Largest encoded value stored, in bytes. Default: 1 MiB.
+    #[must_use]
+    pub fn with_max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// On the observe path, measure one loaded value's size in this many (1 = every value). Default: 16.
+    #[must_use]
+    pub fn with_size_sample_every(mut self, every: u64) -> Self {
+        self.size_sample_every = every;
+        self
+    }
+
+    /// Version of the application's cached value formats. Default: 0.
+    #[must_use]
+    pub fn with_value_version(mut self, version: u32) -> Self {
+        self.value_version = version;
+        self
+    }
+
+    /// The phase-2 estimators. Default: [`AnalysisOptions::default`] (on).
+    #[must_use]
+    pub fn with_analysis(mut self, analysis: AnalysisOptions) -> Self {
+        self.analysis = analysis;
+        self
+    }
+
+    /// The clock for durations and TTLs, e.g. a [`quanta::Clock::mock`] that follows a trace's timestamps.
+    /// Default: the TSC-backed [`quanta::Clock::new`].
+    #[must_use]
+    pub fn with_clock(mut self, clock: quanta::Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
 }
 
 impl Default for RegistryOptions {

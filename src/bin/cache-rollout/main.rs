@@ -406,14 +406,14 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
         ImplArg::Redis => CacheImpl::Redis,
     };
     let (clock, mock) = quanta::Clock::mock();
-    let opts = RegistryOptions {
-        policy: Policy {
+    let opts = RegistryOptions::default()
+        .with_policy(Policy {
             cache_impl,
             whitelist: vec!["*".into()],
             default_ttl_secs: args.ttl.unwrap_or(86_400),
             ..Policy::default()
-        },
-        analysis: AnalysisOptions {
+        })
+        .with_analysis(AnalysisOptions {
             capacities: args.capacities.clone(),
             ignore_ttl: args.ttl.is_none(),
             sample_keys: args.sample_keys,
@@ -422,21 +422,19 @@ async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
                 .max(AnalysisOptions::default().shared_sample_keys),
             max_patterns: 10_000,
             ..AnalysisOptions::default()
-        },
-        clock: Some(clock),
-        max_patterns: 10_000,
-        redis: RedisOptions {
-            url: args.redis_url.clone(),
-            key_prefix: args.redis_prefix.clone(),
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(2),
-            ..RedisOptions::default()
-        },
-        memory_max_entries: args.memory_entries,
-        memory_max_bytes: args.memory_bytes,
-        max_value_bytes: usize::MAX,
-        ..RegistryOptions::default()
-    };
+        })
+        .with_clock(clock)
+        .with_max_patterns(10_000)
+        .with_redis(
+            RedisOptions::default()
+                .with_url(args.redis_url.clone())
+                .with_key_prefix(args.redis_prefix.clone())
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_response_timeout(Duration::from_secs(2)),
+        )
+        .with_memory_max_entries(args.memory_entries)
+        .with_memory_max_bytes(args.memory_bytes)
+        .with_max_value_bytes(usize::MAX);
     let registry = CacheRegistry::new(opts).await?;
     if registry.policy().cache_impl != cache_impl {
         return Err(cache_rollout::Error::config(
