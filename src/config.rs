@@ -323,6 +323,19 @@ pub(crate) const ENV_VARS: [(&str, &str); 6] = [
 /// Shortest admin token accepted, in characters.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
+/// The admin token's rule, wherever a token is accepted (configuration, [`AdminToken`](crate::http::AdminToken)):
+/// unset, or at least [`MIN_ADMIN_TOKEN_LEN`] characters. The error never holds the token.
+pub(crate) fn check_admin_token(token: Option<&str>) -> Result<()> {
+    if token.is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_LEN) {
+        return Err(Error::config(
+            "cache.admin_token (CACHE_ADMIN_TOKEN)",
+            "***",
+            "must be at least 16 characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a service name: 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
 ///
 /// # Errors
@@ -477,16 +490,7 @@ impl Settings {
                 "must be at most 10000",
             ));
         }
-        if c.admin_token
-            .as_deref()
-            .is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_LEN)
-        {
-            return Err(Error::config(
-                "cache.admin_token (CACHE_ADMIN_TOKEN)",
-                "***",
-                "must be at least 16 characters",
-            ));
-        }
+        check_admin_token(c.admin_token.as_deref())?;
         KeyPatterns::new(&c.templates)?;
         c.analysis.validate()?;
         self.policy().validate()

@@ -13,7 +13,7 @@ use cache_rollout::cache::CacheImpl;
 use cache_rollout::config::Settings;
 use cache_rollout::{CacheRollout, PolicyUpdate};
 use serde_json::json;
-use support::service::{command, Service, TOKEN};
+use support::service::{command_for, Service, TOKEN};
 use support::{metric, RedisServer};
 
 /// `target/<profile>/examples/existing_service`, built before the tests by `scripts/test.sh` (`cargo test
@@ -36,14 +36,7 @@ fn example() -> PathBuf {
 /// The example in `dir` (its working directory, holding `config/`), with none of the product's variables
 /// inherited.
 fn bookshop(dir: &Path, env: &[(&str, &str)]) -> Command {
-    let cmd = command();
-    let mut c = Command::new(example());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
+    let mut c = command_for(example());
     c.current_dir(dir);
     for (k, v) in env {
         c.env(k, v);

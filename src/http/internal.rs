@@ -30,7 +30,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::cache::redact_url;
-use crate::config::{AppEnv, MIN_ADMIN_TOKEN_LEN};
+use crate::config::{check_admin_token, AppEnv};
 use crate::error::Error;
 use crate::policy::PolicyUpdate;
 use crate::registry::SwapSource;
@@ -54,10 +54,11 @@ impl AdminToken {
     /// `None` refuses every change with 403.
     ///
     /// # Errors
-    /// [`Error::Config`] for a token under [`MIN_ADMIN_TOKEN_LEN`] (16) characters; the token itself is not in the
+    /// [`Error::Config`] for a token under [`MIN_ADMIN_TOKEN_LEN`](crate::config::MIN_ADMIN_TOKEN_LEN) (16)
+    /// characters; the token itself is not in the
     /// message.
     pub fn new(token: Option<String>) -> Result<Self, Error> {
-        check_token(token.as_deref())?;
+        check_admin_token(token.as_deref())?;
         Ok(AdminToken(Arc::new(ArcSwapOption::from(
             token.map(Arc::new),
         ))))
@@ -68,21 +69,10 @@ impl AdminToken {
     /// # Errors
     /// As [`AdminToken::new`]; the old token stays.
     pub fn set(&self, token: Option<String>) -> Result<(), Error> {
-        check_token(token.as_deref())?;
+        check_admin_token(token.as_deref())?;
         self.0.store(token.map(Arc::new));
         Ok(())
     }
-}
-
-fn check_token(token: Option<&str>) -> Result<(), Error> {
-    if token.is_some_and(|t| t.chars().count() < MIN_ADMIN_TOKEN_LEN) {
-        return Err(Error::config(
-            "cache.admin_token (CACHE_ADMIN_TOKEN)",
-            "***",
-            "must be at least 16 characters",
-        ));
-    }
-    Ok(())
 }
 
 /// What the internal router needs.

@@ -17,7 +17,12 @@ pub fn repo() -> PathBuf {
 
 /// A `cache-rollout` command with none of the product's variables inherited from the test's environment.
 pub fn command() -> Command {
-    let mut c = Command::new(BIN);
+    command_for(BIN)
+}
+
+/// `program` with none of the product's variables inherited from the test's environment.
+pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
     for v in [
         "APP_ENV",
         "FEATURE_CACHE",
