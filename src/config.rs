@@ -427,6 +427,14 @@ impl Settings {
                 c.admin_token.as_deref().unwrap_or_default(),
             )?;
         }
+        #[cfg(not(feature = "fleet"))]
+        if c.fleet.enabled {
+            return Err(Error::config(
+                "cache.fleet.enabled",
+                "true",
+                "this build of cache-rollout has no `fleet` feature",
+            ));
+        }
         let urls = crate::cache::redis_cluster_nodes(&c.redis.url)?
             .unwrap_or_else(|| vec![c.redis.url.clone()]);
         for url in urls {
@@ -956,6 +964,18 @@ mod tests {
             assert!(shown.contains("***"), "{shown}");
             Ok(())
         });
+    }
+
+    #[cfg(not(feature = "fleet"))]
+    #[test]
+    fn a_fleet_needs_the_fleet_feature() {
+        let mut s = Settings::default();
+        s.cache.fleet.enabled = true;
+        let e = s.validate().expect_err("no fleet feature").to_string();
+        assert!(
+            e.contains("cache.fleet.enabled") && e.contains("fleet"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -170,8 +170,7 @@ impl Builder {
     /// to re-read).
     pub async fn build(self) -> Result<CacheRollout> {
         crate::config::validate_service(&self.service)?;
-        let from_files = self.settings.is_none();
-        if self.sighup && !from_files {
+        if self.sighup && self.settings.is_some() {
             return Err(Error::config(
                 "reload_on_sighup",
                 "true",
@@ -188,14 +187,6 @@ impl Builder {
             }
             None => Settings::load(&self.service, &self.config_dir)?,
         };
-        #[cfg(not(feature = "fleet"))]
-        if settings.cache.fleet.enabled {
-            return Err(Error::config(
-                "cache.fleet.enabled",
-                "true",
-                "this build of cache-rollout has no `fleet` feature",
-            ));
-        }
         #[cfg(feature = "axum")]
         let admin_token = crate::http::AdminToken::new(settings.cache.admin_token.clone())?;
         let registry = CacheRegistry::new(settings.registry_options()?).await?;
