@@ -93,6 +93,15 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// A trace file that cannot be replayed as a whole: a directory, an empty file, a `.zst` that is not zstd, an
+    /// unrecognised format, no request read, or more malformed lines than allowed.
+    #[error("trace {path}: {reason}")]
+    TraceFile {
+        /// The path as given.
+        path: String,
+        /// What is wrong, and what to try.
+        reason: String,
+    },
     /// The fleet state could not be written or followed (`docs/scaling.md`).
     #[error("fleet state: {0}")]
     Fleet(String),
@@ -135,6 +144,14 @@ impl Error {
     /// True when the connection to the backend failed (refused, dropped, or being re-established).
     pub fn is_connection(&self) -> bool {
         self.error_type() == "connection"
+    }
+
+    /// An [`Error::TraceFile`] for `path`.
+    pub fn trace_file(path: &str, reason: impl Into<String>) -> Self {
+        Error::TraceFile {
+            path: path.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// An [`Error::Config`] naming `key`, the bad `value`, and the `reason`.

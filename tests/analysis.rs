@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cache_rollout::analysis::{key_hash, Access, AnalysisOptions, Shards};
-use cache_rollout::replay::{self, Op, ReplayOptions, TraceFormat};
+use cache_rollout::replay::{self, Op, ReadOptions, ReplayOptions, TraceFormat, TraceReader};
 use cache_rollout::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
 
 fn trace(name: &str) -> PathBuf {
@@ -72,8 +72,8 @@ impl ExactLru {
 
 /// The first `n` lines of the mixed trace.
 fn mixed_slice(n: usize) -> Vec<String> {
-    replay::open(&trace("mixed.twitter.csv.zst"))
-        .expect("trace")
+    let file = std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace");
+    std::io::BufReader::new(zstd::stream::read::Decoder::new(file).expect("zstd"))
         .lines()
         .take(n)
         .map(|l| l.expect("line"))
@@ -102,19 +102,17 @@ async fn replay_registry(
     .await
     .expect("registry");
     let text = lines.join("\n");
-    let opts = ReplayOptions {
-        strict: true,
-        clock: Some(mock),
-    };
-    replay::replay(
-        &registry,
-        text.as_bytes(),
-        TraceFormat::Twitter,
-        &opts,
-        |_| {},
+    let opts = ReplayOptions::default()
+        .with_strict(true)
+        .with_clock(Some(mock));
+    let mut reader = TraceReader::new(
+        std::io::Cursor::new(text.into_bytes()),
+        &ReadOptions::default().with_format(Some(TraceFormat::Twitter)),
     )
-    .await
-    .expect("replay");
+    .expect("reader");
+    replay::replay(&registry, &mut reader, &opts, |_| {})
+        .await
+        .expect("replay");
     registry
 }
 

@@ -273,17 +273,306 @@ fn replay_of_the_mixed_trace_reports_the_three_patterns() {
 }
 
 #[test]
-fn replay_of_an_arc_trace_uses_block_keys() {
-    let report = replay_json("null", &trace("arc-p3.lis.zst"));
-    assert_eq!(report["patterns"]["block"]["requests"], 238_578);
-    assert_eq!(
-        report["patterns"]["block"]["hits"], 0,
-        "the NullCache never hits"
+fn every_shipped_trace_replays_with_default_options_and_gives_its_request_count() {
+    // Request counts from ../shared/traces/README.md; the format is recognised from the content.
+    for (name, format, pattern, requests, gets) in [
+        ("arc-oltp.lis.zst", "arc", "arc", 914_145, 914_145),
+        ("arc-p3.lis.zst", "arc", "arc", 238_578, 238_578),
+        (
+            "cloudphysics-io.csv.zst",
+            "cloudphysics",
+            "cloudphysics",
+            113_872,
+            46_974,
+        ),
+        (
+            "mixed.twitter.csv.zst",
+            "twitter",
+            "vm:lbn",
+            1_266_595,
+            1_199_697,
+        ),
+    ] {
+        let report = replay_json("null", &trace(name));
+        assert_eq!(report["format"], format, "{name}");
+        assert_eq!(report["impl"], "null", "{name}");
+        assert_eq!(report["overall"]["requests"], requests, "{name}");
+        assert_eq!(report["overall"]["gets"], gets, "{name}");
+        assert_eq!(report["malformed_lines"], 0, "{name}");
+        let p = &report["patterns"][pattern];
+        assert!(p["requests"].as_u64().is_some_and(|n| n > 0), "{name}: {p}");
+        assert_eq!(p["hits"], 0, "{name}: the NullCache never hits");
+        let curve = p["curve"]["objects"].as_array().expect("curve");
+        assert!(curve.len() >= 10, "{name}: {} points", curve.len());
+    }
+    // --pattern names the key pattern of numeric ids.
+    let out = command()
+        .args(["replay", "--json", "--pattern", "disk"])
+        .arg(trace("arc-p3.lis.zst"))
+        .output()
+        .expect("run replay");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["patterns"]["disk"]["requests"], 238_578);
+    let out = command()
+        .args(["replay", "--pattern", "disk:9"])
+        .arg(trace("arc-p3.lis.zst"))
+        .output()
+        .expect("run replay");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pattern"));
+}
+
+/// Runs `cache-rollout replay ARGS`, which must fail, and returns its stderr.
+fn replay_fails(args: &[&str], path: &Path) -> String {
+    let out = command()
+        .arg("replay")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run replay");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{path:?} {args:?} succeeded: {err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no table on a failure: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
+    err
 }
 
 #[test]
-fn replay_skips_malformed_lines_or_stops_with_strict() {
+fn a_garbage_empty_or_all_bad_trace_fails_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = replay_fails(&[], dir.path());
+    assert!(err.contains("is a directory"), "{err}");
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "").expect("write");
+    assert!(replay_fails(&[], &empty).contains("is empty"));
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "hello world\nthis is not a trace\n").expect("write");
+    let err = replay_fails(&[], &text);
+    assert!(
+        err.contains("cannot recognise the format") && err.contains("hello world"),
+        "{err}"
+    );
+    // Every line bad for the format asked for: the format and the first bad line are named.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "0,k:1,1,2,3,get\n1,k:2,1,x,3,get,0\n").expect("write");
+    let err = replay_fails(&["--format", "twitter"], &bad);
+    assert!(
+        err.contains("no line could be read as twitter") && err.contains("line 1"),
+        "{err}"
+    );
+    // Bytes that are not text are read as oracleGeneral records, nearly all with impossible sizes: too many skips.
+    let binary = dir.path().join("noise.bin");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..24_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&binary, noise).expect("write");
+    let err = replay_fails(&[], &binary);
+    assert!(
+        err.contains("oracle-general") && err.contains("--max-skipped"),
+        "{err}"
+    );
+    let fake = dir.path().join("trace.csv.zst");
+    std::fs::write(&fake, "0,k:1,1,2,3,get,0\n").expect("write");
+    assert!(replay_fails(&[], &fake).contains("not zstd-compressed"));
+    let cut = dir.path().join("cut.csv.zst");
+    let whole = std::fs::read(trace("cloudphysics-io.csv.zst")).expect("trace");
+    std::fs::write(&cut, &whole[..whole.len() / 2]).expect("write");
+    let err = replay_fails(&[], &cut);
+    assert!(
+        err.contains("reading trace"),
+        "a truncated zstd stream: {err}"
+    );
+    assert!(replay_fails(&[], &dir.path().join("missing.csv")).contains("No such file"));
+    // --ttl on a trace without timestamps, and a generic CSV without its columns, are refused.
+    assert!(replay_fails(&["--ttl", "60"], &trace("arc-p3.lis.zst")).contains("no timestamps"));
+    assert!(replay_fails(&["--format", "csv"], &bad).contains("--csv-spec"));
+}
+
+#[test]
+fn oracle_general_and_csv_readers_read_the_real_cloudphysics_requests_alike() {
+    use cache_rollout::replay::{Op, ReadOptions, Record, TraceReader};
+    use std::io::Write as _;
+    // The real CloudPhysics trace, written again in libCacheSim's other forms: a tab-separated CSV with a header
+    // (every request, its op as a word) and an oracleGeneral binary (the gets, zstd-compressed).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut reader = TraceReader::open(&trace("cloudphysics-io.csv.zst"), &ReadOptions::default())
+        .expect("open");
+    let mut csv = String::from("id\tsize\top\ttime\n");
+    let mut gets_csv = String::new();
+    let mut oracle = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
+    while let Some(record) = reader.next_record().expect("read") {
+        let Record::Request(r) = record else {
+            panic!("the shipped trace has no bad line: {record:?}")
+        };
+        let id: u64 = r
+            .key
+            .rsplit(':')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .expect("numeric id");
+        let t = r.timestamp.expect("timestamp") as u32;
+        let op = if r.op == Op::Get { "read" } else { "write" };
+        csv.push_str(&format!("{id}\t{}\t{op}\t{t}\n", r.value_size));
+        if r.op == Op::Get {
+            gets_csv.push_str(&format!("{t},{id},{}\n", r.value_size));
+            let mut rec = Vec::with_capacity(24);
+            rec.extend_from_slice(&t.to_le_bytes());
+            rec.extend_from_slice(&id.to_le_bytes());
+            rec.extend_from_slice(&(r.value_size as u32).to_le_bytes());
+            rec.extend_from_slice(&(-1i64).to_le_bytes());
+            oracle.write_all(&rec).expect("write");
+        }
+    }
+    let csv_path = dir.path().join("cloudphysics.tsv");
+    std::fs::write(&csv_path, csv).expect("write");
+    let gets_path = dir.path().join("gets.csv");
+    std::fs::write(&gets_path, gets_csv).expect("write");
+    let oracle_path = dir.path().join("cloudphysics.oracleGeneral.zst");
+    std::fs::write(&oracle_path, oracle.finish().expect("zstd")).expect("write");
+
+    let run = |args: &[&str], path: &Path| -> Value {
+        let out = command()
+            .args(["replay", "--json"])
+            .args(args)
+            .arg(path)
+            .output()
+            .expect("run replay");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let original = run(&[], &trace("cloudphysics-io.csv.zst"));
+    let from_csv = run(
+        &[
+            "--csv-spec",
+            "obj-id-col=1,obj-size-col=2,op-col=3,time-col=4,delimiter=tab,has-header=true",
+            "--pattern",
+            "cloudphysics",
+        ],
+        &csv_path,
+    );
+    assert_eq!(from_csv["format"], "csv");
+    assert_eq!(from_csv["patterns"], original["patterns"]);
+    // The gets alone, recognised as oracleGeneral from the bytes, and as a CSV.
+    let from_oracle = run(&[], &oracle_path);
+    assert_eq!(from_oracle["format"], "oracle-general");
+    assert_eq!(from_oracle["patterns"]["oracle"]["requests"], 46_974);
+    let from_gets = run(
+        &[
+            "--csv-spec",
+            "time-col=1, obj-id-col=2, obj-size-col=3, delimiter=,",
+            "--pattern",
+            "oracle",
+        ],
+        &gets_path,
+    );
+    assert_eq!(from_oracle["patterns"], from_gets["patterns"]);
+}
+
+#[test]
+fn replay_plot_draws_one_line_per_pattern_and_the_shared_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slice = dir.path().join("slice.twitter.csv");
+    let reader = BufReader::new(
+        zstd::stream::read::Decoder::new(
+            std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace"),
+        )
+        .expect("zstd"),
+    );
+    let lines: Vec<String> = reader
+        .lines()
+        .take(150_000)
+        .map(|l| l.expect("line"))
+        .collect();
+    std::fs::write(&slice, lines.join("\n")).expect("write slice");
+    let svg = dir.path().join("curves.svg");
+    let out = command()
+        .args([
+            "replay",
+            "--impl",
+            "memory",
+            "--memory-entries",
+            "20000",
+            "--curve-points",
+            "25",
+            "--plot",
+        ])
+        .arg(&svg)
+        .arg(&slice)
+        .output()
+        .expect("run replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("150,000 requests (twitter)") && table.contains("plot: "),
+        "{table}"
+    );
+    let names = ["oltp:page", "ws:blk", "vm:lbn", "(shared cache)"];
+    check_plot(&svg, &names, true);
+}
+
+/// The SVG at `path` parses, has one curve per name in each of its two panels (objects, bytes), names each in a
+/// legend, and has the measured point when `measured`.
+fn check_plot(path: &Path, names: &[&str], measured: bool) {
+    let text = std::fs::read_to_string(path).expect("svg written");
+    let doc = roxmltree::Document::parse(&text).expect("the plot is well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    // Curves are polylines of many points; legend samples and axes have two.
+    let curves = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .filter(|n| {
+            n.attribute("points")
+                .is_some_and(|p| p.split_whitespace().count() > 2)
+        })
+        .count();
+    assert_eq!(curves, 2 * names.len(), "one line per pattern and panel");
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for name in names {
+        assert_eq!(
+            texts.iter().filter(|t| *t == name).count(),
+            2,
+            "{name} in both legends: {texts:?}"
+        );
+    }
+    assert!(
+        texts.iter().any(|t| t.contains("cache size (objects)")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("cache size (bytes")),
+        "{texts:?}"
+    );
+    let circles = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("circle"))
+        .count();
+    assert_eq!(circles > 0, measured, "measured point");
+}
+
+#[test]
+fn replay_skips_malformed_lines_within_max_skipped_or_stops_with_strict() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("small.twitter.csv");
     std::fs::write(
@@ -292,7 +581,7 @@ fn replay_skips_malformed_lines_or_stops_with_strict() {
     )
     .expect("write");
     let out = command()
-        .args(["replay", "--impl", "memory", "--json"])
+        .args(["replay", "--impl", "memory", "--json", "--max-skipped", "2"])
         .arg(&path)
         .output()
         .expect("run");
@@ -303,14 +592,45 @@ fn replay_skips_malformed_lines_or_stops_with_strict() {
     assert_eq!(report["malformed_lines"], 2);
     assert_eq!(report["patterns"]["user"]["requests"], 3);
     assert_eq!(report["patterns"]["user"]["hits"], 1);
+    // Two bad lines of five are more than the default 1%, and more than --max-skipped 1.
+    for args in [&[][..], &["--max-skipped", "1"]] {
+        let err = replay_fails(args, &path);
+        assert!(
+            err.contains("2 of 5 lines") || err.contains("--max-skipped 1 "),
+            "{err}"
+        );
+    }
+    let err = replay_fails(&["--strict"], &path);
+    assert!(err.contains("line 3"), "{err}");
 
+    // Past ten, skipped lines are counted, not printed.
+    let many = dir.path().join("many.twitter.csv");
+    let mut text = String::new();
+    for i in 0..3000 {
+        text.push_str(&format!("{i},user:{},6,100,1,get,0\n", i % 50));
+        if i % 100 == 0 {
+            text.push_str("garbage\n");
+        }
+    }
+    std::fs::write(&many, text).expect("write");
     let out = command()
-        .args(["replay", "--strict"])
-        .arg(&path)
+        .args(["replay", "--max-skipped", "5%"])
+        .arg(&many)
         .output()
         .expect("run");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("skipped: line").count(), 10, "{err}");
+    assert!(err.contains("20 more malformed lines not shown"), "{err}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("3,000 requests (twitter)") && table.contains("30 malformed lines skipped"),
+        "{table}"
+    );
 }
 
 /// Mean absolute error of `predicted` against `exact`, over the capacities of `exact`, and the largest error.
@@ -434,6 +754,47 @@ fn replay_against_a_redis_with_maxmemory_prints_measured_beside_predicted() {
         table.contains("redis maxmemory 8388608 bytes (") && table.contains("measured hit ratio"),
         "{table}"
     );
+    // The replay removed what it wrote; with --keep it stays.
+    let keys = || -> u64 {
+        redis::cmd("DBSIZE")
+            .query(&mut redis.conn())
+            .expect("DBSIZE")
+    };
+    assert_eq!(keys(), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed the"));
+    let out = command()
+        .args(["replay", "--impl", "redis", "--keep", "--redis-url"])
+        .arg(redis.url())
+        .arg(&short)
+        .output()
+        .expect("run replay");
+    assert!(out.status.success());
+    assert!(keys() > 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kept"));
+    // Without a URL, or with one that cannot be reached, nothing starts, and the cause is said.
+    let err = replay_fails(&["--impl", "redis"], &short);
+    assert!(
+        err.contains("--redis-url") && err.contains("of your own"),
+        "{err}"
+    );
+    let err = replay_fails(
+        &[
+            "--impl",
+            "redis",
+            "--redis-url",
+            "redis://:secret@127.0.0.1:1",
+        ],
+        &short,
+    );
+    assert!(
+        err.contains("Connection refused") && !err.contains("secret"),
+        "{err}"
+    );
+    let err = replay_fails(
+        &["--impl", "redis", "--redis-url", "127.0.0.1:6390"],
+        &short,
+    );
+    assert!(err.contains("not a Redis URL"), "{err}");
 }
 
 #[test]
@@ -469,15 +830,54 @@ fn report_subcommand_prints_the_running_service_analysis() {
     assert_eq!(report["patterns"]["user"]["gets"], 1200);
     assert_eq!(report["patterns"]["user"]["unique_keys"], 400);
 
+    // Without --url, BIND_ADDR says where the service is; --plot draws its curves.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("report.svg");
+    let out = command()
+        .env("BIND_ADDR", svc.base.trim_start_matches("http://"))
+        .args(["report", "--plot"])
+        .arg(&svg)
+        .output()
+        .expect("run report");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drawn: Vec<String> = report["patterns"]
+        .as_object()
+        .expect("patterns")
+        .iter()
+        .filter(|(_, p)| {
+            p["curve"]["objects"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .map(|(n, _)| n.clone())
+        .chain(["(shared cache)".to_string()])
+        .collect();
+    assert!(drawn.contains(&"user".to_string()), "{drawn:?}");
+    check_plot(
+        &svg,
+        &drawn.iter().map(String::as_str).collect::<Vec<_>>(),
+        false,
+    );
+
     let out = command()
         .args(["report", "--url", "http://127.0.0.1:1"])
         .output()
         .expect("run report");
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("report from http://127.0.0.1:1/internal/cache/report"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("report from http://127.0.0.1:1/internal/cache/report")
+            && err.contains("cannot connect")
+            && err.contains("Connection refused"),
+        "{err}"
     );
+    let out = command()
+        .args(["report", "--url", "127.0.0.1:1"])
+        .output()
+        .expect("run report");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid URL"));
 }

@@ -488,7 +488,7 @@ async fn a_ramp_serves_only_its_keys_and_reports_both_arms() {
     assert_eq!(view.unramped.calls, 2000 - 2 * in_ramp);
     assert!((view.ramped.hit_ratio.expect("calls") - 0.5).abs() < 1e-9);
     assert_eq!(view.unramped.hit_ratio, Some(0.0));
-    assert!(view.ramped.p99_ms.is_some() && view.unramped.mean_ms.is_some());
+    assert!(view.ramped.p99_le_ms.is_some() && view.unramped.mean_ms.is_some());
     let text = reg.metrics().render();
     assert_eq!(
         metric(

@@ -1,6 +1,6 @@
 //! Histograms of reuse distances and the miss ratio curves read off them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Sub-buckets per power of two: a bucket is at most 1/32 (about 3%) of its lower bound wide.
 const SUB_BITS: u32 = 5;
@@ -100,6 +100,14 @@ impl LogHistogram {
         None
     }
 
+    /// The lower bound of the first bucket and the upper bound of the last bucket holding a positive weight
+    /// (`None` when none does).
+    pub(crate) fn extent(&self) -> Option<(f64, f64)> {
+        let first = self.counts.iter().position(|&n| n > 0.0)?;
+        let last = self.counts.iter().rposition(|&n| n > 0.0)?;
+        Some((bucket_bounds(first).0, bucket_bounds(last).1))
+    }
+
     /// Bytes of heap this histogram holds.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.counts.len() * std::mem::size_of::<f64>()
@@ -153,6 +161,35 @@ impl Curve {
         self.bytes.inverse(hit_ratio * self.gets).map(f64::ceil)
     }
 
+    /// The whole curve at `points` log-spaced sizes (at most; equal sizes after rounding are merged), in objects
+    /// and in bytes, from the smallest reuse distance seen to a quarter past the largest, where the curve has
+    /// reached [`max_hit_ratio`](Self::max_hit_ratio). Empty when no reuse was seen.
+    pub fn samples(&self, points: usize) -> CurveSamples {
+        let sample = |h: &LogHistogram, at: &dyn Fn(f64) -> f64| -> Vec<SizeHit> {
+            let Some((lo, hi)) = h.extent() else {
+                return Vec::new();
+            };
+            let (lo, hi) = (lo.max(1.0), (hi * 1.25).max(2.0));
+            let n = points.max(2);
+            let mut out: Vec<SizeHit> = Vec::with_capacity(n);
+            for i in 0..n {
+                let size = (lo * (hi / lo).powf(i as f64 / (n - 1) as f64)).round() as u64;
+                if out.last().is_some_and(|p| p.size >= size) {
+                    continue;
+                }
+                out.push(SizeHit {
+                    size,
+                    hit_ratio: (at(size as f64) * 1e5).round() / 1e5,
+                });
+            }
+            out
+        };
+        CurveSamples {
+            objects: sample(&self.objects, &|x| self.hit_ratio_at_objects(x)),
+            bytes: sample(&self.bytes, &|x| self.hit_ratio_at_bytes(x)),
+        }
+    }
+
     fn ratio(&self, hits: f64) -> f64 {
         if self.gets <= 0.0 {
             0.0
@@ -169,6 +206,26 @@ pub struct CurvePoint {
     pub objects: u64,
     /// Predicted hit ratio at that capacity (0–1).
     pub hit_ratio: f64,
+}
+
+/// One point of a sampled miss ratio curve: a cache size (objects or bytes, as the list it is in says) and the
+/// predicted LRU hit ratio (0–1) there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SizeHit {
+    /// Cache capacity, in objects or in bytes.
+    pub size: u64,
+    /// Predicted hit ratio at that capacity (0–1, rounded to 5 decimals).
+    pub hit_ratio: f64,
+}
+
+/// A whole miss ratio curve, as a plot draws it: `{"objects": [{"size", "hit_ratio"}…], "bytes": […]}`, sizes
+/// increasing and log-spaced (`cache.analysis.curve_points` of them at most).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CurveSamples {
+    /// Hit ratio against capacity in objects.
+    pub objects: Vec<SizeHit>,
+    /// Hit ratio against capacity in bytes (keys, values and the per-key overhead).
+    pub bytes: Vec<SizeHit>,
 }
 
 #[cfg(test)]
@@ -213,5 +270,33 @@ mod tests {
         h.add(0.0, -100.0);
         let c = h.inverse(500.0).expect("reached");
         assert!((h.below(c) - 500.0).abs() < 1.0, "{c}: {}", h.below(c));
+    }
+
+    #[test]
+    fn samples_cover_the_curve_in_increasing_sizes() {
+        let mut curve = Curve {
+            objects: LogHistogram::default(),
+            bytes: LogHistogram::default(),
+            gets: 2000.0,
+        };
+        for d in 0..1000 {
+            curve.objects.add(d as f64, 1.0);
+            curve.bytes.add(d as f64 * 100.0, 1.0);
+        }
+        let s = curve.samples(20);
+        for series in [&s.objects, &s.bytes] {
+            assert!((2..=20).contains(&series.len()), "{}", series.len());
+            assert!(series.windows(2).all(|w| w[0].size < w[1].size));
+            assert!(series.windows(2).all(|w| w[0].hit_ratio <= w[1].hit_ratio));
+            // The last point is past every reuse distance: the curve's maximum, 1000 reuses of 2000 gets.
+            assert_eq!(series.last().map(|p| p.hit_ratio), Some(0.5));
+        }
+        assert_eq!(s.objects[0].size, 1);
+        let empty = Curve {
+            objects: LogHistogram::default(),
+            bytes: LogHistogram::default(),
+            gets: 10.0,
+        };
+        assert_eq!(empty.samples(20), CurveSamples::default());
     }
 }

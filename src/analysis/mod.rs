@@ -15,7 +15,7 @@ mod report;
 mod route;
 mod shards;
 
-pub use self::curve::{Curve, CurvePoint};
+pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
 pub(crate) use self::report::{build, shared_report, PatternInput, ReportContext, RouteInput};
 pub use self::report::{
     LoaderStats, MemoryPoint, MissCauses, PatternReport, Recommendation, Report,
@@ -81,6 +81,9 @@ pub struct AnalysisOptions {
     pub capacities: Vec<u64>,
     /// Predict as if entries never expired (trace replay without `--ttl`); otherwise each pattern's TTL applies.
     pub ignore_ttl: bool,
+    /// Points of the whole miss ratio curve the report gives per pattern and for the shared cache (its `curve`
+    /// field, which `--plot` draws), in objects and in bytes each: 2 to 1,000.
+    pub curve_points: usize,
 }
 
 impl Default for AnalysisOptions {
@@ -94,6 +97,7 @@ impl Default for AnalysisOptions {
             per_key_overhead_bytes: REDIS_PER_KEY_OVERHEAD_BYTES,
             capacities: vec![1_000, 10_000, 100_000, 1_000_000],
             ignore_ttl: false,
+            curve_points: 40,
         }
     }
 }
@@ -134,6 +138,13 @@ impl AnalysisOptions {
                 "cache.analysis.max_patterns",
                 self.max_patterns.to_string(),
                 "must be at most 10000",
+            ));
+        }
+        if !(2..=1000).contains(&self.curve_points) {
+            return Err(Error::config(
+                "cache.analysis.curve_points",
+                self.curve_points.to_string(),
+                "must be between 2 and 1000",
             ));
         }
         if self.capacities.is_empty()

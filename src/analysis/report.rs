@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use prometheus::proto;
 use serde::{Deserialize, Serialize};
 
-use super::curve::Curve;
+use super::curve::{Curve, CurveSamples};
 use super::shards::SampleStats;
 use crate::cache::CacheImpl;
 use crate::policy::{PatternPolicy, PolicyUpdate, MAX_TTL_SECS};
@@ -163,6 +163,9 @@ pub struct PatternReport {
     pub recommended_ttl_secs: Option<u64>,
     /// Why (or why not).
     pub reasons: Vec<String>,
+    /// The whole predicted miss ratio curve, in objects and in bytes (empty without an estimator).
+    #[serde(default)]
+    pub curve: CurveSamples,
 }
 
 /// The analysis of all patterns in one cache (one Redis holds every whitelisted pattern).
@@ -182,6 +185,9 @@ pub struct SharedReport {
     pub memory_for_hit_ratio: Vec<MemoryPoint>,
     /// SHARDS sampling rate now.
     pub sampling_rate: f64,
+    /// The whole predicted miss ratio curve, in objects and in bytes.
+    #[serde(default)]
+    pub curve: CurveSamples,
 }
 
 /// One pattern called by one candidate route.
@@ -408,6 +414,7 @@ fn pattern_report(
     p: &PatternInput,
     capacities: &[u64],
     observed_seconds: f64,
+    curve_points: usize,
 ) -> (PatternReport, f64) {
     let requests = p.gets + p.writes + p.deletes;
     let write_ratio = ratio((p.writes + p.deletes) as f64, requests as f64);
@@ -457,6 +464,7 @@ fn pattern_report(
         recommended_memory_bytes: None,
         recommended_ttl_secs: None,
         reasons: Vec::new(),
+        curve: CurveSamples::default(),
     };
     let Some((curve, stats)) = &p.curve else {
         r.reasons
@@ -475,6 +483,7 @@ fn pattern_report(
         r.loader.mean_seconds,
     );
     r.memory_for_hit_ratio = memory_points(curve);
+    r.curve = curve.samples(curve_points);
     let gets = (p.gets as f64).max(1.0);
     r.misses_at_any_size = MissCauses {
         cold: round5(stats.cold_misses / gets),
@@ -552,6 +561,7 @@ pub(crate) fn shared_report(
     capacities: &[u64],
     observed_seconds: f64,
     mean_loader_seconds: f64,
+    curve_points: usize,
 ) -> SharedReport {
     SharedReport {
         gets,
@@ -567,6 +577,7 @@ pub(crate) fn shared_report(
         ),
         memory_for_hit_ratio: memory_points(curve),
         sampling_rate: stats.rate,
+        curve: curve.samples(curve_points),
     }
 }
 
@@ -603,6 +614,7 @@ pub(crate) struct ReportContext<'a> {
     pub(crate) per_key_overhead_bytes: u32,
     pub(crate) observed_seconds: f64,
     pub(crate) generated_at: String,
+    pub(crate) curve_points: usize,
 }
 
 /// Builds the report.
@@ -618,11 +630,12 @@ pub(crate) fn build(
         per_key_overhead_bytes,
         observed_seconds,
         generated_at,
+        curve_points,
     } = ctx;
     let mut out = BTreeMap::new();
     let mut saved = 0.0;
     for p in &patterns {
-        let (r, pattern_saved) = pattern_report(p, capacities, observed_seconds);
+        let (r, pattern_saved) = pattern_report(p, capacities, observed_seconds, curve_points);
         saved += pattern_saved;
         out.insert(p.name.clone(), r);
     }
@@ -675,37 +688,61 @@ pub(crate) fn build(
     }
 }
 
+/// A share (0–1) in percent, never `-0.0` (a share is never negative; a rounding error below 0 shows as 0).
+fn percent(share: f64) -> f64 {
+    (share * 100.0).max(0.0)
+}
+
 impl Report {
-    /// A plain-text rendering: one row per pattern, the shared cache, the recommendation, the routes.
+    /// A plain-text rendering: one row per pattern, the shared cache, the recommendation, the routes. `write%` is
+    /// writes and invalidations over all requests (`write_ratio`); predictions of a pattern without an estimator
+    /// show `-`.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
         let caps: Vec<String> = self.capacities.iter().map(|c| format!("hr@{c}")).collect();
         let _ = write!(
             out,
             "{:<24} {:>10} {:>7} {:>10} {:>8}",
-            "key_pattern", "gets", "writes", "unique", "max_hr"
+            "key_pattern", "gets", "write%", "unique", "max_hr"
         );
         for c in &caps {
             let _ = write!(out, " {c:>10}");
         }
         let _ = writeln!(out, " {:>10} {:>6}  recommended", "loader_ms", "ttl_s");
         for (name, p) in &self.patterns {
-            let _ = write!(
-                out,
-                "{:<24} {:>10} {:>6.1}% {:>10} {:>8.4}",
-                name,
-                p.gets,
-                p.write_ratio * 100.0,
-                p.unique_keys,
-                p.max_hit_ratio
-            );
-            for c in &self.capacities {
-                let v = p
-                    .predicted_hit_ratio
-                    .get(&c.to_string())
-                    .copied()
-                    .unwrap_or(0.0);
-                let _ = write!(out, " {v:>10.4}");
+            if !p.estimated {
+                let _ = write!(
+                    out,
+                    "{:<24} {:>10} {:>6.1}% {:>10} {:>8}",
+                    name,
+                    p.gets,
+                    percent(p.write_ratio),
+                    "-",
+                    "-"
+                );
+                for _ in &self.capacities {
+                    let _ = write!(out, " {:>10}", "-");
+                }
+            } else {
+                let _ = write!(
+                    out,
+                    "{:<24} {:>10} {:>6.1}% {:>10} {:>8.4}",
+                    name,
+                    p.gets,
+                    percent(p.write_ratio),
+                    p.unique_keys,
+                    p.max_hit_ratio
+                );
+                for c in &self.capacities {
+                    match p.predicted_hit_ratio.get(&c.to_string()) {
+                        Some(v) => {
+                            let _ = write!(out, " {v:>10.4}");
+                        }
+                        None => {
+                            let _ = write!(out, " {:>10}", "-");
+                        }
+                    }
+                }
             }
             let _ = writeln!(
                 out,
@@ -746,11 +783,16 @@ impl Report {
             for r in &self.routes {
                 let _ = writeln!(
                     out,
-                    "  {} {}: {} requests, {:.1}% loader time",
+                    "  {} {}: {} {}, {:.1}% loader time",
                     r.method,
                     r.route,
                     r.requests,
-                    r.loader_share * 100.0
+                    if r.requests == 1 {
+                        "request"
+                    } else {
+                        "requests"
+                    },
+                    percent(r.loader_share)
                 );
                 for p in &r.patterns {
                     let _ = writeln!(
@@ -758,7 +800,7 @@ impl Report {
                         "    {:<22} {:>6.2} calls/request {:>6.1}% of route time",
                         p.key_pattern,
                         p.calls_per_request,
-                        p.share_of_route_time * 100.0
+                        percent(p.share_of_route_time)
                     );
                 }
             }

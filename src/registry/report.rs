@@ -8,17 +8,22 @@ impl CacheRegistry {
     pub fn report(&self) -> analysis::Report {
         use prometheus::core::Metric as _;
         let s = self.inner.active.load_full();
-        let (capacities, overhead, ignore_ttl) = match &self.inner.analysis {
+        let (capacities, overhead, ignore_ttl, curve_points) = match &self.inner.analysis {
             Some(a) => (
                 a.opts.capacities.clone(),
                 a.opts.per_key_overhead_bytes,
                 a.opts.ignore_ttl,
+                a.opts.curve_points,
             ),
-            None => (
-                AnalysisOptions::default().capacities,
-                analysis::REDIS_PER_KEY_OVERHEAD_BYTES,
-                false,
-            ),
+            None => {
+                let d = AnalysisOptions::default();
+                (
+                    d.capacities,
+                    d.per_key_overhead_bytes,
+                    false,
+                    d.curve_points,
+                )
+            }
         };
         let observed_seconds = self.observed_seconds();
         let mut names: Vec<(&str, usize)> = s.patterns.iter().map(|(n, &i)| (&**n, i)).collect();
@@ -63,6 +68,7 @@ impl CacheRegistry {
                 &capacities,
                 observed_seconds,
                 mean_loader,
+                curve_points,
             )
         });
         let whitelisted = s.whitelisted.as_ref().map(|w| {
@@ -73,7 +79,15 @@ impl CacheRegistry {
                 .clock
                 .delta_as_nanos(w.since, self.inner.clock.raw()) as f64
                 * 1e-9;
-            analysis::shared_report(gets, &curve, &stats, &capacities, since, mean_loader)
+            analysis::shared_report(
+                gets,
+                &curve,
+                &stats,
+                &capacities,
+                since,
+                mean_loader,
+                curve_points,
+            )
         });
         let tags: HashMap<u32, &str> = names.iter().map(|&(n, i)| (i as u32, n)).collect();
         let routes = self
@@ -100,6 +114,7 @@ impl CacheRegistry {
                 per_key_overhead_bytes: overhead,
                 observed_seconds,
                 generated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                curve_points,
             },
             patterns,
             shared,

@@ -84,16 +84,17 @@ pub struct RouteView {
 pub struct ArmView {
     /// Calls.
     pub calls: u64,
-    /// Hits among them (the unramped and shadowed arms never hit; the ramped arm counts every hit of the pattern
-    /// under the active impl).
+    /// Hits among them: for the ramped arm, every hit of the pattern under the active impl (served); for the
+    /// shadowed arm, shadow reads that found a value in the cache, matching or not (not served: the hit ratio
+    /// serving would have had); the unramped arm never reads the cache, so 0.
     pub hits: u64,
     /// `hits / calls`, when there were calls.
     pub hit_ratio: Option<f64>,
     /// Mean call duration, in milliseconds.
     pub mean_ms: Option<f64>,
-    /// 99th percentile call duration, in milliseconds: the upper bound of the histogram bucket that holds it
-    /// (buckets double from 50 µs).
-    pub p99_ms: Option<f64>,
+    /// 99th percentile call duration is at most this, in milliseconds: the upper bound of the histogram bucket
+    /// that holds it (buckets double from 50 µs), hence `le` as in Prometheus's buckets.
+    pub p99_le_ms: Option<f64>,
 }
 
 impl ArmView {
@@ -114,7 +115,7 @@ impl ArmView {
             hits,
             hit_ratio: (calls > 0).then(|| hits.min(calls) as f64 / calls as f64),
             mean_ms: (calls > 0).then(|| p.get_sample_sum() / calls as f64 * 1e3),
-            p99_ms: p99,
+            p99_le_ms: p99,
         }
     }
 }
@@ -235,7 +236,13 @@ impl CacheRegistry {
                     window: entry.map(|e| e.window.counts(bucket)).unwrap_or_default(),
                     ramped: ArmView::of(&rm.ramped, hits),
                     unramped: ArmView::of(&rm.unramped, 0),
-                    shadowed: ArmView::of(&rm.shadowed, 0),
+                    // A shadow read "hits" when the cache held a value, matching or not, though the origin's
+                    // was returned: the hit ratio serving would have had.
+                    shadowed: ArmView::of(
+                        &rm.shadowed,
+                        rm.shadow(ShadowResult::Match).get()
+                            + rm.shadow(ShadowResult::Mismatch).get(),
+                    ),
                     shadow: ShadowResult::ALL
                         .into_iter()
                         .map(|r| (r.as_str(), rm.shadow(r).get()))

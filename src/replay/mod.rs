@@ -1,185 +1,39 @@
 //! Trace replay: read an access trace and run every request through a [`CacheRegistry`].
 //!
-//! Formats:
+//! Formats ([`TraceFormat`]; `docs/analysis.md` says which column means what): Twitter's cache-trace CSV, ARC
+//! `.lis`, the CloudPhysics block I/O CSV, libCacheSim's `oracleGeneral` binary, and any CSV whose columns a
+//! [`CsvSpec`] names; plain or zstd-compressed, the format given or recognised from the content
+//! ([`TraceReader::open`]).
 //!
-//! - **Twitter cache-trace** (`*.twitter.csv`, <https://github.com/twitter/cache-trace>): no header, seven columns
-//!   `timestamp,key,key_size,value_size,client_id,operation,ttl`.
-//! - **ARC** (`*.lis`, Megiddo and Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache", FAST 2003):
-//!   `START_BLOCK N_BLOCKS IGNORED REQUEST_NUMBER`; each line is a get of key `block:<START_BLOCK>` whose value is
-//!   `512 × N_BLOCKS` bytes.
+//! Requests map onto the registry as follows: a get is a
+//! [`get_or_load_bytes`](CacheRegistry::get_or_load_bytes) whose loader returns `value_size` bytes; a set a
+//! [`set_bytes`](CacheRegistry::set_bytes); a delete (or a block write, or `incr`/`decr`) an
+//! [`invalidate`](CacheRegistry::invalidate): the cached copy no longer matches the origin.
 //!
-//! Either may be zstd-compressed (`.zst`). Requests map onto the registry as follows: `get`/`gets` is a
-//! [`get_or_load_bytes`](CacheRegistry::get_or_load_bytes) whose loader returns `value_size` bytes;
-//! `set`/`add`/`replace`/`cas`/`append`/`prepend` a [`set_bytes`](CacheRegistry::set_bytes); `delete`/`incr`/`decr`
-//! an [`invalidate`](CacheRegistry::invalidate) (the cached copy no longer matches the origin).
+//! A replay fails rather than print a table of zeros: when no request could be read, and when more lines were
+//! malformed than [`ReplayOptions::max_skipped`] allows (1% by default).
+
+mod format;
+mod reader;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::str::FromStr;
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
 
+pub use self::format::{
+    parse_line, CsvSpec, Op, TraceFormat, TraceRequest, DEFAULT_CSV_VALUE_BYTES,
+    MAX_TRACE_VALUE_BYTES,
+};
+pub use self::reader::{ReadOptions, Record, TraceReader, MAX_TRACE_LINE_BYTES};
+use crate::analysis::CurveSamples;
 use crate::error::{Error, Result};
 use crate::pattern::OTHER;
 use crate::CacheRegistry;
-
-/// A trace file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TraceFormat {
-    /// Twitter's cache-trace CSV.
-    Twitter,
-    /// ARC `.lis`.
-    Arc,
-}
-
-impl TraceFormat {
-    /// Guesses the format from a file name (`.lis` → ARC, `.csv` → Twitter, after removing `.zst`).
-    pub fn guess(path: &Path) -> Option<Self> {
-        let name = path.file_name()?.to_str()?;
-        let name = name.strip_suffix(".zst").unwrap_or(name);
-        if name.ends_with(".lis") {
-            Some(TraceFormat::Arc)
-        } else if name.ends_with(".csv") {
-            Some(TraceFormat::Twitter)
-        } else {
-            None
-        }
-    }
-}
-
-/// What a trace request does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// A read (cache-aside get).
-    Get,
-    /// A write of a new value.
-    Set,
-    /// A delete or an in-place change: invalidates.
-    Delete,
-}
-
-/// Largest value size a trace line may give, in bytes (64 MiB); larger sizes make the line malformed.
-pub const MAX_TRACE_VALUE_BYTES: usize = 64 << 20;
-
-fn checked_size(size: Option<usize>, what: &str) -> std::result::Result<usize, String> {
-    match size {
-        Some(n) if n <= MAX_TRACE_VALUE_BYTES => Ok(n),
-        _ => Err(format!("{what} exceeds {MAX_TRACE_VALUE_BYTES} bytes")),
-    }
-}
-
-/// One parsed trace request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TraceRequest {
-    /// Seconds from the trace start (Twitter format; `None` for ARC, which has no time).
-    pub timestamp: Option<f64>,
-    /// Cache key.
-    pub key: String,
-    /// Operation.
-    pub op: Op,
-    /// Value size in bytes.
-    pub value_size: usize,
-}
-
-/// Parses one line; `Ok(None)` for a blank line.
-///
-/// # Errors
-/// A description of what is wrong with the line.
-pub fn parse_line(
-    format: TraceFormat,
-    line: &str,
-) -> std::result::Result<Option<TraceRequest>, String> {
-    let line = line.trim_end_matches(['\r', '\n']);
-    if line.trim().is_empty() {
-        return Ok(None);
-    }
-    match format {
-        TraceFormat::Twitter => {
-            // Split into a fixed array: no allocation per line.
-            let mut cols = [""; 7];
-            let mut n = 0;
-            for col in line.split(',') {
-                if n < 7 {
-                    cols[n] = col;
-                }
-                n += 1;
-            }
-            if n != 7 {
-                return Err(format!("expected 7 comma-separated columns, found {n}"));
-            }
-            let timestamp: f64 = cols[0]
-                .parse()
-                .map_err(|_| format!("timestamp {:?} is not a number", cols[0]))?;
-            if !(timestamp.is_finite() && timestamp >= 0.0) {
-                return Err(format!(
-                    "timestamp {:?} is not a non-negative number",
-                    cols[0]
-                ));
-            }
-            let key = cols[1];
-            if key.is_empty() {
-                return Err("empty key".into());
-            }
-            let value_size: usize = cols[3]
-                .parse()
-                .map_err(|_| format!("value_size {:?} is not a number", cols[3]))?;
-            let value_size = checked_size(Some(value_size), "value_size")?;
-            let op = match cols[5] {
-                "get" | "gets" => Op::Get,
-                "set" | "add" | "replace" | "cas" | "append" | "prepend" => Op::Set,
-                "delete" | "incr" | "decr" => Op::Delete,
-                other => return Err(format!("unknown operation {other:?}")),
-            };
-            Ok(Some(TraceRequest {
-                timestamp: Some(timestamp),
-                key: key.to_string(),
-                op,
-                value_size,
-            }))
-        }
-        TraceFormat::Arc => {
-            let mut it = line.split_ascii_whitespace();
-            let (Some(start), Some(blocks)) = (it.next(), it.next()) else {
-                return Err("expected START_BLOCK N_BLOCKS IGNORED REQUEST_NUMBER".into());
-            };
-            let start: u64 = start
-                .parse()
-                .map_err(|_| format!("start block {start:?} is not a number"))?;
-            let blocks: usize = blocks
-                .parse()
-                .map_err(|_| format!("block count {blocks:?} is not a number"))?;
-            Ok(Some(TraceRequest {
-                timestamp: None,
-                key: format!("block:{start}"),
-                op: Op::Get,
-                value_size: checked_size(blocks.checked_mul(512), "512 × N_BLOCKS")?,
-            }))
-        }
-    }
-}
-
-/// Opens a trace, decompressing `.zst`.
-///
-/// # Errors
-/// [`Error::Io`] naming the path.
-pub fn open(path: &Path) -> Result<Box<dyn BufRead>> {
-    let io = |source| Error::Io {
-        context: format!("opening trace {}", path.display()),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    if path.extension().is_some_and(|e| e == "zst") {
-        let dec = zstd::stream::read::Decoder::new(file).map_err(io)?;
-        Ok(Box::new(BufReader::with_capacity(1 << 16, dec)))
-    } else {
-        Ok(Box::new(BufReader::with_capacity(1 << 16, file)))
-    }
-}
 
 /// Per-pattern (or overall) replay figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -192,7 +46,8 @@ pub struct ReplayCounts {
     pub hits: u64,
     /// Reads that ran the loader.
     pub misses: u64,
-    /// `hits / gets` (0 when there were no gets): the measured hit ratio of the impl replayed.
+    /// `hits / gets` (0 when there were no gets): the measured hit ratio of the impl replayed (always 0 for
+    /// `null`, which stores nothing).
     pub hit_ratio: f64,
     /// Estimated distinct keys (from the SHARDS sample; exact below `sample_keys` distinct keys).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,17 +55,27 @@ pub struct ReplayCounts {
     /// Predicted LRU hit ratio at each capacity in objects (`--capacities`), from the estimator the service runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_hit_ratio: Option<BTreeMap<String, f64>>,
+    /// The whole predicted curve, in objects and in bytes (`--curve-points` points each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curve: Option<CurveSamples>,
 }
 
-/// The result of a replay: `{"patterns": {...}, "overall": {...}, "malformed_lines": n}`.
+/// The result of a replay: `{"format", "impl", "patterns": {...}, "overall": {...}, "malformed_lines", …}`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplayReport {
+    /// The trace format read ([`TraceFormat::as_str`]).
+    pub format: String,
+    /// The backend every request went through (`null`, `memory`, `redis`).
+    #[serde(rename = "impl")]
+    pub cache_impl: String,
     /// Figures per key pattern.
     pub patterns: BTreeMap<String, ReplayCounts>,
     /// Figures over the whole trace.
     pub overall: ReplayCounts,
-    /// Lines skipped because they could not be parsed.
+    /// Lines (or records) skipped because they could not be read.
     pub malformed_lines: u64,
+    /// Wall-clock seconds the replay took.
+    pub elapsed_secs: f64,
     /// With `--impl redis`: the server's `maxmemory` in bytes (0: unlimited).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_maxmemory_bytes: Option<u64>,
@@ -225,68 +90,185 @@ pub struct ReplayReport {
     pub predicted_hit_ratio_at_maxmemory: Option<f64>,
 }
 
+/// How many malformed lines a replay tolerates before it fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SkipLimit {
+    /// At most this many lines.
+    Lines(u64),
+    /// At most this share (0–1) of the lines read.
+    Share(f64),
+}
+
+impl FromStr for SkipLimit {
+    type Err = Error;
+
+    /// `N` (lines) or `P%` (a share of the lines read, 0 to 100).
+    ///
+    /// # Errors
+    /// [`Error::Config`] (key `--max-skipped`) for anything else.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(
+                "--max-skipped",
+                s,
+                "must be a count of lines (1000) or a share (1%)",
+            )
+        };
+        match s.trim().strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p.trim().parse().map_err(|_| bad())?;
+                if (0.0..=100.0).contains(&p) {
+                    Ok(SkipLimit::Share(p / 100.0))
+                } else {
+                    Err(bad())
+                }
+            }
+            None => s.trim().parse().map(SkipLimit::Lines).map_err(|_| bad()),
+        }
+    }
+}
+
 /// How to replay.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ReplayOptions {
     /// Stop at the first malformed line.
     pub strict: bool,
-    /// The registry's mock clock ([`quanta::Clock::mock`]): moved to each request's timestamp, so TTLs and rates
-    /// follow trace time.
+    /// Fail when more lines than this are malformed (`None`: never). Default: 1% of the lines read.
+    pub max_skipped: Option<SkipLimit>,
+    /// The registry's mock clock ([`quanta::Clock::mock`]): moved to each request's timestamp (measured from the
+    /// first request's), so TTLs and rates follow trace time.
     pub clock: Option<std::sync::Arc<quanta::Mock>>,
 }
 
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            strict: false,
+            max_skipped: Some(SkipLimit::Share(0.01)),
+            clock: None,
+        }
+    }
+}
+
+impl ReplayOptions {
+    /// Sets [`strict`](Self::strict).
+    pub fn with_strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Sets [`max_skipped`](Self::max_skipped).
+    pub fn with_max_skipped(mut self, limit: Option<SkipLimit>) -> Self {
+        self.max_skipped = limit;
+        self
+    }
+
+    /// Sets [`clock`](Self::clock).
+    pub fn with_clock(mut self, clock: Option<std::sync::Arc<quanta::Mock>>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+/// What a replay tells its caller while it runs.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReplayEvent<'a> {
+    /// A line was skipped (an [`Error::Trace`] with its line number).
+    Malformed(&'a Error),
+    /// Every 8,192 requests: requests replayed and file bytes read so far ([`TraceReader::bytes_read`]).
+    Progress {
+        /// Requests replayed so far.
+        requests: u64,
+        /// Bytes of the file read so far.
+        bytes_read: u64,
+    },
+}
+
 /// Replays `reader` through `registry`. With `opts.strict`, the first malformed line stops the run with its error;
-/// otherwise `on_malformed` is told about it and the line is skipped. The predictions come from the registry's
+/// otherwise `on_event` is told about it and the line is skipped. The predictions come from the registry's
 /// [`report`](CacheRegistry::report).
 ///
 /// Figures come from the registry's own per-pattern counters, so use a fresh registry (and enough
 /// `max_patterns`) for a trace.
 ///
 /// # Errors
-/// [`Error::Io`] when reading fails; [`Error::Trace`] for a malformed line under `strict`.
+/// [`Error::Io`] when reading fails; [`Error::Trace`] for a malformed line under `strict`; [`Error::TraceFile`]
+/// when no request could be read (naming the format and the first bad line) or when more lines were malformed than
+/// `opts.max_skipped`; [`Error::Config`] when the reader's key pattern is one numeric ids do not map back to.
 pub async fn replay(
     registry: &CacheRegistry,
-    mut reader: impl BufRead,
-    format: TraceFormat,
+    reader: &mut TraceReader,
     opts: &ReplayOptions,
-    mut on_malformed: impl FnMut(&Error),
+    mut on_event: impl FnMut(ReplayEvent<'_>),
 ) -> Result<ReplayReport> {
-    let strict = opts.strict;
+    let started = Instant::now();
+    let pattern = reader.pattern().to_string();
+    if !pattern.is_empty() {
+        crate::pattern::validate_pattern(&pattern)
+            .map_err(|e| Error::config("--pattern", pattern.as_str(), e.to_string()))?;
+        let probe = format!("{pattern}:1");
+        let got = registry.pattern_of(&probe);
+        if got != pattern.as_str() {
+            return Err(Error::config(
+                "--pattern",
+                pattern.as_str(),
+                format!("its keys ({probe}) map to key pattern {got:?}: pick a name of letters, '_' and '-'"),
+            ));
+        }
+    }
+    let format = reader.format();
     let mut clock_nanos = 0u64;
-    let mut line = String::new();
-    let mut line_no = 0u64;
+    let mut first_timestamp: Option<f64> = None;
     let mut requests: HashMap<String, u64, foldhash::fast::RandomState> = HashMap::default();
-    let mut malformed = 0u64;
+    let (mut total, mut malformed) = (0u64, 0u64);
+    let mut first_bad: Option<String> = None;
     let mut zeros = Bytes::from(vec![0u8; 1 << 16]);
     let max_patterns = 10_000;
+    let name = reader.name().to_string();
+    let too_many = |malformed: u64, total: u64, first_bad: &Option<String>, limit: &str| {
+        Error::trace_file(
+            &name,
+            format!(
+                "{malformed} of {} lines could not be read as {format}, more than --max-skipped {limit} allows; \
+                 the first: {}",
+                malformed + total,
+                first_bad.as_deref().unwrap_or("-")
+            ),
+        )
+    };
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line).map_err(|source| Error::Io {
-            context: format!("reading trace at line {}", line_no + 1),
-            source,
-        })?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        let req = match parse_line(format, &line) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(reason) => {
-                let e = Error::Trace {
-                    line: line_no,
-                    reason,
-                };
-                if strict {
+        let req = match reader.next_record()? {
+            None => break,
+            Some(Record::Request(r)) => r,
+            Some(Record::Malformed(e)) => {
+                if opts.strict {
                     return Err(e);
                 }
                 malformed += 1;
-                on_malformed(&e);
+                if first_bad.is_none() {
+                    first_bad = Some(e.to_string());
+                }
+                on_event(ReplayEvent::Malformed(&e));
+                if let Some(SkipLimit::Lines(n)) = opts.max_skipped {
+                    if malformed > n {
+                        return Err(too_many(malformed, total, &first_bad, &n.to_string()));
+                    }
+                }
                 continue;
             }
         };
+        total += 1;
+        if total % 8192 == 0 {
+            on_event(ReplayEvent::Progress {
+                requests: total,
+                bytes_read: reader.bytes_read(),
+            });
+        }
         if let (Some(mock), Some(t)) = (&opts.clock, req.timestamp) {
-            let nanos = (t * 1e9) as u64;
+            let t0 = *first_timestamp.get_or_insert(t);
+            let nanos = ((t - t0).max(0.0) * 1e9) as u64;
             if nanos > clock_nanos {
                 mock.increment(nanos - clock_nanos);
                 clock_nanos = nanos;
@@ -319,7 +301,30 @@ pub async fn replay(
             }
         }
     }
+    if total == 0 {
+        return Err(Error::trace_file(
+            reader.name(),
+            match first_bad {
+                None => format!("holds no requests (read as {format})"),
+                Some(bad) => format!(
+                    "no line could be read as {format}; the first: {bad}; if the format is wrong, pass --format"
+                ),
+            },
+        ));
+    }
+    if let Some(SkipLimit::Share(share)) = opts.max_skipped {
+        if malformed as f64 > share * (malformed + total) as f64 {
+            return Err(too_many(
+                malformed,
+                total,
+                &first_bad,
+                &format!("{}%", share * 100.0),
+            ));
+        }
+    }
     let mut report = ReplayReport {
+        format: format.as_str().to_string(),
+        cache_impl: registry.policy().cache_impl.as_str().to_string(),
         malformed_lines: malformed,
         ..ReplayReport::default()
     };
@@ -336,6 +341,7 @@ pub async fn replay(
             hit_ratio: ratio(c.hits, c.gets),
             unique_keys: predicted.map(|p| p.unique_keys),
             predicted_hit_ratio: predicted.map(|p| p.predicted_hit_ratio.clone()),
+            curve: predicted.map(|p| p.curve.clone()),
         };
         report.overall.requests += r.requests;
         report.overall.gets += r.gets;
@@ -347,7 +353,9 @@ pub async fn replay(
     if let Some(shared) = &analysis.shared {
         report.overall.unique_keys = Some(shared.unique_keys);
         report.overall.predicted_hit_ratio = Some(shared.predicted_hit_ratio.clone());
+        report.overall.curve = Some(shared.curve.clone());
     }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
@@ -360,8 +368,10 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 impl ReplayReport {
-    /// A plain-text table: one row per pattern, then the overall row.
+    /// A plain-text table: one row per pattern, then the overall row. Measured columns show `-` with
+    /// `--impl null` (which stores nothing) and where a ratio would be 0/0.
     pub fn to_table(&self) -> String {
+        let measured = self.cache_impl != "null";
         let caps: Vec<String> = self
             .overall
             .predicted_hit_ratio
@@ -381,15 +391,26 @@ impl ReplayReport {
         }
         out.push('\n');
         let row = |name: &str, c: &ReplayCounts| {
+            let dash = || "-".to_string();
+            let (hits, misses) = if measured {
+                (c.hits.to_string(), c.misses.to_string())
+            } else {
+                (dash(), dash())
+            };
+            let hit_ratio = if measured && c.gets > 0 {
+                format!("{:.5}", c.hit_ratio)
+            } else {
+                dash()
+            };
             let mut line = format!(
-                "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9.5} {:>10}",
+                "{:<24} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10}",
                 name,
                 c.requests,
                 c.gets,
-                c.hits,
-                c.misses,
-                c.hit_ratio,
-                c.unique_keys.map_or("-".to_string(), |u| u.to_string())
+                hits,
+                misses,
+                hit_ratio,
+                c.unique_keys.map_or_else(dash, |u| u.to_string())
             );
             for cap in &caps {
                 match c.predicted_hit_ratio.as_ref().and_then(|m| m.get(cap)) {
@@ -414,89 +435,12 @@ impl ReplayReport {
                 self.overall.hit_ratio
             ));
         }
-        if self.malformed_lines > 0 {
-            out.push_str(&format!(
-                "{} malformed lines skipped\n",
-                self.malformed_lines
-            ));
+        if !measured {
+            out.push_str(
+                "impl null stores nothing: hits, misses and hit_ratio are measured with --impl memory or redis; \
+                 pred@N is the predicted LRU hit ratio of a cache of N objects\n",
+            );
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn twitter_lines_parse() {
-        let r = parse_line(TraceFormat::Twitter, "0,oltp:page:17,12,512,1,get,0\n")
-            .expect("valid")
-            .expect("not blank");
-        assert_eq!(
-            r,
-            TraceRequest {
-                timestamp: Some(0.0),
-                key: "oltp:page:17".into(),
-                op: Op::Get,
-                value_size: 512
-            }
-        );
-        let r = parse_line(TraceFormat::Twitter, "3,vm:lbn:9,8,4096,3,delete,0")
-            .expect("valid")
-            .expect("line");
-        assert_eq!(r.op, Op::Delete);
-        assert_eq!(parse_line(TraceFormat::Twitter, "  \n"), Ok(None));
-    }
-
-    #[test]
-    fn malformed_twitter_lines_say_why() {
-        assert!(parse_line(TraceFormat::Twitter, "0,k,1,2,3,get")
-            .expect_err("6 cols")
-            .contains("7"));
-        assert!(parse_line(TraceFormat::Twitter, "0,k,1,x,3,get,0")
-            .expect_err("size")
-            .contains("value_size"));
-        assert!(parse_line(TraceFormat::Twitter, "0,k,1,2,3,frob,0")
-            .expect_err("op")
-            .contains("frob"));
-    }
-
-    #[test]
-    fn arc_lines_parse() {
-        let r = parse_line(TraceFormat::Arc, "1024 8 0 1")
-            .expect("valid")
-            .expect("line");
-        assert_eq!(
-            r,
-            TraceRequest {
-                timestamp: None,
-                key: "block:1024".into(),
-                op: Op::Get,
-                value_size: 4096
-            }
-        );
-        assert!(parse_line(TraceFormat::Arc, "x 8 0 1").is_err());
-        assert!(parse_line(TraceFormat::Arc, "1 18446744073709551615 0 1")
-            .expect_err("overflow")
-            .contains("exceeds"));
-        assert!(
-            parse_line(TraceFormat::Twitter, "0,k,1,99999999999,3,get,0")
-                .expect_err("huge")
-                .contains("exceeds")
-        );
-    }
-
-    #[test]
-    fn format_is_guessed_from_the_name() {
-        assert_eq!(
-            TraceFormat::guess(Path::new("a/mixed.twitter.csv.zst")),
-            Some(TraceFormat::Twitter)
-        );
-        assert_eq!(
-            TraceFormat::guess(Path::new("OLTP.lis")),
-            Some(TraceFormat::Arc)
-        );
-        assert_eq!(TraceFormat::guess(Path::new("trace.bin")), None);
     }
 }

@@ -2,21 +2,22 @@
 //! `fleet show|set`. Built on the library's public API only.
 
 mod catalog;
+mod plot;
+mod replay;
+mod report;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cache_rollout::analysis::{AnalysisOptions, Report};
-use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::config::Settings;
-use cache_rollout::replay::{self, ReplayOptions, TraceFormat};
-use cache_rollout::{CacheRegistry, CacheRollout, Policy, RegistryOptions};
+use cache_rollout::CacheRollout;
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Origin;
+use crate::replay::ReplayArgs;
 
 /// The reference service's name: its Redis key prefix is `cr:catalog:` and its fleet key
 /// `cache-rollout:catalog:fleet`, unless the configuration names others.
@@ -70,7 +71,14 @@ impl ServiceSettings {
 
 /// Observe-first caching: measure through a NullCache, then serve key patterns from Redis at runtime.
 #[derive(Parser)]
-#[command(name = "cache-rollout", version, about)]
+#[command(
+    name = "cache-rollout",
+    version,
+    about,
+    after_help = "Examples:\n  cache-rollout serve\n  cache-rollout replay ../shared/traces/mixed.twitter.csv.zst --plot curves.svg\n  \
+                  cache-rollout report\n  cache-rollout fleet show\n\nA .env file in the working directory is read first \
+                  (variables already set win). README.md has the tour."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -79,15 +87,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the reference service (the default): a catalog API over SQLite, cached through the registry.
+    #[command(
+        after_help = "Example:\n  APP_ENV=development REDIS_URL=redis://127.0.0.1:6390 cache-rollout serve --origin-delay-ms 5\n\n\
+Environment (over config/default.toml and config/<APP_ENV>.toml):\n  \
+APP_ENV            development | test | staging | production (default development); /internal/ is 404 in production\n  \
+BIND_ADDR          listen address (default 127.0.0.1:8900)\n  \
+REDIS_URL          redis:// or rediss:// URL (default redis://127.0.0.1:6379: use a Redis of your own)\n  \
+FEATURE_CACHE      cache.enabled: false serves everything from the origin\n  \
+CACHE_IMPL         null | memory | redis at start-up\n  \
+CACHE_PATTERNS     comma-separated key patterns served from the cache (* for all)\n  \
+CACHE_ADMIN_TOKEN  token for PUT /internal/cache/config (16 characters or more)\n  \
+RUST_LOG           log filter (default info)"
+    )]
     Serve(ServeArgs),
-    /// Run an access trace through a registry and print per-pattern hits, misses, hit ratio, and the predicted
-    /// LRU hit ratio at each capacity.
-    Replay(ReplayArgs),
+    /// Run an access trace through a registry and print per-pattern requests, hits, misses, hit ratio, and the
+    /// predicted LRU hit ratio at each capacity.
+    #[command(
+        after_help = "Examples:\n  cache-rollout replay ../shared/traces/mixed.twitter.csv.zst\n  \
+cache-rollout replay ../shared/traces/arc-p3.lis.zst --impl memory --memory-entries 50000\n  \
+cache-rollout replay ../shared/traces/mixed.twitter.csv.zst --plot mixed.svg --json > mixed.json\n  \
+cache-rollout replay trace.csv --csv-spec 'time-col=1,obj-id-col=2,obj-size-col=3,has-header=true'\n  \
+redis-server --port 6390 --save '' --appendonly no --daemonize yes\n  \
+cache-rollout replay ../shared/traces/arc-p3.lis.zst --impl redis --redis-url redis://127.0.0.1:6390\n\n\
+Environment:\n  REDIS_URL  the Redis of --impl redis (no default: it writes there, then removes what it wrote)"
+    )]
+    Replay(Box<ReplayArgs>),
     /// Fetch a running service's analysis (`GET /internal/cache/report`) and print it as a table.
+    #[command(
+        after_help = "Examples:\n  cache-rollout report\n  cache-rollout report --url http://127.0.0.1:8901 --plot curves.svg\n\n\
+Environment:\n  BIND_ADDR  the service's address when --url is not given (default 127.0.0.1:8900)"
+    )]
     Report(ReportArgs),
     /// Read or change the fleet state every instance follows (`[cache.fleet]`, docs/scaling.md), straight in Redis:
     /// production can be steered without `/internal/`. Uses the configuration (REDIS_URL, cache.fleet.key) and
     /// CACHE_ADMIN_TOKEN, which signs the state.
+    #[command(after_help = "Examples:\n  cache-rollout fleet show\n  \
+cache-rollout fleet set '{\"patterns\":{\"user\":{\"mode\":\"serve\",\"ramp_percent\":10}}}'\n\n\
+Environment:\n  REDIS_URL          the Redis holding the fleet state\n  \
+CACHE_ADMIN_TOKEN  signs the state (every instance checks the signature)\n  \
+APP_ENV            which config/<APP_ENV>.toml is read")]
     Fleet(FleetArgs),
 }
 
@@ -114,12 +152,15 @@ enum FleetAction {
 
 #[derive(clap::Args)]
 struct ReportArgs {
-    /// Base URL of the service.
-    #[arg(long, default_value = "http://127.0.0.1:8900")]
-    url: String,
+    /// Base URL of the service [default: http://<BIND_ADDR>, else http://127.0.0.1:8900].
+    #[arg(long)]
+    url: Option<String>,
     /// Print the JSON as served instead of a table.
     #[arg(long)]
     json: bool,
+    /// Draw the predicted hit ratio against cache size (objects and bytes) per key pattern into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Default)]
@@ -135,62 +176,16 @@ struct ServeArgs {
     origin_delay_ms: u64,
 }
 
-#[derive(clap::Args)]
-struct ReplayArgs {
-    /// Trace file (.csv, .lis, optionally .zst).
-    trace: PathBuf,
-    /// Trace format; guessed from the file name when absent.
-    #[arg(long, value_enum)]
-    format: Option<FormatArg>,
-    /// Backend every pattern is served from.
-    #[arg(long = "impl", value_enum, default_value = "null")]
-    cache_impl: ImplArg,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Stop at the first malformed line instead of skipping it.
-    #[arg(long)]
-    strict: bool,
-    /// Redis URL for --impl redis.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
-    /// Key prefix in Redis for --impl redis (its keys are flushed at the start of the run).
-    #[arg(long, default_value = "cr-replay:")]
-    redis_prefix: String,
-    /// Capacity of --impl memory in entries.
-    #[arg(long, default_value_t = 100_000)]
-    memory_entries: u64,
-    /// Capacity of --impl memory in bytes.
-    #[arg(long, default_value_t = 1 << 30)]
-    memory_bytes: u64,
-    /// Cache capacities in objects at which to predict the LRU hit ratio (1 to 8, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,100000")]
-    capacities: Vec<u64>,
-    /// Model this TTL in seconds (against the trace's timestamps); without it entries never expire.
-    #[arg(long)]
-    ttl: Option<u64>,
-    /// Keys sampled per pattern by the estimator (SHARDS s_max).
-    #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
-    sample_keys: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum FormatArg {
-    /// Twitter's cache-trace CSV.
-    Twitter,
-    /// ARC `.lis`.
-    Arc,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ImplArg {
-    Null,
-    Memory,
-    Redis,
-}
-
 fn main() -> ExitCode {
+    // `.env` in the working directory, if there is one: variables already set win (dotenvy's rule).
+    let dotenv = dotenvy::dotenv();
     let cli = Cli::parse();
+    if let Err(e) = &dotenv {
+        if !e.not_found() {
+            eprintln!("error: .env: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -208,8 +203,8 @@ fn main() -> ExitCode {
             origin_delay_ms: 0,
         })) {
             Command::Serve(args) => serve(args).await,
-            Command::Replay(args) => run_replay(args).await,
-            Command::Report(args) => run_report(args).await,
+            Command::Replay(args) => replay::run(*args).await,
+            Command::Report(args) => report::run(args).await,
             Command::Fleet(args) => run_fleet(args).await,
         }
     });
@@ -297,27 +292,6 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining requests");
 }
 
-/// The server's `maxmemory` (0: unlimited) and `used_memory`, in bytes.
-async fn redis_memory(url: &str) -> cache_rollout::Result<(u64, u64)> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let (_, maxmemory): (String, u64) = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory")
-        .query_async(&mut conn)
-        .await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await?;
-    let used = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    Ok((maxmemory, used))
-}
-
 async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
     let settings = Settings::load(SERVICE, &args.config_dir)?;
     let fleet = cache_rollout::fleet::Fleet::new(
@@ -338,141 +312,6 @@ async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
     match state {
         Some(s) => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
         None => println!("null"),
-    }
-    Ok(())
-}
-
-async fn run_report(args: ReportArgs) -> cache_rollout::Result<()> {
-    let url = format!("{}/internal/cache/report", args.url.trim_end_matches('/'));
-    let fail = |reason: String| cache_rollout::Error::Report {
-        url: url.clone(),
-        reason,
-    };
-    let resp = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| fail(e.to_string()))?
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    let body = resp.text().await.map_err(|e| fail(e.to_string()))?;
-    if !status.is_success() {
-        return Err(fail(format!(
-            "HTTP {status}{}",
-            if status == reqwest::StatusCode::NOT_FOUND {
-                " (in production every /internal/ path answers 404)"
-            } else {
-                ""
-            }
-        )));
-    }
-    if args.json {
-        println!("{body}");
-        return Ok(());
-    }
-    let report: Report =
-        serde_json::from_str(&body).map_err(|e| fail(format!("not a report: {e}")))?;
-    print!(
-        "{}",
-        report
-            .to_table()
-            .replace("<url>", args.url.trim_end_matches('/'))
-    );
-    Ok(())
-}
-
-async fn run_replay(args: ReplayArgs) -> cache_rollout::Result<()> {
-    let format = args.format.map(|f| match f {
-        FormatArg::Twitter => TraceFormat::Twitter,
-        FormatArg::Arc => TraceFormat::Arc,
-    });
-    let format = match format.or_else(|| TraceFormat::guess(&args.trace)) {
-        Some(f) => f,
-        None => {
-            return Err(cache_rollout::Error::Trace {
-                line: 0,
-                reason: format!(
-                    "cannot guess the format of {}; pass --format twitter or --format arc",
-                    args.trace.display()
-                ),
-            })
-        }
-    };
-    let cache_impl = match args.cache_impl {
-        ImplArg::Null => CacheImpl::Null,
-        ImplArg::Memory => CacheImpl::Memory,
-        ImplArg::Redis => CacheImpl::Redis,
-    };
-    let (clock, mock) = quanta::Clock::mock();
-    let opts = RegistryOptions::default()
-        .with_policy(Policy {
-            cache_impl,
-            whitelist: vec!["*".into()],
-            default_ttl_secs: args.ttl.unwrap_or(86_400),
-            ..Policy::default()
-        })
-        .with_analysis(AnalysisOptions {
-            capacities: args.capacities.clone(),
-            ignore_ttl: args.ttl.is_none(),
-            sample_keys: args.sample_keys,
-            shared_sample_keys: args
-                .sample_keys
-                .max(AnalysisOptions::default().shared_sample_keys),
-            max_patterns: 10_000,
-            ..AnalysisOptions::default()
-        })
-        .with_clock(clock)
-        .with_max_patterns(10_000)
-        .with_redis(
-            RedisOptions::default()
-                .with_url(args.redis_url.clone())
-                .with_key_prefix(args.redis_prefix.clone())
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_response_timeout(Duration::from_secs(2)),
-        )
-        .with_memory_max_entries(args.memory_entries)
-        .with_memory_max_bytes(args.memory_bytes)
-        .with_max_value_bytes(usize::MAX);
-    let registry = CacheRegistry::new(opts).await?;
-    if registry.policy().cache_impl != cache_impl {
-        return Err(cache_rollout::Error::config(
-            "--impl",
-            cache_impl.as_str(),
-            "the backend could not be reached (see the log above)",
-        ));
-    }
-    let reader = replay::open(&args.trace)?;
-    let ropts = ReplayOptions {
-        strict: args.strict,
-        clock: Some(mock),
-    };
-    // What Redis holds besides this replay's keys (its own structures, other prefixes): not room for the cache.
-    let baseline = if cache_impl == CacheImpl::Redis {
-        Some(redis_memory(&args.redis_url).await?)
-    } else {
-        None
-    };
-    let mut report = replay::replay(&registry, reader, format, &ropts, |e| {
-        eprintln!("skipped: {e}")
-    })
-    .await?;
-    if let Some((maxmemory, used)) = baseline {
-        report.redis_maxmemory_bytes = Some(maxmemory);
-        report.redis_baseline_bytes = Some(used);
-        if maxmemory > used {
-            report.predicted_hit_ratio_at_maxmemory =
-                registry.predicted_hit_ratio_at_bytes(maxmemory - used);
-        }
-    }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print!("{}", report.to_table());
     }
     Ok(())
 }

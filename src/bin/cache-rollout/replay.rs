@@ -1,0 +1,457 @@
+//! `cache-rollout replay TRACE`: a trace through a fresh registry, with a progress bar on a terminal, the table or
+//! the JSON, an optional SVG of the curves, and, with `--impl redis`, the keys it wrote removed at the end.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cache_rollout::analysis::AnalysisOptions;
+use cache_rollout::cache::{redact_url, CacheImpl, RedisOptions};
+use cache_rollout::replay::{
+    self, CsvSpec, ReadOptions, ReplayEvent, ReplayOptions, SkipLimit, TraceFormat, TraceReader,
+};
+use cache_rollout::{CacheRegistry, Error, Policy, RegistryOptions, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::plot;
+
+/// Skipped lines printed one by one; past these, only their count.
+const SHOWN_SKIPPED: u64 = 10;
+
+#[derive(clap::Args)]
+pub(crate) struct ReplayArgs {
+    /// Trace file: Twitter CSV, ARC .lis, CloudPhysics CSV, oracleGeneral binary or a CSV with --csv-spec; plain or
+    /// zstd.
+    trace: PathBuf,
+    /// Trace format [default: recognised from the content].
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Columns of a generic CSV, in libCacheSim's terms, e.g. 'time-col=1,obj-id-col=2,obj-size-col=3,op-col=4,
+    /// has-header=true' (implies --format csv).
+    #[arg(long, value_name = "SPEC")]
+    csv_spec: Option<CsvSpec>,
+    /// Key pattern of numeric object ids (keys PATTERN:<id>) [default: the format's name: arc, cloudphysics,
+    /// oracle, csv].
+    #[arg(long)]
+    pattern: Option<String>,
+    /// Backend every pattern is served from (null stores nothing and measures; the prediction needs no backend).
+    #[arg(long = "impl", value_enum, default_value = "null")]
+    cache_impl: ImplArg,
+    /// Print JSON instead of a table (and no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Stop at the first malformed line instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Fail when more lines than this are malformed: a count (1000) or a share of the lines read (5%).
+    #[arg(long, value_name = "N|P%", default_value = "1%")]
+    max_skipped: SkipLimit,
+    /// Redis of --impl redis (required with it: use a Redis of your own, e.g. redis://127.0.0.1:6390).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Key prefix in Redis for --impl redis: its keys are deleted at the start and, unless --keep, at the end.
+    #[arg(long, default_value = "cr-replay:")]
+    redis_prefix: String,
+    /// Leave the keys written under --redis-prefix in Redis at the end.
+    #[arg(long)]
+    keep: bool,
+    /// Capacity of --impl memory in entries.
+    #[arg(long, default_value_t = 100_000)]
+    memory_entries: u64,
+    /// Capacity of --impl memory in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    memory_bytes: u64,
+    /// Cache capacities in objects at which to predict the LRU hit ratio (1 to 8, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,100000")]
+    capacities: Vec<u64>,
+    /// Points of the whole predicted curve per pattern, in objects and in bytes (the JSON's `curve`, the plot).
+    #[arg(long, default_value_t = AnalysisOptions::default().curve_points)]
+    curve_points: usize,
+    /// Draw the predicted hit ratio against cache size (objects and bytes) per key pattern and for the shared
+    /// cache into this SVG file, with the measured hit ratio as a point (--impl memory, or redis with maxmemory).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Model this TTL in seconds (against the trace's timestamps); without it entries never expire. Needs a
+    /// format with timestamps (not arc).
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// Keys sampled per pattern by the estimator (SHARDS s_max).
+    #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
+    sample_keys: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    /// Twitter's cache-trace CSV.
+    Twitter,
+    /// ARC `.lis`.
+    Arc,
+    /// CloudPhysics block I/O CSV (`version,time,op,size,lbn`).
+    Cloudphysics,
+    /// libCacheSim's oracleGeneral binary.
+    OracleGeneral,
+    /// Any CSV, with --csv-spec.
+    Csv,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum ImplArg {
+    Null,
+    Memory,
+    Redis,
+}
+
+pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
+    let format = args.format.map(|f| match f {
+        FormatArg::Twitter => TraceFormat::Twitter,
+        FormatArg::Arc => TraceFormat::Arc,
+        FormatArg::Cloudphysics => TraceFormat::CloudPhysics,
+        FormatArg::OracleGeneral => TraceFormat::OracleGeneral,
+        FormatArg::Csv => TraceFormat::Csv,
+    });
+    let mut reader = TraceReader::open(
+        &args.trace,
+        &ReadOptions::default()
+            .with_format(format)
+            .with_csv(args.csv_spec.clone())
+            .with_pattern(args.pattern.clone()),
+    )?;
+    if let Some(ttl) = args.ttl {
+        if !reader.format().has_timestamps() {
+            return Err(Error::config(
+                "--ttl",
+                ttl.to_string(),
+                format!(
+                    "{} traces have no timestamps, so no entry would ever expire",
+                    reader.format()
+                ),
+            ));
+        }
+    }
+    let cache_impl = match args.cache_impl {
+        ImplArg::Null => CacheImpl::Null,
+        ImplArg::Memory => CacheImpl::Memory,
+        ImplArg::Redis => CacheImpl::Redis,
+    };
+    let redis_url = match (args.cache_impl, &args.redis_url) {
+        (ImplArg::Redis, None) => {
+            return Err(Error::config(
+                "--redis-url",
+                "",
+                "--impl redis writes into Redis (and removes what it wrote at the end): name a Redis of your own, \
+                 e.g. start one with `redis-server --port 6390 --save '' --appendonly no --daemonize yes` and pass \
+                 --redis-url redis://127.0.0.1:6390 (or set REDIS_URL)",
+            ))
+        }
+        (ImplArg::Redis, Some(url)) => {
+            probe_redis(url).await?;
+            url.clone()
+        }
+        // Not used: the registry needs a URL that parses.
+        (_, _) => RedisOptions::default().url,
+    };
+    let (clock, mock) = quanta::Clock::mock();
+    let opts = RegistryOptions::default()
+        .with_policy(Policy {
+            cache_impl,
+            whitelist: vec!["*".into()],
+            default_ttl_secs: args.ttl.unwrap_or(86_400),
+            ..Policy::default()
+        })
+        .with_analysis(AnalysisOptions {
+            capacities: args.capacities.clone(),
+            ignore_ttl: args.ttl.is_none(),
+            sample_keys: args.sample_keys,
+            shared_sample_keys: args
+                .sample_keys
+                .max(AnalysisOptions::default().shared_sample_keys),
+            max_patterns: 10_000,
+            curve_points: args.curve_points,
+            ..AnalysisOptions::default()
+        })
+        .with_clock(clock)
+        .with_max_patterns(10_000)
+        .with_redis(
+            RedisOptions::default()
+                .with_url(redis_url.clone())
+                .with_key_prefix(args.redis_prefix.clone())
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_response_timeout(Duration::from_secs(2)),
+        )
+        .with_memory_max_entries(args.memory_entries)
+        .with_memory_max_bytes(args.memory_bytes)
+        .with_max_value_bytes(usize::MAX);
+    let registry = CacheRegistry::new(opts).await?;
+    if registry.policy().cache_impl != cache_impl {
+        return Err(Error::config(
+            "--impl",
+            cache_impl.as_str(),
+            format!(
+                "Redis at {} answered the probe but the registry could not use it; run with RUST_LOG=warn for its \
+                 log",
+                redact_url(&redis_url)
+            ),
+        ));
+    }
+    // What Redis holds besides this replay's keys (its own structures, other prefixes): not room for the cache.
+    let baseline = if cache_impl == CacheImpl::Redis {
+        Some(redis_memory(&redis_url).await?)
+    } else {
+        None
+    };
+    let ropts = ReplayOptions::default()
+        .with_strict(args.strict)
+        .with_max_skipped(Some(args.max_skipped))
+        .with_clock(Some(mock));
+    let bar = progress_bar(&reader, args.json);
+    let started = Instant::now();
+    let mut skipped = 0u64;
+    let result = replay::replay(&registry, &mut reader, &ropts, |event| match event {
+        ReplayEvent::Malformed(e) => {
+            skipped += 1;
+            if skipped <= SHOWN_SKIPPED {
+                bar.suspend(|| eprintln!("skipped: {e}"));
+            }
+        }
+        ReplayEvent::Progress {
+            requests,
+            bytes_read,
+        } => {
+            bar.set_position(bytes_read);
+            let rate = requests as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "{} requests, {}/s",
+                thousands(requests),
+                thousands(rate as u64)
+            ));
+        }
+        _ => {}
+    })
+    .await;
+    bar.finish_and_clear();
+    if skipped > SHOWN_SKIPPED {
+        eprintln!(
+            "skipped: {} more malformed {} not shown",
+            skipped - SHOWN_SKIPPED,
+            plural(skipped - SHOWN_SKIPPED, "line", "lines")
+        );
+    }
+    // Whatever the outcome, the keys this replay wrote go (unless --keep).
+    let cleanup = if cache_impl == CacheImpl::Redis {
+        Some(clean_up(&redis_url, &args.redis_prefix, args.keep).await)
+    } else {
+        None
+    };
+    let mut report = result?;
+    if let Some((maxmemory, used)) = baseline {
+        report.redis_maxmemory_bytes = Some(maxmemory);
+        report.redis_baseline_bytes = Some(used);
+        if maxmemory > used {
+            report.predicted_hit_ratio_at_maxmemory =
+                registry.predicted_hit_ratio_at_bytes(maxmemory - used);
+        }
+    }
+    if let Some(path) = &args.plot {
+        let measured = match cache_impl {
+            CacheImpl::Memory => Some(plot::Measured::Objects(
+                args.memory_entries,
+                report.overall.hit_ratio,
+            )),
+            CacheImpl::Redis => match (report.redis_maxmemory_bytes, report.redis_baseline_bytes) {
+                (Some(max), Some(used)) if max > used => {
+                    Some(plot::Measured::Bytes(max - used, report.overall.hit_ratio))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let series: Vec<plot::Series<'_>> = report
+            .patterns
+            .iter()
+            .filter_map(|(name, c)| c.curve.as_ref().map(|curve| (name.as_str(), curve)))
+            .chain(report.overall.curve.as_ref().map(|c| (plot::SHARED, c)))
+            .collect();
+        let title = format!(
+            "{} ({})",
+            args.trace
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            report.format
+        );
+        plot::draw(path, &title, &series, measured)?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.to_table());
+        let secs = report.elapsed_secs;
+        println!(
+            "{} {} ({}) in {:.1} s, {}/s; {} malformed {} skipped",
+            thousands(report.overall.requests),
+            plural(report.overall.requests, "request", "requests"),
+            report.format,
+            secs,
+            thousands((report.overall.requests as f64 / secs.max(1e-9)) as u64),
+            thousands(report.malformed_lines),
+            plural(report.malformed_lines, "line", "lines"),
+        );
+        if let Some(path) = &args.plot {
+            println!("plot: {}", path.display());
+        }
+    }
+    if let Some(Err(e)) = cleanup {
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn progress_bar(reader: &TraceReader, json: bool) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(reader.total_bytes(), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} read, {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Connects once, so that a bad URL or an unreachable server is said with its cause before anything starts.
+async fn probe_redis(url: &str) -> Result<()> {
+    let shown = redact_url(url);
+    let client = redis::Client::open(url).map_err(|e| {
+        Error::config(
+            "--redis-url",
+            shown.clone(),
+            format!("not a Redis URL ({e}); it looks like redis://host:port or rediss://host:port"),
+        )
+    })?;
+    let connect = client.get_multiplexed_async_connection();
+    match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Error::config(
+            "--redis-url",
+            shown,
+            format!("cannot reach Redis: {e}; is a redis-server running there?"),
+        )),
+        Err(_) => Err(Error::config(
+            "--redis-url",
+            shown,
+            "no answer from Redis within 3 s",
+        )),
+    }
+}
+
+/// The server's `maxmemory` (0: unlimited) and `used_memory`, in bytes.
+async fn redis_memory(url: &str) -> Result<(u64, u64)> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (_, maxmemory): (String, u64) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query_async(&mut conn)
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((maxmemory, used))
+}
+
+/// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr.
+async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (_, before) = redis_memory(url).await?;
+    let pattern = format!("{}*", glob_escape(prefix));
+    let mut cursor = 0u64;
+    let mut keys = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        keys += batch.len() as u64;
+        if !keep && !batch.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&batch)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    if keep {
+        eprintln!(
+            "redis: kept {} {} under {prefix:?} at {} (used_memory {})",
+            thousands(keys),
+            plural(keys, "key", "keys"),
+            redact_url(url),
+            bytes(before)
+        );
+    } else {
+        eprintln!(
+            "redis: removed the {} {} this replay left under {prefix:?} at {} (used_memory was {}; --keep keeps them)",
+            thousands(keys),
+            plural(keys, "key", "keys"),
+            redact_url(url),
+            bytes(before)
+        );
+    }
+    Ok(())
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub(crate) fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// `1266595` → `1,266,595`.
+pub(crate) fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Bytes in binary units, as indicatif's `{bytes}` shows them: `541.2 MiB`.
+pub(crate) fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
