@@ -395,6 +395,20 @@ fn a_garbage_empty_or_all_bad_trace_fails_saying_why() {
     // --ttl on a trace without timestamps, and a generic CSV without its columns, are refused.
     assert!(replay_fails(&["--ttl", "60"], &trace("arc-p3.lis.zst")).contains("no timestamps"));
     assert!(replay_fails(&["--format", "csv"], &bad).contains("--csv-spec"));
+    let ids = dir.path().join("ids.csv");
+    std::fs::write(&ids, "1\n2\n1\n").expect("write");
+    let err = replay_fails(&["--csv-spec", "obj-id-col=1", "--ttl", "60"], &ids);
+    assert!(err.contains("no timestamps"), "{err}");
+    let err = replay_fails(&["--csv-spec", "obj-id-col=1", "--format", "arc"], &ids);
+    assert!(err.contains("--csv-spec"), "{err}");
+    // A wrong format gives up after the first thousand lines rather than read a whole file.
+    let wrong = dir.path().join("wrong.lis");
+    std::fs::write(&wrong, "1 8 0 1\n".repeat(5000)).expect("write");
+    let err = replay_fails(&["--format", "twitter"], &wrong);
+    assert!(
+        err.contains("none of the first 1000 lines could be read as twitter"),
+        "{err}"
+    );
 }
 
 #[test]

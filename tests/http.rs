@@ -645,3 +645,37 @@ async fn report_under_load_predicts_attributes_routes_and_recommends_what_put_ac
     assert_eq!(report["whitelist"]["unique_keys"], 1);
     assert_eq!(report["patterns"]["user"]["served"], true);
 }
+
+#[tokio::test]
+async fn every_error_of_the_api_is_json() {
+    let app = service(settings(None, Some(TOKEN))).await;
+    let (s, body, text) = get(&app, "/users/abc").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("\"abc\"")),
+        "{text}"
+    );
+    let (s, body, _) = get(&app, "/projects/1.5/members").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body["error"].is_string());
+    let (s, body, text) = call(
+        &app,
+        Method::PUT,
+        "/users/1",
+        None,
+        Some(json!({"name": 5})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(body["error"].is_string(), "{text}");
+    let (s, body, _) = get(&app, "/users/999999").await;
+    assert_eq!(
+        (s, &body["error"]),
+        (StatusCode::NOT_FOUND, &json!("not found"))
+    );
+    let (s, body, _) = get(&app, "/no/such/route").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+}

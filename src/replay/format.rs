@@ -27,7 +27,7 @@ pub enum TraceFormat {
 }
 
 impl TraceFormat {
-    /// Every format, in the order [`detect`](Self::detect) tries the text ones.
+    /// Every format.
     pub const ALL: [TraceFormat; 5] = [
         TraceFormat::Twitter,
         TraceFormat::Arc,
@@ -73,11 +73,19 @@ impl TraceFormat {
             return None;
         }
         let first_line = head.split(|&b| b == b'\n').next().unwrap_or(head);
-        if head.contains(&0) || std::str::from_utf8(first_line).is_err() {
+        // A character cut by the end of `head` (no newline in it) is still text.
+        let text_line = match std::str::from_utf8(first_line) {
+            Ok(_) => true,
+            Err(e) => e.error_len().is_none(),
+        };
+        if head.contains(&0) || !text_line {
             return Some(TraceFormat::OracleGeneral);
         }
         let text = String::from_utf8_lossy(head);
-        let first = text.lines().find(|l| !l.trim().is_empty())?;
+        let first = text
+            .lines()
+            .map(|l| l.trim_start_matches('\u{FEFF}'))
+            .find(|l| !l.trim().is_empty())?;
         if first.trim().eq_ignore_ascii_case(CLOUDPHYSICS_HEADER) {
             return Some(TraceFormat::CloudPhysics);
         }
@@ -133,22 +141,35 @@ pub enum Op {
 }
 
 impl Op {
-    /// The operation a trace's word or code names: `get`, `gets`, `read`, `r`, `28` (SCSI READ) → get; `set`,
-    /// `add`, `replace`, `cas`, `append`, `prepend` → set; `delete`, `del`, `incr`, `decr`, `write`, `w`, `2a`
-    /// (SCSI WRITE) → delete (a write to the origin invalidates the cached copy). Case is ignored.
+    /// The operation a trace's word or code names: `get`, `gets`, `read`, `r`, and the SCSI READ opcodes `08`,
+    /// `28`, `88`, `a8` → get; `set`, `add`, `replace`, `cas`, `append`, `prepend` → set; `delete`, `del`, `incr`,
+    /// `decr`, `write`, `w`, and the SCSI WRITE opcodes `0a`, `2a`, `8a`, `aa` → delete (a write to the origin
+    /// invalidates the cached copy). Case is ignored.
     pub fn from_word(word: &str) -> Option<Op> {
+        // The lower-case words of Twitter's traces, without the case-insensitive search below.
+        match word {
+            "get" | "gets" | "28" => return Some(Op::Get),
+            "set" => return Some(Op::Set),
+            "delete" => return Some(Op::Delete),
+            _ => {}
+        }
         let w = word.trim();
         let is = |s: &str| w.eq_ignore_ascii_case(s);
-        if ["get", "gets", "read", "r", "28"].into_iter().any(is) {
+        if ["get", "gets", "read", "r", "08", "28", "88", "a8"]
+            .into_iter()
+            .any(is)
+        {
             Some(Op::Get)
         } else if ["set", "add", "replace", "cas", "append", "prepend"]
             .into_iter()
             .any(is)
         {
             Some(Op::Set)
-        } else if ["delete", "del", "incr", "decr", "write", "w", "2a"]
-            .into_iter()
-            .any(is)
+        } else if [
+            "delete", "del", "incr", "decr", "write", "w", "0a", "2a", "8a", "aa",
+        ]
+        .into_iter()
+        .any(is)
         {
             Some(Op::Delete)
         } else {
@@ -185,7 +206,8 @@ pub struct TraceRequest {
 /// counted from 1.
 ///
 /// Parsed from `time-col=N,obj-id-col=N,obj-size-col=N,op-col=N,delimiter=C,has-header=true|false`; only
-/// `obj-id-col` is required. `delimiter` is one character, or `comma`, `tab`, `space`; `obj-id-is-num` is accepted
+/// `obj-id-col` is required. As in libCacheSim, names ignore case and take `_` for `-`, `size-col` means
+/// `obj-size-col`, booleans may be `yes`/`no`/`1`/`0`, and `delimiter=\,` is a comma. `delimiter` is one character, or `comma`, `tab`, `space`; `obj-id-is-num` is accepted
 /// and ignored (ids are read as text). Without `obj-size-col` every value is
 /// [`DEFAULT_CSV_VALUE_BYTES`] long; without `op-col` every request is a get; without `time-col` there are no
 /// timestamps.
@@ -247,9 +269,11 @@ impl FromStr for CsvSpec {
         };
         // `delimiter=,` holds the separator of the list itself: read it first.
         let mut rest = s.to_string();
-        if let Some(at) = rest.find("delimiter=,") {
-            spec.delimiter = ',';
-            rest.replace_range(at..at + "delimiter=,".len(), "");
+        for comma in ["delimiter=\\,", "delimiter=,"] {
+            if let Some(at) = rest.find(comma) {
+                spec.delimiter = ',';
+                rest.replace_range(at..at + comma.len(), "");
+            }
         }
         for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) = part
@@ -262,15 +286,18 @@ impl FromStr for CsvSpec {
                     _ => Err(bad(format!("{name} must be a column number from 1"))),
                 }
             };
-            match name.trim() {
+            // As libCacheSim reads them: names case-insensitive, `_` for `-`, `size-col` for `obj-size-col`.
+            match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
                 "time-col" => spec.time_col = Some(col()?),
                 "obj-id-col" => spec.obj_id_col = col()?,
-                "obj-size-col" => spec.obj_size_col = Some(col()?),
+                "obj-size-col" | "size-col" => spec.obj_size_col = Some(col()?),
                 "op-col" => spec.op_col = Some(col()?),
                 "has-header" | "header" => {
-                    spec.has_header = value
-                        .parse()
-                        .map_err(|_| bad(format!("{name} must be true or false")))?
+                    spec.has_header = match value.to_ascii_lowercase().as_str() {
+                        "true" | "yes" | "1" => true,
+                        "false" | "no" | "0" => false,
+                        _ => return Err(bad(format!("{name} must be true or false"))),
+                    }
                 }
                 "obj-id-is-num" => {}
                 "delimiter" => {
@@ -620,6 +647,12 @@ mod tests {
             Some(TraceFormat::OracleGeneral)
         );
         assert_eq!(TraceFormat::detect(b"hello world\n"), None);
+        // A BOM, and a character cut at the end of what was peeked, are still text.
+        assert_eq!(
+            TraceFormat::detect("\u{FEFF}version,time,op,size,lbn\n".as_bytes()),
+            Some(TraceFormat::CloudPhysics)
+        );
+        assert_eq!(TraceFormat::detect(&"0,caf\u{e9}".as_bytes()[..6]), None);
         assert_eq!(TraceFormat::detect(b""), None);
         assert_eq!(
             "oracleGeneral".parse::<TraceFormat>().ok(),

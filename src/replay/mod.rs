@@ -128,13 +128,17 @@ impl FromStr for SkipLimit {
     }
 }
 
+/// Malformed lines with no request before them after which a replay under a share limit gives up at once.
+const GIVE_UP_AFTER: u64 = 1000;
+
 /// How to replay.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplayOptions {
     /// Stop at the first malformed line.
     pub strict: bool,
-    /// Fail when more lines than this are malformed (`None`: never). Default: 1% of the lines read.
+    /// Fail when more lines than this are malformed (`None`: never). Default: 1% of the lines read. A share is
+    /// judged at the end, except that the first 1,000 lines all malformed fail at once.
     pub max_skipped: Option<SkipLimit>,
     /// The registry's mock clock ([`quanta::Clock::mock`]): moved to each request's timestamp (measured from the
     /// first request's), so TTLs and rates follow trace time.
@@ -227,12 +231,17 @@ pub async fn replay(
     let mut zeros = Bytes::from(vec![0u8; 1 << 16]);
     let max_patterns = 10_000;
     let name = reader.name().to_string();
+    let unit = if format == TraceFormat::OracleGeneral {
+        "records"
+    } else {
+        "lines"
+    };
     let too_many = |malformed: u64, total: u64, first_bad: &Option<String>, limit: &str| {
         Error::trace_file(
             &name,
             format!(
-                "{malformed} of {} lines could not be read as {format}, more than --max-skipped {limit} allows; \
-                 the first: {}",
+                "{malformed} of {} {unit} could not be read as {format}, more than --max-skipped {limit} allows; \
+                 the first: {}; if the format is wrong, pass --format",
                 malformed + total,
                 first_bad.as_deref().unwrap_or("-")
             ),
@@ -251,10 +260,24 @@ pub async fn replay(
                     first_bad = Some(e.to_string());
                 }
                 on_event(ReplayEvent::Malformed(&e));
-                if let Some(SkipLimit::Lines(n)) = opts.max_skipped {
-                    if malformed > n {
+                match opts.max_skipped {
+                    Some(SkipLimit::Lines(n)) if malformed > n => {
                         return Err(too_many(malformed, total, &first_bad, &n.to_string()));
                     }
+                    // Not one request in the first lines: the format is wrong, and the rest need not be read.
+                    Some(SkipLimit::Share(share))
+                        if total == 0 && malformed >= GIVE_UP_AFTER && share < 1.0 =>
+                    {
+                        return Err(Error::trace_file(
+                            &name,
+                            format!(
+                                "none of the first {GIVE_UP_AFTER} {unit} could be read as {format}; the first: {}; \
+                                 if the format is wrong, pass --format",
+                                first_bad.as_deref().unwrap_or("-")
+                            ),
+                        ));
+                    }
+                    _ => {}
                 }
                 continue;
             }

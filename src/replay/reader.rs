@@ -116,7 +116,8 @@ impl TraceReader {
         if meta.is_dir() {
             return Err(Error::trace_file(&name, "is a directory, not a trace file"));
         }
-        if meta.len() == 0 {
+        // A pipe or a FIFO has no length: its content is checked below.
+        if meta.is_file() && meta.len() == 0 {
             return Err(Error::trace_file(&name, "is empty"));
         }
         let count = Arc::new(AtomicU64::new(0));
@@ -148,7 +149,7 @@ impl TraceReader {
         };
         let mut reader = Self::with_name(input, opts, name)?;
         reader.file_bytes_read = count;
-        reader.file_len = Some(meta.len());
+        reader.file_len = meta.is_file().then_some(meta.len());
         Ok(reader)
     }
 
@@ -194,6 +195,13 @@ impl TraceReader {
         };
         let spec = match (format, &opts.csv) {
             (TraceFormat::Csv, Some(spec)) => spec.clone(),
+            (f, Some(_)) => {
+                return Err(Error::config(
+                    "--csv-spec",
+                    "",
+                    format!("names the columns of a generic CSV, not of a {f} trace: drop it or --format"),
+                ))
+            }
             (TraceFormat::Csv, None) => {
                 return Err(Error::config(
                     "--format",
@@ -243,6 +251,14 @@ impl TraceReader {
         self.format
     }
 
+    /// Whether requests carry a timestamp (what `--ttl` needs): not for ARC, nor for a CSV without `time-col`.
+    pub fn has_timestamps(&self) -> bool {
+        match self.format {
+            TraceFormat::Csv => self.spec.time_col.is_some(),
+            f => f.has_timestamps(),
+        }
+    }
+
     /// The key pattern numeric ids get (empty for Twitter).
     pub fn pattern(&self) -> &str {
         &self.pattern
@@ -289,7 +305,10 @@ impl TraceReader {
             let Ok(line) = std::str::from_utf8(&self.line) else {
                 return malformed("not UTF-8 text".into());
             };
-            let line = line.trim_end_matches(['\r', '\n']);
+            let mut line = line.trim_end_matches(['\r', '\n']);
+            if n == 1 {
+                line = line.trim_start_matches('\u{FEFF}');
+            }
             if line.trim().is_empty() {
                 continue;
             }
@@ -309,36 +328,27 @@ impl TraceReader {
     /// Reads one line into `self.line`, at most [`MAX_TRACE_LINE_BYTES`] of it; `Some(true)` when it was longer
     /// (the rest is passed over), `None` at the end.
     fn read_line(&mut self) -> Result<Option<bool>> {
+        let io = |source, line| Error::Io {
+            context: format!("reading trace {} at line {line}", self.name),
+            source,
+        };
         self.line.clear();
-        let mut too_long = false;
-        let mut any = false;
-        loop {
-            let buf = self.input.fill_buf().map_err(|source| Error::Io {
-                context: format!("reading trace {} at line {}", self.name, self.position + 1),
-                source,
-            })?;
-            if buf.is_empty() {
-                break;
-            }
-            any = true;
-            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (buf.len(), false),
-            };
-            let room = MAX_TRACE_LINE_BYTES.saturating_sub(self.line.len());
-            if take > room {
-                too_long = true;
-            }
-            self.line.extend_from_slice(&buf[..take.min(room)]);
-            self.input.consume(take);
-            if done {
-                break;
-            }
-        }
-        if !any {
+        let limit = MAX_TRACE_LINE_BYTES as u64 + 1;
+        // `read_until` finds the newline with memchr; `take` bounds what one line may hold.
+        let n = (&mut self.input)
+            .take(limit)
+            .read_until(b'\n', &mut self.line)
+            .map_err(|e| io(e, self.position + 1))?;
+        if n == 0 {
             return Ok(None);
         }
         self.position += 1;
+        let too_long = n as u64 == limit && self.line.last() != Some(&b'\n');
+        if too_long {
+            self.input
+                .skip_until(b'\n')
+                .map_err(|e| io(e, self.position))?;
+        }
         Ok(Some(too_long))
     }
 

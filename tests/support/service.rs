@@ -20,7 +20,7 @@ pub fn command() -> Command {
     command_for(BIN)
 }
 
-/// `program` with none of the product's variables inherited from the test's environment.
+/// `program` with none of the product's variables inherited from the test's environment, run in `target/tmp`.
 pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
     for v in [
@@ -35,6 +35,9 @@ pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
         c.env_remove(v);
     }
     c.env("RUST_LOG", "info");
+    // Not the repository: a developer's `.env` there would fill in the variables removed above. Every test names its
+    // configuration directory.
+    c.current_dir(env!("CARGO_TARGET_TMPDIR"));
     c
 }
 

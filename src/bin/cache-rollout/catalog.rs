@@ -13,7 +13,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -300,6 +302,32 @@ pub(crate) fn app(cache: &CacheRollout, origin: Origin) -> Router {
         .merge(cache.router())
 }
 
+/// A numeric `{id}` of the path; anything else is a JSON 400, like every other error of the API (axum's own
+/// rejection is plain text).
+struct Id(i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => raw
+                .parse()
+                .map(Id)
+                .map_err(|_| bad_request(format!("id {raw:?} is not an integer"))),
+            Err(e) => Err(json_error(e.status(), e.body_text())),
+        }
+    }
+}
+
+fn bad_request(message: String) -> Response {
+    json_error(StatusCode::BAD_REQUEST, message)
+}
+
+fn json_error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
 fn origin_error(e: &OriginError) -> Response {
     tracing::error!(error = %e, "origin failed");
     (
@@ -320,7 +348,7 @@ fn found<T: Serialize>(v: Option<T>) -> Response {
     }
 }
 
-async fn get_user(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+async fn get_user(State(ctx): State<AppContext>, Id(id): Id) -> Response {
     let origin = ctx.origin.clone();
     match ctx
         .registry
@@ -332,7 +360,7 @@ async fn get_user(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Respons
     }
 }
 
-async fn get_project(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+async fn get_project(State(ctx): State<AppContext>, Id(id): Id) -> Response {
     let origin = ctx.origin.clone();
     match ctx
         .registry
@@ -344,7 +372,7 @@ async fn get_project(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Resp
     }
 }
 
-async fn get_members(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Response {
+async fn get_members(State(ctx): State<AppContext>, Id(id): Id) -> Response {
     let origin = ctx.origin.clone();
     match ctx
         .registry
@@ -358,9 +386,13 @@ async fn get_members(State(ctx): State<AppContext>, Path(id): Path<i64>) -> Resp
 
 async fn put_user(
     State(ctx): State<AppContext>,
-    Path(id): Path<i64>,
-    Json(update): Json<UserUpdate>,
+    Id(id): Id,
+    update: Result<Json<UserUpdate>, JsonRejection>,
 ) -> Response {
+    let update = match update {
+        Ok(Json(u)) => u,
+        Err(e) => return json_error(e.status(), e.body_text()),
+    };
     match ctx.origin.update_user(id, update).await {
         Ok(false) => found(None::<()>),
         Ok(true) => {

@@ -177,8 +177,9 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    // `.env` in the working directory, if there is one: variables already set win (dotenvy's rule).
-    let dotenv = dotenvy::dotenv();
+    // `.env` in the working directory only (not a parent's, as `dotenvy::dotenv` would look for): variables
+    // already set win.
+    let dotenv = dotenvy::from_path(".env");
     let cli = Cli::parse();
     if let Err(e) = &dotenv {
         if !e.not_found() {

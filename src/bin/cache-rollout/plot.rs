@@ -53,6 +53,21 @@ pub(crate) fn draw(
         context: format!("writing {}", path.display()),
         source,
     })?;
+    let drawn = draw_svg(path, title, series, measured, &fail);
+    if drawn.is_err() {
+        // No half-drawn file left behind.
+        let _ = std::fs::remove_file(path);
+    }
+    drawn
+}
+
+fn draw_svg(
+    path: &Path,
+    title: &str,
+    series: &[Series<'_>],
+    measured: Option<Measured>,
+    fail: &dyn Fn(String) -> Error,
+) -> Result<()> {
     let root = SVGBackend::new(path, (1280, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
     let root = root

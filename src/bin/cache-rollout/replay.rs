@@ -30,8 +30,8 @@ pub(crate) struct ReplayArgs {
     /// has-header=true' (implies --format csv).
     #[arg(long, value_name = "SPEC")]
     csv_spec: Option<CsvSpec>,
-    /// Key pattern of numeric object ids (keys PATTERN:<id>) [default: the format's name: arc, cloudphysics,
-    /// oracle, csv].
+    /// Key pattern of numeric object ids (keys PATTERN:<id>) [default: arc, cloudphysics, oracle or csv, after
+    /// the format].
     #[arg(long)]
     pattern: Option<String>,
     /// Backend every pattern is served from (null stores nothing and measures; the prediction needs no backend).
@@ -89,6 +89,7 @@ enum FormatArg {
     /// CloudPhysics block I/O CSV (`version,time,op,size,lbn`).
     Cloudphysics,
     /// libCacheSim's oracleGeneral binary.
+    #[value(alias = "oracleGeneral")]
     OracleGeneral,
     /// Any CSV, with --csv-spec.
     Csv,
@@ -96,8 +97,11 @@ enum FormatArg {
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum ImplArg {
+    /// Store nothing: measure, and predict.
     Null,
+    /// An in-process cache (moka) of --memory-entries and --memory-bytes.
     Memory,
+    /// A real Redis, at --redis-url (single server).
     Redis,
 }
 
@@ -117,12 +121,12 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             .with_pattern(args.pattern.clone()),
     )?;
     if let Some(ttl) = args.ttl {
-        if !reader.format().has_timestamps() {
+        if !reader.has_timestamps() {
             return Err(Error::config(
                 "--ttl",
                 ttl.to_string(),
                 format!(
-                    "{} traces have no timestamps, so no entry would ever expire",
+                    "this {} trace has no timestamps (a CSV needs time-col), so no entry would ever expire",
                     reader.format()
                 ),
             ));
@@ -206,7 +210,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     let bar = progress_bar(&reader, args.json);
     let started = Instant::now();
     let mut skipped = 0u64;
-    let result = replay::replay(&registry, &mut reader, &ropts, |event| match event {
+    let run = replay::replay(&registry, &mut reader, &ropts, |event| match event {
         ReplayEvent::Malformed(e) => {
             skipped += 1;
             if skipped <= SHOWN_SKIPPED {
@@ -226,8 +230,15 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             ));
         }
         _ => {}
-    })
-    .await;
+    });
+    // Ctrl-C ends the replay early, and still removes what it wrote to Redis.
+    let result = tokio::select! {
+        r = run => r,
+        _ = tokio::signal::ctrl_c() => Err(Error::trace_file(
+            &args.trace.display().to_string(),
+            "interrupted (Ctrl-C)",
+        )),
+    };
     bar.finish_and_clear();
     if skipped > SHOWN_SKIPPED {
         eprintln!(
@@ -242,7 +253,14 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     } else {
         None
     };
-    let mut report = result?;
+    let mut report = match (result, &cleanup) {
+        (Ok(r), _) => r,
+        (Err(e), Some(Err(c))) => {
+            eprintln!("error: {c}");
+            return Err(e);
+        }
+        (Err(e), _) => return Err(e),
+    };
     if let Some((maxmemory, used)) = baseline {
         report.redis_maxmemory_bytes = Some(maxmemory);
         report.redis_baseline_bytes = Some(used);
@@ -326,6 +344,13 @@ fn progress_bar(reader: &TraceReader, json: bool) -> ProgressBar {
 /// Connects once, so that a bad URL or an unreachable server is said with its cause before anything starts.
 async fn probe_redis(url: &str) -> Result<()> {
     let shown = redact_url(url);
+    if url.contains("+cluster://") {
+        return Err(Error::config(
+            "--redis-url",
+            shown,
+            "replay --impl redis takes a single Redis (redis:// or rediss://), not a cluster",
+        ));
+    }
     let client = redis::Client::open(url).map_err(|e| {
         Error::config(
             "--redis-url",
@@ -374,7 +399,12 @@ async fn redis_memory(url: &str) -> Result<(u64, u64)> {
 async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let (_, before) = redis_memory(url).await?;
+    // For the message only: a Redis that refuses CONFIG or INFO (an ACL user, a managed service) is cleaned all the
+    // same.
+    let used = match redis_memory(url).await {
+        Ok((_, used)) => format!("used_memory {}", bytes(used)),
+        Err(_) => "used_memory unknown".to_string(),
+    };
     let pattern = format!("{}*", glob_escape(prefix));
     let mut cursor = 0u64;
     let mut keys = 0u64;
@@ -401,19 +431,17 @@ async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
     }
     if keep {
         eprintln!(
-            "redis: kept {} {} under {prefix:?} at {} (used_memory {})",
+            "redis: kept {} {} under {prefix:?} at {} ({used})",
             thousands(keys),
             plural(keys, "key", "keys"),
             redact_url(url),
-            bytes(before)
         );
     } else {
         eprintln!(
-            "redis: removed the {} {} this replay left under {prefix:?} at {} (used_memory was {}; --keep keeps them)",
+            "redis: removed the {} {} under {prefix:?} at {} ({used} before; --keep keeps them)",
             thousands(keys),
             plural(keys, "key", "keys"),
             redact_url(url),
-            bytes(before)
         );
     }
     Ok(())
