@@ -13,6 +13,16 @@ fn trace(name: &str) -> PathBuf {
     repo().join("../shared/traces").join(name)
 }
 
+/// The first `n` lines of the mixed trace.
+fn mixed_lines(n: usize) -> Vec<String> {
+    let file = std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace");
+    BufReader::new(zstd::stream::read::Decoder::new(file).expect("zstd"))
+        .lines()
+        .take(n)
+        .map(|l| l.expect("line"))
+        .collect()
+}
+
 #[test]
 fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
     let redis = RedisServer::start();
@@ -499,17 +509,7 @@ fn oracle_general_and_csv_readers_read_the_real_cloudphysics_requests_alike() {
 fn replay_plot_draws_one_line_per_pattern_and_the_shared_cache() {
     let dir = tempfile::tempdir().expect("tempdir");
     let slice = dir.path().join("slice.twitter.csv");
-    let reader = BufReader::new(
-        zstd::stream::read::Decoder::new(
-            std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace"),
-        )
-        .expect("zstd"),
-    );
-    let lines: Vec<String> = reader
-        .lines()
-        .take(150_000)
-        .map(|l| l.expect("line"))
-        .collect();
+    let lines = mixed_lines(150_000);
     std::fs::write(&slice, lines.join("\n")).expect("write slice");
     let svg = dir.path().join("curves.svg");
     let out = command()
@@ -711,17 +711,7 @@ fn replay_against_a_redis_with_maxmemory_prints_measured_beside_predicted() {
     // The first 200,000 requests of the mixed trace into a Redis of 8 MiB evicting by (approximate) LRU.
     let dir = tempfile::tempdir().expect("tempdir");
     let slice = dir.path().join("slice.twitter.csv");
-    let reader = BufReader::new(
-        zstd::stream::read::Decoder::new(
-            std::fs::File::open(trace("mixed.twitter.csv.zst")).expect("trace"),
-        )
-        .expect("zstd"),
-    );
-    let lines: Vec<String> = reader
-        .lines()
-        .take(200_000)
-        .map(|l| l.expect("line"))
-        .collect();
+    let lines = mixed_lines(200_000);
     std::fs::write(&slice, lines.join("\n")).expect("write slice");
     let redis =
         RedisServer::start_with(&["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru"]);
