@@ -411,6 +411,15 @@ fn a_garbage_empty_or_all_bad_trace_fails_saying_why() {
     assert!(err.contains("no timestamps"), "{err}");
     let err = replay_fails(&["--csv-spec", "obj-id-col=1", "--format", "arc"], &ids);
     assert!(err.contains("--csv-spec"), "{err}");
+    // Flags are named in their errors, and --pattern must name one key pattern.
+    let p3 = trace("arc-p3.lis.zst");
+    assert!(replay_fails(&["--curve-points", "1"], &p3).contains("--curve-points"));
+    for bad in ["", "other", "disk:*"] {
+        assert!(
+            replay_fails(&["--pattern", bad], &p3).contains("--pattern"),
+            "{bad:?}"
+        );
+    }
     // A wrong format gives up after the first thousand lines rather than read a whole file.
     let wrong = dir.path().join("wrong.lis");
     std::fs::write(&wrong, "1 8 0 1\n".repeat(5000)).expect("write");
@@ -539,6 +548,53 @@ fn replay_plot_draws_one_line_per_pattern_and_the_shared_cache() {
     );
     let names = ["oltp:page", "ws:blk", "vm:lbn", "(shared cache)"];
     check_plot(&svg, &names, true);
+}
+
+#[test]
+fn replay_stops_on_ctrl_c_and_its_output_survives_a_closed_pipe() {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    // Ctrl-C in the middle of a replay through the NullCache (which never waits) ends it, non-zero.
+    let child = command()
+        .args(["replay", "--json"])
+        .arg(trace("mixed.twitter.csv.zst"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn replay");
+    // A second in: the handler is installed (at once) and the replay (3 s or more in a debug build) not done.
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("interrupted"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    // A reader that stops early (`| head`) is no failure and no panic.
+    let mut child = command()
+        .args(["replay", "--json", "--curve-points", "1000"])
+        .arg(trace("cloudphysics-io.csv.zst"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn replay");
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("the start of the JSON");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
 /// The SVG at `path` parses, has one curve per name in each of its two panels (objects, bytes), names each in a

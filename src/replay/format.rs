@@ -323,8 +323,9 @@ impl FromStr for CsvSpec {
     }
 }
 
-/// How object ids become keys: `<pattern>:<id>` for numeric ids (so that the registry's key → pattern rule gives
-/// `pattern`); other ids are keys as they are, with their own pattern.
+/// How object ids become keys, all under one key pattern unless an id carries its own: `<pattern>:<id>` for a
+/// numeric id; `<pattern>:<XXH3-64 of the id>` for any other id without `:` (hex hashes, names), so that the
+/// registry's key → pattern rule gives `pattern` for each; an id with `:` is a key as it is, with its own pattern.
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     pattern: String,
@@ -343,8 +344,10 @@ impl Keys {
     pub(crate) fn key(&self, id: &str) -> String {
         if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
             format!("{}:{id}", self.pattern)
-        } else {
+        } else if id.contains(':') {
             id.to_string()
+        } else {
+            self.numeric(xxhash_rust::xxh3::xxh3_64(id.as_bytes()))
         }
     }
 
@@ -599,6 +602,16 @@ mod tests {
         );
         let r = parse_text_line(TraceFormat::Csv, "user:9\tx", &spec, &keys).expect("line");
         assert_eq!(r.key, "user:9");
+        // Ids that are not numbers stay under the one pattern, distinct and stable.
+        let a = parse_text_line(TraceFormat::Csv, "deadbeef\tx", &spec, &keys).expect("line");
+        let b = parse_text_line(TraceFormat::Csv, "cafe\tx", &spec, &keys).expect("line");
+        assert!(a.key.starts_with("disk:") && b.key.starts_with("disk:") && a.key != b.key);
+        assert_eq!(
+            a.key,
+            parse_text_line(TraceFormat::Csv, "deadbeef\ty", &spec, &keys)
+                .expect("line")
+                .key
+        );
         let spec: CsvSpec = "time-col=1,obj-id-col=2,delimiter=,,op-col=3"
             .parse()
             .expect("spec");

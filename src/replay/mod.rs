@@ -209,7 +209,14 @@ pub async fn replay(
 ) -> Result<ReplayReport> {
     let started = Instant::now();
     let pattern = reader.pattern().to_string();
-    if !pattern.is_empty() {
+    if reader.format() != TraceFormat::Twitter {
+        if pattern.is_empty() || pattern == OTHER || pattern.split(':').any(|s| s == "*") {
+            return Err(Error::config(
+                "--pattern",
+                pattern.as_str(),
+                format!("must name one key pattern: not empty, not {OTHER:?}, no '*' segment"),
+            ));
+        }
         crate::pattern::validate_pattern(&pattern)
             .map_err(|e| Error::config("--pattern", pattern.as_str(), e.to_string()))?;
         let probe = format!("{pattern}:1");
@@ -288,6 +295,8 @@ pub async fn replay(
                 requests: total,
                 bytes_read: reader.bytes_read(),
             });
+            // A replay through the NullCache never waits: let the runtime run other tasks (a Ctrl-C handler).
+            tokio::task::yield_now().await;
         }
         if let (Some(mock), Some(t)) = (&opts.clock, req.timestamp) {
             let t0 = *first_timestamp.get_or_insert(t);
@@ -341,7 +350,7 @@ pub async fn replay(
                 malformed,
                 total,
                 &first_bad,
-                &format!("{}%", share * 100.0),
+                &format!("{}%", (share * 100.0 * 1e6).round() / 1e6),
             ));
         }
     }

@@ -195,11 +195,11 @@ impl TraceReader {
         };
         let spec = match (format, &opts.csv) {
             (TraceFormat::Csv, Some(spec)) => spec.clone(),
-            (f, Some(_)) => {
+            (f, Some(spec)) => {
                 return Err(Error::config(
                     "--csv-spec",
-                    "",
-                    format!("names the columns of a generic CSV, not of a {f} trace: drop it or --format"),
+                    format!("{spec:?}"),
+                    format!("names the columns of a generic CSV, not of the {f} format: drop it or --format"),
                 ))
             }
             (TraceFormat::Csv, None) => {

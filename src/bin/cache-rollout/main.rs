@@ -92,11 +92,12 @@ enum Command {
 Environment (over config/default.toml and config/<APP_ENV>.toml):\n  \
 APP_ENV            development | test | staging | production (default development); /internal/ is 404 in production\n  \
 BIND_ADDR          listen address (default 127.0.0.1:8900)\n  \
-REDIS_URL          redis:// or rediss:// URL (default redis://127.0.0.1:6379: use a Redis of your own)\n  \
+REDIS_URL          redis://, rediss:// or redis+cluster:// URL (default redis://127.0.0.1:6379: use a Redis of your own)\n  \
 FEATURE_CACHE      cache.enabled: false serves everything from the origin\n  \
 CACHE_IMPL         null | memory | redis at start-up\n  \
 CACHE_PATTERNS     comma-separated key patterns served from the cache (* for all)\n  \
 CACHE_ADMIN_TOKEN  token for PUT /internal/cache/config (16 characters or more)\n  \
+CACHE_ROLLOUT_<KEY> any other key, nested with __ (CACHE_ROLLOUT_CACHE__DEFAULT_TTL_SECS=60, CACHE_ROLLOUT_LOG_FORMAT=json)\n  \
 RUST_LOG           log filter (default info)"
     )]
     Serve(ServeArgs),
@@ -218,6 +219,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a command's output to stdout. A reader that went away (`| head`) is not a failure, and no panic either.
+///
+/// # Errors
+/// [`cache_rollout::Error::Io`] for any other write error.
+fn print_out(text: &str) -> cache_rollout::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(cache_rollout::Error::Io {
+            context: "writing the output".into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -310,9 +330,9 @@ async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
             Some(fleet.write(&settings.policy(), &update, "cli").await?)
         }
     };
-    match state {
-        Some(s) => println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default()),
-        None => println!("null"),
-    }
-    Ok(())
+    let out = match state {
+        Some(s) => serde_json::to_string_pretty(&s).unwrap_or_default(),
+        None => "null".to_string(),
+    };
+    print_out(&format!("{out}\n"))
 }

@@ -18,6 +18,9 @@ use crate::plot;
 /// Skipped lines printed one by one; past these, only their count.
 const SHOWN_SKIPPED: u64 = 10;
 
+/// Seconds the removal of a replay's keys from Redis may take.
+const CLEANUP_SECS: u64 = 60;
+
 #[derive(clap::Args)]
 pub(crate) struct ReplayArgs {
     /// Trace file: Twitter CSV, ARC .lis, CloudPhysics CSV, oracleGeneral binary or a CSV with --csv-spec; plain or
@@ -26,8 +29,8 @@ pub(crate) struct ReplayArgs {
     /// Trace format [default: recognised from the content].
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
-    /// Columns of a generic CSV, in libCacheSim's terms, e.g. 'time-col=1,obj-id-col=2,obj-size-col=3,op-col=4,
-    /// has-header=true' (implies --format csv).
+    /// Columns of a generic CSV, in libCacheSim's terms (implies --format csv), e.g.
+    /// 'time-col=1,obj-id-col=2,obj-size-col=3,op-col=4,has-header=true'.
     #[arg(long, value_name = "SPEC")]
     csv_spec: Option<CsvSpec>,
     /// Key pattern of numeric object ids (keys PATTERN:<id>) [default: arc, cloudphysics, oracle or csv, after
@@ -47,7 +50,7 @@ pub(crate) struct ReplayArgs {
     #[arg(long, value_name = "N|P%", default_value = "1%")]
     max_skipped: SkipLimit,
     /// Redis of --impl redis (required with it: use a Redis of your own, e.g. redis://127.0.0.1:6390).
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Key prefix in Redis for --impl redis: its keys are deleted at the start and, unless --keep, at the end.
     #[arg(long, default_value = "cr-replay:")]
@@ -71,9 +74,9 @@ pub(crate) struct ReplayArgs {
     /// cache into this SVG file, with the measured hit ratio as a point (--impl memory, or redis with maxmemory).
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
-    /// Model this TTL in seconds (against the trace's timestamps); without it entries never expire. Needs a
-    /// format with timestamps (not arc).
-    #[arg(long)]
+    /// Model this TTL in seconds (against the trace's timestamps); without it entries never expire. Needs
+    /// timestamps: not arc, and a CSV only with time-col.
+    #[arg(long, value_name = "SECS")]
     ttl: Option<u64>,
     /// Keys sampled per pattern by the estimator (SHARDS s_max).
     #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
@@ -185,7 +188,22 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         .with_memory_max_entries(args.memory_entries)
         .with_memory_max_bytes(args.memory_bytes)
         .with_max_value_bytes(usize::MAX);
-    let registry = CacheRegistry::new(opts).await?;
+    // The analysis settings come from flags here: name the flag, not the configuration key.
+    let registry = CacheRegistry::new(opts).await.map_err(|e| match e {
+        Error::Config { key, value, reason } => {
+            let flag = match key.as_str() {
+                "cache.analysis.capacities" => "--capacities",
+                "cache.analysis.curve_points" => "--curve-points",
+                "cache.analysis.sample_keys" => "--sample-keys",
+                "cache.memory.max_entries" => "--memory-entries",
+                "cache.memory.max_bytes" => "--memory-bytes",
+                "cache.redis.key_prefix" => "--redis-prefix",
+                _ => key.as_str(),
+            };
+            Error::config(flag, value, reason)
+        }
+        e => e,
+    })?;
     if registry.policy().cache_impl != cache_impl {
         return Err(Error::config(
             "--impl",
@@ -234,7 +252,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     // Ctrl-C ends the replay early, and still removes what it wrote to Redis.
     let result = tokio::select! {
         r = run => r,
-        _ = tokio::signal::ctrl_c() => Err(Error::trace_file(
+        Ok(()) = tokio::signal::ctrl_c() => Err(Error::trace_file(
             &args.trace.display().to_string(),
             "interrupted (Ctrl-C)",
         )),
@@ -247,12 +265,29 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             plural(skipped - SHOWN_SKIPPED, "line", "lines")
         );
     }
-    // Whatever the outcome, the keys this replay wrote go (unless --keep).
+    // Whatever the outcome, the keys this replay wrote go (unless --keep), within a bound: a Redis that stopped
+    // answering does not hang the command.
     let cleanup = if cache_impl == CacheImpl::Redis {
-        Some(clean_up(&redis_url, &args.redis_prefix, args.keep).await)
+        let bound = Duration::from_secs(CLEANUP_SECS);
+        Some(
+            match tokio::time::timeout(bound, clean_up(&redis_url, &args.redis_prefix, args.keep))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout {
+                    operation: "removing the replay's keys from Redis",
+                    after: bound,
+                }),
+            },
+        )
     } else {
         None
     };
+    // A malformed line under --strict: name the file too.
+    let result = result.map_err(|e| match e {
+        Error::Trace { .. } => Error::trace_file(&args.trace.display().to_string(), e.to_string()),
+        e => e,
+    });
     let mut report = match (result, &cleanup) {
         (Ok(r), _) => r,
         (Err(e), Some(Err(c))) => {
@@ -287,6 +322,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             .patterns
             .iter()
             .filter_map(|(name, c)| c.curve.as_ref().map(|curve| (name.as_str(), curve)))
+            .filter(|(_, curve)| !curve.objects.is_empty())
             .chain(report.overall.curve.as_ref().map(|c| (plot::SHARED, c)))
             .collect();
         let title = format!(
@@ -300,26 +336,31 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         plot::draw(path, &title, &series, measured)?;
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        let mut json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        json.push('\n');
+        crate::print_out(&json)?;
     } else {
-        print!("{}", report.to_table());
+        let mut out = report.to_table();
         let secs = report.elapsed_secs;
-        println!(
-            "{} {} ({}) in {:.1} s, {}/s; {} malformed {} skipped",
+        let (one, many) = if report.format == TraceFormat::OracleGeneral.as_str() {
+            ("record", "records")
+        } else {
+            ("line", "lines")
+        };
+        out.push_str(&format!(
+            "{} {} ({}) in {:.1} s, {}/s; {} malformed {} skipped\n",
             thousands(report.overall.requests),
             plural(report.overall.requests, "request", "requests"),
             report.format,
             secs,
             thousands((report.overall.requests as f64 / secs.max(1e-9)) as u64),
             thousands(report.malformed_lines),
-            plural(report.malformed_lines, "line", "lines"),
-        );
+            plural(report.malformed_lines, one, many),
+        ));
         if let Some(path) = &args.plot {
-            println!("plot: {}", path.display());
+            out.push_str(&format!("plot: {}\n", path.display()));
         }
+        crate::print_out(&out)?;
     }
     if let Some(Err(e)) = cleanup {
         return Err(e);

@@ -67,15 +67,15 @@ pub(crate) async fn run(args: ReportArgs) -> Result<()> {
             None,
         )?;
     }
-    match (args.json, &report) {
-        (true, _) => println!("{body}"),
-        (false, Some(report)) => print!("{}", report.to_table().replace("<url>", &base)),
-        (false, None) => {}
-    }
+    let mut out = match (args.json, &report) {
+        (true, _) => format!("{body}\n"),
+        (false, Some(report)) => report.to_table().replace("<url>", &base),
+        (false, None) => String::new(),
+    };
     if let (false, Some(path)) = (args.json, &args.plot) {
-        println!("plot: {}", path.display());
+        out.push_str(&format!("plot: {}\n", path.display()));
     }
-    Ok(())
+    crate::print_out(&out)
 }
 
 /// The address to ask for a service bound to `addr`: the loopback one for an unspecified address (0.0.0.0, ::).
