@@ -417,9 +417,9 @@ fn parse_twitter(line: &str) -> Result<TraceRequest, String> {
     })
 }
 
+/// `s` as given: callers trim where their format allows spaces (a CSV column), not per Twitter line.
 fn parse_timestamp(s: &str) -> Result<f64, String> {
     let t: f64 = s
-        .trim()
         .parse()
         .map_err(|_| format!("timestamp {s:?} is not a number"))?;
     if t.is_finite() && t >= 0.0 {
