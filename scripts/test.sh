@@ -54,7 +54,7 @@ cargo test --locked --doc
 
 # The feature sets a library user picks (docs/integration.md): each builds, and runs the library's own tests, its
 # doctests, and the integration tests whose features it has (`redis`: the contract, registry and rollout suites).
-for features in "" "redis" "redis,axum"; do
+for features in "" "replay" "redis" "redis,axum"; do
     echo "features: [${features}]"
     cargo test --locked --no-default-features --features "$features" --lib --tests
     cargo test --locked --no-default-features --features "$features" --doc

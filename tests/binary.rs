@@ -414,6 +414,12 @@ fn a_garbage_empty_or_all_bad_trace_fails_saying_why() {
     // Flags are named in their errors, and --pattern must name one key pattern.
     let p3 = trace("arc-p3.lis.zst");
     assert!(replay_fails(&["--curve-points", "1"], &p3).contains("--curve-points"));
+    assert!(replay_fails(&["--memory-entries", "0"], &p3).contains("--memory-entries"));
+    assert!(replay_fails(
+        &["--ttl", "0", "--format", "twitter"],
+        &trace("mixed.twitter.csv.zst")
+    )
+    .contains("--ttl"));
     for bad in ["", "other", "disk:*"] {
         assert!(
             replay_fails(&["--pattern", bad], &p3).contains("--pattern"),

@@ -668,7 +668,7 @@ async fn every_error_of_the_api_is_json() {
         Some(json!({"name": 5})),
     )
     .await;
-    // axum's statuses are kept: 422 for a body of the wrong shape, 415 for one that is not JSON.
+    // axum's statuses are kept: 422 for a body of the wrong shape, 415 for a request without a JSON content type.
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
     assert!(body["error"].is_string(), "{text}");
     let (s, body, text) = call(&app, Method::PUT, "/users/1", None, None).await;

@@ -254,8 +254,16 @@ pub async fn replay(
             ),
         )
     };
+    let mut records = 0u64;
     loop {
-        let req = match reader.next_record()? {
+        let record = reader.next_record()?;
+        records += 1;
+        if records.is_multiple_of(8192) {
+            // A replay through the NullCache, or of a run of malformed lines, never waits: let the runtime run
+            // other tasks (a Ctrl-C handler).
+            tokio::task::yield_now().await;
+        }
+        let req = match record {
             None => break,
             Some(Record::Request(r)) => r,
             Some(Record::Malformed(e)) => {
@@ -290,13 +298,11 @@ pub async fn replay(
             }
         };
         total += 1;
-        if total % 8192 == 0 {
+        if total.is_multiple_of(8192) {
             on_event(ReplayEvent::Progress {
                 requests: total,
                 bytes_read: reader.bytes_read(),
             });
-            // A replay through the NullCache never waits: let the runtime run other tasks (a Ctrl-C handler).
-            tokio::task::yield_now().await;
         }
         if let (Some(mock), Some(t)) = (&opts.clock, req.timestamp) {
             let t0 = *first_timestamp.get_or_insert(t);

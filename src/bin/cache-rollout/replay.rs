@@ -10,7 +10,7 @@ use cache_rollout::cache::{redact_url, CacheImpl, RedisOptions};
 use cache_rollout::replay::{
     self, CsvSpec, ReadOptions, ReplayEvent, ReplayOptions, SkipLimit, TraceFormat, TraceReader,
 };
-use cache_rollout::{CacheRegistry, Error, Policy, RegistryOptions, Result};
+use cache_rollout::{CacheRegistry, Error, Policy, RegistryOptions, Result, RollbackRules};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::plot;
@@ -33,8 +33,8 @@ pub(crate) struct ReplayArgs {
     /// 'time-col=1,obj-id-col=2,obj-size-col=3,op-col=4,has-header=true'.
     #[arg(long, value_name = "SPEC")]
     csv_spec: Option<CsvSpec>,
-    /// Key pattern of numeric object ids (keys PATTERN:<id>) [default: arc, cloudphysics, oracle or csv, after
-    /// the format].
+    /// Key pattern of the object ids of a trace without key patterns (keys PATTERN:<id>; an id that is not a number
+    /// is hashed) [default: arc, cloudphysics, oracle or csv, after the format].
     #[arg(long)]
     pattern: Option<String>,
     /// Backend every pattern is served from (null stores nothing and measures; the prediction needs no backend).
@@ -109,6 +109,8 @@ enum ImplArg {
 }
 
 pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
+    // Listening from the start: a Ctrl-C before the replay's first step is not lost (nor fatal).
+    let mut interrupt = Interrupt::new();
     let format = args.format.map(|f| match f {
         FormatArg::Twitter => TraceFormat::Twitter,
         FormatArg::Arc => TraceFormat::Arc,
@@ -157,12 +159,33 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         // Not used: the registry needs a URL that parses.
         (_, _) => RedisOptions::default().url,
     };
+    for (flag, value) in [
+        ("--memory-entries", args.memory_entries),
+        ("--memory-bytes", args.memory_bytes),
+    ] {
+        if value == 0 {
+            return Err(Error::config(flag, "0", "must be at least 1"));
+        }
+    }
+    if cache_impl == CacheImpl::Redis && args.redis_prefix.is_empty() {
+        return Err(Error::config(
+            "--redis-prefix",
+            "",
+            "must not be empty: the replay deletes every key under it",
+        ));
+    }
     let (clock, mock) = quanta::Clock::mock();
     let opts = RegistryOptions::default()
         .with_policy(Policy {
             cache_impl,
             whitelist: vec!["*".into()],
             default_ttl_secs: args.ttl.unwrap_or(86_400),
+            // A replay measures the backend as it is: a slow Redis must not send patterns back to observing
+            // partway, which would make the measured hit ratio a mix of two runs.
+            rollback: RollbackRules {
+                enabled: false,
+                ..RollbackRules::default()
+            },
             ..Policy::default()
         })
         .with_analysis(AnalysisOptions {
@@ -195,9 +218,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
                 "cache.analysis.capacities" => "--capacities",
                 "cache.analysis.curve_points" => "--curve-points",
                 "cache.analysis.sample_keys" => "--sample-keys",
-                "cache.memory.max_entries" => "--memory-entries",
-                "cache.memory.max_bytes" => "--memory-bytes",
-                "cache.redis.key_prefix" => "--redis-prefix",
+                "cache.default_ttl_secs" => "--ttl",
                 _ => key.as_str(),
             };
             Error::config(flag, value, reason)
@@ -251,11 +272,12 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     });
     // Ctrl-C ends the replay early, and still removes what it wrote to Redis.
     let result = tokio::select! {
-        r = run => r,
-        Ok(()) = tokio::signal::ctrl_c() => Err(Error::trace_file(
+        biased;
+        () = interrupt.recv() => Err(Error::trace_file(
             &args.trace.display().to_string(),
             "interrupted (Ctrl-C)",
         )),
+        r = run => r,
     };
     bar.finish_and_clear();
     if skipped > SHOWN_SKIPPED {
@@ -269,17 +291,24 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     // answering does not hang the command.
     let cleanup = if cache_impl == CacheImpl::Redis {
         let bound = Duration::from_secs(CLEANUP_SECS);
-        Some(
-            match tokio::time::timeout(bound, clean_up(&redis_url, &args.redis_prefix, args.keep))
-                .await
-            {
+        let cleaning =
+            tokio::time::timeout(bound, clean_up(&redis_url, &args.redis_prefix, args.keep));
+        Some(tokio::select! {
+            biased;
+            // A second Ctrl-C leaves the keys, and says where.
+            () = interrupt.recv() => Err(Error::config(
+                "--redis-prefix",
+                args.redis_prefix.as_str(),
+                format!("removal interrupted (Ctrl-C): keys under it are left in {}", redact_url(&redis_url)),
+            )),
+            r = cleaning => match r {
                 Ok(r) => r,
                 Err(_) => Err(Error::Timeout {
                     operation: "removing the replay's keys from Redis",
                     after: bound,
                 }),
             },
-        )
+        })
     } else {
         None
     };
@@ -366,6 +395,36 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         return Err(e);
     }
     Ok(())
+}
+
+/// SIGINT (Ctrl-C), listened to from when it is made.
+struct Interrupt {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupt {
+    fn new() -> Self {
+        Interrupt {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Returns at the next Ctrl-C (never, if no handler could be installed).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        match &mut self.signal {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    }
 }
 
 fn progress_bar(reader: &TraceReader, json: bool) -> ProgressBar {
