@@ -187,6 +187,45 @@ fn fnv1a(data: &[u8]) -> u32 {
     })
 }
 
+/// Property tests (proptest, 256 cases each, run by `cargo test`).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// What the encoder wrote decodes to the same value; any one byte changed, or any truncation, is refused
+        /// (a miss), never another value.
+        #[test]
+        fn only_what_the_encoder_wrote_decodes(
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+            version in any::<u32>(),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let value = Bytes::from(payload);
+            let bytes = encode("k", &value, version).expect("bytes encode");
+            prop_assert_eq!(decode::<Bytes>(bytes.clone(), version).expect("round trip"), value);
+            let mut changed = bytes.to_vec();
+            let i = at.index(changed.len());
+            changed[i] ^= flip;
+            prop_assert!(decode::<Bytes>(Bytes::from(changed), version).is_err(), "byte {} changed", i);
+            let shorter = cut.index(bytes.len());
+            prop_assert!(decode::<Bytes>(bytes.slice(..shorter), version).is_err(), "cut at {}", shorter);
+        }
+
+        /// Arbitrary bytes never panic the decoder, and are refused unless they carry a valid envelope.
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Bytes>(Bytes::from(raw.clone()), 0);
+            let _ = decode::<Json<serde_json::Value>>(Bytes::from(raw), 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

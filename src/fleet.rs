@@ -545,3 +545,96 @@ impl Fleet {
 fn new_epoch() -> String {
     format!("{:016x}", crate::random::random_u64())
 }
+
+/// Property tests (proptest, 256 cases each, run by `cargo test`). The handle connects lazily, to a port where
+/// nothing listens: nothing here reaches a Redis.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TOKEN: &str = "property-test-token-0123";
+
+    fn fleet(secret: &str) -> Fleet {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let rt = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        });
+        let _in_runtime = rt.enter();
+        let opts = FleetOptions {
+            key: Some("cache-rollout:prop:fleet".into()),
+            ..FleetOptions::default()
+        };
+        let redis = RedisOptions::default().with_url("redis://127.0.0.1:1");
+        Fleet::new(&opts, &redis, secret).expect("fleet handle")
+    }
+
+    fn signed(
+        f: &Fleet,
+        epoch: &str,
+        version: u64,
+        whitelist: Vec<String>,
+        source: &str,
+    ) -> FleetState {
+        let policy = Policy {
+            whitelist,
+            ..Policy::default()
+        };
+        let updated_at = "2026-12-01T00:00:00Z".to_string();
+        FleetState {
+            signature: f.sign(epoch, version, &policy, &updated_at, source),
+            epoch: epoch.into(),
+            version,
+            policy,
+            updated_at,
+            source: source.into(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A state verifies only as signed: any field changed, another token, or any other signature is refused.
+        #[test]
+        fn only_a_signed_state_verifies(
+            epoch in "[0-9a-f]{16}",
+            version in any::<u64>(),
+            whitelist in proptest::collection::vec("[a-z]{1,8}", 0..4),
+            source in "(cli|api|init|restore)",
+            other in "[0-9a-f]{64}",
+            which in 0usize..5,
+        ) {
+            let f = fleet(TOKEN);
+            let s = signed(&f, &epoch, version, whitelist, &source);
+            prop_assert!(f.verify(&s));
+            prop_assert!(!fleet("another-token-0123456789").verify(&s));
+            let mut t = s.clone();
+            match which {
+                0 => t.version = t.version.wrapping_add(1),
+                1 => t.epoch.push('0'),
+                2 => t.policy.whitelist.push("intruder".into()),
+                3 => t.source.push('x'),
+                _ => t.updated_at.push('x'),
+            }
+            prop_assert!(!f.verify(&t));
+            let mut u = s.clone();
+            u.signature = other;
+            prop_assert!(u.signature == s.signature || !f.verify(&u));
+        }
+
+        /// Any payload on the channel opens only if it was enveloped with the token.
+        #[test]
+        fn only_a_signed_message_opens(payload in ".{0,200}", version in any::<u64>()) {
+            let f = fleet(TOKEN);
+            prop_assert!(f.open(&payload).is_none());
+            let sealed = f.envelope(Message::Changed { version }).expect("envelope");
+            prop_assert!(f.open(&sealed).is_some());
+            prop_assert!(fleet("another-token-0123456789").open(&sealed).is_none());
+            let tampered = sealed.replace(&format!("\"version\":{version}"), &format!("\"version\":{}", version.wrapping_add(1)));
+            prop_assert!(f.open(&tampered).is_none());
+        }
+    }
+}

@@ -380,6 +380,42 @@ impl<V> PatternTable<V> {
     }
 }
 
+/// Property tests (proptest, 256 cases each, run by `cargo test`).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any string: no panic, the same answer twice, through a pattern table as through the default rule.
+        #[test]
+        fn any_key_maps_stably_and_never_panics(key in any::<String>()) {
+            let a = default_pattern(&key).into_owned();
+            prop_assert_eq!(&a, &default_pattern(&key).into_owned());
+            let table = KeyPatterns::new::<&str>(&[]).expect("no templates");
+            prop_assert_eq!(&a, &table.pattern_of(&key).into_owned());
+            let _ = validate_key(&key);
+        }
+
+        /// Numeric ids become `*` inside a key and disappear at its end.
+        #[test]
+        fn ids_map_to_a_star(
+            head in "[a-z][a-z_]{0,11}",
+            tail in "[a-z][a-z_]{0,11}",
+            id in any::<u64>(),
+            ids in proptest::collection::vec(any::<u32>(), 1..4),
+        ) {
+            let pattern = |key: String| default_pattern(&key).into_owned();
+            prop_assert_eq!(pattern(format!("{head}:{id}:{tail}")), format!("{head}:*:{tail}"));
+            let trailing: Vec<String> = ids.iter().map(u32::to_string).collect();
+            prop_assert_eq!(pattern(format!("{head}:{}", trailing.join(":"))), head.clone());
+            prop_assert_eq!(pattern(format!("{head}:{tail}:{id}")), format!("{head}:{tail}"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -295,6 +295,37 @@ pub struct PolicyUpdate {
     pub rollback: Option<RollbackRules>,
 }
 
+impl PolicyUpdate {
+    /// Parses a JSON body (`PUT /internal/cache/config`, `cache-rollout fleet set`), naming the field that is wrong.
+    ///
+    /// ```
+    /// use cache_rollout::PolicyUpdate;
+    /// let err = PolicyUpdate::from_json(br#"{"patterns":{"user":{"ttl_secs":"soon"}}}"#).unwrap_err();
+    /// assert!(err.to_string().contains("patterns.user.ttl_secs"));
+    /// assert!(PolicyUpdate::from_json(br#"{"whitelist":["user"]}"#).is_ok());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Config`] whose key is the path of the offending field (`patterns.user.ttl_secs`), or `body` when
+    /// the body as a whole is not a JSON object of this shape; the reason is serde's.
+    pub fn from_json(body: &[u8]) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path.is_empty() || path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
+            Error::Config {
+                key,
+                value: String::new(),
+                reason: e.into_inner().to_string(),
+            }
+        })
+    }
+}
+
 impl Policy {
     /// Checks every value.
     ///
@@ -399,6 +430,151 @@ pub(crate) fn normalize_whitelist<S: AsRef<str>>(items: &[S]) -> Vec<String> {
         .map(|s| s.as_ref().trim().to_string())
         .filter(|s| !s.is_empty() && seen.insert(s.clone()))
         .collect()
+}
+
+/// Property tests (proptest, 512 cases, run by `cargo test`).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// A JSON value of any type, small.
+    fn any_json() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[a-z*: ]{0,8}".prop_map(Value::from),
+        ]
+    }
+
+    /// A value for `field` that is usually of the right type and often out of range, sometimes of another type.
+    fn field_value(field: &'static str) -> BoxedStrategy<Value> {
+        let right: BoxedStrategy<Value> = match field {
+            "enabled" => any::<bool>().prop_map(Value::from).boxed(),
+            "impl" => prop_oneof![Just("null"), Just("memory"), Just("redis"), Just("disk")]
+                .prop_map(Value::from)
+                .boxed(),
+            "whitelist" => proptest::collection::vec("[a-z*:_ ]{0,10}", 0..5)
+                .prop_map(|v| json!(v))
+                .boxed(),
+            "patterns" => proptest::collection::btree_map(
+                "[a-z:*]{0,8}",
+                (
+                    proptest::option::of(0u64..200_000),
+                    proptest::option::of(prop_oneof![
+                        Just("observe"),
+                        Just("shadow"),
+                        Just("serve"),
+                        Just("sideways")
+                    ]),
+                    proptest::option::of(-50.0f64..150.0),
+                    proptest::option::of(0u64..100_000),
+                ),
+                0..4,
+            )
+            .prop_map(|m| {
+                let m: serde_json::Map<String, Value> = m
+                    .into_iter()
+                    .map(|(k, (ttl, mode, ramp, rt))| {
+                        let mut o = serde_json::Map::new();
+                        if let Some(t) = ttl {
+                            o.insert("ttl_secs".into(), json!(t));
+                        }
+                        if let Some(m) = mode {
+                            o.insert("mode".into(), json!(m));
+                        }
+                        if let Some(r) = ramp {
+                            o.insert("ramp_percent".into(), json!(r));
+                        }
+                        if let Some(r) = rt {
+                            o.insert("read_timeout_ms".into(), json!(r));
+                        }
+                        (k, Value::Object(o))
+                    })
+                    .collect();
+                Value::Object(m)
+            })
+            .boxed(),
+            "rollback" => (any::<bool>(), -1.0f64..2.0, 0u64..1000, -5.0f64..500.0)
+                .prop_map(|(enabled, rate, min_calls, p99)| {
+                    json!({"enabled": enabled, "max_error_rate": rate, "min_calls": min_calls, "max_p99_ms": p99})
+                })
+                .boxed(),
+            _ => (0u64..10_000_000).prop_map(Value::from).boxed(),
+        };
+        prop_oneof![4 => right, 1 => any_json()].boxed()
+    }
+
+    const FIELDS: [&str; 8] = [
+        "enabled",
+        "impl",
+        "whitelist",
+        "default_ttl_secs",
+        "patterns",
+        "read_timeout_ms",
+        "rollback",
+        "colour",
+    ];
+
+    fn any_update() -> impl Strategy<Value = Value> {
+        proptest::sample::subsequence(FIELDS.to_vec(), 0..=FIELDS.len())
+            .prop_flat_map(|fields| {
+                fields
+                    .into_iter()
+                    .map(|f| field_value(f).prop_map(move |v| (f.to_string(), v)))
+                    .collect::<Vec<_>>()
+            })
+            .prop_map(|pairs| Value::Object(pairs.into_iter().collect()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any body is applied, or refused with the key (or pattern) that is wrong; an applied one round-trips.
+        #[test]
+        fn any_update_is_applied_or_refused_naming_the_key(body in any_update()) {
+            let bytes = serde_json::to_vec(&body).expect("json");
+            let update = match PolicyUpdate::from_json(&bytes) {
+                Ok(u) => u,
+                Err(Error::Config { key, .. }) => {
+                    prop_assert!(!key.is_empty());
+                    prop_assert!(key == "body" || FIELDS.iter().any(|f| key.starts_with(f)), "key {}", key);
+                    return Ok(());
+                }
+                Err(e) => return Err(TestCaseError::fail(format!("not a Config error: {e}"))),
+            };
+            match Policy::default().merged(&update) {
+                Ok(p) => {
+                    prop_assert!(p.validate().is_ok());
+                    let back: Policy = serde_json::from_value(serde_json::to_value(&p).expect("serialize"))
+                        .expect("an applied policy parses back");
+                    prop_assert_eq!(back, p);
+                    let again = PolicyUpdate::from_json(&serde_json::to_vec(&update).expect("json"))
+                        .expect("an update parses back");
+                    prop_assert_eq!(again, update);
+                }
+                Err(Error::Config { key, .. }) => {
+                    prop_assert!(key.starts_with("cache."), "key {}", key);
+                }
+                Err(Error::InvalidPattern { pattern, .. }) => {
+                    let _ = pattern;
+                }
+                Err(e) => return Err(TestCaseError::fail(format!("not a Config error: {e}"))),
+            }
+        }
+
+        /// Bytes that are not JSON at all are refused as a body.
+        #[test]
+        fn any_bytes_are_refused_or_parsed(raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Err(e) = PolicyUpdate::from_json(&raw) {
+                let is_config = matches!(e, Error::Config { .. });
+                prop_assert!(is_config, "{}", e);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -236,8 +236,14 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
         );
         return r;
     }
-    let update: PolicyUpdate = match serde_json::from_slice(&body) {
+    let update = match PolicyUpdate::from_json(&body) {
         Ok(u) => u,
+        Err(Error::Config { key, reason, .. }) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad body: {key}: {reason}"),
+            )
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
     };
     #[cfg(feature = "fleet")]

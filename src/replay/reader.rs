@@ -393,3 +393,48 @@ impl TraceReader {
         }))
     }
 }
+
+/// Property tests (proptest, 256 cases each, run by `cargo test`).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes that look like each format some of the time, and like nothing the rest.
+    fn trace_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..2048),
+            "([0-9]{1,4},[a-z:0-9]{0,12},[0-9]{1,3},[0-9x]{1,9},[0-9],(get|set|delete|frob),[0-9]\n){0,40}"
+                .prop_map(String::into_bytes),
+            "([0-9]{1,9} [0-9]{1,6} [0-9] [0-9]{1,5}\n){0,40}".prop_map(String::into_bytes),
+            "version,time,op,size,lbn\n([0-9],[0-9]{1,8},(28|2a|ff),[0-9]{1,6},[0-9a-z]{0,9}\n){0,40}"
+                .prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes, read as any format or recognised: each record is a request or a numbered malformed line,
+        /// never a panic, and numbering only goes up.
+        #[test]
+        fn any_bytes_give_requests_or_numbered_errors(bytes in trace_bytes(), which in 0usize..6) {
+            let format = TraceFormat::ALL.get(which).copied();
+            let csv = (format == Some(TraceFormat::Csv))
+                .then(|| "time-col=1,obj-id-col=2,obj-size-col=4,op-col=6".parse().expect("spec"));
+            let opts = ReadOptions::default().with_format(format).with_csv(csv);
+            let Ok(mut reader) = TraceReader::new(std::io::Cursor::new(bytes), &opts) else {
+                return Ok(());
+            };
+            let mut last = 0;
+            while let Some(record) = reader.next_record().expect("a Cursor does not fail") {
+                prop_assert!(reader.position() > last);
+                last = reader.position();
+                if let Record::Malformed(e) = record {
+                    let numbered = matches!(e, Error::Trace { line, .. } if line == last);
+                    prop_assert!(numbered, "{}", e);
+                }
+            }
+        }
+    }
+}

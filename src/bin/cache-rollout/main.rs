@@ -323,10 +323,7 @@ async fn run_fleet(args: FleetArgs) -> cache_rollout::Result<()> {
     let state = match args.action {
         FleetAction::Show => fleet.read().await?,
         FleetAction::Set { update } => {
-            let update: cache_rollout::PolicyUpdate =
-                serde_json::from_str(&update).map_err(|e| {
-                    cache_rollout::Error::config("update", update.clone(), e.to_string())
-                })?;
+            let update = cache_rollout::PolicyUpdate::from_json(update.as_bytes())?;
             Some(fleet.write(&settings.policy(), &update, "cli").await?)
         }
     };
