@@ -169,6 +169,11 @@ pub struct CacheSettings {
     /// `[cache.fleet]`: one rollout state for every instance, in Redis (`docs/scaling.md`).
     #[serde(default)]
     pub fleet: FleetOptions,
+    /// Let anyone read `GET /internal/cache` and its report in `staging` (default `false`: reading needs the admin
+    /// token there, as changing does). In `development` and `test` reading is always open; in `production` every
+    /// path under `/internal/` answers 404.
+    #[serde(default)]
+    pub internal_reads_open: bool,
 }
 
 /// The `[cache.memory]` table.
@@ -292,6 +297,7 @@ impl Default for Settings {
                 },
                 analysis: AnalysisOptions::default(),
                 fleet: FleetOptions::default(),
+                internal_reads_open: false,
                 redis: RedisSettings {
                     url: "redis://127.0.0.1:6379".into(),
                     key_prefix: None,

@@ -127,6 +127,7 @@ impl CacheRollout {
         let state =
             crate::http::InternalState::new(self.registry.clone(), self.admin_token.clone())
                 .with_env(self.settings.app_env)
+                .with_open_reads(self.settings.cache.internal_reads_open)
                 .with_config(self.settings.redacted());
         #[cfg(feature = "fleet")]
         let state = state.with_fleet(self.fleet.clone());

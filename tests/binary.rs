@@ -947,3 +947,113 @@ fn report_subcommand_prints_the_running_service_analysis() {
         .expect("run report");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid URL"));
 }
+
+#[test]
+fn neither_the_admin_token_nor_the_redis_password_appears_in_any_output() {
+    const PASSWORD: &str = "redis-password-5f3a9c";
+    const WRONG: &str = "presented-wrong-token-77e1";
+    let redis = RedisServer::start();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(PASSWORD)
+        .query(&mut redis.conn())
+        .expect("set a password");
+    let url = redis
+        .url()
+        .replace("redis://", &format!("redis://:{PASSWORD}@"));
+    let config = repo().join("config");
+    let config = config.to_str().expect("utf-8 path");
+    let svc = Service::start(
+        Path::new(config),
+        &[
+            ("APP_ENV", "staging"),
+            ("CACHE_ADMIN_TOKEN", TOKEN),
+            ("REDIS_URL", &url),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    let raw = reqwest::blocking::Client::new();
+    for (path, auth) in [("/internal/cache", None), ("/internal/cache", Some(WRONG))] {
+        let mut req = raw.get(format!("{}{path}", svc.base));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().expect("GET");
+        assert_eq!(resp.status(), 401, "reading in staging needs the token");
+        outputs.push((format!("GET {path} {auth:?}"), resp.text().expect("body")));
+    }
+    for path in ["/internal/cache", "/internal/cache/report", "/metrics"] {
+        let (status, _, text) = svc.get(path);
+        assert_eq!(status, 200, "{path}");
+        outputs.push((format!("GET {path}"), text));
+    }
+    let (status, _, text) = svc
+        .request(
+            reqwest::Method::PUT,
+            "/internal/cache/config",
+            Some(json!({"impl": 5})),
+        )
+        .expect("PUT");
+    assert_eq!(status, 400);
+    outputs.push(("bad PUT".into(), text));
+    let state = svc.put_config(json!({"impl": "redis", "whitelist": ["user"]}));
+    outputs.push(("PUT".into(), state.to_string()));
+    for id in 1..=20 {
+        svc.get(&format!("/users/{id}"));
+    }
+    // The command line, with the same secrets: fleet show, and a replay whose Redis refuses the password.
+    let out = command()
+        .args(["fleet", "--config-dir", config, "show"])
+        .env("REDIS_URL", &url)
+        .env("CACHE_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "trace")
+        .output()
+        .expect("fleet show");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    outputs.push((
+        "fleet show".into(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ));
+    let wrong_url = url.replace(PASSWORD, WRONG);
+    for args in [
+        vec!["fleet", "--config-dir", config, "show"],
+        vec!["replay", "--impl", "redis"],
+    ] {
+        let mut cmd = command();
+        cmd.args(&args)
+            .env("REDIS_URL", &wrong_url)
+            .env("CACHE_ADMIN_TOKEN", WRONG);
+        if args[0] == "replay" {
+            cmd.arg(trace("arc-p3.lis.zst"));
+        }
+        let out = cmd.output().expect("run");
+        assert!(!out.status.success(), "{args:?} with a wrong password");
+        outputs.push((
+            format!("{args:?}"),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    svc.signal("-TERM");
+    svc.wait_for(|| svc.log().contains("shut down"), "shutdown");
+    outputs.push(("service log".into(), svc.log()));
+    for (what, text) in &outputs {
+        for secret in [TOKEN, PASSWORD, WRONG] {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+    }
+    let log = svc.log();
+    assert!(
+        log.contains("refused a request under /internal/cache"),
+        "the refusals are logged"
+    );
+}

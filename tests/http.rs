@@ -683,3 +683,69 @@ async fn every_error_of_the_api_is_json() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(body["error"].is_string());
 }
+
+#[tokio::test]
+async fn in_staging_reading_needs_the_token_and_refusals_are_counted() {
+    let mut s = settings(None, Some(TOKEN));
+    s.app_env = cache_rollout::config::AppEnv::Staging;
+    let app = service(s.clone()).await;
+    for path in ["/internal/cache", "/internal/cache/report"] {
+        let (status, _, text) = get(&app, path).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {text}");
+        assert!(!text.contains(TOKEN));
+        let (status, _, _) = call(
+            &app,
+            Method::GET,
+            path,
+            Some("wrong-token-0123456789"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, body, _) = call(&app, Method::GET, path, Some(TOKEN), None).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(body.is_object());
+    }
+    let (_, _, metrics) = get(&app, "/metrics").await;
+    assert_eq!(
+        support::metric(&metrics, "cache_admin_auth_failures_total{action=\"read\"}"),
+        4.0,
+        "{metrics}"
+    );
+    let (status, _, _) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some("wrong-token-0123456789"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (_, _, metrics) = get(&app, "/metrics").await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "cache_admin_auth_failures_total{action=\"change\"}"
+        ),
+        1.0
+    );
+    // Opened by configuration; and without a token configured, reading is refused outright.
+    let mut open = s.clone();
+    open.cache.internal_reads_open = true;
+    let (status, _, _) = get(&service(open).await, "/internal/cache").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut none = s;
+    none.cache.admin_token = None;
+    let (status, body, _) = get(&service(none).await, "/internal/cache").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("needs the admin token")));
+    // In development anyone reads.
+    let (status, _, _) = get(
+        &service(settings(None, Some(TOKEN))).await,
+        "/internal/cache",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -7,9 +7,13 @@
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
 //! | the same when no token is configured | 403: changes are refused |
+//! | a `GET` in `staging` without the token (unless [`InternalState::with_open_reads`]) | 401, or 403 when no token is configured |
 //!
-//! The token is compared in constant time, and is at least 16 characters ([`AdminToken::new`] refuses a shorter
-//! one).
+//! **Reading is a privilege too.** In `development` and `test` anyone may read; in `staging` reading needs the same
+//! bearer token as changing, unless `cache.internal_reads_open` opens it. Every refusal for a missing or wrong token
+//! is counted in `cache_admin_auth_failures_total{action="read"|"change"}` and logged at `warn` with the path,
+//! never with the token presented. The token is compared in constant time, and is at least 16 characters
+//! ([`AdminToken::new`] refuses a shorter one).
 //!
 //! **Closed by construction.** The router reads the environment itself: when it is `production`, or `APP_ENV`
 //! holds a value that is not one of the four known ones, the router answers 404 for every path under `/internal/`
@@ -85,6 +89,8 @@ pub struct InternalState {
     fleet: Option<Arc<crate::fleet::Fleet>>,
     /// `None`: `APP_ENV` held an unknown value; the router is closed.
     env: Option<AppEnv>,
+    /// Anyone may read in `staging` too.
+    open_reads: bool,
 }
 
 impl InternalState {
@@ -100,7 +106,20 @@ impl InternalState {
             #[cfg(feature = "fleet")]
             fleet: None,
             env,
+            open_reads: false,
         }
+    }
+
+    /// Lets anyone read `GET /internal/cache` and its report in `staging` (`cache.internal_reads_open`). Reading is
+    /// always open in `development` and `test`, and never possible in `production`.
+    pub fn with_open_reads(mut self, open: bool) -> Self {
+        self.open_reads = open;
+        self
+    }
+
+    /// Whether a read needs the token here.
+    fn reads_need_token(&self) -> bool {
+        !self.open_reads && !matches!(self.env, Some(AppEnv::Development | AppEnv::Test))
     }
 
     /// Also closes the router when `env` is [`AppEnv::Production`]. It can only close it: with `APP_ENV`
@@ -202,25 +221,43 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     config
 }
 
-async fn show(State(state): State<InternalState>) -> Json<serde_json::Value> {
-    Json(view(&state).await)
+async fn show(State(state): State<InternalState>, headers: HeaderMap) -> Response {
+    if state.reads_need_token() {
+        if let Some(refused) = refusal(&state, &headers, "read", "/internal/cache") {
+            return refused;
+        }
+    }
+    Json(view(&state).await).into_response()
 }
 
-async fn report(State(state): State<InternalState>) -> Json<crate::analysis::Report> {
-    Json(state.registry.report())
+async fn report(State(state): State<InternalState>, headers: HeaderMap) -> Response {
+    if state.reads_need_token() {
+        if let Some(refused) = refusal(&state, &headers, "read", "/internal/cache/report") {
+            return refused;
+        }
+    }
+    Json(state.registry.report()).into_response()
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-async fn change(State(state): State<InternalState>, headers: HeaderMap, body: Bytes) -> Response {
+/// Checks the bearer token: `None` when it is right; else the refusal, 403 when none is configured, 401 (counted
+/// and logged, without what was presented) when it is missing or wrong.
+fn refusal(
+    state: &InternalState,
+    headers: &HeaderMap,
+    action: &'static str,
+    path: &'static str,
+) -> Option<Response> {
     let token = state.admin_token.0.load_full();
     let Some(expected) = token.as_deref() else {
-        return error(
+        return Some(error(
             StatusCode::FORBIDDEN,
-            "runtime changes are disabled: no CACHE_ADMIN_TOKEN is configured",
-        );
+            if action == "read" {
+                "reading /internal/cache outside development and test needs the admin token, and no \
+                 CACHE_ADMIN_TOKEN is configured"
+            } else {
+                "runtime changes are disabled: no CACHE_ADMIN_TOKEN is configured"
+            },
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -228,13 +265,31 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let authorized = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(expected.as_bytes())));
-    if !authorized {
-        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return r;
+    if authorized {
+        return None;
+    }
+    state.registry.metrics().auth_failed(action);
+    tracing::warn!(
+        path,
+        action,
+        presented = given.is_some(),
+        "cache: refused a request under /internal/cache without a valid admin token"
+    );
+    let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(r)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn change(State(state): State<InternalState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refusal(&state, &headers, "change", "/internal/cache/config") {
+        return refused;
     }
     let update = match PolicyUpdate::from_json(&body) {
         Ok(u) => u,

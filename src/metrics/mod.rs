@@ -22,6 +22,7 @@
 //! | `cache_value_size_bytes` | histogram | `key_pattern` |
 //! | `cache_candidate_requests_total` | counter | `route`, `method` |
 //! | `cache_candidate_request_duration_seconds` | histogram | `route`, `method` |
+//! | `cache_admin_auth_failures_total` | counter | `action` (`read`, `change`): `/internal/cache` requests refused for a missing or wrong admin token |
 //!
 //! Label handles are resolved once per pattern ([`PatternMetrics`]) or per route and cached; the hot path never
 //! looks a label up by string.
@@ -114,6 +115,8 @@ pub struct Metrics {
     shadow: IntCounterVec,
     rollbacks: IntCounterVec,
     leases: IntCounterVec,
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    auth_failures: IntCounterVec,
     tag_labels: Arc<Mutex<HashSet<String>>>,
     errors: Vec<Vec<IntCounter>>,                  // [impl][error_type]
     op_duration: Vec<Vec<Arc<DurationHistogram>>>, // [impl][operation]
@@ -265,6 +268,14 @@ impl Metrics {
             "Fill leases: granted, held by another caller, revoked before the fill, waited for another's fill.",
             &["impl", "result"],
         );
+        let auth_failures = counter(
+            "cache_admin_auth_failures_total",
+            "Requests under /internal/cache refused for a missing or wrong admin token, by what they tried.",
+            &["action"],
+        );
+        for action in ["read", "change"] {
+            auth_failures.with_label_values(&[action]);
+        }
         // The storing impls' lease results and built-in invalidation kinds exist from the start, at 0, so that the
         // first of each is an increase Prometheus can see.
         for cache_impl in [CacheImpl::Memory, CacheImpl::Redis] {
@@ -313,10 +324,17 @@ impl Metrics {
             shadow,
             rollbacks,
             leases,
+            auth_failures,
             tag_labels: Arc::default(),
             errors,
             op_duration,
         }
+    }
+
+    /// Counts a request refused for a missing or wrong admin token (`action`: `read` or `change`).
+    #[cfg(feature = "axum")]
+    pub(crate) fn auth_failed(&self, action: &'static str) {
+        self.auth_failures.with_label_values(&[action]).inc();
     }
 
     /// The Prometheus registry holding every family (to add your own, or to gather).
