@@ -2,7 +2,8 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted) |
+//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` and `routes` hold the [`INTERNAL_VIEW_ROWS`] busiest rows each, and `omitted` counts the rest |
+//! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows |
 //! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
@@ -25,7 +26,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
@@ -221,13 +222,83 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     config
 }
 
-async fn show(State(state): State<InternalState>, headers: HeaderMap) -> Response {
+/// Rows of `patterns` and of `routes` that `GET /internal/cache` shows, the busiest first (by calls); the rest
+/// are counted under `omitted`, and `?pattern=NAME` shows one pattern's rows. The answer stays a few tens of
+/// kilobytes whatever the number of patterns.
+pub const INTERNAL_VIEW_ROWS: usize = 20;
+
+/// The query of `GET /internal/cache`.
+#[derive(Debug, serde::Deserialize)]
+struct ShowQuery {
+    pattern: Option<String>,
+}
+
+async fn show(
+    State(state): State<InternalState>,
+    headers: HeaderMap,
+    query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     if state.reads_need_token() {
         if let Some(refused) = refusal(&state, &headers, "read", "/internal/cache") {
             return refused;
         }
     }
-    Json(view(&state).await).into_response()
+    let only = match query {
+        Ok(Query(q)) => q.pattern,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let mut v = view(&state).await;
+    trim_view(&mut v, only.as_deref());
+    Json(v).into_response()
+}
+
+/// Keeps the busiest [`INTERNAL_VIEW_ROWS`] rows of `patterns` and `routes` (or only `only`'s), and counts the rest
+/// under `omitted`.
+fn trim_view(v: &mut serde_json::Value, only: Option<&str>) {
+    let num = |r: &serde_json::Value, path: &[&str]| -> u64 {
+        path.iter()
+            .try_fold(r, |r, k| r.get(k))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let pattern_calls =
+        |r: &serde_json::Value| num(r, &["gets"]) + num(r, &["writes"]) + num(r, &["deletes"]);
+    let route_calls = |r: &serde_json::Value| {
+        ["ramped", "unramped", "shadowed"]
+            .iter()
+            .map(|arm| num(r, &[arm, "calls"]))
+            .sum::<u64>()
+    };
+    let mut omitted = serde_json::Map::new();
+    for (field, calls) in [
+        (
+            "patterns",
+            &pattern_calls as &dyn Fn(&serde_json::Value) -> u64,
+        ),
+        ("routes", &route_calls),
+    ] {
+        let Some(map) = v.get_mut(field).and_then(serde_json::Value::as_object_mut) else {
+            continue;
+        };
+        let total = map.len();
+        let keep: Vec<String> = match only {
+            Some(p) => map.keys().filter(|k| *k == p).cloned().collect(),
+            None => {
+                let mut rows: Vec<(u64, &String)> =
+                    map.iter().map(|(k, r)| (calls(r), k)).collect();
+                rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+                rows.into_iter()
+                    .take(INTERNAL_VIEW_ROWS)
+                    .map(|(_, k)| k.clone())
+                    .collect()
+            }
+        };
+        map.retain(|k, _| keep.contains(k));
+        omitted.insert(field.into(), json!(total - map.len()));
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("omitted".into(), serde_json::Value::Object(omitted));
+    }
 }
 
 async fn report(State(state): State<InternalState>, headers: HeaderMap) -> Response {

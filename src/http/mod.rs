@@ -24,7 +24,7 @@ mod candidate;
 mod internal;
 
 pub use self::candidate::{Candidate, CandidateLayer, CandidateResponseFuture, UNMATCHED_ROUTE};
-pub use self::internal::{internal_router, AdminToken, InternalState};
+pub use self::internal::{internal_router, AdminToken, InternalState, INTERNAL_VIEW_ROWS};
 
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -342,10 +342,12 @@ impl CacheRegistry {
     /// Must be called within a Tokio runtime.
     ///
     /// # Errors
-    /// An invalid policy.
+    /// An invalid policy, or one that names more patterns than `max_patterns` in its whitelist or its per-pattern
+    /// settings ([`Error::Config`] naming `cache.whitelist` or `cache.patterns`).
     pub async fn new(opts: RegistryOptions) -> Result<Self> {
         opts.policy.validate()?;
         opts.analysis.validate()?;
+        check_policy_bounds(&opts.policy, opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT))?;
         let clock = opts.clock.unwrap_or_default();
         let analysis = opts.analysis.enabled.then(|| Analysis {
             shared: Shards::with_max_rate(
@@ -545,6 +547,31 @@ impl CacheRegistry {
     pub(crate) fn upgrade(weak: &WeakRegistry) -> Option<CacheRegistry> {
         weak.0.upgrade().map(|inner| CacheRegistry { inner })
     }
+}
+
+/// A policy names at most `max_patterns` (`cache.max_patterns`) patterns in its whitelist, and as many in its
+/// per-pattern settings: each named pattern gets rollback series, a route and a row in `GET /internal/cache`, so
+/// names are bounded like the key patterns themselves (`"*"` serves every pattern in one entry).
+///
+/// # Errors
+/// [`Error::Config`](crate::Error::Config) naming `cache.whitelist` or `cache.patterns` and the bound.
+pub(crate) fn check_policy_bounds(policy: &Policy, max_patterns: usize) -> Result<()> {
+    for (key, n) in [
+        ("cache.whitelist", policy.whitelist.len()),
+        ("cache.patterns", policy.patterns.len()),
+    ] {
+        if n > max_patterns {
+            return Err(crate::Error::config(
+                key,
+                format!("{n} names"),
+                format!(
+                    "at most {max_patterns} (cache.max_patterns): each named pattern gets metric series; \
+                     use \"*\" to serve every pattern"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -177,6 +177,7 @@ impl CacheRegistry {
         let Some((policy, redis)) = change.resolve(&cur)? else {
             return Ok(()); // a start-up retry, after someone else switched: their choice wins
         };
+        super::check_policy_bounds(&policy, self.inner.max_patterns)?;
         let result = self.prepare(&cur, &policy, &redis).await;
         let version = cur.version + u64::from(result.is_ok());
         let record = SwapRecord {

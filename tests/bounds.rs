@@ -1,0 +1,216 @@
+//! Nothing unbounded: a flood of names, keys, URLs and tags leaves the metric series, `GET /internal/cache` and the
+//! process's memory within their bounds. One test in its own process, so that its memory is its own.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use cache_rollout::config::Settings;
+use cache_rollout::{CacheRegistry, CacheRollout};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "bounds-test-token-0123456789";
+
+/// A small xorshift generator: the flood is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A lowercase word of 3 to 10 letters.
+    fn word(&mut self) -> String {
+        let n = 3 + (self.next() % 8) as usize;
+        (0..n)
+            .map(|_| (b'a' + (self.next() % 26) as u8) as char)
+            .collect()
+    }
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+    let body = match body {
+        Some(v) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = app
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 26)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One round of the flood: `keys` calls on random keys of thousands of key patterns, random URLs (matched and
+/// not), and random invalidation tags.
+async fn flood(app: &Router, registry: &CacheRegistry, rng: &mut Rng, keys: usize) {
+    for _ in 0..keys {
+        let key = format!("{}:{}", rng.word(), rng.next() % 1_000_000);
+        let _ = registry
+            .get_or_load(&key, || async { Ok::<_, Infallible>("v".to_string()) })
+            .await;
+    }
+    for _ in 0..2_000 {
+        let uri = if rng.next().is_multiple_of(2) {
+            format!("/items/{}", rng.next() % 1000)
+        } else {
+            format!("/{}/{}?q={}", rng.word(), rng.word(), rng.next())
+        };
+        let _ = call(app, Method::GET, &uri, None).await;
+    }
+    for _ in 0..2_000 {
+        let _ = registry.invalidate_tag(&rng.word()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_names_keys_urls_and_tags_stay_within_their_bounds() {
+    let mut settings = Settings::default();
+    settings.cache.admin_token = Some(TOKEN.into());
+    settings.cache.cache_impl = cache_rollout::cache::CacheImpl::Memory;
+    let max_patterns = settings.cache.max_patterns;
+    let cache = CacheRollout::builder("bounds")
+        .settings(settings)
+        .build()
+        .await
+        .expect("cache");
+    let registry = cache.registry().clone();
+    let items = registry.clone();
+    let app = Router::new()
+        .route(
+            "/items/{id}",
+            get(move |Path(id): Path<u64>| {
+                let r = items.clone();
+                async move {
+                    r.get_or_load(&format!("item:{id}"), || async { Ok::<_, Infallible>(id) })
+                        .await
+                        .unwrap_or(0)
+                        .to_string()
+                }
+            }),
+        )
+        // As the catalog does: a fallback, so that the layer counts unmatched requests too (as `unmatched`).
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(cache.layer())
+        .merge(cache.router());
+
+    // A whitelist (or per-pattern settings) past cache.max_patterns is refused, naming the bound; at it, accepted.
+    let names: Vec<String> = (0..20_000).map(|i| format!("name{i}")).collect();
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(json!({"whitelist": names})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(
+        text.contains("cache.whitelist") && text.contains(&format!("at most {max_patterns}")),
+        "{text}"
+    );
+    let patterns: serde_json::Map<String, Value> = (0..=max_patterns)
+        .map(|i| (format!("name{i}"), json!({"ttl_secs": 60})))
+        .collect();
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(json!({"patterns": patterns})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("cache.patterns"), "{text}");
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/internal/cache/config",
+        Some(json!({"whitelist": names[..max_patterns]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+
+    // The flood, twice: the first fills every bounded table, the second must add nothing.
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    flood(&app, &registry, &mut rng, 100_000).await;
+    let (_, metrics_first) = call(&app, Method::GET, "/metrics", None).await;
+    let rss_first = rss_kib();
+    flood(&app, &registry, &mut rng, 100_000).await;
+    let (_, metrics) = call(&app, Method::GET, "/metrics", None).await;
+    let rss_second = rss_kib();
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    let (first, second) = (series(&metrics_first), series(&metrics));
+    let (status, state) = call(&app, Method::GET, "/internal/cache", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, one) = call(&app, Method::GET, "/internal/cache?pattern=other", None).await;
+    eprintln!(
+        "series: {first} after the first flood, {second} after the second; /metrics {} bytes; \
+         /internal/cache {} bytes (?pattern=other: {} bytes); RSS {rss_first} KiB -> {rss_second} KiB",
+        metrics.len(),
+        state.len(),
+        one.len()
+    );
+    assert_eq!(first, second, "the second flood added series");
+    assert!(second < 20_000, "{second} series");
+    assert!(
+        state.len() < 64 << 10,
+        "GET /internal/cache is {} bytes",
+        state.len()
+    );
+    let state: Value = serde_json::from_str(&state).expect("json");
+    assert!(state["patterns"]
+        .as_object()
+        .is_some_and(|p| p.len() <= cache_rollout::http::INTERNAL_VIEW_ROWS));
+    assert!(
+        state["omitted"]["patterns"].as_u64() > Some(0),
+        "{}",
+        state["omitted"]
+    );
+    assert!(
+        state["patterns"].get("other").is_some(),
+        "the folded rest is the busiest row"
+    );
+    let one: Value = serde_json::from_str(&one).expect("json");
+    assert_eq!(one["patterns"].as_object().map(|p| p.len()), Some(1));
+    // Tags and routes folded too.
+    assert!(metrics.contains("tag=\"other\""), "tags fold into other");
+    assert!(metrics.contains("route=\"unmatched\""));
+    assert!(
+        rss_second < rss_first + 32 * 1024,
+        "RSS grew from {rss_first} KiB to {rss_second} KiB over the second flood"
+    );
+}
