@@ -1057,3 +1057,72 @@ fn neither_the_admin_token_nor_the_redis_password_appears_in_any_output() {
         "the refusals are logged"
     );
 }
+
+#[test]
+fn sigterm_under_load_fails_no_request_in_flight_and_leaves_no_lease() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let svc = Service::start_with(
+        &repo().join("config"),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("CACHE_ADMIN_TOKEN", TOKEN),
+            ("CACHE_IMPL", "redis"),
+            ("CACHE_PATTERNS", "user,project"),
+        ],
+        // A slow origin: loads (and the leases they hold) are in progress when the signal comes.
+        &["--origin-delay-ms", "20"],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let base = svc.base.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // A new connection per request: after the listener closes, a request is refused, never cut.
+                let client = reqwest::blocking::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                let (mut ok, mut refused, mut failed) = (0u64, 0u64, Vec::new());
+                for i in 0..2_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) && refused > 0 {
+                        break;
+                    }
+                    let path = if i % 3 == 0 {
+                        format!("/projects/{}/members", (i * 7 + w) % 50 + 1)
+                    } else {
+                        format!("/users/{}", (i * 13 + w) % 400 + 1)
+                    };
+                    match client.get(format!("{base}{path}")).send() {
+                        Ok(r) if r.status().is_success() => ok += 1,
+                        Ok(r) => failed.push(format!("{path}: HTTP {}", r.status())),
+                        Err(e) if e.is_connect() => refused += 1,
+                        Err(e) => failed.push(format!("{path}: {e}")),
+                    }
+                }
+                (ok, refused, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    svc.signal("-TERM");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut refused, mut failed) = (0, 0, Vec::new());
+    for w in workers {
+        let (o, r, f) = w.join().expect("worker");
+        ok += o;
+        refused += r;
+        failed.extend(f);
+    }
+    svc.wait_for(|| svc.log().contains("shut down"), "a clean shutdown");
+    eprintln!("SIGTERM under load: {ok} answered, {refused} refused after the listener closed");
+    assert!(ok > 0);
+    assert!(failed.is_empty(), "requests in flight failed: {failed:?}");
+    let leases: Vec<String> = redis::cmd("KEYS")
+        .arg("*~lease*")
+        .query(&mut redis.conn())
+        .expect("KEYS");
+    assert!(leases.is_empty(), "leases left in Redis: {leases:?}");
+}
