@@ -242,8 +242,14 @@ fn bad_configuration_stops_start_up_naming_key_and_value() {
 
 /// `cache-rollout replay --impl IMP --json TRACE`, which must succeed, parsed.
 fn replay_json(cache_impl: &str, trace: &Path) -> Value {
+    replay_ok(&["--impl", cache_impl], trace)
+}
+
+/// `cache-rollout replay --json ARGS TRACE`, which must succeed, parsed.
+fn replay_ok(args: &[&str], trace: &Path) -> Value {
     let out = command()
-        .args(["replay", "--impl", cache_impl, "--json"])
+        .args(["replay", "--json"])
+        .args(args)
         .arg(trace)
         .output()
         .expect("run replay");
@@ -478,20 +484,7 @@ fn oracle_general_and_csv_readers_read_the_real_cloudphysics_requests_alike() {
     let oracle_path = dir.path().join("cloudphysics.oracleGeneral.zst");
     std::fs::write(&oracle_path, oracle.finish().expect("zstd")).expect("write");
 
-    let run = |args: &[&str], path: &Path| -> Value {
-        let out = command()
-            .args(["replay", "--json"])
-            .args(args)
-            .arg(path)
-            .output()
-            .expect("run replay");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON")
-    };
+    let run = replay_ok;
     let original = run(&[], &trace("cloudphysics-io.csv.zst"));
     let from_csv = run(
         &[
