@@ -223,6 +223,10 @@ pub struct FleetOptions {
     /// Re-read period in milliseconds (`cache.fleet.poll_ms`, default 1000, at least 100): a change whose
     /// notification was lost is applied within this long.
     pub poll_ms: u64,
+    /// Most names a stored policy's whitelist and per-pattern settings may hold: `cache.max_patterns` (default
+    /// 100), filled in by [`Settings::fleet_options`]. Not a key of `[cache.fleet]`.
+    #[serde(skip)]
+    pub max_patterns: usize,
 }
 
 impl Default for FleetOptions {
@@ -231,6 +235,7 @@ impl Default for FleetOptions {
             enabled: false,
             key: None,
             poll_ms: 1000,
+            max_patterns: 100,
         }
     }
 }
@@ -556,6 +561,7 @@ impl Settings {
                 format!("cache-rollout:{}:fleet", self.service)
             });
         }
+        f.max_patterns = self.cache.max_patterns;
         f
     }
 
@@ -590,6 +596,10 @@ impl Settings {
             ("cache.fleet", a.fleet != b.fleet),
             ("cache.templates", a.templates != b.templates),
             ("cache.max_patterns", a.max_patterns != b.max_patterns),
+            (
+                "cache.internal_reads_open",
+                a.internal_reads_open != b.internal_reads_open,
+            ),
             (
                 "cache.max_value_bytes",
                 a.max_value_bytes != b.max_value_bytes,

@@ -123,6 +123,8 @@ pub struct Fleet {
     key: String,
     secret: String,
     poll: Duration,
+    /// Bound on the names of a stored policy ([`FleetOptions::max_patterns`]).
+    max_patterns: usize,
     instance: String,
     status: Mutex<FleetStatus>,
     /// One read-and-apply at a time, so an older read can never be applied after a newer one.
@@ -188,6 +190,9 @@ impl Fleet {
             key: key.clone(),
             secret: secret.to_string(),
             poll: Duration::from_millis(opts.poll_ms),
+            max_patterns: opts
+                .max_patterns
+                .clamp(1, crate::pattern::MAX_PATTERNS_LIMIT),
             instance: format!(
                 "{}:{}",
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
@@ -270,7 +275,8 @@ impl Fleet {
     /// it as the next version; every instance following the key applies it within a poll period.
     ///
     /// # Errors
-    /// An invalid update ([`Error::Config`]); Redis unreachable; a stored document that does not verify.
+    /// An invalid update, or one naming more patterns than `cache.max_patterns` ([`Error::Config`]); Redis
+    /// unreachable; a stored document that does not verify.
     pub async fn write(
         &self,
         base: &Policy,
@@ -282,6 +288,8 @@ impl Fleet {
                 Some(s) => (s.version, s.epoch, s.policy.merged(update)?),
                 None => (0, new_epoch(), base.merged(update)?),
             };
+            // Refused before it is stored: a policy no instance would install must not reach the fleet.
+            crate::registry::check_policy_bounds(&policy, self.max_patterns)?;
             if let Some(state) = self.store(after, &epoch, policy, source).await? {
                 return Ok(state);
             }

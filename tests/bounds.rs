@@ -206,6 +206,39 @@ async fn floods_of_names_keys_urls_and_tags_stay_within_their_bounds() {
     );
     let one: Value = serde_json::from_str(&one).expect("json");
     assert_eq!(one["patterns"].as_object().map(|p| p.len()), Some(1));
+    let (status, _) = call(
+        &app,
+        Method::GET,
+        "/internal/cache?pattern=nothing-like-it",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Whitelists replaced again and again by fresh names: the rollback series of names no longer served go.
+    for round in 0..5 {
+        let fresh: Vec<String> = (0..max_patterns)
+            .map(|i| format!("round{round}name{i}"))
+            .collect();
+        let (status, text) = call(
+            &app,
+            Method::PUT,
+            "/internal/cache/config",
+            Some(json!({"whitelist": fresh})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let (_, after) = call(&app, Method::GET, "/metrics", None).await;
+    let rollback_series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("cache_rollback_total{"))
+            .count()
+    };
+    assert_eq!(
+        rollback_series(&after),
+        rollback_series(&metrics),
+        "five more whitelists of fresh names piled up rollback series"
+    );
     // Tags and routes folded too.
     assert!(metrics.contains("tag=\"other\""), "tags fold into other");
     assert!(metrics.contains("route=\"unmatched\""));

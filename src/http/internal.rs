@@ -2,8 +2,8 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` and `routes` hold the [`INTERNAL_VIEW_ROWS`] busiest rows each, and `omitted` counts the rest |
-//! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows |
+//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` holds the [`INTERNAL_VIEW_ROWS`] busiest rows and `other`, and `omitted` counts the rest |
+//! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows; 404 for a pattern neither seen nor named |
 //! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
@@ -123,13 +123,21 @@ impl InternalState {
         !self.open_reads && !matches!(self.env, Some(AppEnv::Development | AppEnv::Test))
     }
 
-    /// Also closes the router when `env` is [`AppEnv::Production`]. It can only close it: with `APP_ENV`
-    /// production or unknown, the router stays closed whatever `env` says, so a configuration that did not come
-    /// from the environment cannot open `/internal/` in production.
+    /// Also closes the router when `env` is [`AppEnv::Production`], and makes reading need the token when it is
+    /// [`AppEnv::Staging`]. It can only close: the stricter of `APP_ENV` and `env` holds (development and test <
+    /// staging < production; an unknown `APP_ENV` stays closed), so a configuration that did not come from the
+    /// environment cannot open what the environment closed.
     pub fn with_env(mut self, env: AppEnv) -> Self {
+        // How closed: development and test read openly, staging reads with the token, production is closed.
+        let rank = |e: AppEnv| match e {
+            AppEnv::Development | AppEnv::Test => 0,
+            AppEnv::Staging => 1,
+            AppEnv::Production => 2,
+        };
         self.env = match self.env {
-            None | Some(AppEnv::Production) => self.env,
-            Some(_) => Some(env),
+            None => None,
+            Some(cur) if rank(env) > rank(cur) => Some(env),
+            Some(cur) => Some(cur),
         };
         self
     }
@@ -222,9 +230,9 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     config
 }
 
-/// Rows of `patterns` and of `routes` that `GET /internal/cache` shows, the busiest first (by calls); the rest
-/// are counted under `omitted`, and `?pattern=NAME` shows one pattern's rows. The answer stays a few tens of
-/// kilobytes whatever the number of patterns.
+/// Rows of `patterns` that `GET /internal/cache` shows: the busiest by calls, and always `other`; the rest are
+/// counted under `omitted`, and `?pattern=NAME` shows one pattern's rows. `routes` (one per named pattern, at most
+/// `cache.max_patterns`) are all shown. The answer stays a few tens of kilobytes whatever the number of patterns.
 pub const INTERNAL_VIEW_ROWS: usize = 20;
 
 /// The query of `GET /internal/cache`.
@@ -244,16 +252,27 @@ async fn show(
         }
     }
     let only = match query {
-        Ok(Query(q)) => q.pattern,
+        Ok(Query(q)) => q.pattern.filter(|p| !p.is_empty()),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let mut v = view(&state).await;
+    if let Some(p) = &only {
+        let known = ["patterns", "routes"]
+            .iter()
+            .any(|f| v.get(f).and_then(|m| m.get(p)).is_some());
+        if !known {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no key pattern {p:?} seen or named in the policy"),
+            );
+        }
+    }
     trim_view(&mut v, only.as_deref());
     Json(v).into_response()
 }
 
-/// Keeps the busiest [`INTERNAL_VIEW_ROWS`] rows of `patterns` and `routes` (or only `only`'s), and counts the rest
-/// under `omitted`.
+/// Keeps the busiest [`INTERNAL_VIEW_ROWS`] rows of `patterns` and `other` (or only `only`'s rows of `patterns`
+/// and `routes`), and counts the rest under `omitted`.
 fn trim_view(v: &mut serde_json::Value, only: Option<&str>) {
     let num = |r: &serde_json::Value, path: &[&str]| -> u64 {
         path.iter()

@@ -115,6 +115,8 @@ pub struct Metrics {
     shadow: IntCounterVec,
     rollbacks: IntCounterVec,
     leases: IntCounterVec,
+    /// The `(impl, pattern)` pairs whose rollback series [`Metrics::declare_rollbacks`] created last.
+    rollbacks_declared: Arc<Mutex<HashSet<(CacheImpl, String)>>>,
     #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     auth_failures: IntCounterVec,
     tag_labels: Arc<Mutex<HashSet<String>>>,
@@ -324,6 +326,7 @@ impl Metrics {
             shadow,
             rollbacks,
             leases,
+            rollbacks_declared: Arc::default(),
             auth_failures,
             tag_labels: Arc::default(),
             errors,
@@ -455,13 +458,36 @@ impl Metrics {
         }
     }
 
-    /// Creates the `cache_rollback_total` series of a served or shadowed pattern at 0, one per reason, so that the
-    /// first rollback is an increase Prometheus can see (`increase()` cannot see a series that starts at 1).
-    pub(crate) fn declare_rollbacks(&self, cache_impl: CacheImpl, pattern: &str) {
-        for reason in crate::rollout::Reason::ALL {
-            self.rollbacks
-                .with_label_values(&[cache_impl.as_str(), pattern, reason.as_str()]);
+    /// Creates the `cache_rollback_total` series of the served or shadowed patterns at 0, one per reason, so that
+    /// the first rollback is an increase Prometheus can see (`increase()` cannot see a series that starts at 1);
+    /// and removes those of patterns no longer served or shadowed that never counted a rollback, so that changing
+    /// the whitelist again and again does not pile series up.
+    pub(crate) fn declare_rollbacks(&self, routed: HashSet<(CacheImpl, String)>) {
+        use crate::rollout::Reason;
+        let mut declared = self
+            .rollbacks_declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (cache_impl, pattern) in declared.difference(&routed) {
+            let labels = |r: Reason| [cache_impl.as_str(), pattern.as_str(), r.as_str()];
+            let untouched = Reason::ALL.into_iter().all(|r| {
+                self.rollbacks
+                    .get_metric_with_label_values(&labels(r))
+                    .map_or(true, |c| c.get() == 0)
+            });
+            if untouched {
+                for r in Reason::ALL {
+                    let _ = self.rollbacks.remove_label_values(&labels(r));
+                }
+            }
         }
+        for (cache_impl, pattern) in &routed {
+            for reason in Reason::ALL {
+                self.rollbacks
+                    .with_label_values(&[cache_impl.as_str(), pattern, reason.as_str()]);
+            }
+        }
+        *declared = routed;
     }
 
     pub(crate) fn rollback(&self, cache_impl: CacheImpl, pattern: &str, reason: &str) {

@@ -226,13 +226,13 @@ impl CacheRegistry {
         }
         let mut next = Active::new(policy, backend, redis, version, Arc::default(), &breakers);
         next.whitelisted = self.whitelist_estimator(&cur, &next);
-        if next.stores {
-            for (pattern, route) in &next.routes {
-                if route.mode != Mode::Observe {
-                    self.inner.metrics.declare_rollbacks(cache_impl, pattern);
-                }
-            }
-        }
+        let routed = next
+            .routes
+            .iter()
+            .filter(|(_, route)| next.stores && route.mode != Mode::Observe)
+            .map(|(pattern, _)| (cache_impl, pattern.clone()))
+            .collect();
+        self.inner.metrics.declare_rollbacks(routed);
         // rcu, not store: a pattern first seen during the swap must not be lost. Under the breakers' lock, so a
         // trip cannot slip in between.
         self.inner.active.rcu(|cur| Active {

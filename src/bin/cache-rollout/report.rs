@@ -31,15 +31,26 @@ pub(crate) async fn run(args: ReportArgs) -> Result<()> {
         .timeout(Duration::from_secs(TIMEOUT_SECS))
         .build()
         .map_err(|e| fail(cause(&e)))?;
-    let resp = client.get(&url).send().await.map_err(|e| fail(cause(&e)))?;
+    // Reading needs the admin token in staging: send it when it is set (never shown).
+    let mut req = client.get(&url);
+    if let Ok(token) = std::env::var("CACHE_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+    }
+    let resp = req.send().await.map_err(|e| fail(cause(&e)))?;
     let status = resp.status();
     let body = resp.text().await.map_err(|e| fail(cause(&e)))?;
     if !status.is_success() {
         return Err(fail(match status {
             reqwest::StatusCode::NOT_FOUND => "HTTP 404 Not Found: every /internal/ path answers 404 when APP_ENV is \
-                 production or unknown (start the service with APP_ENV=development or staging), or this is not a \
-                 cache-rollout service"
+                 production or unknown (start the service with APP_ENV=development, or staging with \
+                 CACHE_ADMIN_TOKEN), or this is not a cache-rollout service"
                 .to_string(),
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => format!(
+                "HTTP {status}: in staging, reading /internal/cache needs the admin token: set CACHE_ADMIN_TOKEN \
+                 (sent as a bearer token) to the service's"
+            ),
             s => format!("HTTP {s}: {}", body.chars().take(200).collect::<String>()),
         }));
     }
