@@ -193,6 +193,10 @@ async fn write(reg: &CacheRegistry, origin: &Origin, tally: &Tally, k: usize) {
 
 /// Randomized concurrent history check: `readers` tasks per registry and `writers` tasks share `keys` keys for
 /// `ops` reads; every read is checked against the versions whose invalidation had returned when it started.
+/// The history checks run one at a time: each drives 16 or more tasks (and on a cluster six redis-servers) flat out,
+/// and two at once on a two-core machine starve each other's Redis replies past their deadlines.
+static ONE_HISTORY_CHECK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn history_check(regs: &[CacheRegistry], keys: usize, ops: u64, seed: u64) -> Arc<Tally> {
     history_run(regs, keys, Arc::new(AtomicU64::new(ops)), seed, false).await
 }
@@ -263,6 +267,7 @@ async fn history_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_stale_value_is_ever_read_after_an_invalidation_returned() {
+    let _alone = ONE_HISTORY_CHECK_AT_A_TIME.lock().await;
     let server = RedisServer::start();
     // Two registries with their own connections and single-flight tables: two processes sharing one Redis.
     let a = registry(options(CacheImpl::Redis, &server.url(), &[])).await;
@@ -293,6 +298,7 @@ async fn no_stale_value_is_ever_read_after_an_invalidation_returned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_stale_value_on_a_cluster_even_when_a_primary_is_killed_during_load() {
+    let _alone = ONE_HISTORY_CHECK_AT_A_TIME.lock().await;
     let mut cluster = RedisCluster::start();
     let mut o = options(CacheImpl::Redis, &cluster.url(), &[]);
     // Every write and invalidation is on a replica before it returns, so the replica that takes over from a killed
@@ -393,6 +399,7 @@ async fn no_stale_value_on_a_cluster_even_when_a_primary_is_killed_during_load()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_in_process_cache_passes_the_history_check_too() {
+    let _alone = ONE_HISTORY_CHECK_AT_A_TIME.lock().await;
     let reg = registry(options(CacheImpl::Memory, "redis://127.0.0.1:1", &[])).await;
     let tally = history_check(std::slice::from_ref(&reg), 16, 10_000, 0xF00D).await;
     assert_eq!(tally.stale.load(Ordering::Relaxed), 0);
@@ -1015,6 +1022,7 @@ async fn read_version(reg: &CacheRegistry, k: u64, version: &AtomicU64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_l1_in_front_of_redis_passes_the_history_check() {
+    let _alone = ONE_HISTORY_CHECK_AT_A_TIME.lock().await;
     let server = RedisServer::start();
     let reg = registry(l1_options(&server.url())).await;
     l1_live(std::slice::from_ref(&reg)).await;
