@@ -1,17 +1,17 @@
 //! Nothing unbounded: a flood of names, keys, URLs and tags leaves the metric series, `GET /internal/cache` and the
 //! process's memory within their bounds. One test in its own process, so that its memory is its own.
 
+mod support;
+
 use std::convert::Infallible;
 
-use axum::body::Body;
 use axum::extract::Path;
-use axum::http::{header, Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::routing::get;
 use axum::Router;
 use cache_rollout::config::Settings;
 use cache_rollout::{CacheRegistry, CacheRollout};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const TOKEN: &str = "bounds-test-token-0123456789";
 
@@ -41,27 +41,8 @@ async fn call(
     uri: &str,
     body: Option<Value>,
 ) -> (StatusCode, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-    let body = match body {
-        Some(v) => {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-            Body::from(v.to_string())
-        }
-        None => Body::empty(),
-    };
-    let resp = app
-        .clone()
-        .oneshot(req.body(body).expect("request"))
-        .await
-        .expect("infallible");
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 26)
-        .await
-        .expect("body");
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    let (status, _, text) = support::router::call(app, method, uri, Some(TOKEN), body).await;
+    (status, text)
 }
 
 /// Resident memory of this process, in KiB (Linux).

@@ -4,15 +4,14 @@ mod support;
 
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::Router;
 use cache_rollout::config::{AppEnv, Settings};
 use cache_rollout::http::{internal_router, AdminToken, InternalState};
 use cache_rollout::{CacheRegistry, CacheRollout, RegistryOptions};
 use serde_json::{json, Value};
+use support::router::call;
 use support::{metric, RedisServer};
-use tower::ServiceExt;
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -42,41 +41,6 @@ fn settings(redis_url: Option<String>, token: Option<&str>) -> Settings {
         s.cache.redis.url = url;
     }
     s
-}
-
-async fn call(
-    app: &Router,
-    method: Method,
-    uri: &str,
-    auth: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value, String) {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(token) = auth {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let body = match body {
-        Some(v) => {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-            Body::from(v.to_string())
-        }
-        None => Body::empty(),
-    };
-    let resp = app
-        .clone()
-        .oneshot(req.body(body).expect("request"))
-        .await
-        .expect("infallible");
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
-        .await
-        .expect("body");
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
 }
 
 async fn get(app: &Router, uri: &str) -> (StatusCode, Value, String) {

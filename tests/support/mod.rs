@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+// In-process requests to a router, for the tests that have the axum pieces.
+#[cfg(feature = "axum")]
+pub mod router;
+
 // The binary is built only with the `cli` feature.
 #[cfg(feature = "cli")]
 pub mod service;

@@ -566,17 +566,9 @@ pub(crate) fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
     }
 }
 
-/// `1266595` → `1,266,595`.
-pub(crate) fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+/// `1266595` → `1,266,595` (indicatif's `HumanCount`).
+fn thousands(n: u64) -> String {
+    indicatif::HumanCount(n).to_string()
 }
 
 /// Bytes in binary units, as indicatif's `{bytes}` shows them: `541.2 MiB`.
