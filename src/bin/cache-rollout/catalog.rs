@@ -8,7 +8,9 @@
 //! | `PUT /users/{id}` | updates the user, then invalidates `user:{id}` and the member lists that show the user | |
 //!
 //! plus `GET /health`, `GET /metrics`, and `/internal/cache` (404 in production). The database lives in memory and
-//! is created and seeded at start-up, so the service needs nothing installed.
+//! is created and seeded at start-up, so the service needs nothing installed; `serve --database FILE` keeps it in
+//! a SQLite file instead, which several instances can share (created and seeded by the first, WAL journal), so a
+//! write through one instance is what the others read.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -97,6 +99,45 @@ impl Origin {
     pub(crate) fn seeded(users: i64, delay: Duration) -> Result<Self, OriginError> {
         let conn = Connection::open_in_memory().map_err(|e| OriginError(e.to_string()))?;
         seed(&conn, users).map_err(|e| OriginError(e.to_string()))?;
+        Ok(Origin {
+            conn: Arc::new(Mutex::new(conn)),
+            delay,
+        })
+    }
+
+    /// Opens the database in the SQLite file `path`, which other instances may share: it is created and seeded
+    /// (as [`Origin::seeded`]) by the first to open it, in one exclusive transaction, and left as it is by the
+    /// others, whatever their `users`. WAL journal; a writer waits up to 5 s for another process's lock.
+    ///
+    /// # Errors
+    /// The file cannot be opened or created, is not a SQLite database, or stays locked for 5 s.
+    pub(crate) fn shared(
+        path: &std::path::Path,
+        users: i64,
+        delay: Duration,
+    ) -> Result<Self, OriginError> {
+        let err = |e: rusqlite::Error| OriginError(format!("{}: {e}", path.display()));
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.execute_batch("BEGIN EXCLUSIVE;").map_err(err)?;
+        let exists: bool = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'users'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let seeded = if exists {
+            conn.execute_batch("COMMIT;")
+        } else {
+            seed_tables(&conn, users).and_then(|()| conn.execute_batch("COMMIT;"))
+        };
+        if let Err(e) = seeded {
+            let _ = conn.execute_batch("ROLLBACK;");
+            return Err(err(e));
+        }
         Ok(Origin {
             conn: Arc::new(Mutex::new(conn)),
             delay,
@@ -229,13 +270,19 @@ impl Origin {
 }
 
 fn seed(c: &Connection, users: i64) -> rusqlite::Result<()> {
+    c.execute_batch("BEGIN;")?;
+    seed_tables(c, users)?;
+    c.execute_batch("COMMIT;")
+}
+
+/// Creates and fills the tables, inside the caller's transaction.
+fn seed_tables(c: &Connection, users: i64) -> rusqlite::Result<()> {
     c.execute_batch(
         "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL);
          CREATE TABLE projects (id INTEGER PRIMARY KEY, name TEXT NOT NULL, owner_id INTEGER NOT NULL REFERENCES users(id));
          CREATE TABLE project_members (project_id INTEGER NOT NULL REFERENCES projects(id),
                                        user_id INTEGER NOT NULL REFERENCES users(id), role TEXT NOT NULL,
-                                       PRIMARY KEY (project_id, user_id));
-         BEGIN;",
+                                       PRIMARY KEY (project_id, user_id));",
     )?;
     let users = users.max(1);
     {
@@ -267,7 +314,7 @@ fn seed(c: &Connection, users: i64) -> rusqlite::Result<()> {
             }
         }
     }
-    c.execute_batch("COMMIT;")
+    Ok(())
 }
 
 /// Shared state of the catalog handlers.

@@ -175,6 +175,10 @@ struct ServeArgs {
     /// Milliseconds added to every origin query, to stand in for a slow origin.
     #[arg(long, default_value_t = 0)]
     origin_delay_ms: u64,
+    /// Keep the origin in this SQLite file (created and seeded if missing) instead of in memory, so that several
+    /// instances share it: a write through one is what the others read.
+    #[arg(long, value_name = "FILE")]
+    database: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
             config_dir: "config".into(),
             users: 1000,
             origin_delay_ms: 0,
+            database: None,
         })) {
             Command::Serve(args) => serve(args).await,
             Command::Replay(args) => replay::run(*args).await,
@@ -265,13 +270,15 @@ async fn serve(args: ServeArgs) -> cache_rollout::Result<()> {
         .reload_on_sighup(true)
         .build()
         .await?;
-    let origin =
-        Origin::seeded(args.users, Duration::from_millis(args.origin_delay_ms)).map_err(|e| {
-            cache_rollout::Error::Io {
-                context: "seeding the SQLite origin".into(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+    let delay = Duration::from_millis(args.origin_delay_ms);
+    let origin = match &args.database {
+        Some(path) => Origin::shared(path, args.users, delay),
+        None => Origin::seeded(args.users, delay),
+    }
+    .map_err(|e| cache_rollout::Error::Io {
+        context: "opening the SQLite origin".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let listener = tokio::net::TcpListener::bind(service.bind_addr)
         .await
         .map_err(|source| cache_rollout::Error::Io {

@@ -1,0 +1,616 @@
+//! A soak under faults: instances of the reference service sharing one origin (a SQLite file) and one real Redis
+//! (then a Redis Cluster), under a bounded mixed load of reads and writes whose every read is checked against a
+//! history, while a driver changes the rollout and breaks Redis every few seconds.
+//!
+//! The load (on loopback only):
+//! - readers: `GET /users/{id}` (skewed ids), `GET /projects/{id}/members` and `GET /projects/{id}`, on a random
+//!   instance each time;
+//! - writers: `PUT /users/{id}` with a new version in the name, each user written by one writer only. A write whose
+//!   answer carries the `Warning` of a failed invalidation (Redis down) is sent again until it does not: that is
+//!   what `docs/behaviour.md` asks of the caller. Only then is the version *acknowledged*.
+//!
+//! A read is stale when it started after a version was acknowledged and returned an older one (for a member list:
+//! any of its members older). A request fails when it gets no answer or a status other than 2xx.
+//!
+//! The driver, every `step` (3 s), cycles through: a switch to Redis serving `user` and `project` (on one instance,
+//! through the fleet), a ramp of 25% (with `cache-rollout fleet set`), Redis paused by SIGSTOP, `project` in shadow
+//! mode, SIGHUP to one instance, Redis killed and restarted empty, a switch to `null`, back to Redis with an L1 for
+//! `user`, and a whitelist of `user` only.
+//!
+//! `SOAK_SECS` (default 60) is the length of the one-Redis run, and `SOAK_CLUSTER_SECS` (default half of it) of the
+//! cluster run; `scripts/soak.sh` runs both longer in release. Each test fails if a request failed or a read was
+//! stale, and prints what it measured: requests, writes, failures, stale reads, p99 and max latency, rollbacks,
+//! resident memory and the number of metric series of every instance at start and end.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{command, metric, repo, RedisCluster, RedisServer, Service, TOKEN};
+
+/// One soak at a time: each starts three instances and up to six Redis servers on a two-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Seeded users; the first `WRITTEN` of them are written to.
+const USERS: u64 = 200;
+const WRITTEN: u64 = 40;
+/// Projects: a tenth of the users (the reference service's seed).
+const PROJECTS: u64 = USERS / 10;
+const READERS: usize = 12;
+const WRITERS: u64 = 2;
+const INSTANCES: usize = 3;
+
+fn secs(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .clamp(10, 3_600)
+}
+
+/// The Redis the instances share, and the faults the driver can cause on it.
+enum Backend {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// SIGSTOP for `d` (on a cluster, one primary, for less than the node timeout: no failover).
+    fn pause(&self, d: Duration) -> String {
+        match self {
+            Backend::Single(r) => {
+                r.pause();
+                std::thread::sleep(d);
+                r.resume();
+                format!("Redis paused {} ms", d.as_millis())
+            }
+            Backend::Cluster(c) => {
+                let d = d.min(Duration::from_millis(600));
+                let p = c.primaries()[0];
+                c.nodes[p].pause();
+                std::thread::sleep(d);
+                c.nodes[p].resume();
+                format!("primary {} paused {} ms", c.nodes[p].port, d.as_millis())
+            }
+        }
+    }
+
+    /// SIGKILL, and back empty (on a cluster, a primary: its replica takes over, it rejoins as a replica).
+    fn kill_and_restart(&mut self) -> String {
+        match self {
+            Backend::Single(r) => {
+                r.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                r.restart();
+                "Redis killed, restarted empty".into()
+            }
+            Backend::Cluster(c) => {
+                let p = c.primaries()[0];
+                let t0 = Instant::now();
+                c.nodes[p].kill();
+                c.wait_ok(Duration::from_secs(30));
+                c.nodes[p].restart();
+                c.wait_ok(Duration::from_secs(30));
+                format!(
+                    "primary {} killed, back as a replica after {} ms",
+                    c.nodes[p].port,
+                    t0.elapsed().as_millis()
+                )
+            }
+        }
+    }
+}
+
+/// What the load saw.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    writes: AtomicU64,
+    rewrites: AtomicU64,
+    failed: AtomicU64,
+    stale: AtomicU64,
+    /// The first failures and stale reads, for the message.
+    examples: Mutex<Vec<String>>,
+    /// Latency of every request, in microseconds.
+    latencies: Mutex<Vec<u32>>,
+}
+
+impl Tally {
+    fn note(&self, what: String) {
+        let mut e = self.examples.lock().expect("examples");
+        if e.len() < 20 {
+            e.push(what);
+        }
+    }
+}
+
+/// Per user, the last acknowledged version (0: the seeded name).
+struct History {
+    acked: Vec<AtomicU64>,
+}
+
+impl History {
+    fn floor(&self, id: u64) -> u64 {
+        self.acked[id as usize].load(Ordering::SeqCst)
+    }
+}
+
+/// The version in a user's name: `u<id> v<version>`, or 0 for the seeded `User <id>`.
+fn version(name: &str) -> Option<u64> {
+    if name.starts_with("User ") {
+        return Some(0);
+    }
+    name.rsplit_once(" v").and_then(|(_, v)| v.parse().ok())
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// 1..=n, the low ids hot (u³).
+    fn skewed(&mut self, n: u64) -> u64 {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        1 + ((u * u * u) * n as f64) as u64 % n
+    }
+}
+
+async fn reader(
+    client: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    history: Arc<History>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let mut lat = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let base = &bases[rng.below(bases.len() as u64) as usize];
+        let op = rng.below(100);
+        let (path, floors) = if op < 60 {
+            let id = rng.skewed(USERS);
+            (format!("/users/{id}"), vec![(id, history.floor(id))])
+        } else if op < 85 {
+            // Which users a list shows is known only from the answer: take every floor before sending.
+            let floors = (1..=USERS).map(|id| (id, history.floor(id))).collect();
+            (
+                format!("/projects/{}/members", 1 + rng.below(PROJECTS)),
+                floors,
+            )
+        } else {
+            (format!("/projects/{}", 1 + rng.below(PROJECTS)), vec![])
+        };
+        let t0 = Instant::now();
+        let answer = client.get(format!("{base}{path}")).send().await;
+        let body = match answer {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+            Ok(r) => {
+                tally.note(format!("GET {base}{path}: {}", r.status()));
+                None
+            }
+            Err(e) => {
+                tally.note(format!("GET {base}{path}: {e}"));
+                None
+            }
+        };
+        lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        tally.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(body) = body else {
+            tally.failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        // (user id, name) pairs in the answer.
+        let seen: Vec<(u64, String)> = if path.starts_with("/users/") {
+            vec![(
+                body["id"].as_u64().unwrap_or(0),
+                body["name"].as_str().unwrap_or_default().to_string(),
+            )]
+        } else if path.ends_with("/members") {
+            body.as_array()
+                .map(|ms| {
+                    ms.iter()
+                        .map(|m| {
+                            (
+                                m["user_id"].as_u64().unwrap_or(0),
+                                m["name"].as_str().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            vec![]
+        };
+        for (id, name) in seen {
+            let floor = floors.iter().find(|f| f.0 == id).map_or(0, |f| f.1);
+            match version(&name) {
+                Some(v) if v >= floor => {}
+                got => {
+                    tally.stale.fetch_add(1, Ordering::Relaxed);
+                    tally.note(format!(
+                        "stale: GET {base}{path} showed user {id} as {name:?} ({got:?}) after version {floor} was acknowledged"
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tally.latencies.lock().expect("latencies").extend(lat);
+}
+
+async fn writer(
+    client: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    history: Arc<History>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    w: u64,
+) {
+    let mut rng = Rng(0x5EED ^ (w + 1).wrapping_mul(0x9E37_79B9));
+    let mut lat = Vec::new();
+    let mut next = vec![0u64; USERS as usize + 1];
+    while !stop.load(Ordering::Relaxed) {
+        // This writer's users: id ≡ w (mod WRITERS), among the first WRITTEN.
+        let id = 1 + (rng.below(WRITTEN / WRITERS) * WRITERS + w);
+        next[id as usize] = next[id as usize].max(history.floor(id)) + 1;
+        let v = next[id as usize];
+        let body = json!({"name": format!("u{id} v{v}"), "email": format!("u{id}@example.com")});
+        // Until an answer says the invalidation was done (bounded: 20 s).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut first = true;
+        loop {
+            let base = &bases[rng.below(bases.len() as u64) as usize];
+            let t0 = Instant::now();
+            let answer = client
+                .put(format!("{base}/users/{id}"))
+                .json(&body)
+                .send()
+                .await;
+            lat.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            tally.requests.fetch_add(1, Ordering::Relaxed);
+            if !first {
+                tally.rewrites.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            let done = match answer {
+                Ok(r) if r.status().is_success() => !r.headers().contains_key("warning"),
+                Ok(r) => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    tally.note(format!("PUT {base}/users/{id}: {}", r.status()));
+                    false
+                }
+                Err(e) => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    tally.note(format!("PUT {base}/users/{id}: {e}"));
+                    false
+                }
+            };
+            if done {
+                history.acked[id as usize].store(v, Ordering::SeqCst);
+                tally.writes.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            if Instant::now() > deadline {
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+                tally.note(format!(
+                    "PUT /users/{id}: the invalidation kept failing for 20 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10 + rng.below(20))).await;
+    }
+    tally.latencies.lock().expect("latencies").extend(lat);
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Metric series in an instance's `/metrics`.
+fn series(svc: &Service) -> usize {
+    svc.get("/metrics")
+        .2
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count()
+}
+
+fn quantile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1e3
+}
+
+/// `PUT /internal/cache/config` on one instance; the status (or 0 without an answer).
+fn put(svc: &Service, body: &Value) -> String {
+    match svc.request(
+        reqwest::Method::PUT,
+        "/internal/cache/config",
+        Some(body.clone()),
+    ) {
+        Some((200, _, _)) => format!("PUT {body} → 200"),
+        Some((s, _, text)) => format!("PUT {body} → {s} {text}"),
+        None => format!("PUT {body} → no answer"),
+    }
+}
+
+/// `cache-rollout fleet set BODY` against the shared Redis.
+fn fleet_set(url: &str, body: &Value) -> String {
+    let out = command()
+        .args(["fleet", "--config-dir"])
+        .arg(repo().join("config"))
+        .args(["set", &body.to_string()])
+        .env("REDIS_URL", url)
+        .env("CACHE_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("cache-rollout fleet set");
+    if out.status.success() {
+        format!("fleet set {body} → ok")
+    } else {
+        format!(
+            "fleet set {body} → {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+}
+
+fn serve_both() -> Value {
+    json!({"impl": "redis", "whitelist": ["user", "project"],
+           "patterns": {"user": {"mode": "serve"}, "project": {"mode": "serve"}}})
+}
+
+fn soak(mut backend: Backend, duration: Duration, label: &str) {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("origin.db");
+    let url = backend.url();
+    let wait_replicas = if matches!(backend, Backend::Cluster(_)) {
+        "1"
+    } else {
+        "0"
+    };
+    let env = [
+        ("FEATURE_CACHE", "true"),
+        ("CACHE_IMPL", "redis"),
+        ("CACHE_PATTERNS", "user,project"),
+        ("REDIS_URL", url.as_str()),
+        ("CACHE_ADMIN_TOKEN", TOKEN),
+        ("CACHE_ROLLOUT_CACHE__FLEET__ENABLED", "true"),
+        ("CACHE_ROLLOUT_CACHE__ROLLBACK__COOLDOWN_SECS", "2"),
+        ("CACHE_ROLLOUT_CACHE__REDIS__WAIT_REPLICAS", wait_replicas),
+        ("RUST_LOG", "warn,cache_rollout=info"),
+    ];
+    let users = USERS.to_string();
+    let db_arg = db.to_str().expect("a UTF-8 path");
+    let fleet: Vec<Service> = (0..INSTANCES)
+        .map(|_| {
+            Service::start_with(
+                &repo().join("config"),
+                &env,
+                &["--users", &users, "--database", db_arg],
+            )
+        })
+        .collect();
+    for svc in &fleet {
+        svc.wait_for(
+            || svc.get("/internal/cache").1["impl"] == "redis",
+            "serving from Redis",
+        );
+    }
+    let start_rss: Vec<u64> = fleet.iter().map(|s| rss_kib(s.child.id())).collect();
+    let start_series: Vec<usize> = fleet.iter().map(series).collect();
+
+    let bases = Arc::new(fleet.iter().map(|s| s.base.clone()).collect::<Vec<_>>());
+    let history = Arc::new(History {
+        acked: (0..=USERS).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (bases, history, tally, stop) = (bases, history, tally.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                let mut tasks = Vec::new();
+                for r in 0..READERS {
+                    tasks.push(tokio::spawn(reader(
+                        client.clone(),
+                        bases.clone(),
+                        history.clone(),
+                        tally.clone(),
+                        stop.clone(),
+                        0xA11CE ^ ((r as u64 + 1) << 20),
+                    )));
+                }
+                for w in 0..WRITERS {
+                    tasks.push(tokio::spawn(writer(
+                        client.clone(),
+                        bases.clone(),
+                        history.clone(),
+                        tally.clone(),
+                        stop.clone(),
+                        w,
+                    )));
+                }
+                for t in tasks {
+                    t.await.expect("load task");
+                }
+            });
+        })
+    };
+
+    // The driver.
+    let t0 = Instant::now();
+    let step = Duration::from_secs(3);
+    let mut log = Vec::new();
+    let mut i = 0usize;
+    while t0.elapsed() + step <= duration {
+        std::thread::sleep(step);
+        let svc = &fleet[i % INSTANCES];
+        let done = match i % 9 {
+            0 => put(svc, &serve_both()),
+            1 => fleet_set(
+                &url,
+                &json!({"patterns": {"user": {"mode": "serve", "ramp_percent": 25}}}),
+            ),
+            2 => backend.pause(Duration::from_millis(1500)),
+            3 => put(
+                svc,
+                &json!({"patterns": {"user": {"mode": "serve"}, "project": {"mode": "shadow"}}}),
+            ),
+            4 => {
+                svc.signal("-HUP");
+                format!("SIGHUP to {}", svc.base)
+            }
+            5 => backend.kill_and_restart(),
+            6 => fleet_set(&url, &json!({"impl": "null"})),
+            7 => put(
+                svc,
+                &json!({"impl": "redis", "patterns": {"user": {"mode": "serve", "l1_ttl_secs": 30}}}),
+            ),
+            _ => put(svc, &json!({"whitelist": ["user"]})),
+        };
+        log.push(format!("{:>6.1} s  {done}", t0.elapsed().as_secs_f64()));
+        i += 1;
+    }
+    // Back to serving, so that the end state is the same whatever the length.
+    log.push(format!(
+        "{:>6.1} s  {}",
+        t0.elapsed().as_secs_f64(),
+        put(&fleet[0], &serve_both())
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("the load");
+    let elapsed = t0.elapsed().as_secs_f64();
+
+    let end_rss: Vec<u64> = fleet.iter().map(|s| rss_kib(s.child.id())).collect();
+    let end_series: Vec<usize> = fleet.iter().map(series).collect();
+    let rollbacks: f64 = fleet
+        .iter()
+        .map(|s| {
+            s.get("/metrics")
+                .2
+                .lines()
+                .filter(|l| l.starts_with("cache_rollback_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    let revoked: f64 = fleet
+        .iter()
+        .map(|s| {
+            metric(
+                &s.get("/metrics").2,
+                r#"cache_lease_total{impl="redis",result="revoked"}"#,
+            )
+        })
+        .sum();
+    let mut lat = std::mem::take(&mut *tally.latencies.lock().expect("latencies"));
+    lat.sort_unstable();
+    let requests = tally.requests.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    let stale = tally.stale.load(Ordering::Relaxed);
+    eprintln!("soak ({label}), driver:\n{}", log.join("\n"));
+    eprintln!(
+        "soak ({label}): {requests} requests in {elapsed:.0} s ({:.0}/s), {} writes acknowledged ({} sent again after a \
+         failed invalidation), {failed} failed, {stale} stale reads; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         {rollbacks} rollbacks, {revoked} fills refused by an invalidation; RSS KiB {start_rss:?} → {end_rss:?}; \
+         series {start_series:?} → {end_series:?}",
+        requests as f64 / elapsed,
+        tally.writes.load(Ordering::Relaxed),
+        tally.rewrites.load(Ordering::Relaxed),
+        quantile(&lat, 0.5),
+        quantile(&lat, 0.99),
+        quantile(&lat, 1.0),
+    );
+    let examples = tally.examples.lock().expect("examples").join("\n");
+    let logs = || {
+        fleet
+            .iter()
+            .map(|s| {
+                let l = s.log();
+                let tail: Vec<&str> = l.lines().rev().take(40).collect();
+                format!(
+                    "--- {} (last lines)\n{}",
+                    s.base,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(failed, 0, "failed requests:\n{examples}\n{}", logs());
+    assert_eq!(stale, 0, "stale reads:\n{examples}\n{}", logs());
+    assert!(
+        tally.writes.load(Ordering::Relaxed) > 100,
+        "the writers wrote"
+    );
+    // Series are bounded by the patterns, routes and label values, not by the traffic: the end of the run has no
+    // more than a fixed number, whatever its length.
+    for (s, e) in start_series.iter().zip(&end_series) {
+        assert!(*e < 2_000, "{e} series at the end (from {s})");
+    }
+    drop(fleet);
+    drop(backend);
+}
+
+#[test]
+fn soak_on_one_redis() {
+    let secs = secs("SOAK_SECS", 60);
+    soak(
+        Backend::Single(RedisServer::start()),
+        Duration::from_secs(secs),
+        "one Redis",
+    );
+}
+
+#[test]
+fn soak_on_a_cluster() {
+    let secs = secs("SOAK_CLUSTER_SECS", secs("SOAK_SECS", 60) / 2);
+    soak(
+        Backend::Cluster(RedisCluster::start()),
+        Duration::from_secs(secs),
+        "Redis Cluster",
+    );
+}
