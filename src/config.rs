@@ -1036,4 +1036,100 @@ mod tests {
         assert!(!redact_url("redis://u:pw@[bad").contains("pw"));
         assert_eq!(redact_url("not a url"), "not a url");
     }
+
+    /// Keys of `[cache]` a property case may set, as dotted paths under `cache.`.
+    const KEYS: &[&str] = &[
+        "enabled",
+        "impl",
+        "whitelist",
+        "default_ttl_secs",
+        "max_patterns",
+        "templates",
+        "max_value_bytes",
+        "size_sample_every",
+        "value_version",
+        "read_timeout_ms",
+        "lease_ttl_ms",
+        "lease_wait_ms",
+        "admin_token",
+        "internal_reads_open",
+        "memory.max_entries",
+        "memory.max_bytes",
+        "redis.url",
+        "redis.key_prefix",
+        "redis.wait_replicas",
+        "rollback.cooldown_secs",
+        "rollback.probe_percent",
+        "patterns.user.ttl_secs",
+        "patterns.user.mode",
+        "patterns.user.ramp_percent",
+        "patterns.user.l1_ttl_secs",
+        "fleet.enabled",
+        "fleet.poll_ms",
+        "analysis.curve_points",
+    ];
+
+    /// A TOML value: an integer, a float, a boolean, a string of any characters, or an array of strings.
+    fn any_toml_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        // A TOML basic string: every control character (and DEL, which TOML forbids raw) escaped as \uXXXX.
+        let string = any::<String>().prop_map(|s| {
+            let mut out = String::from('"');
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        });
+        prop_oneof![
+            any::<i64>().prop_map(|i| i.to_string()),
+            (-1e6f64..1e6).prop_map(|f| format!("{f:?}")),
+            any::<bool>().prop_map(|b| b.to_string()),
+            string.clone(),
+            "[a-z:*_]{0,12}".prop_map(|s| format!("{s:?}")),
+            proptest::collection::vec(string, 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Any value under any key of the file loads, or is refused with an error that names the key; never a
+        /// panic. (128 cases: each runs in a figment `Jail`, a directory and the process environment.)
+        #[test]
+        fn any_value_loads_or_is_refused_naming_its_key(
+            key in proptest::sample::select(KEYS),
+            value in any_toml_value(),
+        ) {
+            let (table, leaf) = match key.rsplit_once('.') {
+                Some((t, l)) => (format!("cache.{t}"), l),
+                None => ("cache".to_string(), key),
+            };
+            let file = format!("[{table}]\n{leaf} = {value}\n");
+            let mut outcome = Ok(());
+            Jail::expect_with(|jail| {
+                jail.create_dir("config")?;
+                jail.create_file("config/default.toml", &file)?;
+                outcome = match load(jail) {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let text = e.to_string();
+                        let full = format!("cache.{key}");
+                        if text.contains(&full) {
+                            Ok(())
+                        } else {
+                            Err(format!("{file:?}: the error does not name {full}: {text}"))
+                        }
+                    }
+                };
+                Ok(())
+            });
+            proptest::prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+        }
+    }
 }

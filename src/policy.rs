@@ -302,6 +302,7 @@ impl PolicyUpdate {
     /// use cache_rollout::PolicyUpdate;
     /// let err = PolicyUpdate::from_json(br#"{"patterns":{"user":{"ttl_secs":"soon"}}}"#).unwrap_err();
     /// assert!(err.to_string().contains("patterns.user.ttl_secs"));
+    /// assert!(err.to_string().contains(r#"= "soon""#), "the value as sent: {err}");
     /// assert!(PolicyUpdate::from_json(br#"{"whitelist":["user"]}"#).is_ok());
     /// ```
     ///
@@ -317,9 +318,33 @@ impl PolicyUpdate {
             } else {
                 path
             };
+            // The offending value as sent, when the body is JSON and the path leads to one (cut at 200 bytes).
+            let value = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| {
+                    e.path().iter().try_fold(v, |v, seg| match seg {
+                        serde_path_to_error::Segment::Map { key } => v.get(key).cloned(),
+                        serde_path_to_error::Segment::Seq { index } => v.get(index).cloned(),
+                        _ => None,
+                    })
+                })
+                .map(|v| {
+                    // A string as it was written (as the configuration's errors show it), anything else as JSON.
+                    let mut text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                    if text.len() > 200 {
+                        let cut = (0..=200)
+                            .rev()
+                            .find(|&i| text.is_char_boundary(i))
+                            .unwrap_or(0);
+                        text.truncate(cut);
+                        text.push('…');
+                    }
+                    text
+                })
+                .unwrap_or_default();
             Error::Config {
                 key,
-                value: String::new(),
+                value,
                 reason: e.into_inner().to_string(),
             }
         })

@@ -414,6 +414,86 @@ async fn a_write_while_observed_is_never_hidden_by_an_older_redis_value() {
     assert_eq!(reg.get_or_load("user:1", v(4)).await, Ok(user(1, 4)));
 }
 
+/// Two instances on one Redis, one of which leaves it first (a fleet flip reaching it before the other, a rollback
+/// of this instance alone): its writes must still reach the copy the other serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_left_redis_still_invalidates_what_the_others_serve() {
+    let mut server = RedisServer::start();
+    let a = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let b = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    let v = |version: u64| move || async move { Ok::<_, Infallible>(user(1, version)) };
+    let in_redis = |server: &RedisServer| {
+        redis::cmd("EXISTS")
+            .arg("cr:user:1")
+            .query::<bool>(&mut server.conn())
+            .expect("exists")
+    };
+    for (leave, label) in [
+        (switch(CacheImpl::Null, &[]), "null"),
+        (switch(CacheImpl::Memory, &["user"]), "memory"),
+    ] {
+        a.switch(&switch(CacheImpl::Redis, &["user"]))
+            .await
+            .expect("a on redis");
+        assert_eq!(b.get_or_load("user:1", v(1)).await, Ok(user(1, 1)));
+        assert!(in_redis(&server), "b filled user:1");
+        // `a` leaves Redis; `b` still serves user:1 from it.
+        a.switch(&leave).await.expect("a leaves redis");
+        // A write through `a` (the origin now has version 2), and its invalidation.
+        a.invalidate("user:1").await.expect("invalidate through a");
+        assert!(
+            !in_redis(&server),
+            "a's invalidation under {label} reached Redis"
+        );
+        assert_eq!(
+            b.get_or_load("user:1", v(2)).await,
+            Ok(user(1, 2)),
+            "b read the old copy after a's write under {label}"
+        );
+        // `set` and tag invalidations go there too.
+        a.set("user:1", &user(1, 3)).await.expect("set through a");
+        assert!(
+            !in_redis(&server),
+            "a's set under {label} removed the old copy"
+        );
+        assert_eq!(b.get_or_load("user:1", v(3)).await, Ok(user(1, 3)));
+        b.get_or_load_tagged("user:9", &["team:1"], || async {
+            Ok::<_, Infallible>(user(9, 1))
+        })
+        .await
+        .expect("tagged load");
+        assert_eq!(
+            a.invalidate_tag("team:1")
+                .await
+                .expect("invalidate_tag through a"),
+            0,
+            "{label} holds nothing of the tag itself"
+        );
+        assert_eq!(
+            b.get_or_load_tagged("user:9", &["team:1"], || async {
+                Ok::<_, Infallible>(user(9, 2))
+            })
+            .await,
+            Ok(user(9, 2)),
+            "the tag invalidation under {label} reached Redis"
+        );
+    }
+    // With that Redis down, the invalidation says so (the caller retries it), as it does with Redis active.
+    server.kill();
+    assert!(
+        a.invalidate("user:1").await.is_err(),
+        "an invalidation that could not reach Redis is an error"
+    );
+    server.restart();
+    // Back on Redis, `a` deletes through its new backend, and keeps no other.
+    a.switch(&switch(CacheImpl::Redis, &["user"]))
+        .await
+        .expect("a back on redis");
+    assert_eq!(b.get_or_load("user:1", v(4)).await, Ok(user(1, 4)));
+    a.invalidate("user:1").await.expect("invalidate");
+    assert_eq!(b.get_or_load("user:1", v(5)).await, Ok(user(1, 5)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_pattern_removes_only_that_pattern() {
     let server = RedisServer::start();

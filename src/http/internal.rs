@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` holds the [`INTERNAL_VIEW_ROWS`] busiest rows and `other`, and `omitted` counts the rest |
+//! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` and `routes` hold the [`INTERNAL_VIEW_ROWS`] busiest rows each (and `patterns` its `other` row), and `omitted` counts the rest |
 //! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows; 404 for a pattern neither seen nor named |
 //! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
@@ -230,9 +230,9 @@ fn effective_config(startup: &serde_json::Value, registry: &CacheRegistry) -> se
     config
 }
 
-/// Rows of `patterns` that `GET /internal/cache` shows: the busiest by calls, and always `other`; the rest are
-/// counted under `omitted`, and `?pattern=NAME` shows one pattern's rows. `routes` (one per named pattern, at most
-/// `cache.max_patterns`) are all shown. The answer stays a few tens of kilobytes whatever the number of patterns.
+/// Rows of `patterns` and of `routes` that `GET /internal/cache` shows: the busiest by calls (and always the
+/// `other` row of `patterns`); the rest are counted under `omitted`, and `?pattern=NAME` shows one pattern's rows.
+/// The answer stays a few tens of kilobytes whatever the number of patterns.
 pub const INTERNAL_VIEW_ROWS: usize = 20;
 
 /// The query of `GET /internal/cache`.
@@ -271,48 +271,49 @@ async fn show(
     Json(v).into_response()
 }
 
-/// Keeps the busiest [`INTERNAL_VIEW_ROWS`] rows of `patterns` and `other` (or only `only`'s rows of `patterns`
-/// and `routes`), and counts the rest under `omitted`.
+/// Keeps the busiest [`INTERNAL_VIEW_ROWS`] rows of `patterns` (and `other`) and of `routes`, or only `only`'s
+/// rows of both, and counts the rest under `omitted`.
 fn trim_view(v: &mut serde_json::Value, only: Option<&str>) {
-    let num = |r: &serde_json::Value, path: &[&str]| -> u64 {
-        path.iter()
-            .try_fold(r, |r, k| r.get(k))
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0)
+    let num = |r: &serde_json::Value, key: &str| {
+        r.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0)
     };
-    let pattern_calls =
-        |r: &serde_json::Value| num(r, &["gets"]) + num(r, &["writes"]) + num(r, &["deletes"]);
-    let route_calls = |r: &serde_json::Value| {
-        ["ramped", "unramped", "shadowed"]
+    // A pattern row's calls; a route row's are those of its arms.
+    let calls = |r: &serde_json::Value| {
+        ["gets", "writes", "deletes"]
             .iter()
-            .map(|arm| num(r, &[arm, "calls"]))
+            .map(|k| num(r, k))
+            .chain(
+                ["ramped", "unramped", "shadowed"]
+                    .iter()
+                    .map(|arm| r.get(arm).map_or(0, |a| num(a, "calls"))),
+            )
             .sum::<u64>()
     };
     let mut omitted = serde_json::Map::new();
-    for (field, calls) in [
-        (
-            "patterns",
-            &pattern_calls as &dyn Fn(&serde_json::Value) -> u64,
-        ),
-        ("routes", &route_calls),
-    ] {
+    for field in ["patterns", "routes"] {
         let Some(map) = v.get_mut(field).and_then(serde_json::Value::as_object_mut) else {
             continue;
         };
         let total = map.len();
-        let keep: Vec<String> = match only {
-            Some(p) => map.keys().filter(|k| *k == p).cloned().collect(),
+        match only {
+            Some(p) => map.retain(|k, _| k == p),
             None => {
-                let mut rows: Vec<(u64, &String)> =
-                    map.iter().map(|(k, r)| (calls(r), k)).collect();
+                let mut rows: Vec<(u64, &String)> = map
+                    .iter()
+                    .filter(|(k, _)| field != "patterns" || *k != crate::pattern::OTHER)
+                    .map(|(k, r)| (calls(r), k))
+                    .collect();
                 rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-                rows.into_iter()
+                let keep: std::collections::HashSet<String> = rows
+                    .into_iter()
                     .take(INTERNAL_VIEW_ROWS)
                     .map(|(_, k)| k.clone())
-                    .collect()
+                    .collect();
+                map.retain(|k, _| {
+                    (field == "patterns" && k == crate::pattern::OTHER) || keep.contains(k)
+                });
             }
-        };
-        map.retain(|k, _| keep.contains(k));
+        }
         omitted.insert(field.into(), json!(total - map.len()));
     }
     if let Some(obj) = v.as_object_mut() {
@@ -426,5 +427,48 @@ async fn change(State(state): State<InternalState>, headers: HeaderMap, body: By
             StatusCode::SERVICE_UNAVAILABLE,
             format!("switch refused, previous state kept: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_view_keeps_the_busiest_rows_and_other_and_counts_the_rest() {
+        // 30 patterns with 1..=30 gets, and `other` with none; 25 routes with 1..=25 ramped calls.
+        let mut patterns = serde_json::Map::new();
+        for i in 1..=30u64 {
+            patterns.insert(
+                format!("p{i}"),
+                json!({"gets": i, "writes": 0, "deletes": 0}),
+            );
+        }
+        patterns.insert(crate::pattern::OTHER.into(), json!({"gets": 0}));
+        let mut routes = serde_json::Map::new();
+        for i in 1..=25u64 {
+            routes.insert(
+                format!("p{i}"),
+                json!({"ramped": {"calls": i}, "unramped": {"calls": 0}}),
+            );
+        }
+        let view = json!({"patterns": patterns, "routes": routes});
+
+        let mut all = view.clone();
+        trim_view(&mut all, None);
+        let kept = all["patterns"].as_object().expect("patterns");
+        assert_eq!(kept.len(), INTERNAL_VIEW_ROWS + 1);
+        assert!(kept.contains_key("other") && kept.contains_key("p30") && kept.contains_key("p11"));
+        assert!(!kept.contains_key("p10"));
+        let kept = all["routes"].as_object().expect("routes");
+        assert_eq!(kept.len(), INTERNAL_VIEW_ROWS);
+        assert!(kept.contains_key("p25") && kept.contains_key("p6") && !kept.contains_key("p5"));
+        assert_eq!(all["omitted"], json!({"patterns": 10, "routes": 5}));
+
+        let mut one = view;
+        trim_view(&mut one, Some("p3"));
+        assert_eq!(one["patterns"].as_object().map(|m| m.len()), Some(1));
+        assert_eq!(one["routes"]["p3"]["ramped"]["calls"], 3);
+        assert_eq!(one["omitted"], json!({"patterns": 30, "routes": 24}));
     }
 }

@@ -24,6 +24,10 @@ pub(super) struct Active {
     pub(super) patterns: Arc<PatternMap>,
     /// The estimator of the whitelisted patterns together, while a storing impl serves a whitelist.
     pub(super) whitelisted: Option<Arc<WhitelistShards>>,
+    /// While the impl is not Redis: the Redis an earlier state of this process served from, which other
+    /// instances may still serve from (a fleet switching one instance at a time, a rollback of this instance
+    /// alone). Invalidations and writes also delete there, so that none of them is lost to the others.
+    pub(super) sink: Option<Arc<dyn Cache>>,
 }
 
 /// The miss ratio curve of the cache that serves the whitelist: every whitelisted pattern in one cache. Created when
@@ -106,6 +110,7 @@ impl Active {
             version,
             patterns,
             whitelisted: None,
+            sink: None,
         }
     }
 

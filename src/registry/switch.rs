@@ -226,6 +226,13 @@ impl CacheRegistry {
         }
         let mut next = Active::new(policy, backend, redis, version, Arc::default(), &breakers);
         next.whitelisted = self.whitelist_estimator(&cur, &next);
+        // Leaving Redis (for null or memory): keep deleting there (see `Active::sink`); back on Redis, the new
+        // backend takes the invalidations.
+        next.sink = match (next.backend.kind(), cur.backend.kind()) {
+            (CacheImpl::Redis, _) => None,
+            (_, CacheImpl::Redis) => Some(Arc::clone(&cur.backend)),
+            _ => cur.sink.clone(),
+        };
         let routed = next
             .routes
             .iter()

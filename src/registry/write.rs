@@ -90,12 +90,14 @@ impl CacheRegistry {
                         .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
                 }
             }
+            self.delete_in_sink(&state, key).await?;
             if !state.stores {
                 return Ok(());
             }
             // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
         };
+        self.delete_in_sink(&state, key).await?;
         let bytes = codec::encode(key, value, self.inner.value_version)?;
         let cache_impl = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
@@ -134,6 +136,14 @@ impl CacheRegistry {
         }
         let cache_impl = state.backend.kind();
         self.inner.metrics.invalidated_tag(cache_impl, tag);
+        if let Some(sink) = &state.sink {
+            self.timed(
+                sink.kind(),
+                Operation::InvalidateTag,
+                sink.invalidate_tag(tag),
+            )
+            .await?;
+        }
         if !state.stores {
             return Ok(0);
         }
@@ -160,6 +170,7 @@ impl CacheRegistry {
         if state.stores {
             self.inner.flights.detach(key);
         }
+        self.delete_in_sink(&state, key).await?;
         if !state.policy.enabled {
             return state.backend.delete(key).await;
         }
@@ -228,9 +239,26 @@ impl CacheRegistry {
                 }
             }
         }
+        if let Some(sink) = &state.sink {
+            let delete = self.delete_pattern_in(&**sink, pattern);
+            self.timed(sink.kind(), Operation::DeletePattern, delete)
+                .await?;
+        }
         let delete = self.delete_pattern_in(&*state.backend, pattern);
         self.timed(cache_impl, Operation::DeletePattern, delete)
             .await
+    }
+
+    /// Deletes `key` (and revokes its lease) in the Redis an earlier state served from, if the active state keeps
+    /// one (see `Active::sink`).
+    async fn delete_in_sink(&self, state: &Active, key: &str) -> Result<()> {
+        match &state.sink {
+            Some(sink) => self
+                .timed(sink.kind(), Operation::Delete, sink.delete(key))
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     pub(super) async fn delete_pattern_in(

@@ -70,7 +70,8 @@ pub(crate) struct UserUpdate {
     pub(crate) email: String,
 }
 
-/// The origin: an in-memory SQLite database behind a mutex, queried on Tokio's blocking pool.
+/// The origin: a SQLite database (in memory, or a file shared by instances) behind a mutex, queried on Tokio's
+/// blocking pool.
 #[derive(Clone)]
 pub(crate) struct Origin {
     conn: Arc<Mutex<Connection>>,
@@ -119,8 +120,15 @@ impl Origin {
         let err = |e: rusqlite::Error| OriginError(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(OriginError(format!(
+                "{}: journal mode {mode}, not WAL: is it on a file system SQLite can share?",
+                path.display()
+            )));
+        }
         conn.execute_batch("BEGIN EXCLUSIVE;").map_err(err)?;
         let exists: bool = conn
             .query_row(
