@@ -432,7 +432,7 @@ impl Settings {
         #[cfg(feature = "fleet")]
         if c.fleet.enabled {
             // Checks the key, the poll period and the admin token that signs the state.
-            crate::fleet::Fleet::new(
+            crate::fleet::Fleet::check(
                 &self.fleet_options(),
                 &self.redis_options(),
                 c.admin_token.as_deref().unwrap_or_default(),
@@ -510,9 +510,26 @@ impl Settings {
             ));
         }
         check_admin_token(c.admin_token.as_deref())?;
-        KeyPatterns::new(&c.templates)?;
+        // A bad pattern name is reported with the key that holds it.
+        let named = |key: &'static str| {
+            move |e: Error| match e {
+                Error::InvalidPattern { pattern, reason } => Error::config(key, pattern, reason),
+                e => e,
+            }
+        };
+        KeyPatterns::new(&c.templates).map_err(named("cache.templates"))?;
         c.analysis.validate()?;
-        self.policy().validate()
+        self.policy().validate().map_err(|e| match e {
+            Error::InvalidPattern { pattern, reason } => {
+                let key = if c.whitelist.contains(&pattern) {
+                    "cache.whitelist"
+                } else {
+                    "cache.patterns"
+                };
+                Error::config(key, pattern, reason)
+            }
+            e => e,
+        })
     }
 
     /// The runtime policy these settings describe.
@@ -1110,7 +1127,13 @@ mod tests {
                 Some((t, l)) => (format!("cache.{t}"), l),
                 None => ("cache".to_string(), key),
             };
-            let file = format!("[{table}]\n{leaf} = {value}\n");
+            // An admin token, so that settings that need one (the fleet) are valid alone.
+            let base = if key == "admin_token" { "" } else { "admin_token = \"0123456789abcdef-token\"\n" };
+            let file = if table == "cache" {
+                format!("[cache]\n{base}{leaf} = {value}\n")
+            } else {
+                format!("[cache]\n{base}[{table}]\n{leaf} = {value}\n")
+            };
             let mut outcome = Ok(());
             Jail::expect_with(|jail| {
                 jail.create_dir("config")?;
@@ -1129,7 +1152,9 @@ mod tests {
                 };
                 Ok(())
             });
-            proptest::prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+            if let Err(e) = outcome {
+                return Err(proptest::test_runner::TestCaseError::fail(e));
+            }
         }
     }
 }

@@ -150,7 +150,44 @@ impl Fleet {
     ///
     /// # Errors
     /// [`Error::Config`] for a bad URL, an empty key, a poll under 100 ms, or a secret under 16 characters.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the lazy connection needs one); [`Fleet::check`] validates without it.
     pub fn new(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<Self> {
+        Self::check(opts, redis, secret)?;
+        let key = opts.key.clone().unwrap_or_default();
+        Ok(Fleet {
+            nodes: crate::cache::redis_node_clients(redis)?,
+            next_node: std::sync::atomic::AtomicUsize::new(0),
+            conn: crate::cache::RedisConn::lazy(
+                redis,
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+            )?,
+            key: key.clone(),
+            secret: secret.to_string(),
+            poll: Duration::from_millis(opts.poll_ms),
+            max_patterns: opts
+                .max_patterns
+                .clamp(1, crate::pattern::MAX_PATTERNS_LIMIT),
+            instance: format!(
+                "{}:{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+                std::process::id()
+            ),
+            status: Mutex::new(FleetStatus {
+                key,
+                ..FleetStatus::default()
+            }),
+            syncing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Checks what [`Fleet::new`] would refuse, without building the handle (no runtime needed).
+    ///
+    /// # Errors
+    /// As [`Fleet::new`].
+    pub fn check(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<()> {
         let key = opts.key.clone().unwrap_or_default();
         if key.is_empty() {
             return Err(Error::config("cache.fleet.key", "", "must not be empty"));
@@ -179,31 +216,7 @@ impl Fleet {
                 "the fleet state is signed with the admin token: set one of at least 16 characters",
             ));
         }
-        Ok(Fleet {
-            nodes: crate::cache::redis_node_clients(redis)?,
-            next_node: std::sync::atomic::AtomicUsize::new(0),
-            conn: crate::cache::RedisConn::lazy(
-                redis,
-                Duration::from_secs(2),
-                Duration::from_secs(2),
-            )?,
-            key: key.clone(),
-            secret: secret.to_string(),
-            poll: Duration::from_millis(opts.poll_ms),
-            max_patterns: opts
-                .max_patterns
-                .clamp(1, crate::pattern::MAX_PATTERNS_LIMIT),
-            instance: format!(
-                "{}:{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
-                std::process::id()
-            ),
-            status: Mutex::new(FleetStatus {
-                key,
-                ..FleetStatus::default()
-            }),
-            syncing: tokio::sync::Mutex::new(()),
-        })
+        crate::cache::redis_node_clients(redis).map(|_| ())
     }
 
     async fn conn(&self) -> Result<crate::cache::RedisReady> {
