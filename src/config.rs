@@ -429,23 +429,6 @@ impl Settings {
     /// [`Error::Config`] naming the key and the value.
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
-        #[cfg(feature = "fleet")]
-        if c.fleet.enabled {
-            // Checks the key, the poll period and the admin token that signs the state.
-            crate::fleet::Fleet::check(
-                &self.fleet_options(),
-                &self.redis_options(),
-                c.admin_token.as_deref().unwrap_or_default(),
-            )?;
-        }
-        #[cfg(not(feature = "fleet"))]
-        if c.fleet.enabled {
-            return Err(Error::config(
-                "cache.fleet.enabled",
-                "true",
-                "this build of cache-rollout has no `fleet` feature",
-            ));
-        }
         let urls = crate::cache::redis_cluster_nodes(&c.redis.url)?
             .unwrap_or_else(|| vec![c.redis.url.clone()]);
         for url in urls {
@@ -510,6 +493,24 @@ impl Settings {
             ));
         }
         check_admin_token(c.admin_token.as_deref())?;
+        // After the URL checks, so that a bad URL is named as such.
+        #[cfg(feature = "fleet")]
+        if c.fleet.enabled {
+            // Checks the key, the poll period and the admin token that signs the state.
+            crate::fleet::Fleet::check(
+                &self.fleet_options(),
+                &self.redis_options(),
+                c.admin_token.as_deref().unwrap_or_default(),
+            )?;
+        }
+        #[cfg(not(feature = "fleet"))]
+        if c.fleet.enabled {
+            return Err(Error::config(
+                "cache.fleet.enabled",
+                "true",
+                "this build of cache-rollout has no `fleet` feature",
+            ));
+        }
         // A bad pattern name is reported with the key that holds it.
         let named = |key: &'static str| {
             move |e: Error| match e {
@@ -1105,6 +1106,10 @@ mod tests {
         });
         prop_oneof![
             any::<i64>().prop_map(|i| i.to_string()),
+            // Around the bounds: 0, 1, the limits of percentages, poll periods and pattern counts.
+            (-2i64..=20_000).prop_map(|i| i.to_string()),
+            "(redis|rediss|redis\\+cluster|rediss\\+cluster|http|unix)://[a-z0-9:,@/.#]{0,24}"
+                .prop_map(|u| format!("{u:?}")),
             (-1e6f64..1e6).prop_map(|f| format!("{f:?}")),
             any::<bool>().prop_map(|b| b.to_string()),
             string.clone(),
@@ -1136,6 +1141,8 @@ mod tests {
             };
             let mut outcome = Ok(());
             Jail::expect_with(|jail| {
+                // Only the file: no variable of the shell or of CI.
+                jail.clear_env();
                 jail.create_dir("config")?;
                 jail.create_file("config/default.toml", &file)?;
                 outcome = match load(jail) {

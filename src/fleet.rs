@@ -386,7 +386,7 @@ impl Fleet {
             .clone()
     }
 
-    fn failed(&self, e: &Error) {
+    pub(crate) fn failed(&self, e: &Error) {
         let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         s.failures += 1;
         let first = s.error.is_none();
@@ -411,7 +411,7 @@ impl Fleet {
     /// `init`: the policy to store when the key is empty and this instance runs no fleet state yet (its
     /// configuration). A running instance that finds the key gone (a Redis restarted without persistence, a flush)
     /// stores the policy it runs as a new epoch, so the fleet goes on with what it ran.
-    async fn sync(&self, registry: &CacheRegistry, init: Option<&Policy>) -> Result<()> {
+    pub(crate) async fn sync(&self, registry: &CacheRegistry, init: Option<&Policy>) -> Result<()> {
         let _one = self.syncing.lock().await;
         // (version, epoch) running here; only this function changes them, under `syncing`.
         let running = {

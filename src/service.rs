@@ -198,7 +198,19 @@ impl Builder {
                 &settings.redis_options(),
                 settings.cache.admin_token.as_deref().unwrap_or_default(),
             )?);
-            Arc::clone(&fleet).spawn(registry.clone(), settings.policy());
+            // Run the fleet's state before serving anything, so that a new instance never serves, nor fails to
+            // invalidate, by its files' policy while the others run another (bounded: past it, or if Redis
+            // refuses, the files' policy runs until the follower's first good read).
+            let init = settings.policy();
+            let first = fleet.sync(&registry, Some(&init));
+            match tokio::time::timeout(std::time::Duration::from_secs(2), first).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => fleet.failed(&e),
+                Err(_) => tracing::warn!(
+                    "fleet: the first read took over 2 s; starting on the configuration's policy"
+                ),
+            }
+            Arc::clone(&fleet).spawn(registry.clone(), init);
             Some(fleet)
         } else {
             None

@@ -419,63 +419,88 @@ async fn a_write_while_observed_is_never_hidden_by_an_older_redis_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_left_redis_still_invalidates_what_the_others_serve() {
     let mut server = RedisServer::start();
-    let a = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
-    let b = registry(CacheImpl::Redis, &["user"], Some(server.url())).await;
+    // A read deadline no loaded machine reaches, so that every fill below happens.
+    let opts = || {
+        let mut o = options(CacheImpl::Redis, &["user"], Some(server.url()));
+        o.policy.read_timeout_ms = 2_000;
+        o
+    };
+    let a = CacheRegistry::new(opts()).await.expect("a");
+    let b = CacheRegistry::new(opts()).await.expect("b");
     let v = |version: u64| move || async move { Ok::<_, Infallible>(user(1, version)) };
-    let in_redis = |server: &RedisServer| {
-        redis::cmd("EXISTS")
-            .arg("cr:user:1")
-            .query::<bool>(&mut server.conn())
+    let url = server.url();
+    let exists = |key: &str| {
+        redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| {
+                redis::cmd("EXISTS")
+                    .arg(format!("cr:{key}"))
+                    .query::<bool>(&mut c)
+            })
             .expect("exists")
     };
-    for (leave, label) in [
-        (switch(CacheImpl::Null, &[]), "null"),
-        (switch(CacheImpl::Memory, &["user"]), "memory"),
-    ] {
+    let tagged = |version: u64| {
+        b.get_or_load_tagged("user:9", &["team:1"], move || async move {
+            Ok::<_, Infallible>(user(9, version))
+        })
+    };
+    // Each way out of Redis: to null; to memory; to memory and then on to null (the kept Redis carried along).
+    let ways: [(&[PolicyUpdate], &str); 3] = [
+        (&[switch(CacheImpl::Null, &[])], "null"),
+        (&[switch(CacheImpl::Memory, &["user"])], "memory"),
+        (
+            &[
+                switch(CacheImpl::Memory, &["user"]),
+                switch(CacheImpl::Null, &[]),
+            ],
+            "memory then null",
+        ),
+    ];
+    for (leave, label) in ways {
         a.switch(&switch(CacheImpl::Redis, &["user"]))
             .await
             .expect("a on redis");
+        assert!(!a.state().await.deletes_in_left_redis);
         assert_eq!(b.get_or_load("user:1", v(1)).await, Ok(user(1, 1)));
-        assert!(in_redis(&server), "b filled user:1");
+        assert!(exists("user:1"), "b filled user:1");
         // `a` leaves Redis; `b` still serves user:1 from it.
-        a.switch(&leave).await.expect("a leaves redis");
+        for change in leave {
+            a.switch(change).await.expect("a leaves redis");
+        }
+        assert!(a.state().await.deletes_in_left_redis, "{label}");
         // A write through `a` (the origin now has version 2), and its invalidation.
         a.invalidate("user:1").await.expect("invalidate through a");
         assert!(
-            !in_redis(&server),
+            !exists("user:1"),
             "a's invalidation under {label} reached Redis"
         );
-        assert_eq!(
-            b.get_or_load("user:1", v(2)).await,
-            Ok(user(1, 2)),
-            "b read the old copy after a's write under {label}"
-        );
-        // `set` and tag invalidations go there too.
+        assert_eq!(b.get_or_load("user:1", v(2)).await, Ok(user(1, 2)));
+        assert!(exists("user:1"), "b filled user:1 again");
+        // `set` goes there too.
         a.set("user:1", &user(1, 3)).await.expect("set through a");
         assert!(
-            !in_redis(&server),
+            !exists("user:1"),
             "a's set under {label} removed the old copy"
         );
         assert_eq!(b.get_or_load("user:1", v(3)).await, Ok(user(1, 3)));
-        b.get_or_load_tagged("user:9", &["team:1"], || async {
-            Ok::<_, Infallible>(user(9, 1))
-        })
-        .await
-        .expect("tagged load");
-        assert_eq!(
-            a.invalidate_tag("team:1")
-                .await
-                .expect("invalidate_tag through a"),
-            0,
-            "{label} holds nothing of the tag itself"
+        // And tag and pattern invalidations.
+        assert_eq!(tagged(1).await, Ok(user(9, 1)));
+        assert!(exists("user:9"), "b filled user:9");
+        a.invalidate_tag("team:1")
+            .await
+            .expect("invalidate_tag through a");
+        assert!(
+            !exists("user:9"),
+            "a's tag invalidation under {label} reached Redis"
         );
-        assert_eq!(
-            b.get_or_load_tagged("user:9", &["team:1"], || async {
-                Ok::<_, Infallible>(user(9, 2))
-            })
-            .await,
-            Ok(user(9, 2)),
-            "the tag invalidation under {label} reached Redis"
+        assert_eq!(tagged(2).await, Ok(user(9, 2)));
+        assert!(exists("user:1") && exists("user:9"));
+        a.invalidate_pattern("user")
+            .await
+            .expect("invalidate_pattern through a");
+        assert!(
+            !exists("user:1") && !exists("user:9"),
+            "a's pattern deletion under {label} reached Redis"
         );
     }
     // With that Redis down, the invalidation says so (the caller retries it), as it does with Redis active.
@@ -489,9 +514,22 @@ async fn an_instance_that_left_redis_still_invalidates_what_the_others_serve() {
     a.switch(&switch(CacheImpl::Redis, &["user"]))
         .await
         .expect("a back on redis");
-    assert_eq!(b.get_or_load("user:1", v(4)).await, Ok(user(1, 4)));
+    assert!(!a.state().await.deletes_in_left_redis);
+    // `b`'s connection is re-made on its first command after the restart: a few reads until it fills again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(b.get_or_load("user:1", v(4)).await, Ok(user(1, 4)));
+        if exists("user:1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never filled the restarted Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a.invalidate("user:1").await.expect("invalidate");
-    assert_eq!(b.get_or_load("user:1", v(5)).await, Ok(user(1, 5)));
+    assert!(!exists("user:1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -328,4 +328,8 @@ pub trait Cache: Send + Sync + 'static {
     fn always_misses(&self) -> bool {
         false
     }
+
+    /// Called once when the registry stops serving from this backend but keeps it for deletions only (a process
+    /// that left Redis still deletes there, see `docs/behaviour.md`): drop what is held in process. Default: nothing.
+    fn retire(&self) {}
 }

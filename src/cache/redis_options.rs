@@ -123,7 +123,7 @@ pub(crate) fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>> {
         .collect();
     if nodes.is_empty() {
         return Err(Error::config(
-            "REDIS_URL",
+            "cache.redis.url (REDIS_URL)",
             redact_url(url),
             "a cluster URL lists its nodes: redis+cluster://host1:port1,host2:port2",
         ));

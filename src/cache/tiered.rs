@@ -275,6 +275,12 @@ impl Cache for TieredCache {
         CacheImpl::Redis
     }
 
+    /// Empties the L1: kept for deletions only, it is never read again (its invalidations still reach the other
+    /// instances' L1s).
+    fn retire(&self) {
+        self.inner.l1.clear();
+    }
+
     fn remote(&self) -> bool {
         true
     }

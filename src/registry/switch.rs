@@ -230,7 +230,14 @@ impl CacheRegistry {
         // backend takes the invalidations.
         next.sink = match (next.backend.kind(), cur.backend.kind()) {
             (CacheImpl::Redis, _) => None,
-            (_, CacheImpl::Redis) => Some(Arc::clone(&cur.backend)),
+            (_, CacheImpl::Redis) => {
+                cur.backend.retire();
+                tracing::info!(
+                    to = %next.policy.cache_impl,
+                    "cache: left Redis; writes and invalidations still delete there until Redis serves again"
+                );
+                Some(Arc::clone(&cur.backend))
+            }
             _ => cur.sink.clone(),
         };
         let routed = next

@@ -47,6 +47,9 @@ pub struct StateView {
     pub swaps: Vec<SwapRecord>,
     /// Redis health when the active impl is `redis`.
     pub redis: Option<Health>,
+    /// `true` while this process, having left Redis (impl `null` or `memory` after `redis`), still deletes there
+    /// on every write and invalidation, for the instances that may still serve from it (`docs/behaviour.md`).
+    pub deletes_in_left_redis: bool,
     /// Every pattern seen that is whitelisted, configured or rolled back: its mode, ramp, breaker, window, and the
     /// ramped and unramped arms side by side.
     pub routes: BTreeMap<String, RouteView>,
@@ -189,6 +192,7 @@ impl CacheRegistry {
                 .cloned()
                 .collect(),
             redis,
+            deletes_in_left_redis: s.sink.is_some(),
             routes: self.route_views(&s),
         }
     }

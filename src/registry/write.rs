@@ -5,7 +5,8 @@ use super::*;
 impl CacheRegistry {
     /// Stores `value` under `key` with the pattern's TTL. For a pattern that is not served (or with caching
     /// disabled) the write is only counted, and the key is deleted from the active backend so that an older copy
-    /// can never be served later.
+    /// can never be served later. After this process left Redis (impl `null` or `memory`), the key is also
+    /// deleted there, for the instances that may still serve from it.
     ///
     /// # Errors
     /// [`Error::InvalidKey`], [`Error::Encode`], [`Error::ValueTooLarge`], or the backend's error (also counted).
@@ -44,6 +45,17 @@ impl CacheRegistry {
         value: &C,
         tags: &[&str],
     ) -> Result<()> {
+        let sink = self.sink();
+        let local = self.set_here(key, value, tags).await;
+        // The Redis this process left, if it keeps one: after the local write, whatever its outcome.
+        let left = match (&local, &sink) {
+            (Err(Error::InvalidKey { .. }), _) | (_, None) => Ok(()),
+            (_, Some(sink)) => self.delete_in_sink(sink, key).await,
+        };
+        local.and(left)
+    }
+
+    async fn set_here<C: Codec>(&self, key: &str, value: &C, tags: &[&str]) -> Result<()> {
         validate_key(key)?;
         for t in tags {
             validate_key(t)?;
@@ -90,14 +102,12 @@ impl CacheRegistry {
                         .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
                 }
             }
-            self.delete_in_sink(&state, key).await?;
             if !state.stores {
                 return Ok(());
             }
             // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
         };
-        self.delete_in_sink(&state, key).await?;
         let bytes = codec::encode(key, value, self.inner.value_version)?;
         let cache_impl = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
@@ -136,27 +146,29 @@ impl CacheRegistry {
         }
         let cache_impl = state.backend.kind();
         self.inner.metrics.invalidated_tag(cache_impl, tag);
-        if let Some(sink) = &state.sink {
+        let local = if state.stores {
             self.timed(
-                sink.kind(),
+                cache_impl,
                 Operation::InvalidateTag,
-                sink.invalidate_tag(tag),
+                state.backend.invalidate_tag(tag),
             )
-            .await?;
-        }
-        if !state.stores {
-            return Ok(0);
-        }
-        self.timed(
-            cache_impl,
-            Operation::InvalidateTag,
-            state.backend.invalidate_tag(tag),
-        )
-        .await
+            .await
+        } else {
+            Ok(0)
+        };
+        let left = match &state.sink {
+            Some(sink) => self
+                .in_sink(&state, Operation::InvalidateTag, sink.invalidate_tag(tag))
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        local.and_then(|n| left.map(|()| n))
     }
 
-    /// Deletes `key` from the active backend (whitelisted or not, see the module docs) and detaches any load of it
-    /// in flight; `true` when it was present.
+    /// Deletes `key` from the active backend (whitelisted or not, see the module docs), and from the Redis this
+    /// process left if it did (impl `null` or `memory` after `redis`), and detaches any load of it in flight;
+    /// `true` when it was present in the active backend.
     ///
     /// With caching disabled the delete still happens (unmeasured), so that re-enabling never serves a value
     /// older than a write made in between.
@@ -166,11 +178,20 @@ impl CacheRegistry {
     /// remain until its TTL.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
+        let sink = self.sink();
+        let local = self.invalidate_here(key).await;
+        let left = match &sink {
+            Some(sink) => self.delete_in_sink(sink, key).await,
+            None => Ok(()),
+        };
+        local.and_then(|found| left.map(|()| found))
+    }
+
+    async fn invalidate_here(&self, key: &str) -> Result<bool> {
         let state = self.inner.active.load_full();
         if state.stores {
             self.inner.flights.detach(key);
         }
-        self.delete_in_sink(&state, key).await?;
         if !state.policy.enabled {
             return state.backend.delete(key).await;
         }
@@ -239,25 +260,47 @@ impl CacheRegistry {
                 }
             }
         }
-        if let Some(sink) = &state.sink {
-            let delete = self.delete_pattern_in(&**sink, pattern);
-            self.timed(sink.kind(), Operation::DeletePattern, delete)
-                .await?;
-        }
         let delete = self.delete_pattern_in(&*state.backend, pattern);
-        self.timed(cache_impl, Operation::DeletePattern, delete)
-            .await
+        let local = self
+            .timed(cache_impl, Operation::DeletePattern, delete)
+            .await;
+        let left = match &state.sink {
+            Some(sink) => {
+                let delete = self.delete_pattern_in(&**sink, pattern);
+                self.in_sink(&state, Operation::DeletePattern, delete)
+                    .await
+                    .map(|_| ())
+            }
+            None => Ok(()),
+        };
+        local.and_then(|n| left.map(|()| n))
     }
 
-    /// Deletes `key` (and revokes its lease) in the Redis an earlier state served from, if the active state keeps
-    /// one (see `Active::sink`).
-    async fn delete_in_sink(&self, state: &Active, key: &str) -> Result<()> {
-        match &state.sink {
-            Some(sink) => self
-                .timed(sink.kind(), Operation::Delete, sink.delete(key))
-                .await
-                .map(|_| ()),
-            None => Ok(()),
+    /// The Redis an earlier state served from, if the active state keeps one (see `Active::sink`).
+    fn sink(&self) -> Option<Arc<dyn Cache>> {
+        self.inner.active.load().sink.clone()
+    }
+
+    /// Deletes `key` (and revokes its lease) in `sink`.
+    async fn delete_in_sink(&self, sink: &Arc<dyn Cache>, key: &str) -> Result<()> {
+        let state = self.inner.active.load_full();
+        self.in_sink(&state, Operation::Delete, sink.delete(key))
+            .await
+            .map(|_| ())
+    }
+
+    /// One operation on the sink: timed and counted under `redis` like any, unless caching is disabled
+    /// (unmeasured, as every call then is).
+    async fn in_sink<T>(
+        &self,
+        state: &Active,
+        op: Operation,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if state.policy.enabled {
+            self.timed(CacheImpl::Redis, op, f).await
+        } else {
+            f.await
         }
     }
 
