@@ -161,8 +161,9 @@ impl Builder {
     }
 
     /// Reads the settings, builds the registry (which starts observing and keeps retrying when the configured
-    /// backend is unreachable), and starts the fleet following and the SIGHUP reload when asked for. Must be called
-    /// within a Tokio runtime.
+    /// backend is unreachable), and starts the fleet following and the SIGHUP reload when asked for. With the fleet
+    /// on, it first reads and applies the fleet state, waiting up to 2 s (then it starts on the configuration's
+    /// policy and follows as soon as it can). Must be called within a Tokio runtime.
     ///
     /// # Errors
     /// [`Error::Config`] for a bad service name, a bad configuration value (naming the key and the value), an admin
@@ -206,9 +207,9 @@ impl Builder {
             match tokio::time::timeout(std::time::Duration::from_secs(2), first).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => fleet.failed(&e),
-                Err(_) => tracing::warn!(
-                    "fleet: the first read took over 2 s; starting on the configuration's policy"
-                ),
+                Err(_) => fleet.failed(&Error::Fleet(
+                    "the first read took over 2 s; started on the configuration's policy".into(),
+                )),
             }
             Arc::clone(&fleet).spawn(registry.clone(), init);
             Some(fleet)

@@ -12,28 +12,9 @@ use axum::Router;
 use cache_rollout::config::Settings;
 use cache_rollout::{CacheRegistry, CacheRollout};
 use serde_json::{json, Value};
+use support::{rss_kib, Rng};
 
 const TOKEN: &str = "bounds-test-token-0123456789";
-
-/// A small xorshift generator: the flood is the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A lowercase word of 3 to 10 letters.
-    fn word(&mut self) -> String {
-        let n = 3 + (self.next() % 8) as usize;
-        (0..n)
-            .map(|_| (b'a' + (self.next() % 26) as u8) as char)
-            .collect()
-    }
-}
 
 async fn call(
     app: &Router,
@@ -43,18 +24,6 @@ async fn call(
 ) -> (StatusCode, String) {
     let (status, _, text) = support::router::call(app, method, uri, Some(TOKEN), body).await;
     (status, text)
-}
-
-/// Resident memory of this process, in KiB (Linux).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// One round of the flood: `keys` calls on random keys of thousands of key patterns, random URLs (matched and
@@ -149,10 +118,10 @@ async fn floods_of_names_keys_urls_and_tags_stay_within_their_bounds() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     flood(&app, &registry, &mut rng, 100_000).await;
     let (_, metrics_first) = call(&app, Method::GET, "/metrics", None).await;
-    let rss_first = rss_kib();
+    let rss_first = rss_kib("self");
     flood(&app, &registry, &mut rng, 100_000).await;
     let (_, metrics) = call(&app, Method::GET, "/metrics", None).await;
-    let rss_second = rss_kib();
+    let rss_second = rss_kib("self");
     let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
     let (first, second) = (series(&metrics_first), series(&metrics));
     let (status, state) = call(&app, Method::GET, "/internal/cache", None).await;

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{command, metric, repo, RedisCluster, RedisServer, Service, TOKEN};
+use support::{command, metric, repo, rss_kib, RedisCluster, RedisServer, Rng, Service, TOKEN};
 
 /// One soak at a time: each starts three instances and up to six Redis servers on a two-core machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -199,23 +199,10 @@ fn version(name: &str) -> Option<u64> {
     name.rsplit_once(" v").and_then(|(_, v)| v.parse().ok())
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// 1..=n, the low ids hot (u³).
-    fn skewed(&mut self, n: u64) -> u64 {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        1 + ((u * u * u) * n as f64) as u64 % n
-    }
+/// 1..=n from `rng`, the low ids hot (u³, u uniform).
+fn skewed(rng: &mut Rng, n: u64) -> u64 {
+    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    1 + ((u * u * u) * n as f64) as u64 % n
 }
 
 async fn reader(
@@ -232,7 +219,7 @@ async fn reader(
         let base = &bases[rng.below(bases.len() as u64) as usize];
         let op = rng.below(100);
         let (path, floors) = if op < 60 {
-            let id = rng.skewed(USERS);
+            let id = skewed(&mut rng, USERS);
             (format!("/users/{id}"), vec![(id, history.floor(id))])
         } else if op < 85 {
             // Which users a list shows is known only from the answer: take every floor before sending.
@@ -387,18 +374,6 @@ async fn writer(
     tally.latencies.lock().expect("latencies").extend(lat);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Metric series in an instance's `/metrics`.
 fn series(svc: &Service) -> usize {
     svc.get("/metrics")
@@ -495,7 +470,10 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
             "serving from Redis",
         );
     }
-    let start_rss: Vec<u64> = fleet.iter().map(|s| rss_kib(s.child.id())).collect();
+    let start_rss: Vec<u64> = fleet
+        .iter()
+        .map(|s| rss_kib(&s.child.id().to_string()))
+        .collect();
     let start_series: Vec<usize> = fleet.iter().map(series).collect();
 
     let bases = Arc::new(fleet.iter().map(|s| s.base.clone()).collect::<Vec<_>>());
@@ -599,7 +577,13 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
     }
     // Back to serving both patterns fully, and some traffic served so.
     tally.step.store(i as u64 + 1, Ordering::Relaxed);
-    let last = put(&fleet[0], &serve_both());
+    // Redis may have just been restarted: the instance's connection is made again on its next command.
+    let mut last = put(&fleet[0], &serve_both());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !last.starts_with("ok") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        last = put(&fleet[0], &serve_both());
+    }
     log.push(format!(
         "{:>3} {:>6.1} s  {last}",
         i + 1,
@@ -621,7 +605,10 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
         .map(|(s, before)| hits(s) - before)
         .sum();
 
-    let end_rss: Vec<u64> = fleet.iter().map(|s| rss_kib(s.child.id())).collect();
+    let end_rss: Vec<u64> = fleet
+        .iter()
+        .map(|s| rss_kib(&s.child.id().to_string()))
+        .collect();
     let end_series: Vec<usize> = fleet.iter().map(series).collect();
     let rollbacks: f64 = fleet
         .iter()

@@ -45,32 +45,38 @@ impl CacheRegistry {
         value: &C,
         tags: &[&str],
     ) -> Result<()> {
-        let sink = self.sink();
-        let local = self.set_here(key, value, tags).await;
+        // One state for both parts: a swap between them must not lose the deletion in the Redis just left.
+        let state = self.inner.active.load_full();
+        let local = self.set_here(&state, key, value, tags).await;
         // The Redis this process left, if it keeps one: after the local write, whatever its outcome.
-        let left = match (&local, &sink) {
+        let left = match (&local, &state.sink) {
             (Err(Error::InvalidKey { .. }), _) | (_, None) => Ok(()),
-            (_, Some(sink)) => self.delete_in_sink(sink, key).await,
+            (_, Some(sink)) => self.delete_in_sink(&state, sink, key).await,
         };
         local.and(left)
     }
 
-    async fn set_here<C: Codec>(&self, key: &str, value: &C, tags: &[&str]) -> Result<()> {
+    async fn set_here<C: Codec>(
+        &self,
+        state: &Active,
+        key: &str,
+        value: &C,
+        tags: &[&str],
+    ) -> Result<()> {
         validate_key(key)?;
         for t in tags {
             validate_key(t)?;
         }
-        let state = self.inner.active.load_full();
         let (entry, ttl, track) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
-            let entry = self.entry(&state, &pattern);
+            let entry = self.entry(state, &pattern);
             let route = state.route(&pattern);
             let serves = route.is_some();
             let track = state
                 .policy
                 .enabled
-                .then(|| self.track(&state, entry, &pattern, key, serves))
+                .then(|| self.track(state, entry, &pattern, key, serves))
                 .flatten();
             (entry, route.map(|r| r.ttl), track)
         };
@@ -108,7 +114,14 @@ impl CacheRegistry {
             // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
         };
-        let bytes = codec::encode(key, value, self.inner.value_version)?;
+        let bytes = match codec::encode(key, value, self.inner.value_version) {
+            Ok(b) => b,
+            Err(e) => {
+                // As for a value too large: the old value is stale now, do not leave it behind.
+                let _ = state.backend.delete(key).await;
+                return Err(e);
+            }
+        };
         let cache_impl = state.backend.kind();
         if bytes.len() > self.inner.max_value_bytes {
             self.inner.metrics.error(cache_impl, "too_large");
@@ -178,17 +191,17 @@ impl CacheRegistry {
     /// remain until its TTL.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
-        let sink = self.sink();
-        let local = self.invalidate_here(key).await;
-        let left = match &sink {
-            Some(sink) => self.delete_in_sink(sink, key).await,
+        // One state for both parts, as in `set`.
+        let state = self.inner.active.load_full();
+        let local = self.invalidate_here(&state, key).await;
+        let left = match &state.sink {
+            Some(sink) => self.delete_in_sink(&state, sink, key).await,
             None => Ok(()),
         };
         local.and_then(|found| left.map(|()| found))
     }
 
-    async fn invalidate_here(&self, key: &str) -> Result<bool> {
-        let state = self.inner.active.load_full();
+    async fn invalidate_here(&self, state: &Active, key: &str) -> Result<bool> {
         if state.stores {
             self.inner.flights.detach(key);
         }
@@ -198,7 +211,7 @@ impl CacheRegistry {
         let (entry, served) = {
             let mut buf = None;
             let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
-            (self.entry(&state, &pattern), state.routed(&pattern))
+            (self.entry(state, &pattern), state.routed(&pattern))
         };
         let cache_impl = state.backend.kind();
         entry.metrics.del(cache_impl);
@@ -276,21 +289,15 @@ impl CacheRegistry {
         local.and_then(|n| left.map(|()| n))
     }
 
-    /// The Redis an earlier state served from, if the active state keeps one (see `Active::sink`).
-    fn sink(&self) -> Option<Arc<dyn Cache>> {
-        self.inner.active.load().sink.clone()
-    }
-
-    /// Deletes `key` (and revokes its lease) in `sink`.
-    async fn delete_in_sink(&self, sink: &Arc<dyn Cache>, key: &str) -> Result<()> {
-        let state = self.inner.active.load_full();
-        self.in_sink(&state, Operation::Delete, sink.delete(key))
+    /// Deletes `key` (and revokes its lease) in `sink`, the Redis `state` keeps (see `Active::sink`).
+    async fn delete_in_sink(&self, state: &Active, sink: &Arc<dyn Cache>, key: &str) -> Result<()> {
+        self.in_sink(state, Operation::Delete, sink.delete(key))
             .await
             .map(|_| ())
     }
 
-    /// One operation on the sink: timed and counted under `redis` like any, unless caching is disabled
-    /// (unmeasured, as every call then is).
+    /// One operation on the sink: timed and counted under `impl="redis"`, unless caching is disabled (as `set`
+    /// and `invalidate` then are not).
     async fn in_sink<T>(
         &self,
         state: &Active,

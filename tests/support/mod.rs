@@ -24,6 +24,43 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A small xorshift generator (Marsaglia, "Xorshift RNGs", 2003): a test's random inputs are the same on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A lowercase word of 3 to 10 letters.
+    pub fn word(&mut self) -> String {
+        let n = 3 + (self.next() % 8) as usize;
+        (0..n)
+            .map(|_| (b'a' + (self.next() % 26) as u8) as char)
+            .collect()
+    }
+}
+
+/// Resident memory of process `pid` (`"self"` for this one), in KiB; 0 when unknown (Linux's `/proc`).
+pub fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; a race with another process is possible but rare).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
