@@ -154,10 +154,10 @@ impl Fleet {
     /// # Panics
     /// Outside a Tokio runtime (the lazy connection needs one); [`Fleet::check`] validates without it.
     pub fn new(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<Self> {
-        Self::check(opts, redis, secret)?;
+        let nodes = Self::checked(opts, redis, secret)?;
         let key = opts.key.clone().unwrap_or_default();
         Ok(Fleet {
-            nodes: crate::cache::redis_node_clients(redis)?,
+            nodes,
             next_node: std::sync::atomic::AtomicUsize::new(0),
             conn: crate::cache::RedisConn::lazy(
                 redis,
@@ -188,6 +188,15 @@ impl Fleet {
     /// # Errors
     /// As [`Fleet::new`].
     pub fn check(opts: &FleetOptions, redis: &RedisOptions, secret: &str) -> Result<()> {
+        Self::checked(opts, redis, secret).map(|_| ())
+    }
+
+    /// The checks of [`Fleet::check`]; the clients of the Redis nodes it built on the way.
+    fn checked(
+        opts: &FleetOptions,
+        redis: &RedisOptions,
+        secret: &str,
+    ) -> Result<Vec<redis::Client>> {
         let key = opts.key.clone().unwrap_or_default();
         if key.is_empty() {
             return Err(Error::config("cache.fleet.key", "", "must not be empty"));
@@ -216,7 +225,7 @@ impl Fleet {
                 "the fleet state is signed with the admin token: set one of at least 16 characters",
             ));
         }
-        crate::cache::redis_node_clients(redis).map(|_| ())
+        crate::cache::redis_node_clients(redis)
     }
 
     async fn conn(&self) -> Result<crate::cache::RedisReady> {

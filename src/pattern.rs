@@ -248,14 +248,22 @@ pub fn validate_key(key: &str) -> Result<()> {
         return Ok(());
     };
     let mut shown = key.to_string();
-    if shown.len() > 200 {
-        let mut cut = 200;
-        while !shown.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        shown.truncate(cut);
-    }
+    cut_to(&mut shown, 200);
     Err(Error::InvalidKey { key: shown, reason })
+}
+
+/// Shortens `s` to at most `max_bytes`, at a character boundary; `true` when something was cut. For showing
+/// user input in errors.
+pub(crate) fn cut_to(s: &mut String, max_bytes: usize) -> bool {
+    if s.len() <= max_bytes {
+        return false;
+    }
+    let mut cut = max_bytes;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    true
 }
 
 /// Checks a pattern name as used in a whitelist, a template or `[cache.patterns.<pattern>]`.

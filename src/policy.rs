@@ -319,24 +319,20 @@ impl PolicyUpdate {
                 path
             };
             // The offending value as sent, when the body is JSON and the path leads to one (cut at 200 bytes).
-            let value = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
+            let root = serde_json::from_slice::<serde_json::Value>(body).ok();
+            let value = root
+                .as_ref()
                 .and_then(|v| {
                     e.path().iter().try_fold(v, |v, seg| match seg {
-                        serde_path_to_error::Segment::Map { key } => v.get(key).cloned(),
-                        serde_path_to_error::Segment::Seq { index } => v.get(index).cloned(),
+                        serde_path_to_error::Segment::Map { key } => v.get(key),
+                        serde_path_to_error::Segment::Seq { index } => v.get(index),
                         _ => None,
                     })
                 })
                 .map(|v| {
                     // A string as it was written (as the configuration's errors show it), anything else as JSON.
                     let mut text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                    if text.len() > 200 {
-                        let cut = (0..=200)
-                            .rev()
-                            .find(|&i| text.is_char_boundary(i))
-                            .unwrap_or(0);
-                        text.truncate(cut);
+                    if crate::pattern::cut_to(&mut text, 200) {
                         text.push('…');
                     }
                     text

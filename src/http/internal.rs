@@ -246,10 +246,8 @@ async fn show(
     headers: HeaderMap,
     query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if state.reads_need_token() {
-        if let Some(refused) = refusal(&state, &headers, "read", "/internal/cache") {
-            return refused;
-        }
+    if let Some(refused) = read_refusal(&state, &headers, "/internal/cache") {
+        return refused;
     }
     let only = match query {
         Ok(Query(q)) => q.pattern.filter(|p| !p.is_empty()),
@@ -322,12 +320,22 @@ fn trim_view(v: &mut serde_json::Value, only: Option<&str>) {
 }
 
 async fn report(State(state): State<InternalState>, headers: HeaderMap) -> Response {
-    if state.reads_need_token() {
-        if let Some(refused) = refusal(&state, &headers, "read", "/internal/cache/report") {
-            return refused;
-        }
+    if let Some(refused) = read_refusal(&state, &headers, "/internal/cache/report") {
+        return refused;
     }
     Json(state.registry.report()).into_response()
+}
+
+/// A read's refusal: `None` where reading is open, else [`refusal`] for `action = "read"`.
+fn read_refusal(
+    state: &InternalState,
+    headers: &HeaderMap,
+    path: &'static str,
+) -> Option<Response> {
+    state
+        .reads_need_token()
+        .then(|| refusal(state, headers, "read", path))
+        .flatten()
 }
 
 /// Checks the bearer token: `None` when it is right; else the refusal, 403 when none is configured, 401 (counted
