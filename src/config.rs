@@ -174,6 +174,10 @@ pub struct CacheSettings {
     /// path under `/internal/` answers 404.
     #[serde(default)]
     pub internal_reads_open: bool,
+    /// Add an RFC 9211 `Cache-Status` header to the responses of candidate routes that made cache calls
+    /// ([`CandidateLayer`](crate::http::CandidateLayer)). `None` (the default): on outside `production`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_status_header: Option<bool>,
 }
 
 /// The `[cache.memory]` table.
@@ -303,6 +307,7 @@ impl Default for Settings {
                 analysis: AnalysisOptions::default(),
                 fleet: FleetOptions::default(),
                 internal_reads_open: false,
+                cache_status_header: None,
                 redis: RedisSettings {
                     url: "redis://127.0.0.1:6379".into(),
                     key_prefix: None,
@@ -617,6 +622,10 @@ impl Settings {
             (
                 "cache.internal_reads_open",
                 a.internal_reads_open != b.internal_reads_open,
+            ),
+            (
+                "cache.cache_status_header",
+                a.cache_status_header != b.cache_status_header,
             ),
             (
                 "cache.max_value_bytes",

@@ -55,12 +55,12 @@ pub enum Error {
         max: usize,
     },
     /// A value could not be encoded for the cache.
-    #[error("cannot encode value for key {key:?}: {source}")]
+    #[error("cannot encode value for key {key:?}: {reason}")]
     Encode {
         /// The key.
         key: String,
         /// The serializer's error.
-        source: serde_json::Error,
+        reason: String,
     },
     /// A cached entry failed its integrity check or could not be decoded. It is treated as a miss and deleted.
     #[error("corrupted cache entry: {0}")]

@@ -8,11 +8,15 @@ use std::ops::{Bound, RangeBounds};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheImpl;
+use crate::codec::Format;
 use crate::error::{Error, Result};
 use crate::pattern::validate_pattern;
 
 /// Longest accepted TTL: one year, in seconds (Redis and moka accept more, but such a TTL is a unit mistake).
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+/// Longest `stale_if_error_secs` and `stale_while_revalidate_secs`: 7 days, in seconds.
+pub const MAX_STALE_SECS: u64 = 7 * 24 * 3600;
 
 /// `Ok` when `v` lies in `range`; else [`Error::Config`] naming `key` and the value, with `expected` as the reason.
 fn check_range<T: PartialOrd + std::fmt::Display>(
@@ -134,7 +138,8 @@ impl Mode {
     }
 }
 
-/// Settings of one key pattern (`[cache.patterns.<pattern>]`).
+/// Settings of one key pattern (`[cache.patterns.<pattern>]`); the entry named `"*"` gives the default of each
+/// setting for every pattern ([`PatternPolicy::or`]).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatternPolicy {
@@ -157,6 +162,54 @@ pub struct PatternPolicy {
     /// ([`TieredCache`](crate::cache::TieredCache)). `None`: no L1. Ignored with another impl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l1_ttl_secs: Option<u64>,
+    /// The serde format of the pattern's stored values: `postcard` (compact, the default) or `json` (for values
+    /// other programs read, and types that gain optional fields). See [`crate::codec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+    /// With the `zstd` feature: store a value whose payload is longer than this many bytes zstd-compressed, when
+    /// that makes it smaller. `None`: never compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_above_bytes: Option<u64>,
+    /// Serve stale on origin failure: an entry is kept this many seconds past its TTL (0 to 604,800), and while it
+    /// is, a loader that fails (with an error the caller allows, see
+    /// [`Fetch::stale_if`](crate::registry::Fetch::stale_if)) is answered with the stale value instead, counted in
+    /// `cache_stale_served_total{reason="error"}`. An invalidation removes the stale copy too. `None`: 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_secs: Option<u64>,
+    /// Stale-while-revalidate: for this many seconds past its TTL (0 to 604,800) an entry is still served, counted
+    /// in `cache_stale_served_total{reason="revalidate"}`, while one caller per key refreshes it under the key's
+    /// lease (in the background with [`CacheRegistry::fetch`](crate::CacheRegistry::fetch)). `None`: 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate_secs: Option<u64>,
+    /// Negative caching: a loader's "not found" (a value the caller marks absent, see
+    /// [`Fetch::absent_if`](crate::registry::Fetch::absent_if)) is stored for this many seconds (1 to 86,400)
+    /// instead of the TTL, and its hits are counted apart (`cache_negative_hits_total`). `None`: an absence is stored
+    /// like any value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_negative_secs: Option<u64>,
+}
+
+impl PatternPolicy {
+    /// These settings, each unset one taken from `fallback` (the `"*"` entry: defaults for every pattern).
+    pub fn or(&self, fallback: Option<&PatternPolicy>) -> PatternPolicy {
+        let Some(f) = fallback else {
+            return self.clone();
+        };
+        PatternPolicy {
+            ttl_secs: self.ttl_secs.or(f.ttl_secs),
+            mode: self.mode.or(f.mode),
+            ramp_percent: self.ramp_percent.or(f.ramp_percent),
+            read_timeout_ms: self.read_timeout_ms.or(f.read_timeout_ms),
+            l1_ttl_secs: self.l1_ttl_secs.or(f.l1_ttl_secs),
+            format: self.format.or(f.format),
+            compress_above_bytes: self.compress_above_bytes.or(f.compress_above_bytes),
+            stale_if_error_secs: self.stale_if_error_secs.or(f.stale_if_error_secs),
+            stale_while_revalidate_secs: self
+                .stale_while_revalidate_secs
+                .or(f.stale_while_revalidate_secs),
+            cache_negative_secs: self.cache_negative_secs.or(f.cache_negative_secs),
+        }
+    }
 }
 
 /// Where a tripped rollback sends the traffic.
@@ -386,6 +439,42 @@ impl Policy {
                     t,
                     1..=86_400,
                     "must be between 1 and 86400 seconds",
+                )?;
+            }
+            for (name, v) in [
+                ("stale_if_error_secs", s.stale_if_error_secs),
+                ("stale_while_revalidate_secs", s.stale_while_revalidate_secs),
+            ] {
+                if let Some(v) = v {
+                    check_range(
+                        &format!("cache.patterns.{p}.{name}"),
+                        v,
+                        0..=MAX_STALE_SECS,
+                        "must be between 0 and 604800 seconds",
+                    )?;
+                }
+            }
+            if let Some(t) = s.cache_negative_secs {
+                check_range(
+                    &format!("cache.patterns.{p}.cache_negative_secs"),
+                    t,
+                    1..=86_400,
+                    "must be between 1 and 86400 seconds",
+                )?;
+            }
+            if let Some(b) = s.compress_above_bytes {
+                #[cfg(not(feature = "zstd"))]
+                return Err(Error::config(
+                    &format!("cache.patterns.{p}.compress_above_bytes"),
+                    b.to_string(),
+                    "this build of cache-rollout has no `zstd` feature",
+                ));
+                #[cfg(feature = "zstd")]
+                check_range(
+                    &format!("cache.patterns.{p}.compress_above_bytes"),
+                    b,
+                    64..,
+                    "must be at least 64 bytes",
                 )?;
             }
         }

@@ -63,6 +63,14 @@ pub(crate) struct Route {
     pub(crate) probe: Option<Arc<AtomicU64>>,
     /// Reads that close a half-open breaker.
     pub(crate) probe_calls: u64,
+    /// How values are written.
+    pub(crate) encoding: crate::codec::Encoding,
+    /// How long past its TTL an entry may still answer a failed load.
+    pub(crate) stale_if_error: Duration,
+    /// How long past its TTL an entry is still served while one caller refreshes it.
+    pub(crate) stale_while_revalidate: Duration,
+    /// TTL of a cached absence; `None`: an absence is stored like any value.
+    pub(crate) negative_ttl: Option<Duration>,
 }
 
 impl Route {
@@ -70,6 +78,11 @@ impl Route {
     #[inline]
     pub(crate) fn includes(&self, key: &str) -> bool {
         self.ramp.is_none_or(|t| ramp_hash(key) < t)
+    }
+
+    /// How long the backend keeps an entry: its TTL, and the longer of the two stale windows past it.
+    pub(crate) fn retain(&self) -> Duration {
+        self.ttl + self.stale_if_error.max(self.stale_while_revalidate)
     }
 }
 
@@ -287,6 +300,10 @@ mod tests {
                 bucket_nanos: 1,
                 probe: None,
                 probe_calls: 1,
+                encoding: crate::codec::Encoding::default(),
+                stale_if_error: Duration::ZERO,
+                stale_while_revalidate: Duration::ZERO,
+                negative_ttl: None,
             };
             let inside: Vec<bool> = keys.iter().map(|k| r.includes(k)).collect();
             let share = inside.iter().filter(|&&b| b).count() as f64 / keys.len() as f64;

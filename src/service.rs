@@ -112,11 +112,17 @@ impl CacheRollout {
         self.fleet.as_ref()
     }
 
-    /// The candidate-route layer: counts and times every request per matched route. Put it after the routes it
-    /// should see (axum applies a layer to the routes added before it).
+    /// The candidate-route layer: counts and times every request per matched route, and adds an RFC 9211
+    /// `Cache-Status` header outside production (`[cache] cache_status_header`). Put it after the routes it should
+    /// see (axum applies a layer to the routes added before it).
     #[cfg(feature = "axum")]
     pub fn layer(&self) -> crate::http::CandidateLayer {
-        crate::http::CandidateLayer::new(self.registry.metrics())
+        let status = self
+            .settings
+            .cache
+            .cache_status_header
+            .unwrap_or(self.settings.app_env != crate::config::AppEnv::Production);
+        crate::http::CandidateLayer::new(self.registry.metrics()).with_cache_status(status)
     }
 
     /// `GET /metrics` and the `/internal/cache` routes, in one router to merge into the application's. Under

@@ -23,7 +23,7 @@ pub use self::report::{
     MAX_WRITE_RATIO, METHOD, MIN_GETS, MIN_HIT_RATIO, MIN_RECOMMENDED_TTL_SECS, SIZE_SHARE_OF_MAX,
     TTL_REUSE_SHARE,
 };
-pub(crate) use self::route::{record_call, RouteCalls};
+pub(crate) use self::route::{record_call, record_outcome, Outcomes, RouteCalls};
 pub use self::route::{RequestScope, ROUTE_SCOPE};
 pub use self::shards::{key_hash, Access, SampleStats, Shards, WARMUP_GETS};
 

@@ -6,7 +6,7 @@
 //! the response is ready the scope is merged into the route's [`RouteCalls`] under that route's own mutex, once per
 //! request. Loads run on another task (`tokio::spawn`) are not attributed to the route.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
@@ -18,10 +18,68 @@ tokio::task_local! {
     pub static ROUTE_SCOPE: RequestScope;
 }
 
-/// Cache calls made by one request: (pattern slot, calls, loader nanoseconds).
+/// Cache calls made by one request: (pattern slot, calls, loader nanoseconds), and how its routed calls ended
+/// (for the response's `Cache-Status`).
 #[derive(Debug, Default)]
 pub struct RequestScope {
     calls: RefCell<Vec<(u32, u64, u64)>>,
+    outcomes: Cell<Outcomes>,
+}
+
+/// How the routed calls (shadow or serve) of one request ended, summed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcomes {
+    /// Calls in shadow mode (the loader answered).
+    pub(crate) bypassed: u32,
+    /// Fresh hits.
+    pub(crate) hits: u32,
+    /// Stale-while-revalidate answers.
+    pub(crate) revalidating: u32,
+    /// Stale-if-error answers.
+    pub(crate) stale_on_error: u32,
+    /// Calls whose loader ran (a miss).
+    pub(crate) misses: u32,
+    /// Of the misses, those that found an entry past its TTL.
+    pub(crate) refreshed: u32,
+    /// Calls answered by another caller's load.
+    pub(crate) collapsed: u32,
+    /// Some miss stored its value.
+    pub(crate) stored: bool,
+    /// The least remaining freshness (seconds, negative when stale) of the entries served.
+    pub(crate) ttl_secs: Option<i64>,
+}
+
+impl RequestScope {
+    /// How the request's routed calls ended; `None` when it made no cache call at all, and all zeros when its calls
+    /// were only observed.
+    pub(crate) fn outcomes(&self) -> Option<Outcomes> {
+        let o = self.outcomes.get();
+        (o != Outcomes::default() || !self.calls.borrow().is_empty()).then_some(o)
+    }
+}
+
+/// Records how one routed call ended in the current request's scope, if there is one.
+pub(crate) fn record_outcome(outcome: crate::registry::Outcome) {
+    use crate::registry::CacheStatus as S;
+    let _ = ROUTE_SCOPE.try_with(|s| {
+        let mut o = s.outcomes.get();
+        match outcome.status {
+            S::Bypass => o.bypassed += 1,
+            S::Hit => o.hits += 1,
+            S::Collapsed => o.collapsed += 1,
+            S::Miss { refreshed, stored } => {
+                o.misses += 1;
+                o.refreshed += u32::from(refreshed);
+                o.stored |= stored;
+            }
+            S::StaleWhileRevalidate => o.revalidating += 1,
+            S::StaleIfError => o.stale_on_error += 1,
+        }
+        if let Some(ttl) = outcome.read.and_then(|(stamp, now)| stamp.ttl_secs(now)) {
+            o.ttl_secs = Some(o.ttl_secs.map_or(ttl, |t| t.min(ttl)));
+        }
+        s.outcomes.set(o);
+    });
 }
 
 impl RequestScope {
@@ -97,6 +155,7 @@ mod tests {
             .await;
         routes.merge(RequestScope {
             calls: RefCell::new(scope),
+            outcomes: Cell::default(),
         });
         let mut snap = routes.snapshot();
         snap.sort_unstable();

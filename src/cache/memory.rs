@@ -117,6 +117,33 @@ impl MemoryCache {
             .await;
     }
 
+    /// The value or a lease (`over`: a lease even over a value, for a refresh), under the key's lease shard.
+    async fn lease_with(
+        &self,
+        key: &str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &[String],
+        over: bool,
+    ) -> Result<Lookup> {
+        let mut leases = self.lease_shard(key).lock().await;
+        if !over {
+            if let Some(e) = self.inner.get(key).await {
+                return Ok(Lookup::Hit(e.value));
+            }
+        }
+        let now = Instant::now();
+        if leases.get(key).is_some_and(|&(_, until)| until > now) {
+            return Ok(Lookup::Held);
+        }
+        if leases.len() >= 1024 {
+            leases.retain(|_, &mut (_, until)| until > now);
+        }
+        leases.insert(key.to_string(), (token, now + lease_ttl));
+        self.record_tags(key, tags);
+        Ok(Lookup::Lease(token))
+    }
+
     fn record_tags(&self, key: &str, tags: &[String]) {
         if tags.is_empty() {
             return;
@@ -196,23 +223,19 @@ impl Cache for MemoryCache {
         lease_ttl: Duration,
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Lookup>> {
-        async move {
-            let mut leases = self.lease_shard(key).lock().await;
-            if let Some(e) = self.inner.get(key).await {
-                return Ok(Lookup::Hit(e.value));
-            }
-            let now = Instant::now();
-            if leases.get(key).is_some_and(|&(_, until)| until > now) {
-                return Ok(Lookup::Held);
-            }
-            if leases.len() >= 1024 {
-                leases.retain(|_, &mut (_, until)| until > now);
-            }
-            leases.insert(key.to_string(), (token, now + lease_ttl));
-            self.record_tags(key, tags);
-            Ok(Lookup::Lease(token))
-        }
-        .traced("lease", CacheImpl::Memory, key)
+        self.lease_with(key, token, lease_ttl, tags, false)
+            .traced("lease", CacheImpl::Memory, key)
+    }
+
+    fn lease_refresh<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        self.lease_with(key, token, lease_ttl, tags, true)
+            .traced("lease", CacheImpl::Memory, key)
     }
 
     fn set_leased<'a>(

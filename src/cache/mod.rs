@@ -262,6 +262,24 @@ pub trait Cache: Send + Sync + 'static {
         .boxed()
     }
 
+    /// A lease to refresh `key`, which holds a value past its TTL (stale-while-revalidate, stale-if-error): as
+    /// [`lease`](Cache::lease), but granted although the key holds a value, and [`Lookup::Held`] while another
+    /// caller holds the key's lease; never [`Lookup::Hit`]. An invalidation revokes it as it revokes any lease.
+    ///
+    /// The default (for backends that are only used inside one process) grants every lease.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn lease_refresh<'a>(
+        &'a self,
+        _key: &'a str,
+        token: u64,
+        _lease_ttl: Duration,
+        _tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        futures_util::future::ready(Ok(Lookup::Lease(token))).boxed()
+    }
+
     /// Fills `key` only if `token` still holds its lease, and ends the lease; `false` when the lease was revoked
     /// (the key was deleted or set since, or the lease expired): the value may predate a write, and is dropped.
     /// `tags`: tags of the entry ([`invalidate_tag`](Cache::invalidate_tag) removes it).

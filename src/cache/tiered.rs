@@ -354,6 +354,16 @@ impl Cache for TieredCache {
         .boxed()
     }
 
+    fn lease_refresh<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        self.inner.l2.lease_refresh(key, token, lease_ttl, tags)
+    }
+
     fn set_leased<'a>(
         &'a self,
         key: &'a str,

@@ -337,6 +337,7 @@ const KEYS: &[&str] = &[
     "lease_wait_ms",
     "admin_token",
     "internal_reads_open",
+    "cache_status_header",
     "memory.max_entries",
     "memory.max_bytes",
     "redis.url",

@@ -8,6 +8,22 @@
 //!
 //! Each request also runs inside a task-local [`RequestScope`]: the registry's gets made by the request's task are
 //! attributed to its route (route × key pattern in the report, see [`crate::analysis`]).
+//!
+//! **`Cache-Status`** ([RFC 9211](https://www.rfc-editor.org/rfc/rfc9211)). With
+//! [`with_cache_status`](CandidateLayer::with_cache_status) (on by default outside production, `[cache]
+//! cache_status_header`), each response of a request that made cache calls gets one `Cache-Status` member named
+//! `cache-rollout`, summing up its calls:
+//!
+//! | the request's cache calls | `Cache-Status` |
+//! |---|---|
+//! | only observed (or shadow mode, where the loader answers) | `cache-rollout; fwd=bypass` |
+//! | every one a hit (fresh, or stale-while-revalidate) | `cache-rollout; hit; ttl=N` (the least remaining freshness in seconds, negative when a stale value was served) |
+//! | some loader failed and a stale value answered | `cache-rollout; fwd=stale; ttl=N; detail=stale-if-error` |
+//! | some loader ran after a miss | `cache-rollout; fwd=uri-miss` (`fwd=stale` when the entry was there but past its TTL), `; stored` when a value was stored, `; collapsed` when another call's load answered one |
+//! | only answered by other callers' loads | `cache-rollout; fwd=uri-miss; collapsed` |
+//!
+//! A response of a request that made no cache call gets no member. An existing `Cache-Status` (from an inner
+//! cache) is kept; ours is added after it, as the RFC orders caches from the origin outwards.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,11 +32,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::Method;
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::response::Response;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
-use crate::analysis::{RequestScope, ROUTE_SCOPE};
+use crate::analysis::{Outcomes, RequestScope, ROUTE_SCOPE};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pattern::PatternTable;
 
@@ -34,7 +51,11 @@ const MAX_ROUTES: usize = 512;
 #[derive(Clone)]
 pub struct CandidateLayer {
     routes: Arc<PatternTable<RouteMetrics>>,
+    cache_status: bool,
 }
+
+/// The `Cache-Status` header name (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 impl std::fmt::Debug for CandidateLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,8 +73,49 @@ impl CandidateLayer {
                 let (method, route) = name.split_once(' ').unwrap_or(("OTHER", UNMATCHED_ROUTE));
                 metrics.route(route, method)
             })),
+            cache_status: false,
         }
     }
+
+    /// Adds an RFC 9211 `Cache-Status` header to every response of a request that made cache calls (see the
+    /// module docs). Default: off here; [`CacheRollout::layer`](crate::CacheRollout::layer) turns it on outside
+    /// production (`[cache] cache_status_header`).
+    #[must_use]
+    pub fn with_cache_status(mut self, on: bool) -> Self {
+        self.cache_status = on;
+        self
+    }
+}
+
+/// The `Cache-Status` member of a request whose routed calls ended as `o` (see the module docs).
+pub(crate) fn cache_status(o: &Outcomes) -> String {
+    let mut v = String::from("cache-rollout");
+    let ttl = o.ttl_secs.map(|t| format!("; ttl={t}")).unwrap_or_default();
+    if o.stale_on_error > 0 {
+        v.push_str("; fwd=stale");
+        v.push_str(&ttl);
+        v.push_str("; detail=stale-if-error");
+    } else if o.misses > 0 {
+        v.push_str(if o.refreshed > 0 {
+            "; fwd=stale"
+        } else {
+            "; fwd=uri-miss"
+        });
+        if o.stored {
+            v.push_str("; stored");
+        }
+        if o.collapsed > 0 {
+            v.push_str("; collapsed");
+        }
+    } else if o.collapsed > 0 {
+        v.push_str("; fwd=uri-miss; collapsed");
+    } else if o.hits + o.revalidating > 0 {
+        v.push_str("; hit");
+        v.push_str(&ttl);
+    } else {
+        v.push_str("; fwd=bypass");
+    }
+    v
 }
 
 impl<S> Layer<S> for CandidateLayer {
@@ -63,6 +125,7 @@ impl<S> Layer<S> for CandidateLayer {
         Candidate {
             inner,
             routes: Arc::clone(&self.routes),
+            cache_status: self.cache_status,
         }
     }
 }
@@ -72,6 +135,7 @@ impl<S> Layer<S> for CandidateLayer {
 pub struct Candidate<S> {
     inner: S,
     routes: Arc<PatternTable<RouteMetrics>>,
+    cache_status: bool,
 }
 
 impl<S> std::fmt::Debug for Candidate<S> {
@@ -97,7 +161,7 @@ fn method_label(m: &Method) -> &'static str {
 
 impl<S> Service<Request> for Candidate<S>
 where
-    S: Service<Request>,
+    S: Service<Request, Response = Response>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -119,6 +183,7 @@ where
             inner: ROUTE_SCOPE.scope(RequestScope::new(), self.inner.call(req)),
             start: Instant::now(),
             handles,
+            cache_status: self.cache_status,
         }
     }
 }
@@ -131,19 +196,30 @@ pin_project_lite::pin_project! {
         inner: TaskLocalFuture<RequestScope, F>,
         start: Instant,
         handles: Arc<RouteMetrics>,
+        cache_status: bool,
     }
 }
 
-impl<F: Future> Future for CandidateResponseFuture<F> {
+impl<F, E> Future for CandidateResponseFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let out = std::task::ready!(this.inner.as_mut().poll(cx));
+        let mut out = std::task::ready!(this.inner.as_mut().poll(cx));
         this.handles
             .duration
             .observe(this.start.elapsed().as_secs_f64());
         if let Some(scope) = this.inner.take_value() {
+            if *this.cache_status {
+                if let (Ok(resp), Some(o)) = (out.as_mut(), scope.outcomes()) {
+                    if let Ok(v) = HeaderValue::from_str(&cache_status(&o)) {
+                        resp.headers_mut().append(CACHE_STATUS, v);
+                    }
+                }
+            }
             this.handles.calls.merge(scope);
         }
         Poll::Ready(out)

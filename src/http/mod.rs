@@ -23,7 +23,9 @@
 mod candidate;
 mod internal;
 
-pub use self::candidate::{Candidate, CandidateLayer, CandidateResponseFuture, UNMATCHED_ROUTE};
+pub use self::candidate::{
+    Candidate, CandidateLayer, CandidateResponseFuture, CACHE_STATUS, UNMATCHED_ROUTE,
+};
 pub use self::internal::{internal_router, AdminToken, InternalState, INTERNAL_VIEW_ROWS};
 
 use axum::http::header;

@@ -9,6 +9,9 @@
 //! |---|---|---|
 //! | `cache_hits_total`, `cache_miss_total`, `cache_set_total`, `cache_del_total` | counter | `impl`, `key_pattern` |
 //! | `cache_coalesced_total` | counter | `key_pattern` (misses answered by another caller's load: single-flight) |
+//! | `cache_stale_served_total` | counter | `key_pattern`, `reason` (`error`: stale-if-error, `revalidate`: stale-while-revalidate) |
+//! | `cache_negative_hits_total` | counter | `key_pattern` (hits on a cached absence, `cache_negative_secs`; also in `cache_hits_total`) |
+//! | `cache_refresh_total` | counter | `key_pattern`, `result` (`stored`, `failed`: the loader failed, `not_stored`): refreshes of entries past their TTL by stale-while-revalidate |
 //! | `cache_errors_total` | counter | `impl`, `error_type` |
 //! | `cache_invalidate_total` | counter | `impl`, `tag` (`key`, `pattern`, or an application tag: the first 32 seen, then `other`) |
 //! | `cache_call_duration_seconds` | histogram | `arm`, `key_pattern` (`ramped`: served, `unramped`: outside the ramp, observed, `shadowed`): whole calls of patterns in shadow or serve mode |
@@ -100,6 +103,9 @@ pub struct Metrics {
     registry: Registry,
     patterns: Arc<PatternCollector>,
     coalesced: IntCounterVec,
+    stale_served: IntCounterVec,
+    negative_hits: IntCounterVec,
+    refreshes: IntCounterVec,
     value_size: HistogramVec,
     enabled: IntGaugeVec,
     #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
@@ -167,6 +173,22 @@ impl Metrics {
             "cache_coalesced_total",
             "Misses answered by another caller's load of the same key (single-flight).",
             &["key_pattern"],
+        );
+        let stale_served = counter(
+            "cache_stale_served_total",
+            "Reads answered with an entry past its TTL: reason error (the loader failed: stale-if-error) or \
+             revalidate (stale-while-revalidate, while one caller refreshes it).",
+            &["key_pattern", "reason"],
+        );
+        let negative_hits = counter(
+            "cache_negative_hits_total",
+            "Hits on a cached absence (a loader's not-found, kept cache_negative_secs); also in cache_hits_total.",
+            &["key_pattern"],
+        );
+        let refreshes = counter(
+            "cache_refresh_total",
+            "Refreshes of entries past their TTL under stale-while-revalidate, by result (stored, failed, not_stored).",
+            &["key_pattern", "result"],
         );
         let errors_vec = counter(
             "cache_errors_total",
@@ -313,6 +335,9 @@ impl Metrics {
             registry,
             patterns,
             coalesced,
+            stale_served,
+            negative_hits,
+            refreshes,
             value_size,
             enabled,
             fleet_version,
@@ -359,6 +384,15 @@ impl Metrics {
             self.coalesced.with_label_values(&[pattern]),
             self.value_size.with_label_values(&[pattern]),
         ));
+        m.set_outcomes(pattern::Outcomes {
+            stale_error: self.stale_served.with_label_values(&[pattern, "error"]),
+            stale_revalidate: self
+                .stale_served
+                .with_label_values(&[pattern, "revalidate"]),
+            negative_hits: self.negative_hits.with_label_values(&[pattern]),
+            refresh: ["stored", "failed", "not_stored"]
+                .map(|r| self.refreshes.with_label_values(&[pattern, r])),
+        });
         self.patterns.add(pattern, Arc::clone(&m));
         m
     }

@@ -79,10 +79,21 @@ fn stripe_index() -> usize {
     })
 }
 
+/// The per-pattern handles of the stale, negative and refresh families.
+pub(crate) struct Outcomes {
+    pub(crate) stale_error: IntCounter,
+    pub(crate) stale_revalidate: IntCounter,
+    pub(crate) negative_hits: IntCounter,
+    /// `stored`, `failed`, `not_stored`.
+    pub(crate) refresh: [IntCounter; 3],
+}
+
 /// The metrics of one key pattern.
 pub struct PatternMetrics {
     stripes: Box<[Stripe]>,
     coalesced: IntCounter,
+    /// The stale, negative and refresh counters; set once by [`Metrics::pattern`](super::Metrics::pattern).
+    outcomes: std::sync::OnceLock<Outcomes>,
     pub(crate) value_size: Histogram,
 }
 
@@ -109,6 +120,13 @@ pub struct PatternCounts {
     pub deletes: u64,
     /// Misses answered by another caller's load (single-flight); included in `misses`.
     pub coalesced: u64,
+    /// Reads answered with an entry past its TTL (stale-if-error, counted in `misses`; stale-while-revalidate,
+    /// counted in `hits`).
+    pub stale: u64,
+    /// Hits on a cached absence (`cache_negative_secs`); included in `hits`.
+    pub negative_hits: u64,
+    /// Refreshes started by stale-while-revalidate (loader runs no caller waited for).
+    pub refreshes: u64,
     /// Application writes (`set` calls), as opposed to the fills after a miss that `sets` also counts.
     pub writes: u64,
 }
@@ -118,6 +136,7 @@ impl PatternMetrics {
         PatternMetrics {
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             coalesced,
+            outcomes: std::sync::OnceLock::new(),
             value_size,
         }
     }
@@ -155,6 +174,40 @@ impl PatternMetrics {
     }
     pub(crate) fn coalesced(&self) {
         self.coalesced.inc();
+    }
+
+    pub(crate) fn set_outcomes(&self, outcomes: Outcomes) {
+        let _ = self.outcomes.set(outcomes);
+    }
+
+    /// A read answered with a stale entry: `error` for stale-if-error, else stale-while-revalidate.
+    pub(crate) fn stale_served(&self, error: bool) {
+        if let Some(o) = self.outcomes.get() {
+            if error {
+                o.stale_error.inc();
+            } else {
+                o.stale_revalidate.inc();
+            }
+        }
+    }
+
+    pub(crate) fn negative_hit(&self) {
+        if let Some(o) = self.outcomes.get() {
+            o.negative_hits.inc();
+        }
+    }
+
+    /// A stale-while-revalidate refresh ended: `Some(true)` stored, `Some(false)` not stored, `None` the loader
+    /// failed.
+    pub(crate) fn refreshed(&self, stored: Option<bool>) {
+        if let Some(o) = self.outcomes.get() {
+            let i = match stored {
+                Some(true) => 0,
+                None => 1,
+                Some(false) => 2,
+            };
+            o.refresh[i].inc();
+        }
     }
 
     /// The end of an observed miss: the loader took `nanos` nanoseconds, and when it succeeded the NullCache
@@ -209,6 +262,15 @@ impl PatternMetrics {
             sets: self.total_all(Kind::Set),
             deletes: self.total_all(Kind::Del),
             coalesced: self.coalesced.get(),
+            stale: self
+                .outcomes
+                .get()
+                .map_or(0, |o| o.stale_error.get() + o.stale_revalidate.get()),
+            negative_hits: self.outcomes.get().map_or(0, |o| o.negative_hits.get()),
+            refreshes: self
+                .outcomes
+                .get()
+                .map_or(0, |o| o.refresh.iter().map(IntCounter::get).sum()),
             writes: self.total(Kind::Write, CacheImpl::Null),
         }
     }

@@ -47,8 +47,9 @@ pub(super) fn build_route(
     whitelisted: bool,
     breaker: Option<&Breaker>,
 ) -> Route {
-    let none = PatternPolicy::default();
-    let pp = pp.unwrap_or(&none);
+    let star = policy.patterns.get("*");
+    let pp = pp.map_or_else(|| star.cloned().unwrap_or_default(), |own| own.or(star));
+    let pp = &pp;
     let rules = &policy.rollback;
     let mut percent = pp.ramp_percent.unwrap_or(100.0);
     let mut mode = if whitelisted {
@@ -76,6 +77,15 @@ pub(super) fn build_route(
         bucket_nanos: (rules.window_secs * 100_000_000).max(1),
         probe,
         probe_calls: rules.probe_calls,
+        encoding: codec::Encoding {
+            format: pp.format.unwrap_or_default(),
+            compress_above: pp
+                .compress_above_bytes
+                .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+        },
+        stale_if_error: Duration::from_secs(pp.stale_if_error_secs.unwrap_or(0)),
+        stale_while_revalidate: Duration::from_secs(pp.stale_while_revalidate_secs.unwrap_or(0)),
+        negative_ttl: pp.cache_negative_secs.map(Duration::from_secs),
     }
 }
 
@@ -102,7 +112,13 @@ impl Active {
             default_route,
             whitelist,
             serves_all,
-            default_ttl: Duration::from_secs(policy.default_ttl_secs),
+            default_ttl: Duration::from_secs(
+                policy
+                    .patterns
+                    .get("*")
+                    .and_then(|s| s.ttl_secs)
+                    .unwrap_or(policy.default_ttl_secs),
+            ),
             ttls,
             policy,
             backend,

@@ -61,7 +61,7 @@ use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
 use crate::cache::{Cache, CacheImpl, Health, Lookup, MemoryCache, NullCache, RedisOptions};
 #[cfg(feature = "redis")]
 use crate::cache::{L1Patterns, RedisCache, TieredCache};
-use crate::codec::{self, Codec, Json};
+use crate::codec::{self, Codec, Serde};
 use crate::error::{Error, Result};
 use crate::flight::{self, Flights, Join};
 use crate::metrics::{
@@ -84,6 +84,8 @@ mod timing;
 mod view;
 mod write;
 
+pub(crate) use self::call::Outcome;
+pub use self::call::{CacheStatus, Cached, Fetch};
 pub use self::switch::SwapSource;
 pub use self::view::{ArmView, RouteView, StateView, SwapRecord};
 #[allow(unused_imports)] // each file uses its own part
@@ -275,6 +277,8 @@ struct Inner {
     clock: quanta::Clock,
     /// Raw clock reading at creation.
     started: u64,
+    /// The wall clock at creation, in milliseconds since the Unix epoch.
+    wall_base_ms: u64,
     analysis: Option<Analysis>,
     /// Tripped rollback breakers by pattern; every change to it rebuilds the active routes under this lock.
     breakers: Mutex<BTreeMap<String, Breaker>>,
@@ -382,6 +386,9 @@ impl CacheRegistry {
                 table_full: AtomicBool::new(false),
                 slots: (0..=max_patterns).map(|_| OnceLock::new()).collect(),
                 started: clock.raw(),
+                wall_base_ms: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 clock,
                 analysis,
                 breakers: Mutex::new(BTreeMap::new()),

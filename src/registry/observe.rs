@@ -27,7 +27,7 @@ impl CacheRegistry {
         if let Ok(v) = &r {
             let sized = m.sample_size(self.inner.size_sample_every);
             if sized || pending.track.is_some() {
-                let bytes = codec::HEADER_BYTES + v.payload_len();
+                let bytes = codec::HEADER_BYTES + v.payload_len(codec::Format::default());
                 if sized {
                     m.value_size.observe(bytes as f64);
                 }

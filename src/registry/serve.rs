@@ -1,4 +1,6 @@
-//! The served path (cache-aside): read, then on a miss single-flight, the key's lease, the load and the fill.
+//! The served path (cache-aside): read; a fresh entry answers; an entry past its TTL is served while it is
+//! refreshed (stale-while-revalidate) or kept to answer a failed load (stale-if-error); on a miss single-flight, the
+//! key's lease, the load and the fill.
 
 use super::*;
 
@@ -22,20 +24,33 @@ pub(super) struct Miss<'a> {
     pub(super) deadline: Deadline,
     /// False once the cache failed in this call: no lease, no fill.
     pub(super) backend_ok: bool,
+    /// The key held an entry past its TTL: the lease is asked for as a refresh, over that entry.
+    pub(super) over: bool,
+    /// That entry, while within `stale_if_error`: it answers a failed load if it is still there.
+    pub(super) stale: Option<Stale>,
+}
+
+/// An entry past its TTL, as read: its bytes, its stamp, and the clock (ms since the Unix epoch) at the read.
+pub(super) struct Stale {
+    bytes: Bytes,
+    stamp: codec::Stamp,
+    read_at: u64,
 }
 
 impl CacheRegistry {
-    pub(super) async fn serve<C, E, F, Fut>(
+    pub(super) async fn serve<C, E, F, Fut, A>(
         &self,
         call: Call<'_>,
         track: Option<Track>,
         shared: &Arc<dyn Cache>,
+        opts: Opts<E, A>,
         loader: F,
-    ) -> Result<C, E>
+    ) -> Step<C, E, F, A>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
+        A: Fn(&C) -> bool + Copy,
     {
         let Call {
             key,
@@ -60,33 +75,80 @@ impl CacheRegistry {
         // Reads, lease and fill share one deadline.
         let mut deadline = Deadline::new(route.read_timeout, read_ns);
         let mut backend_ok = true;
+        let (mut over, mut stale) = (false, None);
         match got {
-            Ok(Some(bytes)) => match (bytes.len(), codec::decode::<C>(bytes, version)) {
-                (len, Ok(v)) => {
-                    self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
-                    m.hit(cache_impl);
-                    analysis::record_call(entry.slot, 0);
-                    pending.finish(Some(len), true);
-                    return Ok(v);
-                }
-                (_, Err(e)) => {
-                    self.read_done(entry, pattern, route, start, read_ns, ReadResult::Error);
-                    metrics.error(cache_impl, e.error_type());
-                    tracing::warn!(key, error = %e, "cache: corrupted entry deleted");
-                    // Boxed: inline, this rare step would enlarge every served call's future (measured before:
-                    // +370 instructions per memory hit).
-                    let delete = self.step(
-                        backend,
-                        &mut deadline,
-                        Operation::Delete,
-                        "delete",
-                        backend.delete(key),
-                    );
-                    if let Err(e) = Box::pin(delete).await {
+            Ok(Some(bytes)) => {
+                let now = self.now_ms();
+                let stamp = codec::stamp(&bytes);
+                let past = stamp.and_then(|s| Some((s, s.stale_by(now)?)));
+                let len = bytes.len();
+                match (past, codec::decode::<C>(bytes.clone(), version)) {
+                    (None, Ok(v)) => {
+                        self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
+                        m.hit(cache_impl);
+                        if stamp.is_some_and(|s| s.negative) {
+                            m.negative_hit();
+                        }
+                        analysis::record_call(entry.slot, 0);
+                        pending.finish(Some(len), true);
+                        call.outcome.set(Outcome {
+                            status: CacheStatus::Hit,
+                            read: stamp.map(|s| (s, now)),
+                        });
+                        return Step::Done(Ok(v));
+                    }
+                    (Some((stamp, late)), Ok(v)) if late < route.stale_while_revalidate => {
+                        self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
+                        let stale = Stale {
+                            bytes,
+                            stamp,
+                            read_at: now,
+                        };
+                        // Boxed: a rare path, which inline would enlarge every served call's future.
+                        return Box::pin(self.revalidate(
+                            call,
+                            shared,
+                            deadline,
+                            v,
+                            stale,
+                            &mut pending,
+                            opts,
+                            loader,
+                        ))
+                        .await;
+                    }
+                    (Some((stamp, late)), Ok(_)) => {
+                        // Past its TTL and its stale-while-revalidate window: a miss, whose lease is a refresh;
+                        // within stale-if-error, the entry is kept to answer a failed load.
+                        self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
+                        over = true;
+                        if late < route.stale_if_error {
+                            stale = Some(Stale {
+                                bytes,
+                                stamp,
+                                read_at: now,
+                            });
+                        }
+                    }
+                    (_, Err(e)) => {
+                        self.read_done(entry, pattern, route, start, read_ns, ReadResult::Error);
                         metrics.error(cache_impl, e.error_type());
+                        tracing::warn!(key, error = %e, "cache: corrupted entry deleted");
+                        // Boxed: inline, this rare step would enlarge every served call's future (measured before:
+                        // +370 instructions per memory hit).
+                        let delete = self.step(
+                            backend,
+                            &mut deadline,
+                            Operation::Delete,
+                            "delete",
+                            backend.delete(key),
+                        );
+                        if let Err(e) = Box::pin(delete).await {
+                            metrics.error(cache_impl, e.error_type());
+                        }
                     }
                 }
-            },
+            }
             Ok(None) => self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok),
             Err(e) => {
                 self.read_done(entry, pattern, route, start, read_ns, ReadResult::of(&e));
@@ -98,42 +160,236 @@ impl CacheRegistry {
         m.miss(cache_impl);
         // The miss path is boxed: it holds much more across its awaits (flight, lease, load, fill) than the hit
         // path, and inline it would make every call's future as large as its own. A miss runs the loader anyway.
-        Box::pin(self.serve_miss(
-            Miss {
-                call,
-                backend: shared,
-                deadline,
-                backend_ok,
-            },
-            pending,
+        Step::Done(
+            Box::pin(self.serve_miss(
+                Miss {
+                    call,
+                    backend: shared,
+                    deadline,
+                    backend_ok,
+                    over,
+                    stale,
+                },
+                pending,
+                opts,
+                loader,
+            ))
+            .await,
+        )
+    }
+
+    /// Stale-while-revalidate: the entry past its TTL (`value`) answers this caller; the first caller of this
+    /// process to find it so leads the key's flight and asks for its lease as a refresh, and on a grant the
+    /// caller's wrapper refreshes it (in the background for [`fetch`](Self::fetch), inline otherwise). While a
+    /// refresh runs here or elsewhere, every other caller is answered with the stale value.
+    #[allow(clippy::too_many_arguments)]
+    async fn revalidate<C, E, F, A>(
+        &self,
+        call: Call<'_>,
+        shared: &Arc<dyn Cache>,
+        mut deadline: Deadline,
+        value: C,
+        stale: Stale,
+        pending: &mut PendingGet<'_>,
+        opts: Opts<E, A>,
+        loader: F,
+    ) -> Step<C, E, F, A> {
+        let Call {
+            key,
+            entry,
+            route,
+            tags,
+            ..
+        } = call;
+        let backend: &dyn Cache = &**shared;
+        let cache_impl = backend.kind();
+        let metrics = &self.inner.metrics;
+        entry.metrics.hit(cache_impl);
+        entry.metrics.stale_served(false);
+        analysis::record_call(entry.slot, 0);
+        pending.finish(Some(stale.bytes.len()), true);
+        call.outcome.set(Outcome {
+            status: CacheStatus::StaleWhileRevalidate,
+            read: Some((stale.stamp, stale.read_at)),
+        });
+        let Join::Leader(guard) = self.inner.flights.join(key, tags) else {
+            return Step::Done(Ok(value)); // this process refreshes it already
+        };
+        let token = self.next_token();
+        let lease = backend.lease_refresh(key, token, route.lease_ttl, tags);
+        match self
+            .step(backend, &mut deadline, Operation::Get, "lease", lease)
+            .await
+        {
+            Ok(Lookup::Lease(token)) => {
+                metrics.lease(cache_impl, "granted");
+                Step::Refresh(
+                    value,
+                    RefreshJob {
+                        loader,
+                        absent_if: opts.absent_if,
+                        key: key.to_string(),
+                        slot: entry.slot as usize,
+                        route: route.clone(),
+                        backend: Arc::clone(shared),
+                        tags: tags.to_vec(),
+                        token,
+                        guard,
+                    },
+                )
+            }
+            Ok(_) => {
+                metrics.lease(cache_impl, "held"); // another process refreshes it
+                Step::Done(Ok(value))
+            }
+            Err(e) => {
+                metrics.error(cache_impl, e.error_type());
+                if matches!(e, Error::Timeout { .. }) {
+                    self.release_in_background(shared, key, token);
+                }
+                Step::Done(Ok(value))
+            }
+        }
+    }
+
+    /// Runs a stale-while-revalidate refresh: load, then fill under the refresh's lease (released if the value
+    /// is not stored). Returns the value and whether it was stored.
+    ///
+    /// # Errors
+    /// The loader's error (the lease is released; the stale entry stays until its windows end).
+    pub(super) async fn refresh<C, E, F, Fut, A>(
+        &self,
+        job: RefreshJob<F, A>,
+    ) -> Result<(C, bool), E>
+    where
+        C: Codec,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<C, E>>,
+        A: Fn(&C) -> bool + Copy,
+    {
+        let RefreshJob {
             loader,
-        ))
-        .await
+            absent_if,
+            key,
+            slot,
+            route,
+            backend,
+            tags,
+            token,
+            guard,
+        } = job;
+        let entry = self.slot(slot);
+        let outcome = OutcomeCell::new();
+        let call = Call {
+            key: &key,
+            pattern: &entry.name,
+            entry,
+            route: &route,
+            tags: &tags,
+            start: self.inner.clock.raw(),
+            outcome: &outcome,
+        };
+        let value = match self.load(entry, loader).await {
+            Ok(v) => v,
+            Err(e) => {
+                entry.metrics.refreshed(None);
+                self.release_in_background(&backend, &key, token);
+                return Err(e);
+            }
+        };
+        let negative = absent_if.is_some_and(|f| f(&value));
+        let stored = if guard.is_detached() {
+            false // an invalidation came during the load: it revoked the lease too
+        } else if let Some(bytes) =
+            self.storable_fill(&key, &value, &route, negative, backend.kind())
+        {
+            let ttl = stored_ttl(&route, negative);
+            let deadline = Deadline::new(route.read_timeout, 0);
+            self.fill(call, &backend, deadline, token, bytes, Some(&guard), ttl)
+                .await
+        } else {
+            self.release_in_background(&backend, &key, token);
+            false
+        };
+        entry.metrics.refreshed(Some(stored));
+        drop(guard);
+        Ok((value, stored))
+    }
+
+    /// `value` encoded for a fill of `route` (a cached absence when `negative` and the pattern caches absences);
+    /// `None` (counted and logged) when it cannot be encoded or is larger than `max_value_bytes`.
+    pub(super) fn storable_fill<C: Codec>(
+        &self,
+        key: &str,
+        value: &C,
+        route: &Route,
+        negative: bool,
+        cache_impl: CacheImpl,
+    ) -> Option<Bytes> {
+        let metrics = &self.inner.metrics;
+        let negative = negative && route.negative_ttl.is_some();
+        let ttl = if negative {
+            route.negative_ttl
+        } else {
+            Some(route.ttl)
+        };
+        let stamp = codec::Stamp::new(self.now_ms(), ttl, negative);
+        match codec::encode(key, value, self.inner.value_version, route.encoding, stamp) {
+            Ok(b) if b.len() <= self.inner.max_value_bytes => Some(b),
+            Ok(b) => {
+                metrics.error(cache_impl, "too_large");
+                tracing::warn!(
+                    key,
+                    size = b.len(),
+                    max = self.inner.max_value_bytes,
+                    "cache: value too large, not stored"
+                );
+                None
+            }
+            Err(e) => {
+                metrics.error(cache_impl, e.error_type());
+                tracing::warn!(key, error = %e, "cache: value not stored");
+                None
+            }
+        }
     }
 
     /// The miss path of [`serve`](Self::serve), in four phases: join the key's single flight (a follower is
     /// served the leader's fill), take the key's lease, load, fill.
-    pub(super) async fn serve_miss<C, E, F, Fut>(
+    pub(super) async fn serve_miss<C, E, F, Fut, A>(
         &self,
         miss: Miss<'_>,
         mut pending: PendingGet<'_>,
+        opts: Opts<E, A>,
         loader: F,
     ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
+        A: Fn(&C) -> bool + Copy,
     {
         let Miss {
             call,
             backend: shared,
             mut deadline,
             mut backend_ok,
+            over,
+            stale,
         } = miss;
-        let Call { key, entry, .. } = call;
+        let Call {
+            key, entry, route, ..
+        } = call;
         let backend: &dyn Cache = &**shared;
         let cache_impl = backend.kind();
         let metrics = &self.inner.metrics;
+        call.outcome.set(Outcome {
+            status: CacheStatus::Miss {
+                refreshed: over,
+                stored: false,
+            },
+            read: None,
+        });
 
         // 1. Single-flight: one load per key in this process.
         let leader = match self.inner.flights.join(key, call.tags) {
@@ -153,11 +409,11 @@ impl CacheRegistry {
         // it, so a value read before a write can never be stored after that write's invalidation.
         let mut lease = None;
         if leader.is_some() && backend_ok {
-            match self.take_lease(call, shared, &mut deadline).await {
+            match self.take_lease(call, shared, &mut deadline, over).await {
                 Leased::Granted(token) => lease = Some(token),
                 Leased::Filled(bytes) => {
                     // Another caller (another process) filled it: as good as a coalesced miss.
-                    if let Some(v) = self.served_copy(entry, bytes, leader.as_ref(), &mut pending) {
+                    if let Some(v) = self.served_copy(call, bytes, leader.as_ref(), &mut pending) {
                         return Ok(v);
                     }
                 }
@@ -191,6 +447,15 @@ impl CacheRegistry {
             Err(e) => {
                 pending.finish(None, false);
                 release(lease, deadline).await;
+                let allowed = stale.is_some() && opts.stale_if.is_none_or(|f| f(&e));
+                if let (Some(stale), true) = (stale, allowed) {
+                    // Boxed: a rare path.
+                    if let Some(v) =
+                        Box::pin(self.stale_if_error(call, backend, deadline, stale)).await
+                    {
+                        return Ok(v);
+                    }
+                }
                 return Err(e);
             }
         };
@@ -200,41 +465,76 @@ impl CacheRegistry {
             let size = pending
                 .track
                 .as_ref()
-                .map(|_| codec::HEADER_BYTES + value.payload_len());
+                .map(|_| codec::HEADER_BYTES + value.payload_len(route.encoding.format));
             pending.finish(size, false);
             return Ok(value);
         }
-        let bytes = match codec::encode(key, &value, self.inner.value_version) {
-            Ok(b) => b,
-            Err(e) => {
-                metrics.error(cache_impl, e.error_type());
-                tracing::warn!(key, error = %e, "cache: value not stored");
-                pending.finish(None, false);
-                release(lease, deadline).await;
-                return Ok(value);
-            }
+        let negative = opts.absent_if.is_some_and(|f| f(&value));
+        let Some(bytes) = self.storable_fill(key, &value, route, negative, cache_impl) else {
+            pending.finish(None, false);
+            release(lease, deadline).await;
+            return Ok(value);
         };
-        pending.finish(Some(bytes.len()), bytes.len() <= self.inner.max_value_bytes);
+        pending.finish(Some(bytes.len()), true);
         entry.metrics.value_size.observe(bytes.len() as f64);
 
         // 4. Fill. Followers are told only once the value is stored under a lease that was still valid (they then
-        // read it from the cache). Without a fill (the cache failing, another process's lease, a value too large)
-        // they load for themselves.
-        if bytes.len() > self.inner.max_value_bytes {
-            metrics.error(cache_impl, "too_large");
-            tracing::warn!(
-                key,
-                size = bytes.len(),
-                max = self.inner.max_value_bytes,
-                "cache: value too large, not stored"
-            );
-            release(lease, deadline).await;
-        } else if let (Some(token), true) = (lease, backend_ok) {
-            self.fill(call, shared, deadline, token, bytes, leader.as_ref())
+        // read it from the cache). Without a fill (the cache failing, another process's lease) they load for
+        // themselves.
+        if let (Some(token), true) = (lease, backend_ok) {
+            let ttl = stored_ttl(route, negative);
+            let stored = self
+                .fill(call, shared, deadline, token, bytes, leader.as_ref(), ttl)
                 .await;
+            call.outcome.set(Outcome {
+                status: CacheStatus::Miss {
+                    refreshed: over,
+                    stored,
+                },
+                read: None,
+            });
         }
         drop(leader);
         Ok(value)
+    }
+
+    /// Stale-if-error: the load failed and the caller allows a stale answer; the entry past its TTL read earlier
+    /// answers, if the key still holds it (an invalidation since then removed it, and then nothing stale may be
+    /// served), or a fresh value another caller stored meanwhile. `None`: neither.
+    async fn stale_if_error<C: Codec>(
+        &self,
+        call: Call<'_>,
+        backend: &dyn Cache,
+        mut deadline: Deadline,
+        stale: Stale,
+    ) -> Option<C> {
+        let again = backend.get(call.key);
+        let now = self
+            .step(backend, &mut deadline, Operation::Get, "get", again)
+            .await
+            .ok()??;
+        let version = self.inner.value_version;
+        if now == stale.bytes {
+            let v = codec::decode::<C>(stale.bytes, version).ok()?;
+            call.entry.metrics.stale_served(true);
+            call.outcome.set(Outcome {
+                status: CacheStatus::StaleIfError,
+                read: Some((stale.stamp, self.now_ms())),
+            });
+            return Some(v);
+        }
+        let stamp = codec::stamp(&now)?;
+        let read_at = self.now_ms();
+        if stamp.stale_by(read_at).is_some() {
+            return None;
+        }
+        let v = codec::decode::<C>(now, version).ok()?;
+        call.entry.metrics.coalesced();
+        call.outcome.set(Outcome {
+            status: CacheStatus::Collapsed,
+            read: Some((stamp, read_at)),
+        });
+        Some(v)
     }
 
     /// Phase 1 for a follower: waits for the leader's fill, then reads it from the cache rather than taking the
@@ -255,7 +555,7 @@ impl CacheRegistry {
             .step(backend, deadline, Operation::Get, "get", read)
             .await;
         let bytes = again.ok()??;
-        self.served_copy(call.entry, bytes, None, pending)
+        self.served_copy(call, bytes, None, pending)
     }
 
     /// Phase 2: asks for the key's lease; while another process holds it, waits for its fill.
@@ -264,6 +564,7 @@ impl CacheRegistry {
         call: Call<'_>,
         shared: &Arc<dyn Cache>,
         deadline: &mut Deadline,
+        over: bool,
     ) -> Leased {
         let Call {
             key, route, tags, ..
@@ -272,7 +573,11 @@ impl CacheRegistry {
         let cache_impl = backend.kind();
         let metrics = &self.inner.metrics;
         let asked = self.next_token();
-        let lease = backend.lease(key, asked, route.lease_ttl, tags);
+        let lease = if over {
+            backend.lease_refresh(key, asked, route.lease_ttl, tags)
+        } else {
+            backend.lease(key, asked, route.lease_ttl, tags)
+        };
         match self
             .step(backend, deadline, Operation::Get, "lease", lease)
             .await
@@ -321,6 +626,7 @@ impl CacheRegistry {
 
     /// Phase 4: stores `bytes` under the lease `token` with what is left of the deadline (past it the caller goes
     /// on and the fill is dropped; the lease then expires by itself), and tells the followers once it is stored.
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         &self,
         call: Call<'_>,
@@ -329,18 +635,15 @@ impl CacheRegistry {
         token: u64,
         bytes: Bytes,
         leader: Option<&flight::LeaderGuard>,
-    ) {
+        ttl: Duration,
+    ) -> bool {
         let Call {
-            key,
-            entry,
-            route,
-            tags,
-            ..
+            key, entry, tags, ..
         } = call;
         let backend: &dyn Cache = &**shared;
         let cache_impl = backend.kind();
         let metrics = &self.inner.metrics;
-        let fill = backend.set_leased(key, bytes.clone(), route.ttl, token, tags);
+        let fill = backend.set_leased(key, bytes.clone(), ttl, token, tags);
         match self
             .step(backend, &mut deadline, Operation::Set, "set", fill)
             .await
@@ -350,6 +653,7 @@ impl CacheRegistry {
                 if let Some(g) = leader {
                     g.publish(bytes);
                 }
+                true
             }
             Ok(false) => {
                 metrics.lease(cache_impl, "revoked");
@@ -357,6 +661,7 @@ impl CacheRegistry {
                     key,
                     "cache: lease revoked by an invalidation, value not stored"
                 );
+                false
             }
             Err(e) => {
                 metrics.error(cache_impl, e.error_type());
@@ -365,6 +670,7 @@ impl CacheRegistry {
                     // The fill may not have run: release its lease (a no-op if it did run).
                     self.release_in_background(shared, key, token);
                 }
+                false
             }
         }
     }
@@ -373,16 +679,23 @@ impl CacheRegistry {
     /// and passed on to this process's followers when this caller leads the flight. `None`: it does not decode.
     fn served_copy<C: Codec>(
         &self,
-        entry: &PatternEntry,
+        call: Call<'_>,
         bytes: Bytes,
         leader: Option<&flight::LeaderGuard>,
         pending: &mut PendingGet<'_>,
     ) -> Option<C> {
+        let entry = call.entry;
         let len = bytes.len();
+        let read_at = self.now_ms();
+        let stamp = codec::stamp(&bytes).filter(|s| s.stale_by(read_at).is_none())?;
         let v = codec::decode::<C>(bytes.clone(), self.inner.value_version).ok()?;
         if let Some(g) = leader {
             g.publish(bytes);
         }
+        call.outcome.set(Outcome {
+            status: CacheStatus::Collapsed,
+            read: Some((stamp, read_at)),
+        });
         entry.metrics.coalesced();
         analysis::record_call(entry.slot, 0);
         pending.finish(Some(len), true);
@@ -421,8 +734,8 @@ impl CacheRegistry {
                 .step(backend, &mut deadline, Operation::Get, "get", poll)
                 .await
             {
-                Ok(Some(b)) => return Some(b),
-                Ok(None) => {}
+                Ok(Some(b)) if !self.past_ttl(&b) => return Some(b),
+                Ok(_) => {}
                 Err(e) => {
                     self.inner.metrics.error(backend.kind(), e.error_type());
                     return None;
@@ -430,5 +743,14 @@ impl CacheRegistry {
             }
         }
         None
+    }
+}
+
+/// How long the backend keeps a fill of `route`: a cached absence its negative TTL, any other value its TTL and
+/// the longer stale window.
+pub(super) fn stored_ttl(route: &Route, negative: bool) -> Duration {
+    match route.negative_ttl {
+        Some(t) if negative => t,
+        _ => route.retain(),
     }
 }

@@ -25,6 +25,7 @@ impl CacheRegistry {
             route,
             tags,
             start,
+            ..
         } = call;
         let cache_impl = backend.kind();
         let clock = &self.inner.clock;
@@ -63,9 +64,17 @@ impl CacheRegistry {
         let bytes = r
             .as_ref()
             .ok()
-            .and_then(|v| self.storable(key, v, cache_impl));
+            .and_then(|v| self.storable_fill(key, v, route, false, cache_impl));
+        let version = self.inner.value_version;
         match (looked, bytes) {
-            (Lookup::Hit(cached), Some(bytes)) if codec::same_value(&cached, &bytes) => {
+            // Past its TTL (kept for a stale window): not compared, as a miss; it is refilled once it expires.
+            (Lookup::Hit(cached), _) if self.past_ttl(&cached) => {
+                rm.shadow(ShadowResult::Miss).inc();
+            }
+            (Lookup::Hit(cached), Some(_))
+                if r.as_ref()
+                    .is_ok_and(|v| codec::same_value(&cached, v, version)) =>
+            {
                 rm.shadow(ShadowResult::Match).inc();
                 self.compared(entry, pattern, route, start, true);
             }
@@ -82,21 +91,6 @@ impl CacheRegistry {
             (Lookup::Hit(_), None) => {}
         }
         r
-    }
-
-    /// `value` encoded as it would be stored; `None` (counted) when it cannot be encoded or is too large.
-    fn storable<C: Codec>(&self, key: &str, value: &C, cache_impl: CacheImpl) -> Option<Bytes> {
-        match codec::encode(key, value, self.inner.value_version) {
-            Ok(b) if b.len() <= self.inner.max_value_bytes => Some(b),
-            Ok(_) => {
-                self.inner.metrics.error(cache_impl, "too_large");
-                None
-            }
-            Err(e) => {
-                self.inner.metrics.error(cache_impl, e.error_type());
-                None
-            }
-        }
     }
 
     /// The cache held another value than the loader's: confirmed in the background before it is counted. If the
@@ -136,7 +130,7 @@ impl CacheRegistry {
         bytes: Bytes,
     ) {
         let (reg, key, slot) = (self.clone(), call.key.to_string(), call.entry.slot as usize);
-        let (tags, ttl) = (call.tags.to_vec(), call.route.ttl);
+        let (tags, ttl) = (call.tags.to_vec(), call.route.retain());
         let cache_impl = backend.kind();
         tokio::spawn(async move {
             let fill = backend.set_leased(&key, bytes, ttl, token, &tags);

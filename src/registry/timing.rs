@@ -97,3 +97,18 @@ impl CacheRegistry {
         r
     }
 }
+
+impl CacheRegistry {
+    /// The registry's clock as milliseconds since the Unix epoch: the wall clock read once at creation, advanced
+    /// by the registry's monotonic clock (a trace's mock clock in a replay). Entries are stamped and judged fresh
+    /// or stale with it, so instances sharing a Redis should keep their clocks in sync (NTP).
+    pub(super) fn now_ms(&self) -> u64 {
+        let i = &self.inner;
+        i.wall_base_ms + i.clock.delta_as_nanos(i.started, i.clock.raw()) / 1_000_000
+    }
+
+    /// Whether the envelope `bytes` is past its TTL now.
+    pub(super) fn past_ttl(&self, bytes: &[u8]) -> bool {
+        codec::stamp(bytes).is_some_and(|s| s.stale_by(self.now_ms()).is_some())
+    }
+}

@@ -15,7 +15,7 @@ impl CacheRegistry {
         key: &str,
         value: &T,
     ) -> Result<()> {
-        self.set_value(key, &JsonRef(value), &[]).await
+        self.set_value(key, &SerdeRef(value), &[]).await
     }
 
     /// [`set`](Self::set), recording the entry under `tags` (see [`invalidate_tag`](Self::invalidate_tag)).
@@ -28,7 +28,7 @@ impl CacheRegistry {
         value: &T,
         tags: &[&str],
     ) -> Result<()> {
-        self.set_value(key, &JsonRef(value), tags).await
+        self.set_value(key, &SerdeRef(value), tags).await
     }
 
     /// [`set`](Self::set) for raw bytes.
@@ -78,13 +78,13 @@ impl CacheRegistry {
                 .enabled
                 .then(|| self.track(state, entry, &pattern, key, serves))
                 .flatten();
-            (entry, route.map(|r| r.ttl), track)
+            (entry, route.map(|r| (r.ttl, r.retain(), r.encoding)), track)
         };
         if state.policy.enabled {
             entry.metrics.write();
         }
         if let Some(t) = &track {
-            let size = codec::HEADER_BYTES + value.payload_len();
+            let size = codec::HEADER_BYTES + value.payload_len(codec::Format::default());
             if size <= self.inner.max_value_bytes {
                 self.record(entry, t, Access::Set, self.inner.clock.raw(), Some(size));
             } else {
@@ -97,15 +97,14 @@ impl CacheRegistry {
             // Whatever happens below, a load of this key in flight predates this value.
             self.inner.flights.detach(key);
         }
-        let Some(ttl) = ttl.filter(|_| state.policy.enabled) else {
+        let Some((ttl, retain, encoding)) = ttl.filter(|_| state.policy.enabled) else {
             if state.policy.enabled {
                 // Observed: count the write, size one in `size_sample_every` without encoding.
                 entry.metrics.set(CacheImpl::Null);
                 if entry.metrics.sample_size(self.inner.size_sample_every) {
-                    entry
-                        .metrics
-                        .value_size
-                        .observe((codec::HEADER_BYTES + value.payload_len()) as f64);
+                    entry.metrics.value_size.observe(
+                        (codec::HEADER_BYTES + value.payload_len(codec::Format::default())) as f64,
+                    );
                 }
             }
             if !state.stores {
@@ -114,7 +113,8 @@ impl CacheRegistry {
             // The active backend may hold an older copy (see the module docs): drop it.
             return state.backend.delete(key).await.map(|_| ());
         };
-        let bytes = match codec::encode(key, value, self.inner.value_version) {
+        let stamp = codec::Stamp::new(self.now_ms(), Some(ttl), false);
+        let bytes = match codec::encode(key, value, self.inner.value_version, encoding, stamp) {
             Ok(b) => b,
             Err(e) => {
                 // As for a value too large: the old value is stale now, do not leave it behind.
@@ -136,7 +136,7 @@ impl CacheRegistry {
         entry.metrics.value_size.observe(bytes.len() as f64);
         let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
         let cache_impl = state.backend.kind();
-        let write = state.backend.set_tagged(key, bytes, Some(ttl), &tags);
+        let write = state.backend.set_tagged(key, bytes, Some(retain), &tags);
         self.timed(cache_impl, Operation::Set, write)
             .await
             .inspect(|()| entry.metrics.set(cache_impl))
@@ -335,23 +335,30 @@ pub(super) fn literal_prefix(pattern: &str) -> &str {
     }
 }
 
-/// Encodes a borrowed value with the same type tag as [`Json<T>`], for `set`.
-pub(super) struct JsonRef<'a, T>(&'a T);
+/// Encodes a borrowed value with the same type tag as [`Serde<T>`], for `set`.
+pub(super) struct SerdeRef<'a, T>(pub(super) &'a T);
 
-impl<T: Serialize + serde::de::DeserializeOwned> Codec for JsonRef<'_, T> {
+impl<T: Serialize + serde::de::DeserializeOwned> Codec for SerdeRef<'_, T> {
     fn write_payload(
         &self,
+        format: codec::Format,
         out: &mut bytes::BytesMut,
-    ) -> std::result::Result<(), serde_json::Error> {
-        serde_json::to_writer(bytes::BufMut::writer(out), self.0)
+    ) -> std::result::Result<(), String> {
+        codec::write_serde(self.0, format, out)
     }
-    fn read_payload(_payload: Bytes) -> std::result::Result<Self, String> {
-        Err("JsonRef only encodes".into())
+    fn read_payload(
+        _format: Option<codec::Format>,
+        _payload: Bytes,
+    ) -> std::result::Result<Self, String> {
+        Err("SerdeRef only encodes".into())
     }
     fn type_tag() -> u32 {
-        <Json<T> as Codec>::type_tag()
+        <Serde<T> as Codec>::type_tag()
     }
-    fn payload_len(&self) -> usize {
-        codec::json_len(self.0)
+    fn payload_len(&self, format: codec::Format) -> usize {
+        codec::serde_len(self.0, format)
+    }
+    fn same(&self, _other: &Self) -> bool {
+        false
     }
 }

@@ -177,6 +177,48 @@ impl RedisCache {
         }
     }
 
+    /// The value or a lease, atomically (`over`: a lease even though the key holds a value, for a refresh).
+    async fn lease_with(
+        &self,
+        key: &str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &[String],
+        over: bool,
+    ) -> Result<Lookup> {
+        if self.is_cluster() && !tags.is_empty() {
+            // The tag sets live in other slots: record the key in them before the lease is granted, so a tag
+            // invalidation from then on revokes it. A hit needs no record, and is answered first.
+            if !over {
+                if let Some(v) = with_response_timeout(&self.opts, "lease", async {
+                    self.ready()
+                        .await?
+                        .get::<_, Option<Vec<u8>>>(self.redis_key(key))
+                        .await
+                })
+                .await?
+                {
+                    return Ok(Lookup::Hit(Bytes::from(v)));
+                }
+            }
+            self.tags_add(key, tags, Some(lease_ttl)).await?;
+        }
+        let mut inv = self.invocation(&LEASE, key, tags);
+        inv.arg(token)
+            .arg(millis(lease_ttl))
+            .arg(key)
+            .arg(if over { "1" } else { "0" });
+        let (kind, v): (i64, Vec<u8>) = with_response_timeout(&self.opts, "lease", async {
+            inv.invoke_async(&mut self.ready().await?).await
+        })
+        .await?;
+        Ok(match kind {
+            1 => Lookup::Hit(Bytes::from(v)),
+            2 => Lookup::Lease(token),
+            _ => Lookup::Held,
+        })
+    }
+
     /// The application's key of a Redis key found by a scan (the prefix and a cluster hash tag taken off), or the
     /// name of a tag set after the prefix.
     fn app_key<'k>(&self, redis_key: &'k str) -> &'k str {
@@ -616,35 +658,19 @@ impl Cache for RedisCache {
         lease_ttl: Duration,
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Lookup>> {
-        async move {
-            if self.is_cluster() && !tags.is_empty() {
-                // The tag sets live in other slots: record the key in them before the lease is granted, so a tag
-                // invalidation from then on revokes it. A hit needs no record, and is answered first.
-                if let Some(v) = with_response_timeout(&self.opts, "lease", async {
-                    self.ready()
-                        .await?
-                        .get::<_, Option<Vec<u8>>>(self.redis_key(key))
-                        .await
-                })
-                .await?
-                {
-                    return Ok(Lookup::Hit(Bytes::from(v)));
-                }
-                self.tags_add(key, tags, Some(lease_ttl)).await?;
-            }
-            let mut inv = self.invocation(&LEASE, key, tags);
-            inv.arg(token).arg(millis(lease_ttl)).arg(key);
-            let (kind, v): (i64, Vec<u8>) = with_response_timeout(&self.opts, "lease", async {
-                inv.invoke_async(&mut self.ready().await?).await
-            })
-            .await?;
-            Ok(match kind {
-                1 => Lookup::Hit(Bytes::from(v)),
-                2 => Lookup::Lease(token),
-                _ => Lookup::Held,
-            })
-        }
-        .traced("lease", CacheImpl::Redis, key)
+        self.lease_with(key, token, lease_ttl, tags, false)
+            .traced("lease", CacheImpl::Redis, key)
+    }
+
+    fn lease_refresh<'a>(
+        &'a self,
+        key: &'a str,
+        token: u64,
+        lease_ttl: Duration,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Lookup>> {
+        self.lease_with(key, token, lease_ttl, tags, true)
+            .traced("lease", CacheImpl::Redis, key)
     }
 
     fn set_leased<'a>(

@@ -1,13 +1,15 @@
 //! The Lua scripts: every multi-key step that must be atomic (a lease, a fill under it, a tag's bookkeeping).
 
 /// Value or lease, atomically. KEYS: key, lease key, generation key, tag sets…; ARGV: token, lease ms, the key
-/// without prefix. The lease holds `token:generation`. Returns `{1, value}`, `{2, token}` (granted) or `{3, ""}`
+/// without prefix, `1` for a refresh (a lease even though the key holds a value). The lease holds `token:generation`. Returns `{1, value}`, `{2, token}` (granted) or `{3, ""}`
 /// (held by another caller).
 pub(super) static LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local v = redis.call('GET', KEYS[1])
-if v then return {1, v} end
+if ARGV[4] ~= '1' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {1, v} end
+end
 local g = redis.call('GET', KEYS[3]) or '0'
 if not redis.call('SET', KEYS[2], ARGV[1] .. ':' .. g, 'NX', 'PX', ARGV[2]) then return {3, ''} end
 for i = 4, #KEYS do
