@@ -1163,3 +1163,112 @@ fn sigterm_under_load_fails_no_request_in_flight_and_leaves_no_lease() {
         .expect("KEYS");
     assert!(leases.is_empty(), "leases left in Redis: {leases:?}");
 }
+
+/// GET `path` of `svc`: status, the `Cache-Status` members (joined by ", "), body.
+fn get_with_status(svc: &Service, path: &str) -> (u16, String, String) {
+    let resp = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .get(format!("{}{path}", svc.base))
+        .send()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}; log:\n{}", svc.log()));
+    let status = resp.status().as_u16();
+    let members: Vec<String> = resp
+        .headers()
+        .get_all("cache-status")
+        .iter()
+        .map(|v| v.to_str().expect("ASCII").to_string())
+        .collect();
+    (status, members.join(", "), resp.text().expect("body"))
+}
+
+#[test]
+fn responses_say_their_cache_status_and_a_failing_origin_is_answered_stale() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("origin.db");
+    let svc = Service::start_with(
+        &repo().join("config"),
+        &[
+            ("REDIS_URL", redis.url().as_str()),
+            ("CACHE_ADMIN_TOKEN", TOKEN),
+        ],
+        &[
+            "--users",
+            "50",
+            "--database",
+            db.to_str().expect("UTF-8 path"),
+        ],
+    );
+    svc.put_config(json!({
+        "impl": "redis",
+        "whitelist": ["user"],
+        "patterns": {"user": {"ttl_secs": 1, "stale_if_error_secs": 60, "cache_negative_secs": 30}}
+    }));
+    let (s, h, before) = get_with_status(&svc, "/users/7");
+    assert_eq!(
+        (s, h.as_str()),
+        (200, "cache-rollout; fwd=uri-miss; stored")
+    );
+    let (s, h, again) = get_with_status(&svc, "/users/7");
+    assert_eq!(s, 200);
+    assert!(
+        h == "cache-rollout; hit; ttl=0" || h == "cache-rollout; hit; ttl=1",
+        "{h}"
+    );
+    assert_eq!(again, before);
+    // Not whitelisted: observed.
+    assert_eq!(
+        get_with_status(&svc, "/projects/1").1,
+        "cache-rollout; fwd=bypass"
+    );
+    // A missing id: a 404, then a cached absence.
+    let (s, h, _) = get_with_status(&svc, "/users/999999");
+    assert_eq!(
+        (s, h.as_str()),
+        (404, "cache-rollout; fwd=uri-miss; stored")
+    );
+    let (s, h, _) = get_with_status(&svc, "/users/999999");
+    assert_eq!(s, 404);
+    assert!(h.starts_with("cache-rollout; hit; ttl="), "{h}");
+    // No cache call, no member.
+    assert_eq!(get_with_status(&svc, "/health").1, "");
+
+    // The origin fails (its table is gone) once user 7 is past its TTL: the stale copy answers.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let origin = rusqlite::Connection::open(&db).expect("open the origin");
+    origin
+        .execute_batch("ALTER TABLE users RENAME TO users_away")
+        .expect("rename");
+    let (s, h, stale) = get_with_status(&svc, "/users/7");
+    assert_eq!(s, 200, "{stale}; log:\n{}", svc.log());
+    assert_eq!(stale, before, "the last value");
+    assert!(
+        h.starts_with("cache-rollout; fwd=stale; ttl=-") && h.ends_with("; detail=stale-if-error"),
+        "{h}"
+    );
+    // A key never cached has nothing stale to offer.
+    assert_eq!(get_with_status(&svc, "/users/8").0, 500);
+    origin
+        .execute_batch("ALTER TABLE users_away RENAME TO users")
+        .expect("rename back");
+    let (s, h, _) = get_with_status(&svc, "/users/7");
+    assert_eq!(
+        (s, h.as_str()),
+        (200, "cache-rollout; fwd=stale; stored"),
+        "refreshed"
+    );
+    let metrics = svc.get("/metrics").2;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"cache_stale_served_total{key_pattern="user",reason="error"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, r#"cache_negative_hits_total{key_pattern="user"}"#),
+        1.0
+    );
+}

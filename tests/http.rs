@@ -713,3 +713,32 @@ async fn in_staging_reading_needs_the_token_and_refusals_are_counted() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// `Cache-Status` is on by default outside production, off in production, and `cache_status_header` decides.
+#[tokio::test]
+async fn cache_status_is_added_outside_production_unless_configured_otherwise() {
+    use tower::ServiceExt;
+    let header = |app: Router| async move {
+        let req = axum::http::Request::get("/users/1")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let resp = app.oneshot(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.headers()
+            .get("cache-status")
+            .map(|v| v.to_str().expect("ASCII").to_string())
+    };
+    let dev = service(settings(None, None)).await;
+    assert_eq!(
+        header(dev).await.as_deref(),
+        Some("cache-rollout; fwd=bypass")
+    );
+    let mut prod = settings(None, Some(TOKEN));
+    prod.app_env = AppEnv::Production;
+    assert_eq!(header(service(prod.clone()).await).await, None);
+    prod.cache.cache_status_header = Some(true);
+    assert!(header(service(prod).await).await.is_some());
+    let mut off = settings(None, None);
+    off.cache.cache_status_header = Some(false);
+    assert_eq!(header(service(off).await).await, None);
+}

@@ -5,8 +5,8 @@
 //! [`CsvSpec`] names; plain or zstd-compressed, the format given or recognised from the content
 //! ([`TraceReader::open`]).
 //!
-//! Requests map onto the registry as follows: a get is a
-//! [`get_or_load_bytes`](CacheRegistry::get_or_load_bytes) whose loader returns `value_size` bytes; a set a
+//! Requests map onto the registry as follows: a get is a [`fetch_bytes`](CacheRegistry::fetch_bytes) whose loader
+//! returns `value_size` bytes; a set a
 //! [`set_bytes`](CacheRegistry::set_bytes); a delete (or a block write, or `incr`/`decr`) an
 //! [`invalidate`](CacheRegistry::invalidate): the cached copy no longer matches the origin.
 //!
@@ -44,8 +44,12 @@ pub struct ReplayCounts {
     pub gets: u64,
     /// Reads served from the cache.
     pub hits: u64,
-    /// Reads that ran the loader.
+    /// Reads that ran the loader (and waited for it).
     pub misses: u64,
+    /// Reads answered with an entry past its TTL (stale-while-revalidate; counted in `hits`).
+    pub stale: u64,
+    /// Loads no read waited for: stale-while-revalidate's background refreshes.
+    pub refreshes: u64,
     /// `hits / gets` (0 when there were no gets): the measured hit ratio of the impl replayed (always 0 for
     /// `null`, which stores nothing).
     pub hit_ratio: f64,
@@ -326,8 +330,9 @@ pub async fn replay(
         let value = zeros.slice(0..req.value_size);
         match req.op {
             Op::Get => {
+                // `fetch_bytes`: with stale-while-revalidate, a refresh runs in the background.
                 let _ = registry
-                    .get_or_load_bytes(&req.key, || async { Ok::<_, Infallible>(value) })
+                    .fetch_bytes(&req.key, move || async move { Ok::<_, Infallible>(value) })
                     .await;
             }
             Op::Set => {
@@ -376,6 +381,8 @@ pub async fn replay(
             gets: c.gets,
             hits: c.hits,
             misses: c.misses,
+            stale: c.stale,
+            refreshes: c.refreshes,
             hit_ratio: ratio(c.hits, c.gets),
             unique_keys: predicted.map(|p| p.unique_keys),
             predicted_hit_ratio: predicted.map(|p| p.predicted_hit_ratio.clone()),
@@ -385,6 +392,8 @@ pub async fn replay(
         report.overall.gets += r.gets;
         report.overall.hits += r.hits;
         report.overall.misses += r.misses;
+        report.overall.stale += r.stale;
+        report.overall.refreshes += r.refreshes;
         report.patterns.insert(pattern, r);
     }
     report.overall.hit_ratio = ratio(report.overall.hits, report.overall.gets);

@@ -12,6 +12,7 @@
 //! a SQLite file instead, which several instances can share (created and seeded by the first, WAL journal), so a
 //! write through one instance is what the others read.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use axum::{Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use cache_rollout::registry::Fetch;
 use cache_rollout::{CacheRegistry, CacheRollout};
 
 /// A user row.
@@ -403,40 +405,51 @@ fn found<T: Serialize>(v: Option<T>) -> Response {
     }
 }
 
-async fn get_user(State(ctx): State<AppContext>, Id(id): Id) -> Response {
-    let origin = ctx.origin.clone();
+/// The reads go through [`CacheRegistry::fetch`]: a loader that owns what it needs (so that a stale-while-revalidate
+/// refresh runs in the background), absences marked (`cache_negative_secs`), any origin error answerable with a
+/// stale value (`stale_if_error_secs`). The response's `Cache-Status` says which happened.
+async fn read<T>(
+    ctx: &AppContext,
+    key: String,
+    load: impl Future<Output = Result<Option<T>, OriginError>> + Send + 'static,
+) -> Response
+where
+    T: Serialize + serde::de::DeserializeOwned + Send + 'static,
+{
     match ctx
         .registry
-        .get_or_load(&format!("user:{id}"), || origin.user(id))
+        .fetch(&key, Fetch::new().absent_if(Option::is_none), move || load)
         .await
     {
-        Ok(v) => found(v),
+        Ok(v) => found(v.value),
         Err(e) => origin_error(&e),
     }
+}
+
+async fn get_user(State(ctx): State<AppContext>, Id(id): Id) -> Response {
+    let origin = ctx.origin.clone();
+    read(
+        &ctx,
+        format!("user:{id}"),
+        async move { origin.user(id).await },
+    )
+    .await
 }
 
 async fn get_project(State(ctx): State<AppContext>, Id(id): Id) -> Response {
     let origin = ctx.origin.clone();
-    match ctx
-        .registry
-        .get_or_load(&format!("project:{id}"), || origin.project(id))
-        .await
-    {
-        Ok(v) => found(v),
-        Err(e) => origin_error(&e),
-    }
+    read(&ctx, format!("project:{id}"), async move {
+        origin.project(id).await
+    })
+    .await
 }
 
 async fn get_members(State(ctx): State<AppContext>, Id(id): Id) -> Response {
     let origin = ctx.origin.clone();
-    match ctx
-        .registry
-        .get_or_load(&format!("project:{id}:members"), || origin.members(id))
-        .await
-    {
-        Ok(v) => found(v),
-        Err(e) => origin_error(&e),
-    }
+    read(&ctx, format!("project:{id}:members"), async move {
+        origin.members(id).await
+    })
+    .await
 }
 
 async fn put_user(

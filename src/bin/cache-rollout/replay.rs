@@ -78,6 +78,10 @@ pub(crate) struct ReplayArgs {
     /// timestamps: not arc, and a CSV only with time-col.
     #[arg(long, value_name = "SECS")]
     ttl: Option<u64>,
+    /// Serve an entry this many seconds past its --ttl while a background task refreshes it
+    /// (stale-while-revalidate, for every pattern), to measure the reads that no longer wait for the origin.
+    #[arg(long, value_name = "SECS", requires = "ttl")]
+    stale_while_revalidate: Option<u64>,
     /// Keys sampled per pattern by the estimator (SHARDS s_max).
     #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
     sample_keys: usize,
@@ -180,6 +184,18 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             cache_impl,
             whitelist: vec!["*".into()],
             default_ttl_secs: args.ttl.unwrap_or(86_400),
+            patterns: args
+                .stale_while_revalidate
+                .map(|s| {
+                    std::collections::BTreeMap::from([(
+                        "*".to_string(),
+                        cache_rollout::PatternPolicy {
+                            stale_while_revalidate_secs: Some(s),
+                            ..Default::default()
+                        },
+                    )])
+                })
+                .unwrap_or_default(),
             // A replay measures the backend as it is: a slow Redis must not send patterns back to observing
             // partway, which would make the measured hit ratio a mix of two runs.
             rollback: RollbackRules {
@@ -219,6 +235,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
                 "cache.analysis.curve_points" => "--curve-points",
                 "cache.analysis.sample_keys" => "--sample-keys",
                 "cache.default_ttl_secs" => "--ttl",
+                "cache.patterns.*.stale_while_revalidate_secs" => "--stale-while-revalidate",
                 _ => key.as_str(),
             };
             Error::config(flag, value, reason)
