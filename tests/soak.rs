@@ -15,7 +15,8 @@
 //! The driver, every `step` (3 s), cycles through: a switch to Redis serving `user` and `project` (on one instance,
 //! through the fleet), a ramp of 25% (with `cache-rollout fleet set`), Redis paused by SIGSTOP, `project` in shadow
 //! mode, SIGHUP to one instance, Redis killed and restarted empty, a switch to `null`, back to Redis with `user` at
-//! 50%, and a whitelist of `user` only. An L1 (`l1_ttl_secs`) is left out: across instances it is allowed to serve
+//! 50%, and a whitelist of `user` only. Every pattern has a 2 s TTL with stale-if-error and stale-while-revalidate
+//! of 30 s, so reads past the TTL are served stale and refreshed in the background all along. An L1 (`l1_ttl_secs`) is left out: across instances it is allowed to serve
 //! the old value for the few milliseconds its invalidation message takes (`docs/scaling.md`), which this check
 //! would count as stale; `tests/rollout.rs` checks it on one registry.
 //!
@@ -424,9 +425,13 @@ fn fleet_set(url: &str, body: &Value) -> String {
     }
 }
 
+/// Serves `user` and `project`, every pattern with a 2 s TTL, stale-if-error and stale-while-revalidate of 30 s (the
+/// `"*"` defaults, which later changes leave in place): entries go past their TTL all the time, are served stale
+/// and refreshed in the background, and the history check must still find no stale read.
 fn serve_both() -> Value {
     json!({"impl": "redis", "whitelist": ["user", "project"],
-           "patterns": {"user": {"mode": "serve"}, "project": {"mode": "serve"}}})
+           "patterns": {"user": {"mode": "serve"}, "project": {"mode": "serve"},
+                        "*": {"ttl_secs": 2, "stale_if_error_secs": 30, "stale_while_revalidate_secs": 30}}})
 }
 
 fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
@@ -630,6 +635,22 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
             )
         })
         .sum();
+    // Reads served past their TTL (either reason) and background refreshes, summed over the instances.
+    let sum_of = |prefix: &str| -> f64 {
+        fleet
+            .iter()
+            .map(|s| {
+                s.get("/metrics")
+                    .2
+                    .lines()
+                    .filter(|l| l.starts_with(prefix))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let stale_served = sum_of("cache_stale_served_total{");
+    let refreshed = sum_of("cache_refresh_total{");
     let mut lat = std::mem::take(&mut *tally.latencies.lock().expect("latencies"));
     lat.sort_unstable();
     let requests = tally.requests.load(Ordering::Relaxed);
@@ -643,8 +664,9 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
     eprintln!(
         "soak ({label}): {requests} requests in {elapsed:.0} s ({:.0}/s), {} writes acknowledged ({} sent again after a \
          failed invalidation), {failed} failed, {stale} stale reads; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
-         {rollbacks} rollbacks, {revoked} fills refused by an invalidation; RSS KiB {start_rss:?} → {end_rss:?}; \
-         series {start_series:?} → {end_series:?}",
+         {rollbacks} rollbacks, {revoked} fills refused by an invalidation; {stale_served} reads served past their \
+         TTL, {refreshed} background refreshes; RSS KiB {start_rss:?} → {end_rss:?}; series {start_series:?} → \
+         {end_series:?}",
         requests as f64 / elapsed,
         tally.writes.load(Ordering::Relaxed),
         tally.rewrites.load(Ordering::Relaxed),
@@ -670,6 +692,10 @@ fn soak(backend: impl FnOnce() -> Backend, duration: Duration, label: &str) {
     };
     assert_eq!(failed, 0, "failed requests:\n{examples}\n{}", logs());
     assert_eq!(stale, 0, "stale reads:\n{examples}\n{}", logs());
+    assert!(
+        stale_served > 0.0 && refreshed > 0.0,
+        "entries past their TTL were served and refreshed: {stale_served}, {refreshed}"
+    );
     assert!(
         tally.writes.load(Ordering::Relaxed) > 100,
         "the writers wrote"

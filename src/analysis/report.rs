@@ -106,6 +106,13 @@ pub struct MissCauses {
     pub invalidated: f64,
 }
 
+/// Loader error share from which the report advises stale-if-error (0.1%).
+const ADVISE_ERROR_RATIO: f64 = 0.001;
+/// Share of absences from which the report advises negative caching (5%).
+const ADVISE_ABSENT_RATIO: f64 = 0.05;
+/// Share of gets past their entry's TTL from which the report advises stale-while-revalidate (5%).
+const ADVISE_EXPIRED_SHARE: f64 = 0.05;
+
 /// The analysis of one key pattern.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatternReport {
@@ -163,6 +170,13 @@ pub struct PatternReport {
     pub recommended_ttl_secs: Option<u64>,
     /// Why (or why not).
     pub reasons: Vec<String>,
+    /// Share (0–1) of loader calls that returned an error.
+    pub loader_error_ratio: f64,
+    /// Share (0–1) of loader values the caller marked absent (`Fetch::absent_if`: a "not found").
+    pub absent_ratio: f64,
+    /// Which of stale-if-error, negative caching and stale-while-revalidate this pattern's figures say are worth
+    /// turning on, and why (empty when none is).
+    pub advice: Vec<String>,
     /// The whole predicted miss ratio curve, in objects and in bytes (empty without an estimator).
     #[serde(default)]
     pub curve: CurveSamples,
@@ -281,6 +295,8 @@ pub(crate) struct PatternInput {
     pub(crate) loader: proto::Histogram,
     pub(crate) value_size: proto::Histogram,
     pub(crate) curve: Option<(Curve, SampleStats)>,
+    pub(crate) loader_errors: u64,
+    pub(crate) absent: u64,
 }
 
 /// One route's raw figures.
@@ -437,6 +453,7 @@ fn pattern_report(
         p90: quantile(&p.value_size, 0.9),
         p99: quantile(&p.value_size, 0.99),
     };
+    let calls = loader.calls;
     let mut r = PatternReport {
         gets: p.gets,
         hits: p.hits,
@@ -464,8 +481,25 @@ fn pattern_report(
         recommended_memory_bytes: None,
         recommended_ttl_secs: None,
         reasons: Vec::new(),
+        loader_error_ratio: ratio(p.loader_errors as f64, calls as f64),
+        absent_ratio: ratio(p.absent as f64, calls as f64),
+        advice: Vec::new(),
         curve: CurveSamples::default(),
     };
+    if r.loader_error_ratio >= ADVISE_ERROR_RATIO {
+        r.advice.push(format!(
+            "stale_if_error_secs: the loader failed in {:.2}% of its {calls} calls; with stale-if-error a read past \
+             the TTL gets the last value instead of the error",
+            r.loader_error_ratio * 100.0
+        ));
+    }
+    if r.absent_ratio >= ADVISE_ABSENT_RATIO {
+        r.advice.push(format!(
+            "cache_negative_secs: {:.1}% of the loader's values were absences (not found); a short negative TTL \
+             keeps repeated lookups of missing ids off the origin",
+            r.absent_ratio * 100.0
+        ));
+    }
     let Some((curve, stats)) = &p.curve else {
         r.reasons
             .push("no estimator: the pattern came after cache.analysis.max_patterns others".into());
@@ -549,6 +583,16 @@ fn pattern_report(
                 TTL_REUSE_SHARE * 100.0
             ));
         }
+    }
+    if r.misses_at_any_size.expired >= ADVISE_EXPIRED_SHARE {
+        r.advice.push(format!(
+            "stale_while_revalidate_secs: {:.1}% of gets come after their entry's TTL; served stale while one \
+             caller refreshes the key, they would not wait for the loader (p99 {})",
+            r.misses_at_any_size.expired * 100.0,
+            r.loader
+                .p99_seconds
+                .map_or_else(|| "-".to_string(), |s| format!("{:.1} ms", s * 1e3))
+        ));
     }
     r.recommended = ok;
     (r, saved)

@@ -28,6 +28,10 @@ enum Kind {
     Del = 3,
     /// Application writes (`set`), not the fills counted under `Set`; not exposed, for the write ratio.
     Write = 4,
+    /// Loader calls that failed; not exposed, for the report (stale-if-error advice).
+    LoadError = 5,
+    /// Loader values the caller marked absent; not exposed, for the report (negative caching advice).
+    Absent = 6,
 }
 
 const KINDS: [(&str, &str, Kind); 4] = [
@@ -52,7 +56,7 @@ const KINDS: [(&str, &str, Kind); 4] = [
 #[derive(Default)]
 #[repr(align(128))]
 struct Stripe {
-    counters: [[AtomicU64; 3]; 5], // [kind][impl]
+    counters: [[AtomicU64; 3]; 7], // [kind][impl]
     loader: [AtomicU64; BUCKETS],
     loader_sum_nanos: AtomicU64,
 }
@@ -127,6 +131,10 @@ pub struct PatternCounts {
     pub negative_hits: u64,
     /// Refreshes started by stale-while-revalidate (loader runs no caller waited for).
     pub refreshes: u64,
+    /// Loader calls that returned an error.
+    pub loader_errors: u64,
+    /// Loader values the caller marked absent ([`Fetch::absent_if`](crate::registry::Fetch::absent_if)).
+    pub absent: u64,
     /// Application writes (`set` calls), as opposed to the fills after a miss that `sets` also counts.
     pub writes: u64,
 }
@@ -176,6 +184,16 @@ impl PatternMetrics {
         self.coalesced.inc();
     }
 
+    /// A loader call failed.
+    pub(crate) fn load_failed(&self) {
+        self.add(Kind::LoadError, CacheImpl::Null);
+    }
+
+    /// A loader value was an absence.
+    pub(crate) fn absent(&self) {
+        self.add(Kind::Absent, CacheImpl::Null);
+    }
+
     pub(crate) fn set_outcomes(&self, outcomes: Outcomes) {
         let _ = self.outcomes.set(outcomes);
     }
@@ -217,7 +235,10 @@ impl PatternMetrics {
         let s = self.stripe();
         s.loader[bucket_index(nanos)].fetch_add(1, Ordering::Relaxed);
         s.loader_sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        if ok {
+        if !ok {
+            s.counters[Kind::LoadError as usize][CacheImpl::Null.index()]
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
             s.counters[Kind::Set as usize][CacheImpl::Null.index()].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -272,6 +293,8 @@ impl PatternMetrics {
                 .get()
                 .map_or(0, |o| o.refresh.iter().map(IntCounter::get).sum()),
             writes: self.total(Kind::Write, CacheImpl::Null),
+            loader_errors: self.total(Kind::LoadError, CacheImpl::Null),
+            absent: self.total(Kind::Absent, CacheImpl::Null),
         }
     }
 

@@ -498,7 +498,7 @@ impl CacheRegistry {
                 // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped
                 // arm). One call site, so the observe future is built in place.
                 let unramped = matches!(plan, Plan::Unramped).then(|| self.inner.clock.raw());
-                let r = self.observe(entry, track, loader).await;
+                let r = self.observe(entry, track, opts.absent_if, loader).await;
                 if let Some(start) = unramped {
                     self.rollout_metrics(entry)
                         .unramped

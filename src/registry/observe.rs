@@ -3,16 +3,18 @@
 use super::*;
 
 impl CacheRegistry {
-    pub(super) async fn observe<C, E, F, Fut>(
+    pub(super) async fn observe<C, E, F, Fut, A>(
         &self,
         entry: &PatternEntry,
         track: Option<Track>,
+        absent_if: Option<A>,
         loader: F,
     ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
+        A: Fn(&C) -> bool + Copy,
     {
         let m = &entry.metrics;
         m.miss(CacheImpl::Null);
@@ -25,6 +27,9 @@ impl CacheRegistry {
         analysis::record_call(entry.slot, nanos);
         let mut size = None;
         if let Ok(v) = &r {
+            if absent_if.is_some_and(|f| f(v)) {
+                m.absent();
+            }
             let sized = m.sample_size(self.inner.size_sample_every);
             if sized || pending.track.is_some() {
                 let bytes = codec::HEADER_BYTES + v.payload_len(codec::Format::default());

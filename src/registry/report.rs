@@ -51,6 +51,8 @@ impl CacheRegistry {
                     loader,
                     value_size: e.metrics.value_size.metric().get_histogram().clone(),
                     curve: e.shards.as_ref().map(|sh| sh.curve(counts.gets)),
+                    loader_errors: counts.loader_errors,
+                    absent: counts.absent,
                 }
             })
             .collect();

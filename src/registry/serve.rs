@@ -298,6 +298,9 @@ impl CacheRegistry {
             }
         };
         let negative = absent_if.is_some_and(|f| f(&value));
+        if negative {
+            entry.metrics.absent();
+        }
         let stored = if guard.is_detached() {
             false // an invalidation came during the load: it revoked the lease too
         } else if let Some(bytes) =
@@ -470,6 +473,9 @@ impl CacheRegistry {
             return Ok(value);
         }
         let negative = opts.absent_if.is_some_and(|f| f(&value));
+        if negative {
+            entry.metrics.absent();
+        }
         let Some(bytes) = self.storable_fill(key, &value, route, negative, cache_impl) else {
             pending.finish(None, false);
             release(lease, deadline).await;
@@ -620,6 +626,9 @@ impl CacheRegistry {
         let loaded = loader().await;
         let nanos = nanos_since(clock, start);
         entry.metrics.loader_nanos(nanos);
+        if loaded.is_err() {
+            entry.metrics.load_failed();
+        }
         analysis::record_call(entry.slot, nanos);
         loaded
     }

@@ -55,7 +55,9 @@ impl CacheRegistry {
                 None
             }
         };
-        let r = self.observe(entry, track, loader).await;
+        let r = self
+            .observe(entry, track, None::<NoAbsence<C>>, loader)
+            .await;
         let Some(looked) = looked else {
             return r;
         };
