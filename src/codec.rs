@@ -4,7 +4,8 @@
 //! offset  size  field
 //! 0       2     magic "CR"
 //! 2       1     format version (2)
-//! 3       1     flags: bits 0–1 the payload's format (0 raw bytes, 1 JSON, 2 postcard), bit 2 zstd-compressed,
+//! 3       1     flags: bits 0–1 the payload's format (0 raw bytes, 1 JSON, 2 postcard, 3 MessagePack), bit 2
+//!               zstd-compressed,
 //!               bit 3 a cached absence ("not found", see `cache_negative_secs`)
 //! 4       4     type tag: FNV-1a (32-bit) of the Rust type name, mixed with the application's value version
 //! 8       8     stored at: milliseconds since the Unix epoch, on the writer's clock
@@ -18,14 +19,18 @@
 //! deletes it, so a format change or a corrupted entry is never served and never panics. An entry of format version
 //! 1 (the envelope before `stored at` and the format byte) is such a miss.
 //!
-//! **Formats.** [`Format::Postcard`] (the default) is [postcard](https://docs.rs/postcard), a compact, maintained
-//! serde format with a stable wire specification (1.0): about 2.5× smaller than JSON on the serialization benchmark
-//! users quote, and several times faster (this crate's own figures: `docs/performance.md`, `benches/components.rs`).
-//! It is not self-describing: a value is read back only as the type it was written as, which is what the type tag
-//! guarantees; **a change of a cached type's fields** (added, removed, reordered, retyped) **must bump the
-//! application's `value_version`**, or set `format = "json"` for that pattern, whose field names tolerate added
-//! optional fields. [`Format::Json`] (serde_json) is for values other programs read from Redis. The reader decodes
-//! whichever format the flags name, so changing a pattern's format turns no entry into a miss.
+//! **Formats.** [`Format::MessagePack`] (the default) is MessagePack through
+//! [rmp-serde](https://docs.rs/rmp-serde), with struct fields by name: a binary, self-describing format, so that
+//! everything serde can express round-trips (`serde_json::Value`, untagged and internally tagged enums,
+//! `#[serde(flatten)]`, `skip_serializing_if`), and a type that gains an optional field (`#[serde(default)]`) still
+//! reads its old entries, as with JSON. A value that does not decode is a miss, never another value.
+//! [`Format::Postcard`] ([postcard](https://docs.rs/postcard), wire format 1.0) is the most compact and the fastest,
+//! but not self-describing: fields are read by position, so it suits plain structs of fixed shape only. Under
+//! postcard a type using `deserialize_any` (the serde features above) never decodes, and **a field skipped on write
+//! (`skip_serializing_if`) makes the next field be read in its place**: a wrong value; and any change of a cached
+//! type's fields must bump the application's `value_version`. [`Format::Json`] (serde_json) is for values other
+//! programs read from Redis. The reader decodes whichever format the flags name, so changing a pattern's format turns
+//! no entry into a miss. Figures: `docs/performance.md` (`benches/codec.rs`).
 //!
 //! **Compression.** With the `zstd` feature, a payload longer than the pattern's `compress_above_bytes` is stored
 //! zstd-compressed (level 3) when that makes it smaller. Decompression is bounded by [`MAX_DECOMPRESSED_BYTES`]: a
@@ -52,6 +57,7 @@ const FORMAT_MASK: u8 = 0b0011;
 const RAW: u8 = 0;
 const JSON: u8 = 1;
 const POSTCARD: u8 = 2;
+const MSGPACK: u8 = 3;
 const ZSTD: u8 = 0b0100;
 const NEGATIVE: u8 = 0b1000;
 
@@ -59,10 +65,13 @@ const NEGATIVE: u8 = 0b1000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// postcard: compact and fast; read back only as the type written (see the module docs).
+    /// MessagePack with fields by name: binary and self-describing (see the module docs).
     #[default]
+    #[serde(rename = "msgpack")]
+    MessagePack,
+    /// postcard: the most compact and fastest; for plain structs of fixed shape only (see the module docs).
     Postcard,
-    /// serde_json: readable by other programs, tolerant of added optional fields.
+    /// serde_json: readable by other programs.
     Json,
 }
 
@@ -70,6 +79,7 @@ impl Format {
     /// The name used in configuration and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
+            Format::MessagePack => "msgpack",
             Format::Postcard => "postcard",
             Format::Json => "json",
         }
@@ -77,6 +87,7 @@ impl Format {
 
     fn flag(self) -> u8 {
         match self {
+            Format::MessagePack => MSGPACK,
             Format::Postcard => POSTCARD,
             Format::Json => JSON,
         }
@@ -136,7 +147,12 @@ impl Stamp {
     /// `Cache-Status`); `None` without expiry.
     pub fn ttl_secs(&self, now_ms: u64) -> Option<i64> {
         let until = self.until_ms()?;
-        Some((until as i64 - now_ms as i64).div_euclid(1000))
+        let left = i128::from(until) - i128::from(now_ms);
+        Some(i64::try_from(left.div_euclid(1000)).unwrap_or(if left < 0 {
+            i64::MIN
+        } else {
+            i64::MAX
+        }))
     }
 }
 
@@ -176,7 +192,11 @@ pub(crate) fn serde_len<T: Serialize + ?Sized>(value: &T, format: Format) -> usi
             let mut c = Counter(0);
             serde_json::to_writer(&mut c, value).map_or(0, |()| c.0)
         }
-        Format::Postcard => postcard::to_extend(value, Counter(0)).map_or(0, |c| c.0),
+        Format::Postcard => postcard::to_io(value, Counter(0)).map_or(0, |c| c.0),
+        Format::MessagePack => {
+            let mut c = Counter(0);
+            rmp_serde::encode::write_named(&mut c, value).map_or(0, |()| c.0)
+        }
     }
 }
 
@@ -188,15 +208,17 @@ pub(crate) fn write_serde<T: Serialize + ?Sized>(
 ) -> std::result::Result<(), String> {
     match format {
         Format::Json => serde_json::to_writer(out.writer(), value).map_err(|e| e.to_string()),
-        Format::Postcard => {
-            let taken = std::mem::take(out);
-            *out = postcard::to_extend(value, taken).map_err(|e| e.to_string())?;
-            Ok(())
+        // Through `io::Write`: whole slices at a time (`to_extend` into a `BytesMut` pushes byte by byte).
+        Format::Postcard => postcard::to_io(value, out.writer())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Format::MessagePack => {
+            rmp_serde::encode::write_named(&mut out.writer(), value).map_err(|e| e.to_string())
         }
     }
 }
 
-/// A byte counter, as an `io::Write` (serde_json) and as an `Extend<u8>` (postcard).
+/// A byte counter, as an `io::Write`.
 struct Counter(usize);
 
 impl std::io::Write for Counter {
@@ -206,18 +228,6 @@ impl std::io::Write for Counter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl Extend<u8> for Counter {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        self.0 += iter.into_iter().count();
-    }
-}
-
-impl<'a> Extend<&'a u8> for Counter {
-    fn extend<I: IntoIterator<Item = &'a u8>>(&mut self, iter: I) {
-        self.0 += iter.into_iter().count();
     }
 }
 
@@ -232,6 +242,15 @@ impl<T: Serialize + DeserializeOwned> Codec for Serde<T> {
     fn read_payload(format: Option<Format>, payload: Bytes) -> std::result::Result<Self, String> {
         match format {
             Some(Format::Json) => serde_json::from_slice(&payload).map_err(|e| e.to_string()),
+            Some(Format::MessagePack) => {
+                let mut rest: &[u8] = &payload;
+                let v = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
+                    .map_err(|e| e.to_string())?;
+                match rest.len() {
+                    0 => Ok(v),
+                    n => Err(format!("{n} bytes after the value")),
+                }
+            }
             Some(Format::Postcard) => match postcard::take_from_bytes(&payload) {
                 Ok((v, [])) => Ok(v),
                 Ok((_, rest)) => Err(format!("{} bytes after the value", rest.len())),
@@ -364,6 +383,24 @@ pub fn stamp(bytes: &[u8]) -> Option<Stamp> {
     })
 }
 
+/// Whether `bytes` is an entry this build does not read although nothing is wrong with it: another envelope
+/// version, another type or value version (`value_version`), or a compressed entry without the `zstd` feature, as
+/// written by another version of the application during a rolling deploy. The registry takes such an entry as a
+/// plain miss and replaces it, without counting an error or deleting it first.
+pub fn foreign<C: Codec>(bytes: &[u8], value_version: u32) -> bool {
+    if bytes.len() < 3 || &bytes[0..2] != MAGIC {
+        return false;
+    }
+    if bytes[2] != VERSION {
+        return true;
+    }
+    if bytes.len() < HEADER_BYTES {
+        return false;
+    }
+    let tag = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    tag != self::tag::<C>(value_version) || (bytes[3] & ZSTD != 0 && !cfg!(feature = "zstd"))
+}
+
 /// Decodes an envelope written with the same `value_version`.
 ///
 /// # Errors
@@ -403,7 +440,7 @@ pub fn decode<C: Codec>(bytes: Bytes, value_version: u32) -> Result<C> {
         RAW => None,
         JSON => Some(Format::Json),
         POSTCARD => Some(Format::Postcard),
-        other => return Err(Error::Corrupt(format!("unknown payload format {other}"))),
+        _ => Some(Format::MessagePack),
     };
     let payload = bytes.slice(HEADER_BYTES..);
     let payload = if flags & ZSTD != 0 {
@@ -414,11 +451,25 @@ pub fn decode<C: Codec>(bytes: Bytes, value_version: u32) -> Result<C> {
     C::read_payload(format, payload).map_err(Error::Corrupt)
 }
 
+/// Decompresses a zstd frame into exactly its declared size, refused when it declares none or more than
+/// [`MAX_DECOMPRESSED_BYTES`].
 #[cfg(feature = "zstd")]
 fn decompress(payload: &[u8]) -> Result<Bytes> {
-    zstd::bulk::decompress(payload, MAX_DECOMPRESSED_BYTES)
-        .map(Bytes::from)
-        .map_err(|e| Error::Corrupt(format!("zstd: {e}")))
+    let size = match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) if n <= MAX_DECOMPRESSED_BYTES as u64 => n as usize,
+        Ok(Some(n)) => {
+            return Err(Error::Corrupt(format!(
+                "zstd: declares {n} bytes, over {MAX_DECOMPRESSED_BYTES}"
+            )))
+        }
+        _ => return Err(Error::Corrupt("zstd: no content size".into())),
+    };
+    let out =
+        zstd::bulk::decompress(payload, size).map_err(|e| Error::Corrupt(format!("zstd: {e}")))?;
+    if out.len() != size {
+        return Err(Error::Corrupt("zstd: shorter than declared".into()));
+    }
+    Ok(Bytes::from(out))
 }
 
 #[cfg(not(feature = "zstd"))]
@@ -508,7 +559,7 @@ mod tests {
 
     fn encodings() -> Vec<Encoding> {
         let mut all = Vec::new();
-        for format in [Format::Postcard, Format::Json] {
+        for format in [Format::MessagePack, Format::Postcard, Format::Json] {
             for compress_above in [None, Some(64)] {
                 all.push(Encoding {
                     format,
@@ -544,8 +595,91 @@ mod tests {
         .expect("encodes");
         assert!(
             compact.len() < json.len(),
-            "postcard is the smaller of the two here"
+            "MessagePack is the smaller of the two here"
         );
+    }
+
+    /// What postcard cannot carry, MessagePack (the default) round-trips: `deserialize_any` (JSON values, untagged
+    /// enums, flattened fields) and fields skipped on write.
+    #[test]
+    fn the_default_format_round_trips_what_serde_expresses() {
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Number(u64),
+            Name(String),
+        }
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Doc {
+            #[serde(skip_serializing_if = "Option::is_none", default)]
+            a: Option<u8>,
+            b: Option<Vec<u8>>,
+            id: Id,
+            extra: serde_json::Value,
+            #[serde(flatten)]
+            rest: std::collections::BTreeMap<String, u32>,
+        }
+        let doc = Doc {
+            a: None,
+            b: Some(vec![0]),
+            id: Id::Name("x".into()),
+            extra: serde_json::json!({"k": [1, "two", null]}),
+            rest: [("r".to_string(), 3)].into(),
+        };
+        let b = encode("k", &Serde(doc.clone()), 0, Encoding::default(), STAMP).expect("encodes");
+        let Serde(back) = decode::<Serde<Doc>>(b, 0).expect("decodes");
+        assert_eq!(back, doc);
+    }
+
+    /// A type that gained a defaulted field still reads its older entries under the default format.
+    #[test]
+    fn an_added_defaulted_field_reads_older_entries() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct V1 {
+            id: u64,
+        }
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct V2 {
+            id: u64,
+            #[serde(default)]
+            name: String,
+        }
+        let payload = {
+            let mut out = BytesMut::new();
+            write_serde(&V1 { id: 4 }, Format::MessagePack, &mut out).expect("encodes");
+            out.freeze()
+        };
+        let v2 =
+            <Serde<V2> as Codec>::read_payload(Some(Format::MessagePack), payload).expect("reads");
+        assert_eq!(
+            v2.0,
+            V2 {
+                id: 4,
+                name: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn entries_of_another_version_type_or_value_version_are_foreign_not_corrupt() {
+        let b = encode("k", &Serde(5u64), 0, Encoding::default(), STAMP).expect("encodes");
+        assert!(!foreign::<Serde<u64>>(&b, 0));
+        assert!(foreign::<Serde<u64>>(&b, 1), "another value version");
+        assert!(foreign::<Serde<i64>>(&b, 0), "another type");
+        let mut v1 = b.to_vec();
+        v1[2] = 1;
+        assert!(foreign::<Serde<u64>>(&v1, 0), "another envelope version");
+        let mut flipped = b.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(
+            !foreign::<Serde<u64>>(&flipped, 0),
+            "damage is corruption, not foreign"
+        );
+        assert!(!foreign::<Serde<u64>>(
+            b"not ours at all, longer than a header",
+            0
+        ));
     }
 
     #[test]
@@ -655,6 +789,13 @@ mod tests {
     fn a_compressed_bomb_is_refused_not_allocated() {
         let huge = vec![0u8; MAX_DECOMPRESSED_BYTES + 1];
         let small = zstd::bulk::compress(&huge, 3).expect("compresses");
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&small)
+                .ok()
+                .flatten(),
+            Some(huge.len() as u64),
+            "zstd declares the size"
+        );
         let mut out = BytesMut::new();
         out.extend_from_slice(MAGIC);
         out.put_u8(VERSION);

@@ -162,8 +162,8 @@ pub struct PatternPolicy {
     /// ([`TieredCache`](crate::cache::TieredCache)). `None`: no L1. Ignored with another impl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l1_ttl_secs: Option<u64>,
-    /// The serde format of the pattern's stored values: `postcard` (compact, the default) or `json` (for values
-    /// other programs read, and types that gain optional fields). See [`crate::codec`].
+    /// The serde format of the pattern's stored values: `msgpack` (the default), `postcard` (plain structs of fixed
+    /// shape only) or `json` (values other programs read). See [`crate::codec`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<Format>,
     /// With the `zstd` feature: store a value whose payload is longer than this many bytes zstd-compressed, when
@@ -190,7 +190,8 @@ pub struct PatternPolicy {
 }
 
 impl PatternPolicy {
-    /// These settings, each unset one taken from `fallback` (the `"*"` entry: defaults for every pattern).
+    /// These settings, each unset one taken from `fallback` (the `"*"` entry: defaults for every pattern), except
+    /// `l1_ttl_secs`, which is only ever the pattern's own.
     pub fn or(&self, fallback: Option<&PatternPolicy>) -> PatternPolicy {
         let Some(f) = fallback else {
             return self.clone();
@@ -200,7 +201,7 @@ impl PatternPolicy {
             mode: self.mode.or(f.mode),
             ramp_percent: self.ramp_percent.or(f.ramp_percent),
             read_timeout_ms: self.read_timeout_ms.or(f.read_timeout_ms),
-            l1_ttl_secs: self.l1_ttl_secs.or(f.l1_ttl_secs),
+            l1_ttl_secs: self.l1_ttl_secs,
             format: self.format.or(f.format),
             compress_above_bytes: self.compress_above_bytes.or(f.compress_above_bytes),
             stale_if_error_secs: self.stale_if_error_secs.or(f.stale_if_error_secs),

@@ -547,7 +547,7 @@ async fn a_missing_id_is_cached_apart_for_its_short_ttl() {
 }
 
 #[tokio::test]
-async fn an_entry_of_the_old_format_is_a_miss_and_is_replaced() {
+async fn entries_of_another_version_are_plain_misses_during_a_rolling_deploy() {
     let redis = RedisServer::start();
     let reg = registry(CacheImpl::Redis, Some(&redis), PatternPolicy::default()).await;
     // The envelope of format version 1: "CR", 1, type tag, CRC-32, JSON.
@@ -567,12 +567,64 @@ async fn an_entry_of_the_old_format_is_a_miss_and_is_replaced() {
         .await
         .expect("loaded");
     assert_eq!(r.value, user(1, 1), "never the old entry's value");
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        r.status,
+        CacheStatus::Miss {
+            refreshed: true,
+            stored: true
+        },
+        "replaced under a refresh lease"
+    );
     let stored: Vec<u8> = redis::cmd("GET")
         .arg("cr:user:1")
         .query(&mut conn)
         .expect("get");
     assert_eq!(&stored[..3], b"CR\x02", "replaced by the current format");
+
+    // Two versions of the application side by side: another `value_version` is a miss for each, not an error.
+    let next = CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(reg.policy())
+            .with_redis(RedisOptions::default().with_url(redis.url()))
+            .with_value_version(1),
+    )
+    .await
+    .expect("registry");
+    let r = fetch(&next, "user:1", &calls, Ok(user(1, 2)))
+        .await
+        .expect("loaded");
+    assert_eq!(r.value, user(1, 2));
+    let r = fetch(&reg, "user:1", &calls, Ok(user(1, 3)))
+        .await
+        .expect("loaded");
+    assert_eq!(r.value, user(1, 3));
+    for (name, registry) in [("old", &reg), ("new", &next)] {
+        let text = registry.metrics().render();
+        assert_eq!(
+            metric(
+                &text,
+                r#"cache_errors_total{error_type="corrupt",impl="redis"}"#
+            ),
+            0.0,
+            "{name}: a foreign entry is not an error"
+        );
+    }
+    // A damaged entry still is one, and is deleted.
+    let mut damaged: Vec<u8> = redis::cmd("GET")
+        .arg("cr:user:1")
+        .query(&mut conn)
+        .expect("get");
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    let _: () = redis::cmd("SET")
+        .arg("cr:user:1")
+        .arg(&damaged)
+        .query(&mut conn)
+        .expect("set");
+    let r = fetch(&reg, "user:1", &calls, Ok(user(1, 4)))
+        .await
+        .expect("loaded");
+    assert_eq!(r.value, user(1, 4));
     let text = reg.metrics().render();
     assert_eq!(
         metric(
@@ -581,6 +633,53 @@ async fn an_entry_of_the_old_format_is_a_miss_and_is_replaced() {
         ),
         1.0
     );
+}
+
+/// The refreshing caller of `get_or_load` whose load fails gets the stale value only while the key still holds it.
+#[tokio::test]
+async fn an_inline_refresh_that_fails_answers_stale_unless_invalidated_meanwhile() {
+    let redis = RedisServer::start();
+    let reg = registry(
+        CacheImpl::Redis,
+        Some(&redis),
+        PatternPolicy {
+            stale_while_revalidate_secs: Some(60),
+            ..PatternPolicy::default()
+        },
+    )
+    .await;
+    for invalidate in [false, true] {
+        reg.set("user:1", &user(1, 1)).await.expect("set");
+        tokio::time::sleep(past_ttl()).await;
+        let (started_tx, started_rx) = oneshot::channel();
+        let release = Arc::new(Notify::new());
+        let task = {
+            let (reg, release) = (reg.clone(), Arc::clone(&release));
+            tokio::spawn(async move {
+                reg.get_or_load("user:1", || async move {
+                    let _ = started_tx.send(());
+                    release.notified().await;
+                    Err::<User, _>(OriginError::Down)
+                })
+                .await
+            })
+        };
+        started_rx.await.expect("refreshing");
+        if invalidate {
+            reg.invalidate("user:1").await.expect("invalidated");
+        }
+        release.notify_one();
+        let r = task.await.expect("task");
+        if invalidate {
+            assert_eq!(
+                r,
+                Err(OriginError::Down),
+                "nothing stale after the invalidation"
+            );
+        } else {
+            assert_eq!(r, Ok(user(1, 1)), "the stale value, as everyone else got");
+        }
+    }
 }
 
 #[tokio::test]
@@ -706,4 +805,48 @@ async fn the_in_process_backend_keeps_and_serves_stale_entries_too() {
     reg.invalidate("user:1").await.expect("invalidated");
     let gone = fetch(&reg, "user:1", &calls, Err(OriginError::Down)).await;
     assert_eq!(gone.err(), Some(OriginError::Down));
+}
+
+/// With an L1 in front of Redis, a refresh replaces the instance's L1 copy: the next read is a fresh hit, not
+/// another refresh of a stale L1 copy.
+#[tokio::test]
+async fn with_an_l1_a_refresh_leaves_no_stale_copy_behind() {
+    let redis = RedisServer::start();
+    let reg = registry(
+        CacheImpl::Redis,
+        Some(&redis),
+        PatternPolicy {
+            stale_while_revalidate_secs: Some(60),
+            l1_ttl_secs: Some(60),
+            ..PatternPolicy::default()
+        },
+    )
+    .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    fetch(&reg, "user:1", &calls, Ok(user(1, 1)))
+        .await
+        .expect("loaded");
+    assert_eq!(
+        fetch(&reg, "user:1", &calls, Ok(user(1, 9)))
+            .await
+            .expect("hit")
+            .status,
+        CacheStatus::Hit
+    );
+    tokio::time::sleep(past_ttl()).await;
+    let r = fetch(&reg, "user:1", &calls, Ok(user(1, 2)))
+        .await
+        .expect("stale");
+    assert_eq!(
+        (r.status, r.value),
+        (CacheStatus::StaleWhileRevalidate, user(1, 1))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let r = fetch(&reg, "user:1", &calls, Ok(user(1, 99)))
+            .await
+            .expect("hit");
+        assert_eq!((r.status, r.value), (CacheStatus::Hit, user(1, 2)));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one load, one refresh");
 }

@@ -171,11 +171,14 @@ pub struct PatternReport {
     /// Why (or why not).
     pub reasons: Vec<String>,
     /// Share (0–1) of loader calls that returned an error.
+    #[serde(default)]
     pub loader_error_ratio: f64,
     /// Share (0–1) of loader values the caller marked absent (`Fetch::absent_if`: a "not found").
+    #[serde(default)]
     pub absent_ratio: f64,
     /// Which of stale-if-error, negative caching and stale-while-revalidate this pattern's figures say are worth
     /// turning on, and why (empty when none is).
+    #[serde(default)]
     pub advice: Vec<String>,
     /// The whole predicted miss ratio curve, in objects and in bytes (empty without an estimator).
     #[serde(default)]
@@ -820,6 +823,14 @@ impl Report {
         for (name, p) in &self.patterns {
             for r in &p.reasons {
                 let _ = writeln!(out, "  {name}: {r}");
+            }
+        }
+        if self.patterns.values().any(|p| !p.advice.is_empty()) {
+            let _ = writeln!(out, "\nworth turning on:");
+            for (name, p) in &self.patterns {
+                for a in &p.advice {
+                    let _ = writeln!(out, "  {name}: {a}");
+                }
             }
         }
         if !self.routes.is_empty() {

@@ -266,18 +266,35 @@ pub trait Cache: Send + Sync + 'static {
     /// [`lease`](Cache::lease), but granted although the key holds a value, and [`Lookup::Held`] while another
     /// caller holds the key's lease; never [`Lookup::Hit`]. An invalidation revokes it as it revokes any lease.
     ///
-    /// The default (for backends that are only used inside one process) grants every lease.
+    /// The default asks [`lease`](Cache::lease) and takes a value found as [`Lookup::Held`]: a backend that does not
+    /// implement it serves entries past their TTL until the backend drops them, and never refreshes them early.
     ///
     /// # Errors
     /// Backend failures.
     fn lease_refresh<'a>(
         &'a self,
-        _key: &'a str,
+        key: &'a str,
         token: u64,
-        _lease_ttl: Duration,
-        _tags: &'a [String],
+        lease_ttl: Duration,
+        tags: &'a [String],
     ) -> BoxFuture<'a, Result<Lookup>> {
-        futures_util::future::ready(Ok(Lookup::Lease(token))).boxed()
+        async move {
+            Ok(match self.lease(key, token, lease_ttl, tags).await? {
+                Lookup::Hit(_) => Lookup::Held,
+                other => other,
+            })
+        }
+        .boxed()
+    }
+
+    /// The value under `key` in the shared backend, never from an in-process copy in front of it
+    /// ([`TieredCache`]: from Redis, without filling its L1). The registry reads so when it waits for another
+    /// caller's fill or checks that an entry is still there. Default: [`get`](Cache::get).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn get_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        self.get(key)
     }
 
     /// Fills `key` only if `token` still holds its lease, and ends the lease; `false` when the lease was revoked

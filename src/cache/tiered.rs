@@ -354,6 +354,8 @@ impl Cache for TieredCache {
         .boxed()
     }
 
+    /// Drops this instance's L1 copy (past its TTL, since a refresh is asked for) before asking Redis: the reads
+    /// that follow go to Redis and see the refreshed value, whoever stores it.
     fn lease_refresh<'a>(
         &'a self,
         key: &'a str,
@@ -361,7 +363,18 @@ impl Cache for TieredCache {
         lease_ttl: Duration,
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Lookup>> {
-        self.inner.l2.lease_refresh(key, token, lease_ttl, tags)
+        async move {
+            let _ = self.inner.l1.delete(key).await;
+            self.inner
+                .l2
+                .lease_refresh(key, token, lease_ttl, tags)
+                .await
+        }
+        .boxed()
+    }
+
+    fn get_shared<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        self.inner.l2.get(key)
     }
 
     fn set_leased<'a>(

@@ -149,12 +149,20 @@ impl Outcome {
 ///     .absent_if(Option::is_none);
 /// # let _ = opts;
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Fetch<'a, T, E> {
     pub(super) tags: &'a [&'a str],
     pub(super) stale_if: Option<fn(&E) -> bool>,
     pub(super) absent_if: Option<fn(&T) -> bool>,
 }
+
+impl<T, E> Clone for Fetch<'_, T, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, E> Copy for Fetch<'_, T, E> {}
 
 impl<T, E> Default for Fetch<'_, T, E> {
     fn default() -> Self {
@@ -220,11 +228,11 @@ impl<E, C> Opts<E, NoAbsence<C>> {
 pub(super) enum Step<C, E, F, A> {
     Done(Result<C, E>),
     /// Stale-while-revalidate: the stale value answers; this caller leads the key's flight and holds its lease.
-    Refresh(C, RefreshJob<F, A>),
+    Refresh(C, RefreshJob<F, A, E>),
 }
 
 /// A refresh of one key under stale-while-revalidate, owned so that it can move to a background task.
-pub(super) struct RefreshJob<F, A> {
+pub(super) struct RefreshJob<F, A, E> {
     pub(super) loader: F,
     pub(super) absent_if: Option<A>,
     pub(super) key: String,
@@ -234,6 +242,10 @@ pub(super) struct RefreshJob<F, A> {
     pub(super) tags: Vec<String>,
     pub(super) token: u64,
     pub(super) guard: flight::LeaderGuard,
+    /// The entry past its TTL that answers meanwhile.
+    pub(super) stale: Stale,
+    /// Which loader errors the stale value may answer (inline refresh).
+    pub(super) stale_if: Option<fn(&E) -> bool>,
 }
 
 /// The arm a routed call is timed into, once it is complete.
@@ -246,8 +258,8 @@ pub(super) struct ArmTiming<'a> {
 impl CacheRegistry {
     /// Typed cache-aside: the value under `key`, or the loader's value, which is then stored.
     ///
-    /// `T` is encoded in the pattern's format (postcard unless `format = "json"`) inside a versioned, checksummed,
-    /// time-stamped envelope ([`codec`]). Cache failures never reach the caller: they are counted and the loader
+    /// `T` is encoded in the pattern's format (MessagePack unless `format` says otherwise) inside a versioned,
+    /// checksummed, time-stamped envelope ([`codec`]). Cache failures never reach the caller: they are counted and the loader
     /// runs (fail-open). A malformed key (see [`validate_key`]) bypasses the cache, is counted as `invalid_key`,
     /// and the loader runs.
     ///
@@ -329,6 +341,9 @@ impl CacheRegistry {
     ///
     /// # Errors
     /// Only the loader's own error, when no stale value may answer it.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (a refresh is spawned on it), as every served call of the registry.
     pub async fn fetch<T, E, F, Fut>(
         &self,
         key: &str,
@@ -385,6 +400,12 @@ impl CacheRegistry {
         let r = match step {
             Step::Done(r) => r,
             Step::Refresh(stale, job) => {
+                self.served_stale(
+                    self.slot(job.slot),
+                    job.backend.kind(),
+                    &outcome,
+                    &job.stale,
+                );
                 let reg = self.clone();
                 tokio::spawn(async move {
                     let _ = reg.refresh::<C, E, _, _, _>(job).await;
@@ -413,20 +434,44 @@ impl CacheRegistry {
         let (step, arm) = self.call_path(key, tags, opts, &outcome, loader).await;
         let r = match step {
             Step::Done(r) => r,
-            // Inline: this caller refreshes and gets the new value; the others are served the stale one.
-            Step::Refresh(stale, job) => match Box::pin(self.refresh(job)).await {
-                Ok((v, stored)) => {
-                    outcome.set(Outcome {
-                        status: CacheStatus::Miss {
-                            refreshed: true,
-                            stored,
-                        },
-                        read: None,
-                    });
-                    Ok(v)
+            // Inline: this caller refreshes and waits (a miss); the others are served the stale value.
+            Step::Refresh(stale_value, job) => {
+                let entry = self.slot(job.slot);
+                entry.metrics.miss(job.backend.kind());
+                let (key, backend) = (job.key.clone(), Arc::clone(&job.backend));
+                let (stale, timeout) = (job.stale.clone(), job.route.read_timeout);
+                let allow = job.stale_if;
+                match Box::pin(self.refresh(job)).await {
+                    Ok((v, stored)) => {
+                        outcome.set(Outcome {
+                            status: CacheStatus::Miss {
+                                refreshed: true,
+                                stored,
+                            },
+                            read: None,
+                        });
+                        Ok(v)
+                    }
+                    // The refresh failed: the stale value answers, as it answers everyone else, if the caller
+                    // allows the error and the key still holds it (no invalidation since).
+                    Err(e) if allow.is_none_or(|f| f(&e)) => {
+                        if self
+                            .still_holds(&*backend, &key, &stale.bytes, timeout)
+                            .await
+                        {
+                            entry.metrics.stale_served(true);
+                            outcome.set(Outcome {
+                                status: CacheStatus::StaleIfError,
+                                read: Some((stale.stamp, self.now_ms())),
+                            });
+                            Ok(stale_value)
+                        } else {
+                            Err(e)
+                        }
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(_) => Ok(stale),
-            },
+            }
         };
         self.time_arm(arm, &outcome);
         r

@@ -279,6 +279,8 @@ struct Inner {
     started: u64,
     /// The wall clock at creation, in milliseconds since the Unix epoch.
     wall_base_ms: u64,
+    /// The clock is a mock (a trace replay): entry stamps follow it.
+    mock_clock: bool,
     analysis: Option<Analysis>,
     /// Tripped rollback breakers by pattern; every change to it rebuilds the active routes under this lock.
     breakers: Mutex<BTreeMap<String, Breaker>>,
@@ -352,6 +354,7 @@ impl CacheRegistry {
         opts.policy.validate()?;
         opts.analysis.validate()?;
         check_policy_bounds(&opts.policy, opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT))?;
+        let mock_clock = opts.clock.is_some();
         let clock = opts.clock.unwrap_or_default();
         let analysis = opts.analysis.enabled.then(|| Analysis {
             shared: Shards::with_max_rate(
@@ -386,9 +389,8 @@ impl CacheRegistry {
                 table_full: AtomicBool::new(false),
                 slots: (0..=max_patterns).map(|_| OnceLock::new()).collect(),
                 started: clock.raw(),
-                wall_base_ms: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                wall_base_ms: timing::wall_ms(),
+                mock_clock,
                 clock,
                 analysis,
                 breakers: Mutex::new(BTreeMap::new()),

@@ -31,10 +31,11 @@ pub(super) struct Miss<'a> {
 }
 
 /// An entry past its TTL, as read: its bytes, its stamp, and the clock (ms since the Unix epoch) at the read.
+#[derive(Clone)]
 pub(super) struct Stale {
-    bytes: Bytes,
-    stamp: codec::Stamp,
-    read_at: u64,
+    pub(super) bytes: Bytes,
+    pub(super) stamp: codec::Stamp,
+    pub(super) read_at: u64,
 }
 
 impl CacheRegistry {
@@ -80,7 +81,7 @@ impl CacheRegistry {
             Ok(Some(bytes)) => {
                 let now = self.now_ms();
                 let stamp = codec::stamp(&bytes);
-                let past = stamp.and_then(|s| Some((s, s.stale_by(now)?)));
+                let past = stamp.and_then(|s| Some((s, self.past_ttl(route, &s)?)));
                 let len = bytes.len();
                 match (past, codec::decode::<C>(bytes.clone(), version)) {
                     (None, Ok(v)) => {
@@ -97,7 +98,9 @@ impl CacheRegistry {
                         });
                         return Step::Done(Ok(v));
                     }
-                    (Some((stamp, late)), Ok(v)) if late < route.stale_while_revalidate => {
+                    (Some((stamp, late)), Ok(v))
+                        if late < route.stale_while_revalidate && !stamp.negative =>
+                    {
                         self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
                         let stale = Stale {
                             bytes,
@@ -122,13 +125,19 @@ impl CacheRegistry {
                         // within stale-if-error, the entry is kept to answer a failed load.
                         self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
                         over = true;
-                        if late < route.stale_if_error {
+                        if late < route.stale_if_error && !stamp.negative {
                             stale = Some(Stale {
                                 bytes,
                                 stamp,
                                 read_at: now,
                             });
                         }
+                    }
+                    (_, Err(_)) if codec::foreign::<C>(&bytes, version) => {
+                        // Written by another version of the application (a rolling deploy): a plain miss,
+                        // replaced under a refresh lease; neither an error nor deleted first.
+                        self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
+                        over = true;
                     }
                     (_, Err(e)) => {
                         self.read_done(entry, pattern, route, start, read_ns, ReadResult::Error);
@@ -204,16 +213,14 @@ impl CacheRegistry {
         let backend: &dyn Cache = &**shared;
         let cache_impl = backend.kind();
         let metrics = &self.inner.metrics;
-        entry.metrics.hit(cache_impl);
-        entry.metrics.stale_served(false);
-        analysis::record_call(entry.slot, 0);
         pending.finish(Some(stale.bytes.len()), true);
-        call.outcome.set(Outcome {
-            status: CacheStatus::StaleWhileRevalidate,
-            read: Some((stale.stamp, stale.read_at)),
-        });
+        // The stale value answers this caller (counted here, or by the wrapper that refreshes in the background).
+        let answered = |value: C| {
+            self.served_stale(entry, cache_impl, call.outcome, &stale);
+            Step::Done(Ok(value))
+        };
         let Join::Leader(guard) = self.inner.flights.join(key, tags) else {
-            return Step::Done(Ok(value)); // this process refreshes it already
+            return answered(value); // this process refreshes it already
         };
         let token = self.next_token();
         let lease = backend.lease_refresh(key, token, route.lease_ttl, tags);
@@ -235,21 +242,57 @@ impl CacheRegistry {
                         tags: tags.to_vec(),
                         token,
                         guard,
+                        stale,
+                        stale_if: opts.stale_if,
                     },
                 )
             }
             Ok(_) => {
                 metrics.lease(cache_impl, "held"); // another process refreshes it
-                Step::Done(Ok(value))
+                answered(value)
             }
             Err(e) => {
                 metrics.error(cache_impl, e.error_type());
                 if matches!(e, Error::Timeout { .. }) {
                     self.release_in_background(shared, key, token);
                 }
-                Step::Done(Ok(value))
+                answered(value)
             }
         }
+    }
+
+    /// Whether `key` still holds exactly `bytes` in the shared backend (read within `timeout`).
+    pub(super) async fn still_holds(
+        &self,
+        backend: &dyn Cache,
+        key: &str,
+        bytes: &Bytes,
+        timeout: Duration,
+    ) -> bool {
+        match crate::cache::within(timeout, "get", backend.get_shared(key)).await {
+            Ok(now) => now.as_ref() == Some(bytes),
+            Err(e) => {
+                self.inner.metrics.error(backend.kind(), e.error_type());
+                false
+            }
+        }
+    }
+
+    /// Counts a read answered with an entry within its stale-while-revalidate window: a hit, served stale.
+    pub(super) fn served_stale(
+        &self,
+        entry: &PatternEntry,
+        cache_impl: CacheImpl,
+        outcome: &OutcomeCell,
+        stale: &Stale,
+    ) {
+        entry.metrics.hit(cache_impl);
+        entry.metrics.stale_served(false);
+        analysis::record_call(entry.slot, 0);
+        outcome.set(Outcome {
+            status: CacheStatus::StaleWhileRevalidate,
+            read: Some((stale.stamp, stale.read_at)),
+        });
     }
 
     /// Runs a stale-while-revalidate refresh: load, then fill under the refresh's lease (released if the value
@@ -259,7 +302,7 @@ impl CacheRegistry {
     /// The loader's error (the lease is released; the stale entry stays until its windows end).
     pub(super) async fn refresh<C, E, F, Fut, A>(
         &self,
-        job: RefreshJob<F, A>,
+        job: RefreshJob<F, A, E>,
     ) -> Result<(C, bool), E>
     where
         C: Codec,
@@ -277,6 +320,7 @@ impl CacheRegistry {
             tags,
             token,
             guard,
+            ..
         } = job;
         let entry = self.slot(slot);
         let outcome = OutcomeCell::new();
@@ -514,24 +558,34 @@ impl CacheRegistry {
         mut deadline: Deadline,
         stale: Stale,
     ) -> Option<C> {
-        let again = backend.get(call.key);
-        let now = self
+        let read_at = self.now_ms();
+        // Still within the window now, after the load, not only when it was read.
+        if stale.stamp.stale_by(read_at)? >= call.route.stale_if_error {
+            return None;
+        }
+        let again = backend.get_shared(call.key);
+        let now = match self
             .step(backend, &mut deadline, Operation::Get, "get", again)
             .await
-            .ok()??;
+        {
+            Ok(b) => b?,
+            Err(e) => {
+                self.inner.metrics.error(backend.kind(), e.error_type());
+                return None;
+            }
+        };
         let version = self.inner.value_version;
         if now == stale.bytes {
             let v = codec::decode::<C>(stale.bytes, version).ok()?;
             call.entry.metrics.stale_served(true);
             call.outcome.set(Outcome {
                 status: CacheStatus::StaleIfError,
-                read: Some((stale.stamp, self.now_ms())),
+                read: Some((stale.stamp, read_at)),
             });
             return Some(v);
         }
         let stamp = codec::stamp(&now)?;
-        let read_at = self.now_ms();
-        if stamp.stale_by(read_at).is_some() {
+        if self.past_ttl(call.route, &stamp).is_some() {
             return None;
         }
         let v = codec::decode::<C>(now, version).ok()?;
@@ -556,7 +610,7 @@ impl CacheRegistry {
         pending: &mut PendingGet<'_>,
     ) -> Option<C> {
         flight::wait(filled).await?;
-        let read = backend.get(call.key);
+        let read = backend.get_shared(call.key);
         let again = self
             .step(backend, deadline, Operation::Get, "get", read)
             .await;
@@ -696,7 +750,7 @@ impl CacheRegistry {
         let entry = call.entry;
         let len = bytes.len();
         let read_at = self.now_ms();
-        let stamp = codec::stamp(&bytes).filter(|s| s.stale_by(read_at).is_none())?;
+        let stamp = codec::stamp(&bytes).filter(|s| self.past_ttl(call.route, s).is_none())?;
         let v = codec::decode::<C>(bytes.clone(), self.inner.value_version).ok()?;
         if let Some(g) = leader {
             g.publish(bytes);
@@ -738,12 +792,12 @@ impl CacheRegistry {
         let until = tokio::time::Instant::now() + route.lease_wait;
         while tokio::time::Instant::now() + Duration::from_millis(5) <= until {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let poll = backend.get(key);
+            let poll = backend.get_shared(key);
             match self
                 .step(backend, &mut deadline, Operation::Get, "get", poll)
                 .await
             {
-                Ok(Some(b)) if !self.past_ttl(&b) => return Some(b),
+                Ok(Some(b)) if !self.bytes_past_ttl(route, &b) => return Some(b),
                 Ok(_) => {}
                 Err(e) => {
                     self.inner.metrics.error(backend.kind(), e.error_type());

@@ -69,9 +69,19 @@ impl CacheRegistry {
             .and_then(|v| self.storable_fill(key, v, route, false, cache_impl));
         let version = self.inner.value_version;
         match (looked, bytes) {
-            // Past its TTL (kept for a stale window): not compared, as a miss; it is refilled once it expires.
-            (Lookup::Hit(cached), _) if self.past_ttl(&cached) => {
-                rm.shadow(ShadowResult::Miss).inc();
+            // Past its TTL (kept for a stale window): not compared; deleted (always safe) so that the next shadow
+            // read of the key takes a lease and refills it.
+            (Lookup::Hit(cached), bytes) if self.bytes_past_ttl(route, &cached) => {
+                if bytes.is_some() {
+                    rm.shadow(ShadowResult::Miss).inc();
+                }
+                let (backend, key) = (Arc::clone(&backend), key.to_string());
+                let reg = self.clone();
+                tokio::spawn(async move {
+                    let _ = reg
+                        .timed(backend.kind(), Operation::Delete, backend.delete(&key))
+                        .await;
+                });
             }
             (Lookup::Hit(cached), Some(_))
                 if r.as_ref()

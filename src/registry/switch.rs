@@ -8,6 +8,7 @@ pub(super) fn l1_patterns(policy: &Policy) -> L1Patterns {
     policy
         .patterns
         .iter()
+        .filter(|(p, _)| p.as_str() != "*")
         .filter_map(|(p, pp)| pp.l1_ttl_secs.map(|t| (p.clone(), t)))
         .collect()
 }

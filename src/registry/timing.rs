@@ -99,16 +99,38 @@ impl CacheRegistry {
 }
 
 impl CacheRegistry {
-    /// The registry's clock as milliseconds since the Unix epoch: the wall clock read once at creation, advanced
-    /// by the registry's monotonic clock (a trace's mock clock in a replay). Entries are stamped and judged fresh
-    /// or stale with it, so instances sharing a Redis should keep their clocks in sync (NTP).
+    /// Milliseconds since the Unix epoch: the wall clock, or, on a mock clock (a trace replay), the wall clock at
+    /// creation advanced by the mock. Entries are stamped with it, and judged fresh or stale by it, so instances
+    /// sharing a Redis should keep their clocks in sync (NTP).
     pub(super) fn now_ms(&self) -> u64 {
         let i = &self.inner;
-        i.wall_base_ms + i.clock.delta_as_nanos(i.started, i.clock.raw()) / 1_000_000
+        if i.mock_clock {
+            return i.wall_base_ms + i.clock.delta_as_nanos(i.started, i.clock.raw()) / 1_000_000;
+        }
+        wall_ms()
     }
 
-    /// Whether the envelope `bytes` is past its TTL now.
-    pub(super) fn past_ttl(&self, bytes: &[u8]) -> bool {
-        codec::stamp(bytes).is_some_and(|s| s.stale_by(self.now_ms()).is_some())
+    /// How long past its TTL the entry `stamp` is, by the registry's judgement; `None`: fresh. Without a stale window
+    /// on a real clock the backend's own expiry decides (an entry it still holds is fresh: no clock skew between
+    /// instances can make it a miss); with a window, or on a trace's mock clock, the stamp does. A cached absence
+    /// has no stale window.
+    pub(super) fn past_ttl(&self, route: &Route, stamp: &codec::Stamp) -> Option<Duration> {
+        let windows = !route.stale_if_error.is_zero() || !route.stale_while_revalidate.is_zero();
+        if !windows && !self.inner.mock_clock {
+            return None;
+        }
+        stamp.stale_by(self.now_ms())
     }
+
+    /// [`past_ttl`](Self::past_ttl) of the envelope `bytes` (`false` when it has no stamp of this version).
+    pub(super) fn bytes_past_ttl(&self, route: &Route, bytes: &[u8]) -> bool {
+        codec::stamp(bytes).is_some_and(|s| self.past_ttl(route, &s).is_some())
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 before it).
+pub(super) fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
