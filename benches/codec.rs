@@ -1,6 +1,6 @@
-//! The envelope's formats compared: encode and decode time, and bytes per value, of JSON and postcard, with and
-//! without zstd, on the reference service's values (a user, a project, a member list of 5) and on a 4 KiB value.
-//! Run: `cargo bench --bench codec` (the sizes are printed first; `docs/performance.md` has the figures).
+//! The envelope's formats compared: encode and decode time, and bytes per value, of JSON, MessagePack (the default)
+//! and postcard, with and without zstd (above 256 bytes), on the reference service's values (a user, a project, a
+//! member list of 5) and on a 4 KiB value. Run: `cargo bench --bench codec` (the sizes are printed first; `docs/performance.md` has the figures).
 
 // criterion_group! generates an undocumented function.
 #![allow(missing_docs)]
@@ -75,15 +75,17 @@ const STAMP: Stamp = Stamp {
     negative: false,
 };
 
-fn encodings() -> [(&'static str, Encoding); 4] {
+fn encodings() -> [(&'static str, Encoding); 6] {
     let e = |format, compress_above| Encoding {
         format,
         compress_above,
     };
     [
         ("json", e(Format::Json, None)),
+        ("msgpack", e(Format::MessagePack, None)),
         ("postcard", e(Format::Postcard, None)),
         ("json_zstd", e(Format::Json, Some(256))),
+        ("msgpack_zstd", e(Format::MessagePack, Some(256))),
         ("postcard_zstd", e(Format::Postcard, Some(256))),
     ]
 }
