@@ -75,7 +75,7 @@ pub(crate) fn record_outcome(outcome: crate::registry::Outcome) {
             S::StaleWhileRevalidate => o.revalidating += 1,
             S::StaleIfError => o.stale_on_error += 1,
         }
-        if let Some(ttl) = outcome.read.and_then(|(stamp, now)| stamp.ttl_secs(now)) {
+        if let Some(ttl) = outcome.read().and_then(|(stamp, now)| stamp.ttl_secs(now)) {
             o.ttl_secs = Some(o.ttl_secs.map_or(ttl, |t| t.min(ttl)));
         }
         s.outcomes.set(o);

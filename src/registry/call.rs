@@ -1,19 +1,7 @@
-//! The call path of `get_or_load`, top to bottom: the plan (observe / unramped / serve / shadow), decided once
-//! per call from the active state, then the path it names.
+//! The call path of `get_or_load` and `fetch`, top to bottom: the decision (the loader alone, observe / unramped,
+//! serve / shadow), made once per call from the active state, then the path it names.
 
 use super::*;
-
-/// Where a call goes, decided once from the active state.
-pub(super) enum Plan {
-    /// Not routed: observed.
-    Observe,
-    /// Routed, but the key is outside the pattern's ramp: observed, and timed as the unramped arm.
-    Unramped,
-    /// In the ramp of a pattern in serve mode: cache-aside on `Arc<dyn Cache>`.
-    Serve(Route, Arc<dyn Cache>),
-    /// In the ramp of a pattern in shadow mode: the loader answers, the cache is compared beside it.
-    Shadow(Route, Arc<dyn Cache>),
-}
 
 /// One served or shadowed call: what its paths share.
 #[derive(Clone, Copy)]
@@ -114,7 +102,8 @@ impl OutcomeCell {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Outcome {
     pub(crate) status: CacheStatus,
-    /// The stamp of the entry served, and the registry's clock (ms since the Unix epoch) when it was read.
+    /// The stamp of the entry served, and the registry's clock (ms since the Unix epoch) when it was read (0: not
+    /// read then; the wall clock when asked).
     pub(crate) read: Option<(codec::Stamp, u64)>,
 }
 
@@ -125,12 +114,19 @@ impl Outcome {
     };
 
     fn cached<T>(self, value: T) -> Cached<T> {
+        let read = self.read();
         Cached {
             value,
             status: self.status,
-            age: self.read.map(|(s, now)| s.age(now)),
-            ttl_secs: self.read.and_then(|(s, now)| s.ttl_secs(now)),
+            age: read.map(|(s, now)| s.age(now)),
+            ttl_secs: read.and_then(|(s, now)| s.ttl_secs(now)),
         }
+    }
+
+    /// [`read`](Self::read) with its clock filled in.
+    pub(crate) fn read(&self) -> Option<(codec::Stamp, u64)> {
+        self.read
+            .map(|(s, at)| (s, if at == 0 { wall_ms() } else { at }))
     }
 }
 
@@ -228,7 +224,8 @@ impl<E, C> Opts<E, NoAbsence<C>> {
 pub(super) enum Step<C, E, F, A> {
     Done(Result<C, E>),
     /// Stale-while-revalidate: the stale value answers; this caller leads the key's flight and holds its lease.
-    Refresh(C, RefreshJob<F, A, E>),
+    /// (Boxed: inline, the job would make every call's result, observed ones too, much larger to move.)
+    Refresh(C, Box<RefreshJob<F, A, E>>),
 }
 
 /// A refresh of one key under stale-while-revalidate, owned so that it can move to a background task.
@@ -246,6 +243,30 @@ pub(super) struct RefreshJob<F, A, E> {
     pub(super) stale: Stale,
     /// Which loader errors the stale value may answer (inline refresh).
     pub(super) stale_if: Option<fn(&E) -> bool>,
+}
+
+/// What a call does (see [`CacheRegistry::decide`]).
+pub(super) enum Decided<'a> {
+    /// Disabled, or a malformed key or tag: the loader alone.
+    Direct,
+    /// Observed; `unramped`: a key outside its pattern's ramp, with the raw clock when the call started.
+    Observe {
+        entry: &'a PatternEntry,
+        track: Option<Track>,
+        unramped: Option<u64>,
+    },
+    /// Served or shadowed.
+    Routed(Routed<'a>),
+}
+
+/// A served or shadowed call's route, backend and pattern.
+pub(super) struct Routed<'a> {
+    entry: &'a PatternEntry,
+    route: Route,
+    backend: Arc<dyn Cache>,
+    shadowed: bool,
+    track: Option<Track>,
+    pattern: std::borrow::Cow<'a, str>,
 }
 
 /// The arm a routed call is timed into, once it is complete.
@@ -395,8 +416,43 @@ impl CacheRegistry {
         Fut: Future<Output = Result<C, E>> + Send + 'static,
         A: Fn(&C) -> bool + Copy + Send + 'static,
     {
+        let mut buf = None;
+        let r = match self.decide(key, tags, &mut buf) {
+            Decided::Direct => return loader().await.map(|v| Outcome::BYPASS.cached(v)),
+            Decided::Observe {
+                entry,
+                track,
+                unramped,
+            } => {
+                let r = self
+                    .observed(entry, track, unramped, opts.absent_if, loader)
+                    .await;
+                return r.map(|v| Outcome::BYPASS.cached(v));
+            }
+            Decided::Routed(r) => r,
+        };
         let outcome = OutcomeCell::new();
-        let (step, arm) = self.call_path(key, tags, opts, &outcome, loader).await;
+        let arm = ArmTiming {
+            entry: r.entry,
+            start: self.inner.clock.raw(),
+            shadowed: r.shadowed,
+        };
+        let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
+        let call = Call {
+            key,
+            pattern: &r.pattern,
+            entry: r.entry,
+            route: &r.route,
+            tags: &tags,
+            start: arm.start,
+            outcome: &outcome,
+        };
+        // Boxed: see `get_or_load_with`.
+        let step = if r.shadowed {
+            Step::Done(Box::pin(self.shadow(call, r.track, r.backend, loader)).await)
+        } else {
+            Box::pin(self.serve(call, r.track, &r.backend, opts, loader)).await
+        };
         let r = match step {
             Step::Done(r) => r,
             Step::Refresh(stale, job) => {
@@ -430,8 +486,49 @@ impl CacheRegistry {
         Fut: Future<Output = Result<C, E>>,
         A: Fn(&C) -> bool + Copy,
     {
+        let mut buf = None;
+        let r = match self.decide(key, tags, &mut buf) {
+            Decided::Direct => return loader().await,
+            Decided::Observe {
+                entry,
+                track,
+                unramped,
+            } => {
+                // One call site, so the observe future is built in place.
+                let r = self.observe(entry, track, opts.absent_if, loader).await;
+                if let Some(start) = unramped {
+                    self.rollout_metrics(entry)
+                        .unramped
+                        .observe_nanos(nanos_since(&self.inner.clock, start));
+                }
+                return r;
+            }
+            Decided::Routed(r) => r,
+        };
         let outcome = OutcomeCell::new();
-        let (step, arm) = self.call_path(key, tags, opts, &outcome, loader).await;
+        let arm = ArmTiming {
+            entry: r.entry,
+            start: self.inner.clock.raw(),
+            shadowed: r.shadowed,
+        };
+        let tags: Vec<String> = tags.iter().map(|t| (*t).to_string()).collect();
+        let call = Call {
+            key,
+            pattern: &r.pattern,
+            entry: r.entry,
+            route: &r.route,
+            tags: &tags,
+            start: arm.start,
+            outcome: &outcome,
+        };
+        // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
+        // route, the flight), and inline they would make every call's future, observed ones too, larger,
+        // which costs the observe path a larger copy per call. A served call does I/O anyway.
+        let step = if r.shadowed {
+            Step::Done(Box::pin(self.shadow(call, r.track, r.backend, loader)).await)
+        } else {
+            Box::pin(self.serve(call, r.track, &r.backend, opts, loader)).await
+        };
         let r = match step {
             Step::Done(r) => r,
             // Inline: this caller refreshes and waits (a miss); the others are served the stale value.
@@ -478,107 +575,87 @@ impl CacheRegistry {
     }
 
     /// The end of a routed call: its arm timed, its outcome recorded for the response's `Cache-Status`.
-    fn time_arm(&self, arm: Option<ArmTiming<'_>>, outcome: &OutcomeCell) {
-        if let Some(a) = arm {
-            analysis::record_outcome(outcome.get());
-            let rm = self.rollout_metrics(a.entry);
-            let h = if a.shadowed { &rm.shadowed } else { &rm.ramped };
-            h.observe_nanos(nanos_since(&self.inner.clock, a.start));
-        }
+    fn time_arm(&self, a: ArmTiming<'_>, outcome: &OutcomeCell) {
+        analysis::record_outcome(outcome.get());
+        let rm = self.rollout_metrics(a.entry);
+        let h = if a.shadowed { &rm.shadowed } else { &rm.ramped };
+        h.observe_nanos(nanos_since(&self.inner.clock, a.start));
     }
 
-    /// The call path: the one decision (observe, unramped, serve, shadow), then that path.
-    async fn call_path<'s, C, E, F, Fut, A>(
-        &'s self,
-        key: &str,
+    /// The one decision of a call, from the active state, without an await: the loader alone, observe (or
+    /// unramped), or a routed path.
+    fn decide<'a>(
+        &'a self,
+        key: &'a str,
         tags: &[&str],
-        opts: Opts<E, A>,
-        outcome: &OutcomeCell,
+        buf: &'a mut Option<crate::pattern::PatternBuf>,
+    ) -> Decided<'a> {
+        let state = self.inner.active.load();
+        if !state.policy.enabled {
+            return Decided::Direct;
+        }
+        if validate_key(key).is_err() || tags.iter().any(|t| validate_key(t).is_err()) {
+            self.inner
+                .metrics
+                .error(state.backend.kind(), "invalid_key");
+            return Decided::Direct;
+        }
+        let pattern = self.inner.key_patterns.pattern_in(key, buf);
+        let entry = self.entry(&state, &pattern);
+        let (route, shadowed) = match state.route(&pattern) {
+            None => {
+                let track = self.track(&state, entry, &pattern, key, false);
+                return Decided::Observe {
+                    entry,
+                    track,
+                    unramped: None,
+                };
+            }
+            Some(r) if !r.includes(key) => {
+                let track = self.track(&state, entry, &pattern, key, false);
+                return Decided::Observe {
+                    entry,
+                    track,
+                    unramped: Some(self.inner.clock.raw()),
+                };
+            }
+            Some(r) => (r.clone(), r.mode == Mode::Shadow),
+        };
+        let track = self.track(&state, entry, &pattern, key, true);
+        if let Some(w) = &state.whitelisted {
+            w.gets.fetch_add(1, Ordering::Relaxed);
+        }
+        Decided::Routed(Routed {
+            entry,
+            route,
+            backend: Arc::clone(&state.backend),
+            shadowed,
+            track,
+            pattern,
+        })
+    }
+
+    /// Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped arm).
+    async fn observed<C, E, F, Fut, A>(
+        &self,
+        entry: &PatternEntry,
+        track: Option<Track>,
+        unramped: Option<u64>,
+        absent_if: Option<A>,
         loader: F,
-    ) -> (Step<C, E, F, A>, Option<ArmTiming<'s>>)
+    ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
         A: Fn(&C) -> bool + Copy,
     {
-        let mut buf = None;
-        let (entry, plan, track, pattern) = {
-            let state = self.inner.active.load();
-            if !state.policy.enabled {
-                drop(state);
-                return (Step::Done(loader().await), None);
-            }
-            if validate_key(key).is_err() || tags.iter().any(|t| validate_key(t).is_err()) {
-                self.inner
-                    .metrics
-                    .error(state.backend.kind(), "invalid_key");
-                drop(state);
-                return (Step::Done(loader().await), None);
-            }
-            let pattern = self.inner.key_patterns.pattern_in(key, &mut buf);
-            let entry = self.entry(&state, &pattern);
-            // The one decision of the call.
-            let plan = match state.route(&pattern) {
-                None => Plan::Observe,
-                Some(r) if !r.includes(key) => Plan::Unramped,
-                Some(r) if r.mode == Mode::Shadow => {
-                    Plan::Shadow(r.clone(), Arc::clone(&state.backend))
-                }
-                Some(r) => Plan::Serve(r.clone(), Arc::clone(&state.backend)),
-            };
-            let routed = matches!(plan, Plan::Serve(..) | Plan::Shadow(..));
-            let track = self.track(&state, entry, &pattern, key, routed);
-            if routed {
-                if let Some(w) = &state.whitelisted {
-                    w.gets.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            (entry, plan, track, pattern)
-        };
-        let (route, backend, shadowed) = match plan {
-            Plan::Serve(route, backend) => (route, backend, false),
-            Plan::Shadow(route, backend) => (route, backend, true),
-            Plan::Observe | Plan::Unramped => {
-                // Observed: not routed, or a key outside its pattern's ramp (then timed as the ramp's unramped
-                // arm). One call site, so the observe future is built in place.
-                let unramped = matches!(plan, Plan::Unramped).then(|| self.inner.clock.raw());
-                let r = self.observe(entry, track, opts.absent_if, loader).await;
-                if let Some(start) = unramped {
-                    self.rollout_metrics(entry)
-                        .unramped
-                        .observe_nanos(nanos_since(&self.inner.clock, start));
-                }
-                return (Step::Done(r), None);
-            }
-        };
-        let tags: Vec<String> = if tags.is_empty() {
-            Vec::new()
-        } else {
-            tags.iter().map(|t| (*t).to_string()).collect()
-        };
-        let call = Call {
-            key,
-            pattern: &pattern,
-            entry,
-            route: &route,
-            tags: &tags,
-            start: self.inner.clock.raw(),
-            outcome,
-        };
-        // Boxed: the served paths hold much more across their awaits than the observe path (timers, the
-        // route, the flight), and inline they would make every call's future, observed ones too, larger,
-        // which costs the observe path a larger copy per call. A served call does I/O anyway.
-        let step = if shadowed {
-            Step::Done(Box::pin(self.shadow(call, track, backend, loader)).await)
-        } else {
-            Box::pin(self.serve(call, track, &backend, opts, loader)).await
-        };
-        let arm = ArmTiming {
-            entry,
-            start: call.start,
-            shadowed,
-        };
-        (step, Some(arm))
+        let r = self.observe(entry, track, absent_if, loader).await;
+        if let Some(start) = unramped {
+            self.rollout_metrics(entry)
+                .unramped
+                .observe_nanos(nanos_since(&self.inner.clock, start));
+        }
+        r
     }
 }

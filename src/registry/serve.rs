@@ -79,9 +79,11 @@ impl CacheRegistry {
         let (mut over, mut stale) = (false, None);
         match got {
             Ok(Some(bytes)) => {
-                let now = self.now_ms();
+                // The wall clock is read only when the stamp is judged; otherwise when asked for
+                // (`Outcome::read`'s 0).
+                let now = if self.judges(route) { self.now_ms() } else { 0 };
                 let stamp = codec::stamp(&bytes);
-                let past = stamp.and_then(|s| Some((s, self.past_ttl(route, &s)?)));
+                let past = stamp.and_then(|s| Some((s, s.stale_by(now).filter(|_| now > 0)?)));
                 let len = bytes.len();
                 match (past, codec::decode::<C>(bytes.clone(), version)) {
                     (None, Ok(v)) => {
@@ -232,7 +234,7 @@ impl CacheRegistry {
                 metrics.lease(cache_impl, "granted");
                 Step::Refresh(
                     value,
-                    RefreshJob {
+                    Box::new(RefreshJob {
                         loader,
                         absent_if: opts.absent_if,
                         key: key.to_string(),
@@ -244,7 +246,7 @@ impl CacheRegistry {
                         guard,
                         stale,
                         stale_if: opts.stale_if,
-                    },
+                    }),
                 )
             }
             Ok(_) => {
@@ -302,7 +304,7 @@ impl CacheRegistry {
     /// The loader's error (the lease is released; the stale entry stays until its windows end).
     pub(super) async fn refresh<C, E, F, Fut, A>(
         &self,
-        job: RefreshJob<F, A, E>,
+        job: Box<RefreshJob<F, A, E>>,
     ) -> Result<(C, bool), E>
     where
         C: Codec,
@@ -321,7 +323,7 @@ impl CacheRegistry {
             token,
             guard,
             ..
-        } = job;
+        } = *job;
         let entry = self.slot(slot);
         let outcome = OutcomeCell::new();
         let call = Call {

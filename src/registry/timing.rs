@@ -115,11 +115,18 @@ impl CacheRegistry {
     /// instances can make it a miss); with a window, or on a trace's mock clock, the stamp does. A cached absence
     /// has no stale window.
     pub(super) fn past_ttl(&self, route: &Route, stamp: &codec::Stamp) -> Option<Duration> {
-        let windows = !route.stale_if_error.is_zero() || !route.stale_while_revalidate.is_zero();
-        if !windows && !self.inner.mock_clock {
+        if !self.judges(route) {
             return None;
         }
         stamp.stale_by(self.now_ms())
+    }
+
+    /// Whether entries of `route` are judged by their stamp (a stale window, or a mock clock): see
+    /// [`past_ttl`](Self::past_ttl).
+    pub(super) fn judges(&self, route: &Route) -> bool {
+        self.inner.mock_clock
+            || !route.stale_if_error.is_zero()
+            || !route.stale_while_revalidate.is_zero()
     }
 
     /// [`past_ttl`](Self::past_ttl) of the envelope `bytes` (`false` when it has no stamp of this version).
