@@ -466,7 +466,7 @@ impl Policy {
             if let Some(b) = s.compress_above_bytes {
                 #[cfg(not(feature = "zstd"))]
                 return Err(Error::config(
-                    &format!("cache.patterns.{p}.compress_above_bytes"),
+                    format!("cache.patterns.{p}.compress_above_bytes"),
                     b.to_string(),
                     "this build of cache-rollout has no `zstd` feature",
                 ));

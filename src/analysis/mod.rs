@@ -23,7 +23,9 @@ pub use self::report::{
     MAX_WRITE_RATIO, METHOD, MIN_GETS, MIN_HIT_RATIO, MIN_RECOMMENDED_TTL_SECS, SIZE_SHARE_OF_MAX,
     TTL_REUSE_SHARE,
 };
-pub(crate) use self::route::{record_call, record_outcome, Outcomes, RouteCalls};
+#[cfg(feature = "axum")]
+pub(crate) use self::route::Outcomes;
+pub(crate) use self::route::{record_call, record_outcome, RouteCalls};
 pub use self::route::{RequestScope, ROUTE_SCOPE};
 pub use self::shards::{key_hash, Access, SampleStats, Shards, WARMUP_GETS};
 

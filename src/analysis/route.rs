@@ -52,6 +52,7 @@ pub(crate) struct Outcomes {
 impl RequestScope {
     /// How the request's routed calls ended; `None` when it made no cache call at all, and all zeros when its calls
     /// were only observed.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     pub(crate) fn outcomes(&self) -> Option<Outcomes> {
         let o = self.outcomes.get();
         (o != Outcomes::default() || !self.calls.borrow().is_empty()).then_some(o)

@@ -246,6 +246,9 @@ pub(super) struct RefreshJob<F, A, E> {
 }
 
 /// What a call does (see [`CacheRegistry::decide`]).
+// Not boxed: the value is taken apart at once, never held across an await, and a box would cost every served call an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Decided<'a> {
     /// Disabled, or a malformed key or tag: the loader alone.
     Direct,
