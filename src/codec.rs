@@ -15,9 +15,10 @@
 //! ```
 //!
 //! All integers are little endian. A value written by another format version, for another type or value version,
-//! or damaged in any byte fails [`decode`] with [`Error::Corrupt`]; the registry then treats it as a miss and
-//! deletes it, so a format change or a corrupted entry is never served and never panics. An entry of format version
-//! 1 (the envelope before `stored at` and the format byte) is such a miss.
+//! or damaged in any byte fails [`decode`] with [`Error::Corrupt`], so it is never served and never panics. The
+//! registry treats a damaged entry as a miss and deletes it (`error_type="corrupt"`); an entry of another version
+//! ([`foreign`]: format version 1, the envelope before `stored at` and the format byte; another type or value
+//! version) as a plain miss, replaced without an error.
 //!
 //! **Formats.** [`Format::MessagePack`] (the default) is MessagePack through
 //! [rmp-serde](https://docs.rs/rmp-serde), with struct fields by name: a binary, self-describing format, so that

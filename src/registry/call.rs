@@ -453,7 +453,9 @@ impl CacheRegistry {
         // Boxed: see `get_or_load_with`. (These lines repeat there: a shared `async fn` for them measured about 280
         // instructions more per memory hit, the copy of its larger future; see docs/performance.md.)
         let step = if r.shadowed {
-            Step::Done(Box::pin(self.shadow(call, r.track, r.backend, loader)).await)
+            Step::Done(
+                Box::pin(self.shadow(call, r.track, r.backend, opts.absent_if, loader)).await,
+            )
         } else {
             Box::pin(self.serve(call, r.track, &r.backend, opts, loader)).await
         };
@@ -467,8 +469,14 @@ impl CacheRegistry {
                     &job.stale,
                 );
                 let reg = self.clone();
+                let (slot, limit) = (job.slot, job.route.lease_ttl);
                 tokio::spawn(async move {
-                    let _ = reg.refresh::<C, E, _, _, _>(job).await;
+                    // Bounded by the lease's life (a fill after it would be refused anyway): a hung origin must not
+                    // keep the key's flight, whose followers wait on it, forever.
+                    let refresh = reg.refresh::<C, E, _, _, _>(job);
+                    if tokio::time::timeout(limit, refresh).await.is_err() {
+                        reg.slot(slot).metrics.refreshed(None);
+                    }
                 });
                 Ok(stale)
             }
@@ -529,7 +537,9 @@ impl CacheRegistry {
         // route, the flight), and inline they would make every call's future, observed ones too, larger,
         // which costs the observe path a larger copy per call. A served call does I/O anyway.
         let step = if r.shadowed {
-            Step::Done(Box::pin(self.shadow(call, r.track, r.backend, loader)).await)
+            Step::Done(
+                Box::pin(self.shadow(call, r.track, r.backend, opts.absent_if, loader)).await,
+            )
         } else {
             Box::pin(self.serve(call, r.track, &r.backend, opts, loader)).await
         };
@@ -539,8 +549,19 @@ impl CacheRegistry {
             Step::Refresh(stale_value, job) => {
                 let entry = self.slot(job.slot);
                 entry.metrics.miss(job.backend.kind());
+                outcome.set(Outcome {
+                    status: CacheStatus::Miss {
+                        refreshed: true,
+                        stored: false,
+                    },
+                    read: None,
+                });
                 let (key, backend) = (job.key.clone(), Arc::clone(&job.backend));
                 let (stale, timeout) = (job.stale.clone(), job.route.read_timeout);
+                let window = job
+                    .route
+                    .stale_while_revalidate
+                    .max(job.route.stale_if_error);
                 let allow = job.stale_if;
                 match Box::pin(self.refresh(job)).await {
                     Ok((v, stored)) => {
@@ -555,10 +576,13 @@ impl CacheRegistry {
                     }
                     // The refresh failed: the stale value answers, as it answers everyone else, if the caller
                     // allows the error and the key still holds it (no invalidation since).
+                    // (Within the longer stale window still, after the load.)
                     Err(e) if allow.is_none_or(|f| f(&e)) => {
-                        if self
-                            .still_holds(&*backend, &key, &stale.bytes, timeout)
-                            .await
+                        let late = stale.stamp.stale_by(self.now_ms());
+                        if late.is_some_and(|l| l < window)
+                            && self
+                                .still_holds(&*backend, &key, &stale.bytes, timeout)
+                                .await
                         {
                             entry.metrics.stale_served(true);
                             outcome.set(Outcome {

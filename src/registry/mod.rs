@@ -212,7 +212,9 @@ impl RegistryOptions {
         self
     }
 
-    /// The clock for durations and TTLs, e.g. a [`quanta::Clock::mock`] that follows a trace's timestamps.
+    /// The clock for durations and TTLs, e.g. a [`quanta::Clock::mock`] that follows a trace's timestamps. With a
+    /// clock given here, entries are stamped and judged by it (the wall clock at creation, advanced by it) instead of
+    /// the wall clock, and always by their stamp (as with a stale window).
     /// Default: the TSC-backed [`quanta::Clock::new`].
     #[must_use]
     pub fn with_clock(mut self, clock: quanta::Clock) -> Self {

@@ -24,8 +24,10 @@ pub(super) struct Miss<'a> {
     pub(super) deadline: Deadline,
     /// False once the cache failed in this call: no lease, no fill.
     pub(super) backend_ok: bool,
-    /// The key held an entry past its TTL: the lease is asked for as a refresh, over that entry.
+    /// The key held an entry (past its TTL, or of another version): the lease is asked for as a refresh, over it.
     pub(super) over: bool,
+    /// That entry was past its TTL (the status says `refreshed`).
+    pub(super) past: bool,
     /// That entry, while within `stale_if_error`: it answers a failed load if it is still there.
     pub(super) stale: Option<Stale>,
 }
@@ -76,7 +78,9 @@ impl CacheRegistry {
         // Reads, lease and fill share one deadline.
         let mut deadline = Deadline::new(route.read_timeout, read_ns);
         let mut backend_ok = true;
-        let (mut over, mut stale) = (false, None);
+        // `over`: the key holds an entry (past its TTL, or of another version) and the lease is a refresh;
+        // `past`: that entry was past its TTL (the call's status says `refreshed`).
+        let (mut over, mut past_entry, mut stale) = (false, false, None);
         match got {
             Ok(Some(bytes)) => {
                 // The wall clock is read only when the stamp is judged; otherwise when asked for
@@ -127,6 +131,7 @@ impl CacheRegistry {
                         // within stale-if-error, the entry is kept to answer a failed load.
                         self.read_done(entry, pattern, route, start, read_ns, ReadResult::Ok);
                         over = true;
+                        past_entry = true;
                         if late < route.stale_if_error && !stamp.negative {
                             stale = Some(Stale {
                                 bytes,
@@ -179,6 +184,7 @@ impl CacheRegistry {
                     deadline,
                     backend_ok,
                     over,
+                    past: past_entry,
                     stale,
                 },
                 pending,
@@ -271,12 +277,10 @@ impl CacheRegistry {
         bytes: &Bytes,
         timeout: Duration,
     ) -> bool {
-        match crate::cache::within(timeout, "get", backend.get_shared(key)).await {
+        let read = self.timed(backend.kind(), Operation::Get, backend.get_shared(key));
+        match crate::cache::within(timeout, "get", read).await {
             Ok(now) => now.as_ref() == Some(bytes),
-            Err(e) => {
-                self.inner.metrics.error(backend.kind(), e.error_type());
-                false
-            }
+            Err(_) => false, // counted by `timed` (a deadline passed here is not: the read may still finish)
         }
     }
 
@@ -424,6 +428,7 @@ impl CacheRegistry {
             mut deadline,
             mut backend_ok,
             over,
+            past,
             stale,
         } = miss;
         let Call {
@@ -434,7 +439,7 @@ impl CacheRegistry {
         let metrics = &self.inner.metrics;
         call.outcome.set(Outcome {
             status: CacheStatus::Miss {
-                refreshed: over,
+                refreshed: past,
                 stored: false,
             },
             read: None,
@@ -540,7 +545,7 @@ impl CacheRegistry {
                 .await;
             call.outcome.set(Outcome {
                 status: CacheStatus::Miss {
-                    refreshed: over,
+                    refreshed: past,
                     stored,
                 },
                 read: None,

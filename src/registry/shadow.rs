@@ -6,17 +6,19 @@ impl CacheRegistry {
     /// Shadow mode: the caller always gets the loader's value. Before the loader runs, the cache is read (a lease
     /// on a miss, so that the fill is safe); afterwards what it held is compared with the loader's value, and a
     /// miss is filled (or a differing copy deleted) in the background.
-    pub(super) async fn shadow<C, E, F, Fut>(
+    pub(super) async fn shadow<C, E, F, Fut, A>(
         &self,
         call: Call<'_>,
         track: Option<Track>,
         backend: Arc<dyn Cache>,
+        absent_if: Option<A>,
         loader: F,
     ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<C, E>>,
+        A: Fn(&C) -> bool + Copy,
     {
         let Call {
             key,
@@ -55,9 +57,7 @@ impl CacheRegistry {
                 None
             }
         };
-        let r = self
-            .observe(entry, track, None::<NoAbsence<C>>, loader)
-            .await;
+        let r = self.observe(entry, track, absent_if, loader).await;
         let Some(looked) = looked else {
             return r;
         };
@@ -66,9 +66,19 @@ impl CacheRegistry {
         let bytes = r
             .as_ref()
             .ok()
-            .and_then(|v| self.storable_fill(key, v, route, false, cache_impl));
+            .map(|v| (v, absent_if.is_some_and(|f| f(v))))
+            .and_then(|(v, negative)| {
+                let b = self.storable_fill(key, v, route, negative, cache_impl)?;
+                Some((b, stored_ttl(route, negative)))
+            });
         let version = self.inner.value_version;
         match (looked, bytes) {
+            // Written by another version of the application: not comparable (not a mismatch), as a miss.
+            (Lookup::Hit(cached), bytes) if codec::foreign::<C>(&cached, version) => {
+                if bytes.is_some() {
+                    rm.shadow(ShadowResult::Miss).inc();
+                }
+            }
             // Past its TTL (kept for a stale window): not compared; deleted (always safe) so that the next shadow
             // read of the key takes a lease and refills it.
             (Lookup::Hit(cached), bytes) if self.bytes_past_ttl(route, &cached) => {
@@ -91,9 +101,9 @@ impl CacheRegistry {
                 self.compared(entry, pattern, route, start, true);
             }
             (Lookup::Hit(cached), Some(_)) => self.confirm_mismatch(call, backend, cached),
-            (Lookup::Lease(token), Some(bytes)) => {
+            (Lookup::Lease(token), Some((bytes, ttl))) => {
                 rm.shadow(ShadowResult::Miss).inc();
-                self.fill_in_background(call, backend, token, bytes);
+                self.fill_in_background(call, backend, token, bytes, ttl);
             }
             (Lookup::Lease(token), None) => {
                 // Not filled: release the lease so that other processes need not wait for it to expire.
@@ -140,9 +150,10 @@ impl CacheRegistry {
         backend: Arc<dyn Cache>,
         token: u64,
         bytes: Bytes,
+        ttl: Duration,
     ) {
         let (reg, key, slot) = (self.clone(), call.key.to_string(), call.entry.slot as usize);
-        let (tags, ttl) = (call.tags.to_vec(), call.route.retain());
+        let tags = call.tags.to_vec();
         let cache_impl = backend.kind();
         tokio::spawn(async move {
             let fill = backend.set_leased(&key, bytes, ttl, token, &tags);
