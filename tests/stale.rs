@@ -812,8 +812,10 @@ async fn the_in_process_backend_keeps_and_serves_stale_entries_too() {
     assert_eq!(gone.err(), Some(OriginError::Down));
 }
 
-/// With an L1 in front of Redis, a refresh replaces the instance's L1 copy: the next read is a fresh hit, not
-/// another refresh of a stale L1 copy.
+/// With an L1 in front of Redis, stale-while-revalidate works through it: the stale L1 copy answers, one refresh
+/// runs, and the next reads are fresh hits with the refreshed value. (The case the L1 drop in
+/// `TieredCache::lease_refresh` is for, another instance refreshing Redis while this one's L1 holds the stale copy,
+/// needs two instances and is not tested here.)
 #[tokio::test]
 async fn with_an_l1_a_refresh_leaves_no_stale_copy_behind() {
     let redis = RedisServer::start();
