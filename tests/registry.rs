@@ -12,21 +12,7 @@ use tokio::sync::{oneshot, Notify};
 
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::{CacheRegistry, Policy, PolicyUpdate, RegistryOptions};
-use serde::{Deserialize, Serialize};
-use support::{metric, RedisServer};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-}
-
-fn user(id: u64, version: u64) -> User {
-    User {
-        id,
-        name: format!("user {id} v{version}"),
-    }
-}
+use support::{metric, user, RedisServer, User};
 
 fn options(
     cache_impl: CacheImpl,

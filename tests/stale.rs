@@ -11,22 +11,9 @@ use std::time::Duration;
 use cache_rollout::cache::{CacheImpl, RedisOptions};
 use cache_rollout::registry::{CacheStatus, Fetch};
 use cache_rollout::{CacheRegistry, PatternPolicy, Policy, RegistryOptions};
-use serde::{Deserialize, Serialize};
-use support::{metric, RedisServer};
+use futures_util::future::BoxFuture;
+use support::{metric, user, RedisServer, User};
 use tokio::sync::{oneshot, Notify};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-}
-
-fn user(id: u64, version: u64) -> User {
-    User {
-        id,
-        name: format!("user {id} v{version}"),
-    }
-}
 
 #[derive(Debug, PartialEq)]
 enum OriginError {
@@ -79,6 +66,29 @@ async fn fetch(
 
 fn past_ttl() -> Duration {
     Duration::from_millis(1_100)
+}
+
+/// A loader that counts its run in `calls`, says when it has started, and answers `answer` only once released.
+fn gated<T: Send + 'static>(
+    answer: T,
+    calls: &Arc<AtomicUsize>,
+) -> (
+    impl FnOnce() -> BoxFuture<'static, T> + Send + 'static,
+    oneshot::Receiver<()>,
+    Arc<Notify>,
+) {
+    let (started_tx, started) = oneshot::channel();
+    let release = Arc::new(Notify::new());
+    let (calls, gate) = (Arc::clone(calls), Arc::clone(&release));
+    let loader = move || -> BoxFuture<'static, T> {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _ = started_tx.send(());
+            gate.notified().await;
+            answer
+        })
+    };
+    (loader, started, release)
 }
 
 #[tokio::test]
@@ -255,20 +265,13 @@ async fn an_invalidation_during_the_failing_load_is_not_answered_with_the_stale_
         .await
         .expect("loaded");
     tokio::time::sleep(past_ttl()).await;
-    let (started_tx, started_rx) = oneshot::channel();
-    let release = Arc::new(Notify::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (loader, started, release) = gated(Err::<User, _>(OriginError::Down), &calls);
     let task = {
-        let (reg, release) = (reg.clone(), Arc::clone(&release));
-        tokio::spawn(async move {
-            reg.fetch("user:1", Fetch::new(), move || async move {
-                let _ = started_tx.send(());
-                release.notified().await;
-                Err::<User, _>(OriginError::Down)
-            })
-            .await
-        })
+        let reg = reg.clone();
+        tokio::spawn(async move { reg.fetch("user:1", Fetch::new(), loader).await })
     };
-    started_rx.await.expect("the load runs");
+    started.await.expect("the load runs");
     reg.invalidate("user:1").await.expect("invalidated");
     release.notify_one();
     let r = task.await.expect("task");
@@ -294,26 +297,16 @@ async fn stale_while_revalidate_serves_everyone_while_one_background_task_refres
     tokio::time::sleep(past_ttl()).await;
 
     // The refresh's loader blocks until released; every caller meanwhile gets the stale value at once.
-    let release = Arc::new(Notify::new());
-    let (started_tx, started_rx) = oneshot::channel();
-    let first = {
-        let (release, calls) = (Arc::clone(&release), Arc::clone(&calls));
-        reg.fetch("user:1", Fetch::new(), move || async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            let _ = started_tx.send(());
-            release.notified().await;
-            Ok::<_, OriginError>(user(1, 2))
-        })
+    let (loader, started, release) = gated(Ok::<_, OriginError>(user(1, 2)), &calls);
+    let first = reg
+        .fetch("user:1", Fetch::new(), loader)
         .await
-        .expect("stale")
-    };
+        .expect("stale");
     assert_eq!(
         (first.status, first.value),
         (CacheStatus::StaleWhileRevalidate, user(1, 1))
     );
-    started_rx
-        .await
-        .expect("the refresh runs in the background");
+    started.await.expect("the refresh runs in the background");
     for _ in 0..10 {
         let r = fetch(&reg, "user:1", &calls, Ok(user(1, 99)))
             .await
@@ -384,19 +377,12 @@ async fn a_refresh_never_stores_over_an_invalidation_made_while_it_loads() {
         .await
         .expect("loaded");
     tokio::time::sleep(past_ttl()).await;
-    let release = Arc::new(Notify::new());
-    let (started_tx, started_rx) = oneshot::channel();
-    {
-        let release = Arc::clone(&release);
-        reg.fetch("user:1", Fetch::new(), move || async move {
-            let _ = started_tx.send(());
-            release.notified().await;
-            Ok::<_, OriginError>(user(1, 1)) // read before the write below
-        })
+    // The refresh reads the value before the write below.
+    let (loader, started, release) = gated(Ok::<_, OriginError>(user(1, 1)), &calls);
+    reg.fetch("user:1", Fetch::new(), loader)
         .await
         .expect("stale");
-    }
-    started_rx.await.expect("refreshing");
+    started.await.expect("refreshing");
     reg.invalidate("user:1")
         .await
         .expect("the write's invalidation");
@@ -444,20 +430,13 @@ async fn get_or_load_refreshes_inline_the_others_get_the_stale_value() {
             .await
             .expect("loaded");
         tokio::time::sleep(past_ttl()).await;
-        let release = Arc::new(Notify::new());
-        let (started_tx, started_rx) = oneshot::channel();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (loader, started, release) = gated(Ok::<_, OriginError>(user(1, 2)), &calls);
         let refresher = {
-            let (reg, release) = (reg.clone(), Arc::clone(&release));
-            tokio::spawn(async move {
-                reg.get_or_load("user:1", || async move {
-                    let _ = started_tx.send(());
-                    release.notified().await;
-                    Ok::<_, OriginError>(user(1, 2))
-                })
-                .await
-            })
+            let reg = reg.clone();
+            tokio::spawn(async move { reg.get_or_load("user:1", loader).await })
         };
-        started_rx.await.expect("refreshing");
+        started.await.expect("refreshing");
         let other: Result<User, OriginError> = reg
             .get_or_load("user:1", || async { Ok(user(1, 99)) })
             .await;
@@ -656,20 +635,13 @@ async fn an_inline_refresh_that_fails_answers_stale_unless_invalidated_meanwhile
     for invalidate in [false, true] {
         reg.set("user:1", &user(1, 1)).await.expect("set");
         tokio::time::sleep(past_ttl()).await;
-        let (started_tx, started_rx) = oneshot::channel();
-        let release = Arc::new(Notify::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (loader, started, release) = gated(Err::<User, _>(OriginError::Down), &calls);
         let task = {
-            let (reg, release) = (reg.clone(), Arc::clone(&release));
-            tokio::spawn(async move {
-                reg.get_or_load("user:1", || async move {
-                    let _ = started_tx.send(());
-                    release.notified().await;
-                    Err::<User, _>(OriginError::Down)
-                })
-                .await
-            })
+            let reg = reg.clone();
+            tokio::spawn(async move { reg.get_or_load("user:1", loader).await })
         };
-        started_rx.await.expect("refreshing");
+        started.await.expect("refreshing");
         if invalidate {
             reg.invalidate("user:1").await.expect("invalidated");
         }

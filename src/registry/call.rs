@@ -473,7 +473,7 @@ impl CacheRegistry {
                 tokio::spawn(async move {
                     // Bounded by the lease's life (a fill after it would be refused anyway): a hung origin must not
                     // keep the key's flight, whose followers wait on it, forever.
-                    let refresh = reg.refresh::<C, E, _, _, _>(job);
+                    let refresh = reg.refresh::<C, E, _, _, _>(job, None);
                     if tokio::time::timeout(limit, refresh).await.is_err() {
                         reg.slot(slot).metrics.refreshed(None);
                     }
@@ -546,56 +546,9 @@ impl CacheRegistry {
         let r = match step {
             Step::Done(r) => r,
             // Inline: this caller refreshes and waits (a miss); the others are served the stale value.
-            Step::Refresh(stale_value, job) => {
-                let entry = self.slot(job.slot);
-                entry.metrics.miss(job.backend.kind());
-                outcome.set(Outcome {
-                    status: CacheStatus::Miss {
-                        refreshed: true,
-                        stored: false,
-                    },
-                    read: None,
-                });
-                let (key, backend) = (job.key.clone(), Arc::clone(&job.backend));
-                let (stale, timeout) = (job.stale.clone(), job.route.read_timeout);
-                let window = job
-                    .route
-                    .stale_while_revalidate
-                    .max(job.route.stale_if_error);
-                let allow = job.stale_if;
-                match Box::pin(self.refresh(job)).await {
-                    Ok((v, stored)) => {
-                        outcome.set(Outcome {
-                            status: CacheStatus::Miss {
-                                refreshed: true,
-                                stored,
-                            },
-                            read: None,
-                        });
-                        Ok(v)
-                    }
-                    // The refresh failed: the stale value answers, as it answers everyone else, if the caller
-                    // allows the error and the key still holds it (no invalidation since).
-                    // (Within the longer stale window still, after the load.)
-                    Err(e) if allow.is_none_or(|f| f(&e)) => {
-                        let late = stale.stamp.stale_by(self.now_ms());
-                        if late.is_some_and(|l| l < window)
-                            && self
-                                .still_holds(&*backend, &key, &stale.bytes, timeout)
-                                .await
-                        {
-                            entry.metrics.stale_served(true);
-                            outcome.set(Outcome {
-                                status: CacheStatus::StaleIfError,
-                                read: Some((stale.stamp, self.now_ms())),
-                            });
-                            Ok(stale_value)
-                        } else {
-                            Err(e)
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
+            Step::Refresh(_, job) => {
+                self.slot(job.slot).metrics.miss(job.backend.kind());
+                Box::pin(self.refresh(job, Some(&outcome))).await
             }
         };
         self.time_arm(arm, &outcome);

@@ -33,7 +33,6 @@ pub(super) struct Miss<'a> {
 }
 
 /// An entry past its TTL, as read: its bytes, its stamp, and the clock (ms since the Unix epoch) at the read.
-#[derive(Clone)]
 pub(super) struct Stale {
     pub(super) bytes: Bytes,
     pub(super) stamp: codec::Stamp,
@@ -269,21 +268,6 @@ impl CacheRegistry {
         }
     }
 
-    /// Whether `key` still holds exactly `bytes` in the shared backend (read within `timeout`).
-    pub(super) async fn still_holds(
-        &self,
-        backend: &dyn Cache,
-        key: &str,
-        bytes: &Bytes,
-        timeout: Duration,
-    ) -> bool {
-        let read = self.timed(backend.kind(), Operation::Get, backend.get_shared(key));
-        match crate::cache::within(timeout, "get", read).await {
-            Ok(now) => now.as_ref() == Some(bytes),
-            Err(_) => false, // counted by `timed` (a deadline passed here is not: the read may still finish)
-        }
-    }
-
     /// Counts a read answered with an entry within its stale-while-revalidate window: a hit, served stale.
     pub(super) fn served_stale(
         &self,
@@ -302,14 +286,17 @@ impl CacheRegistry {
     }
 
     /// Runs a stale-while-revalidate refresh: load, then fill under the refresh's lease (released if the value
-    /// is not stored). Returns the value and whether it was stored.
+    /// is not stored). With `caller` (the inline refresh of `get_or_load`, whose caller waits), the call's outcome
+    /// is kept there, and a failed load the caller allows is answered as stale-if-error answers one, within the longer
+    /// stale window; a background refresh answers nobody.
     ///
     /// # Errors
     /// The loader's error (the lease is released; the stale entry stays until its windows end).
     pub(super) async fn refresh<C, E, F, Fut, A>(
         &self,
         job: Box<RefreshJob<F, A, E>>,
-    ) -> Result<(C, bool), E>
+        caller: Option<&OutcomeCell>,
+    ) -> Result<C, E>
     where
         C: Codec,
         F: FnOnce() -> Fut,
@@ -326,10 +313,20 @@ impl CacheRegistry {
             tags,
             token,
             guard,
-            ..
+            stale,
+            stale_if,
         } = *job;
         let entry = self.slot(slot);
-        let outcome = OutcomeCell::new();
+        let own = OutcomeCell::new();
+        let outcome = caller.unwrap_or(&own);
+        let refreshed = |stored| Outcome {
+            status: CacheStatus::Miss {
+                refreshed: true,
+                stored,
+            },
+            read: None,
+        };
+        outcome.set(refreshed(false));
         let call = Call {
             key: &key,
             pattern: &entry.name,
@@ -337,13 +334,22 @@ impl CacheRegistry {
             route: &route,
             tags: &tags,
             start: self.inner.clock.raw(),
-            outcome: &outcome,
+            outcome,
         };
         let value = match self.load(entry, loader).await {
             Ok(v) => v,
             Err(e) => {
                 entry.metrics.refreshed(None);
                 self.release_in_background(&backend, &key, token);
+                if caller.is_some() && stale_if.is_none_or(|f| f(&e)) {
+                    let window = route.stale_while_revalidate.max(route.stale_if_error);
+                    let deadline = Deadline::new(route.read_timeout, 0);
+                    // Boxed: a rare path.
+                    let answer = self.stale_if_error(call, &*backend, deadline, stale, window);
+                    if let Some(v) = Box::pin(answer).await {
+                        return Ok(v);
+                    }
+                }
                 return Err(e);
             }
         };
@@ -365,8 +371,9 @@ impl CacheRegistry {
             false
         };
         entry.metrics.refreshed(Some(stored));
+        outcome.set(refreshed(stored));
         drop(guard);
-        Ok((value, stored))
+        Ok(value)
     }
 
     /// `value` encoded for a fill of `route` (a cached absence when `negative` and the pattern caches absences);
@@ -504,9 +511,9 @@ impl CacheRegistry {
                 let allowed = stale.is_some() && opts.stale_if.is_none_or(|f| f(&e));
                 if let (Some(stale), true) = (stale, allowed) {
                     // Boxed: a rare path.
-                    if let Some(v) =
-                        Box::pin(self.stale_if_error(call, backend, deadline, stale)).await
-                    {
+                    let answer =
+                        self.stale_if_error(call, backend, deadline, stale, route.stale_if_error);
+                    if let Some(v) = Box::pin(answer).await {
                         return Ok(v);
                     }
                 }
@@ -564,10 +571,11 @@ impl CacheRegistry {
         backend: &dyn Cache,
         mut deadline: Deadline,
         stale: Stale,
+        window: Duration,
     ) -> Option<C> {
         let read_at = self.now_ms();
         // Still within the window now, after the load, not only when it was read.
-        if stale.stamp.stale_by(read_at)? >= call.route.stale_if_error {
+        if stale.stamp.stale_by(read_at)? >= window {
             return None;
         }
         let again = backend.get_shared(call.key);

@@ -24,6 +24,21 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The value the registry's tests cache (`tests/registry.rs`, `tests/stale.rs`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+}
+
+/// User `id` as written by version `version` of its row.
+pub fn user(id: u64, version: u64) -> User {
+    User {
+        id,
+        name: format!("user {id} v{version}"),
+    }
+}
+
 /// A small xorshift generator (Marsaglia, "Xorshift RNGs", 2003): a test's random inputs are the same on every run.
 pub struct Rng(pub u64);
 
