@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::redis_sim::{RedisEviction, SimPoint};
+
 /// Sub-buckets per power of two: a bucket is at most 1/32 (about 3%) of its lower bound wide.
 const SUB_BITS: u32 = 5;
 const SUB: usize = 1 << SUB_BITS;
@@ -127,7 +129,39 @@ pub struct Curve {
     pub(crate) bytes: LogHistogram,
     /// Every get offered to the estimator, sampled or not.
     pub(crate) gets: f64,
+    /// Redis's eviction in miniature: the correction to exact LRU at a grid of sizes, and the uncertainty.
+    pub(crate) policy: Option<PolicyCurve>,
 }
+
+/// What the miniature simulations of Redis's eviction measured ([`super::redis_sim`]).
+#[derive(Clone, Debug)]
+pub(crate) struct PolicyCurve {
+    pub(crate) eviction: RedisEviction,
+    /// Smallest size first.
+    pub(crate) points: Vec<SimPoint>,
+    /// One standard error of the hit ratio at unbounded size.
+    pub(crate) max_std_error: f64,
+}
+
+/// `points` interpolated at `bytes`, linearly in `log2(size)`; the end values outside them.
+fn interpolate(points: &[SimPoint], bytes: f64, f: impl Fn(&SimPoint) -> f64) -> Option<f64> {
+    let first = points.first()?;
+    let last = points.last()?;
+    if bytes <= first.capacity_bytes {
+        return Some(f(first));
+    }
+    if bytes >= last.capacity_bytes {
+        return Some(f(last));
+    }
+    let i = points.partition_point(|p| p.capacity_bytes <= bytes);
+    let (a, b) = (&points[i - 1], &points[i]);
+    let t = (bytes.log2() - a.capacity_bytes.log2())
+        / (b.capacity_bytes.log2() - a.capacity_bytes.log2());
+    Some(f(a) + (f(b) - f(a)) * t)
+}
+
+/// Standard errors are doubled for the uncertainty: about a 95% interval.
+const INTERVAL: f64 = 2.0;
 
 impl Curve {
     /// Predicted hit ratio (0–1) of an LRU cache holding `objects` entries. 0 when no get was seen.
@@ -138,6 +172,47 @@ impl Curve {
     /// Predicted hit ratio (0–1) of an LRU cache of `bytes` bytes (keys, values and the per-key overhead counted).
     pub fn hit_ratio_at_bytes(&self, bytes: f64) -> f64 {
         self.ratio(self.bytes.below(bytes))
+    }
+
+    /// Predicted hit ratio (0–1) of a Redis of `bytes` bytes evicting by `policy`: the exact LRU prediction
+    /// ([`hit_ratio_at_bytes`](Self::hit_ratio_at_bytes)) plus the difference the miniature simulations of that
+    /// policy measured at that size (MiniSim, Waldspurger et al., USENIX ATC 2017), interpolated in log size
+    /// between the simulated sizes. With `None` (exact LRU), or a policy the estimator does not simulate, or before
+    /// any miniature has measured a get, the exact LRU prediction.
+    pub fn hit_ratio_at_bytes_for(&self, policy: Option<RedisEviction>, bytes: f64) -> f64 {
+        let lru = self.hit_ratio_at_bytes(bytes);
+        match (policy, &self.policy) {
+            (Some(want), Some(p)) if p.eviction == want => {
+                let delta = interpolate(&p.points, bytes, |s| s.delta).unwrap_or(0.0);
+                (lru + delta).clamp(0.0, self.max_hit_ratio())
+            }
+            _ => lru,
+        }
+    }
+
+    /// The eviction the miniature simulations run (the policy [`hit_ratio_at_bytes_for`] corrects for).
+    ///
+    /// [`hit_ratio_at_bytes_for`]: Self::hit_ratio_at_bytes_for
+    pub fn simulated_eviction(&self) -> Option<RedisEviction> {
+        self.policy.as_ref().map(|p| p.eviction)
+    }
+
+    /// The uncertainty of the predicted hit ratio at `bytes` (for `policy`, or exact LRU with `None`): twice the
+    /// standard error across eight spatial subsamples of the sample (keys grouped by hash), about a 95% interval
+    /// half-width, 0–1. 0 while fewer than two subsamples have gets.
+    pub fn uncertainty_at_bytes(&self, policy: Option<RedisEviction>, bytes: f64) -> f64 {
+        let Some(p) = &self.policy else {
+            return 0.0;
+        };
+        let beyond = p.points.last().is_none_or(|l| bytes > l.capacity_bytes);
+        let se = if beyond {
+            p.max_std_error
+        } else if policy.is_some_and(|want| want == p.eviction) {
+            interpolate(&p.points, bytes, |s| s.std_error).unwrap_or(p.max_std_error)
+        } else {
+            interpolate(&p.points, bytes, |s| s.lru_std_error).unwrap_or(p.max_std_error)
+        };
+        (se * INTERVAL * 1e5).round() / 1e5
     }
 
     /// The best hit ratio any size reaches: every get that is not a cold, expiry or invalidation miss.
@@ -278,6 +353,7 @@ mod tests {
             objects: LogHistogram::default(),
             bytes: LogHistogram::default(),
             gets: 2000.0,
+            policy: None,
         };
         for d in 0..1000 {
             curve.objects.add(d as f64, 1.0);
@@ -296,6 +372,7 @@ mod tests {
             objects: LogHistogram::default(),
             bytes: LogHistogram::default(),
             gets: 10.0,
+            policy: None,
         };
         assert_eq!(empty.samples(20), CurveSamples::default());
     }

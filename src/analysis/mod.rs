@@ -11,14 +11,16 @@
 //! accuracy and cost.
 
 mod curve;
+mod redis_sim;
 mod report;
 mod route;
 mod shards;
 
 pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
+pub use self::redis_sim::{EvictionPolicy, RedisEviction};
 pub(crate) use self::report::{build, shared_report, PatternInput, ReportContext, RouteInput};
 pub use self::report::{
-    LoaderStats, MemoryPoint, MissCauses, PatternReport, Recommendation, Report,
+    LoaderStats, MemoryPoint, MemoryPrediction, MissCauses, PatternReport, Recommendation, Report,
     RoutePatternReport, RouteReport, SharedReport, SizePoint, ValueSizes, MAX_RECOMMENDED_TTL_SECS,
     MAX_WRITE_RATIO, METHOD, MIN_GETS, MIN_HIT_RATIO, MIN_RECOMMENDED_TTL_SECS, SIZE_SHARE_OF_MAX,
     TTL_REUSE_SHARE,
@@ -86,6 +88,11 @@ pub struct AnalysisOptions {
     /// Points of the whole miss ratio curve the report gives per pattern and for the shared cache (its `curve`
     /// field, which `--plot` draws), in objects and in bytes each: 2 to 1,000.
     pub curve_points: usize,
+    /// Redis's eviction to predict besides exact LRU (`[cache.analysis.eviction]`: `policy = "allkeys-lru"` or
+    /// `"allkeys-lfu"`, `samples`, `lfu_log_factor`, `lfu_decay_minutes`). Unset (the default), it is read from
+    /// the Redis of `REDIS_URL` when that answers (`CONFIG GET maxmemory-policy maxmemory-samples lfu-log-factor
+    /// lfu-decay-time`), and is `allkeys-lru` with 5 samples until then.
+    pub eviction: Option<RedisEviction>,
 }
 
 impl Default for AnalysisOptions {
@@ -100,6 +107,7 @@ impl Default for AnalysisOptions {
             capacities: vec![1_000, 10_000, 100_000, 1_000_000],
             ignore_ttl: false,
             curve_points: 40,
+            eviction: None,
         }
     }
 }
@@ -141,6 +149,15 @@ impl AnalysisOptions {
                 self.max_patterns.to_string(),
                 "must be at most 10000",
             ));
+        }
+        if let Some(e) = &self.eviction {
+            if !(1..=64).contains(&e.samples) {
+                return Err(Error::config(
+                    "cache.analysis.eviction.samples",
+                    e.samples.to_string(),
+                    "must be between 1 and 64",
+                ));
+            }
         }
         if !(2..=1000).contains(&self.curve_points) {
             return Err(Error::config(

@@ -7,6 +7,7 @@ use prometheus::proto;
 use serde::{Deserialize, Serialize};
 
 use super::curve::{Curve, CurveSamples};
+use super::redis_sim::RedisEviction;
 use super::shards::SampleStats;
 use crate::cache::CacheImpl;
 use crate::policy::{PatternPolicy, PolicyUpdate, MAX_TTL_SECS};
@@ -50,6 +51,13 @@ pub struct SizePoint {
     pub memory_bytes: u64,
     /// Origin (loader) time saved per second of wall time, in seconds: predicted hits per second × mean loader time.
     pub origin_seconds_saved_per_second: f64,
+    /// Predicted hit ratio (0–1) of a Redis of `memory_bytes` evicting by the report's
+    /// [`eviction`](Report::eviction) (MiniSim; `docs/analysis.md`, "Redis's own eviction").
+    #[serde(default)]
+    pub redis_hit_ratio: Option<f64>,
+    /// Half-width of an approximate 95% interval around `redis_hit_ratio` (0–1).
+    #[serde(default)]
+    pub uncertainty: f64,
 }
 
 /// The memory needed to reach a hit ratio.
@@ -278,6 +286,25 @@ pub struct Report {
     pub routes: Vec<RouteReport>,
     /// What to whitelist, with which TTL.
     pub recommendation: Recommendation,
+    /// The Redis eviction the `redis_hit_ratio` predictions are for.
+    #[serde(default)]
+    pub eviction: Option<RedisEviction>,
+}
+
+/// What one Redis of a given size would give every pattern together.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MemoryPrediction {
+    /// Memory for entries, bytes (keys, values and the per-key overhead; Redis's own `used_memory` at start not
+    /// included).
+    pub memory_bytes: u64,
+    /// The eviction [`hit_ratio`](Self::hit_ratio) is for.
+    pub eviction: RedisEviction,
+    /// Predicted hit ratio under `eviction` (0–1).
+    pub hit_ratio: f64,
+    /// Predicted hit ratio of an exact LRU cache of the same size (0–1).
+    pub lru_hit_ratio: f64,
+    /// Half-width of an approximate 95% interval around `hit_ratio` (0–1).
+    pub uncertainty: f64,
 }
 
 /// The method line of every report.
@@ -368,12 +395,17 @@ fn sizes(
         .iter()
         .map(|&c| {
             let h = curve.hit_ratio_at_objects(c as f64);
+            let memory_bytes =
+                ((c as f64).min(stats.distinct_keys.ceil()) * stats.mean_key_bytes) as u64;
+            let eviction = curve.simulated_eviction();
             SizePoint {
                 objects: c,
                 hit_ratio: round5(h),
-                memory_bytes: ((c as f64).min(stats.distinct_keys.ceil()) * stats.mean_key_bytes)
-                    as u64,
+                memory_bytes,
                 origin_seconds_saved_per_second: h * gets_per_second * mean_loader_seconds,
+                redis_hit_ratio: eviction
+                    .map(|e| round5(curve.hit_ratio_at_bytes_for(Some(e), memory_bytes as f64))),
+                uncertainty: curve.uncertainty_at_bytes(eviction, memory_bytes as f64),
             }
         })
         .collect()
@@ -662,6 +694,7 @@ pub(crate) struct ReportContext<'a> {
     pub(crate) observed_seconds: f64,
     pub(crate) generated_at: String,
     pub(crate) curve_points: usize,
+    pub(crate) eviction: Option<RedisEviction>,
 }
 
 /// Builds the report.
@@ -678,6 +711,7 @@ pub(crate) fn build(
         observed_seconds,
         generated_at,
         curve_points,
+        eviction,
     } = ctx;
     let mut out = BTreeMap::new();
     let mut saved = 0.0;
@@ -732,6 +766,7 @@ pub(crate) fn build(
             apply,
             toml,
         },
+        eviction,
     }
 }
 

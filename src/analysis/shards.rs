@@ -28,7 +28,8 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use super::curve::{Curve, LogHistogram};
+use super::curve::{Curve, LogHistogram, PolicyCurve};
+use super::redis_sim::{RedisEviction, SimAccess, Sims};
 
 /// The 64-bit hash that decides sampling: foldhash with a fixed seed, finished with MurmurHash3's `fmix64` so the
 /// high bits compared with the threshold are uniform. The same key gives the same hash in every process.
@@ -49,7 +50,7 @@ fn fmix64(mut k: u64) -> u64 {
 
 /// Keys are hashes already: the map uses them as they are.
 #[derive(Default)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -154,6 +155,8 @@ struct State {
     expired: f64,
     invalidated: f64,
     sampled_gets: u64,
+    /// Redis's eviction in miniature, at a grid of sizes (MiniSim).
+    sims: Sims,
 }
 
 /// What a reference does.
@@ -276,8 +279,24 @@ impl Shards {
                 expired: 0.0,
                 invalidated: 0.0,
                 sampled_gets: 0,
+                sims: Sims::new(RedisEviction::default()),
             })),
         }
+    }
+
+    /// Simulates `eviction` from now on (MiniSim, in [`Curve::hit_ratio_at_bytes_for`]); a change starts the
+    /// miniatures afresh.
+    pub fn set_eviction(&self, eviction: RedisEviction) {
+        let mut s = self.lock();
+        if s.sims.eviction() != eviction {
+            s.sims = Sims::new(eviction);
+            s.regrid();
+        }
+    }
+
+    /// The eviction the miniatures simulate.
+    pub fn eviction(&self) -> RedisEviction {
+        self.lock().sims.eviction()
     }
 
     /// The most keys it samples.
@@ -334,6 +353,7 @@ impl Shards {
             s.sampled_gets += 1;
         }
         // Count the access; then when the key's copy was written, and whether this get missed at every size.
+        let mut lru_distance = None;
         let (written, missed_everywhere) = match s.entries.get(&h).copied() {
             Some(e) if e.ts != 0 => {
                 let expired = ttl.is_some_and(|ttl| now.saturating_sub(e.written) >= ttl);
@@ -348,8 +368,9 @@ impl Shards {
                         // A hit in every LRU cache of more than `after_count` objects, and of at least
                         // `after_bytes + own size` bytes: both recorded so that "hit at capacity c" is "value < c".
                         s.objects.add(after_count as f64 * w, w);
-                        s.bytes
-                            .add(after_bytes as f64 * w + f64::from(e.weight) - 1.0, w);
+                        let distance = after_bytes as f64 * w + f64::from(e.weight) - 1.0;
+                        s.bytes.add(distance, w);
+                        lru_distance = Some(distance);
                     }
                 }
                 s.unlink(e);
@@ -399,6 +420,19 @@ impl Shards {
                 tag,
             },
         );
+        s.sims.access(SimAccess {
+            hash: h,
+            get,
+            stores: access != Access::GetNotStored,
+            now,
+            weight,
+            ttl,
+            w,
+            lru_distance,
+        });
+        if s.sims.due() {
+            s.regrid();
+        }
     }
 
     /// Before a new key of hash `h` joins a full sample, drops the largest hash of the sample and `h` together and
@@ -434,6 +468,7 @@ impl Shards {
                 if let Some(e) = s.entries.get_mut(&h) {
                     e.ts = 0;
                 }
+                s.sims.remove(h);
             }
             Some(_) => {}
             None => {
@@ -460,14 +495,15 @@ impl Shards {
         let mut guard = self.lock();
         let s = &mut *guard;
         let mut removed = Vec::new();
-        for e in s.entries.values_mut() {
+        for (&h, e) in s.entries.iter_mut() {
             if e.ts != 0 && tag.is_none_or(|t| t == e.tag) {
-                removed.push(*e);
+                removed.push((h, *e));
                 e.ts = 0;
             }
         }
-        for e in removed {
+        for (h, e) in removed {
             s.unlink(e);
+            s.sims.remove(h);
         }
     }
 
@@ -502,6 +538,19 @@ impl Shards {
             } else {
                 0.0
             },
+            policy: Some({
+                let fpc = Sims::finite_population(s.threshold as f64 / 2f64.powi(64));
+                let mut points = s.sims.points();
+                for p in &mut points {
+                    p.std_error *= fpc;
+                    p.lru_std_error *= fpc;
+                }
+                PolicyCurve {
+                    eviction: s.sims.eviction(),
+                    points,
+                    max_std_error: s.sims.max_std_error() * fpc,
+                }
+            }),
         };
         (curve, stats)
     }
@@ -524,7 +573,11 @@ impl Shards {
         let tree = (2 * max_keys + 3) * 12;
         let compaction = max_keys * 16;
         let histograms = 2 * LogHistogram::default().heap_bytes() + 34 * 8;
-        table + heap + tree + compaction + histograms
+        // Each running miniature (redis_sim) holds at most every sampled key: a table like the sample's, the
+        // resident list (8 bytes a key, grown by doubling), the pool.
+        let miniatures = Sims::max_running(max_keys)
+            * (table_bytes(2 * max_keys) + 2 * max_keys.next_power_of_two() * 8 + 16 * 16);
+        table + heap + tree + compaction + histograms + miniatures
     }
 }
 
@@ -555,6 +608,19 @@ impl State {
             + self.tree.count.capacity() * 4
             + self.tree.bytes.capacity() * 8
             + 2 * self.objects.heap_bytes()
+            + self.sims.heap_bytes()
+    }
+
+    /// Starts and stops miniatures as the sample grows or its rate falls.
+    fn regrid(&mut self) {
+        let rate = self.threshold as f64 / 2f64.powi(64);
+        let mean = self.mean_weight_opt().unwrap_or(0.0);
+        let mut live = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.ts != 0)
+            .map(|(&h, e)| (h, e.weight, e.written, e.last));
+        self.sims.regrid(rate, self.live_bytes, mean, &mut live);
     }
 
     /// Removes an entry's access from the stack.
@@ -610,6 +676,7 @@ impl State {
         while let Some(h) = self.heap.pop() {
             if let Some(e) = self.entries.remove(&h) {
                 self.unlink(e);
+                self.sims.remove(h);
                 self.lower_threshold(h);
                 return;
             }
@@ -622,6 +689,7 @@ impl State {
             if let Some(h) = self.heap.pop() {
                 if let Some(e) = self.entries.remove(&h) {
                     self.unlink(e);
+                    self.sims.remove(h);
                 }
             }
         }

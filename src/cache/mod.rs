@@ -28,13 +28,13 @@ mod tiered;
 
 pub use self::memory::MemoryCache;
 pub use self::null::NullCache;
-#[cfg(feature = "redis")]
-pub use self::redis::RedisCache;
 #[cfg(feature = "fleet")]
 pub(crate) use self::redis::{
     node_clients as redis_node_clients, subscribe as redis_subscribe, Conn as RedisConn,
     Ready as RedisReady,
 };
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisCache, RedisMemory};
 pub(crate) use self::redis_options::cluster_nodes as redis_cluster_nodes;
 pub use self::redis_options::{redact_url, RedisOptions};
 #[cfg(feature = "redis")]

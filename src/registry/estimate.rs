@@ -7,6 +7,27 @@ pub(super) struct Analysis {
     pub(super) opts: AnalysisOptions,
     pub(super) shared: Shards,
     pub(super) epoch: u64,
+    /// The eviction the estimators simulate: configured, read from Redis, or the default.
+    pub(super) eviction: std::sync::Mutex<RedisEviction>,
+    /// Nanoseconds past the Unix minute at `epoch` (0 on a mock clock): the estimators' seconds and minutes then
+    /// turn with Redis's, whose LRU clock counts Unix seconds and whose LFU decay counts Unix minutes.
+    pub(super) phase_nanos: u64,
+}
+
+impl Analysis {
+    /// A new estimator of `max_keys` keys, simulating the current eviction.
+    pub(super) fn shards(&self, max_keys: usize) -> Shards {
+        let s = Shards::with_max_rate(max_keys, self.opts.max_sampling_rate);
+        s.set_eviction(self.eviction());
+        s
+    }
+
+    pub(super) fn eviction(&self) -> RedisEviction {
+        *self
+            .eviction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Where a sampled call goes in the estimators.
@@ -125,7 +146,7 @@ impl CacheRegistry {
         let Some(a) = &self.inner.analysis else {
             return;
         };
-        let now = (self.inner.clock.delta_as_nanos(a.epoch, at) / 1_000_000_000)
+        let now = ((self.inner.clock.delta_as_nanos(a.epoch, at) + a.phase_nanos) / 1_000_000_000)
             .min(u64::from(u32::MAX)) as u32;
         let weight = value_bytes.map(|v| {
             analysis::redis_entry_bytes(t.key_bytes, v as u64, a.opts.per_key_overhead_bytes)

@@ -57,7 +57,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::analysis::{self, key_hash, Access, AnalysisOptions, Shards};
+use crate::analysis::{self, key_hash, Access, AnalysisOptions, RedisEviction, Shards};
 use crate::cache::{Cache, CacheImpl, Health, Lookup, MemoryCache, NullCache, RedisOptions};
 #[cfg(feature = "redis")]
 use crate::cache::{L1Patterns, RedisCache, TieredCache};
@@ -358,13 +358,26 @@ impl CacheRegistry {
         check_policy_bounds(&opts.policy, opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT))?;
         let mock_clock = opts.clock.is_some();
         let clock = opts.clock.unwrap_or_default();
-        let analysis = opts.analysis.enabled.then(|| Analysis {
-            shared: Shards::with_max_rate(
+        let analysis = opts.analysis.enabled.then(|| {
+            let eviction = opts.analysis.eviction.unwrap_or_default();
+            let shared = Shards::with_max_rate(
                 opts.analysis.shared_sample_keys,
                 opts.analysis.max_sampling_rate,
-            ),
-            epoch: clock.raw(),
-            opts: opts.analysis,
+            );
+            shared.set_eviction(eviction);
+            Analysis {
+                shared,
+                epoch: clock.raw(),
+                opts: opts.analysis,
+                eviction: std::sync::Mutex::new(eviction),
+                phase_nanos: if mock_clock {
+                    0
+                } else {
+                    SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| (d.as_nanos() % 60_000_000_000) as u64)
+                },
+            }
         });
         let max_patterns = opts.max_patterns.clamp(1, MAX_PATTERNS_LIMIT);
         let observe = Policy {
@@ -436,7 +449,38 @@ impl CacheRegistry {
             );
             registry.spawn_retry(target);
         }
+        #[cfg(feature = "redis")]
+        if registry
+            .inner
+            .analysis
+            .as_ref()
+            .is_some_and(|a| a.opts.eviction.is_none())
+        {
+            registry.spawn_eviction_probe();
+        }
         Ok(registry)
+    }
+
+    /// Reads the eviction of the Redis the registry would use (`CONFIG GET maxmemory-policy …`) when it answers, and
+    /// simulates that: at start, then every minute until it answers, then every ten minutes (a `CONFIG SET` is
+    /// followed). A policy the estimators do not simulate leaves the current one.
+    #[cfg(feature = "redis")]
+    fn spawn_eviction_probe(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let reg = CacheRegistry { inner };
+                let url = reg.inner.active.load().redis.url.clone();
+                let learnt = crate::cache::RedisMemory::read(&url, Duration::from_secs(2)).await;
+                if let Ok(Some(e)) = learnt.as_ref().map(|m| m.eviction) {
+                    reg.set_eviction(e);
+                }
+                drop(reg);
+                let wait = if learnt.is_ok() { 600 } else { 60 };
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+        });
     }
 
     fn spawn_retry(&self, target: Policy) {
@@ -490,7 +534,7 @@ impl CacheRegistry {
     fn new_pattern_entry(&self, name: &str, idx: usize) -> PatternEntry {
         let shards = self.inner.analysis.as_ref().and_then(|a| {
             (idx < a.opts.max_patterns && idx < self.inner.max_patterns)
-                .then(|| Shards::with_max_rate(a.opts.sample_keys, a.opts.max_sampling_rate))
+                .then(|| a.shards(a.opts.sample_keys))
         });
         PatternEntry {
             name: name.into(),

@@ -117,6 +117,7 @@ impl CacheRegistry {
                 observed_seconds,
                 generated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 curve_points,
+                eviction: self.eviction(),
             },
             patterns,
             shared,
@@ -128,6 +129,13 @@ impl CacheRegistry {
     /// Predicted hit ratio of every pattern together in one LRU cache of `bytes` bytes (keys, values and the
     /// per-key overhead counted); `None` when the analysis is disabled.
     pub fn predicted_hit_ratio_at_bytes(&self, bytes: u64) -> Option<f64> {
+        self.predict_at_bytes(bytes).map(|p| p.lru_hit_ratio)
+    }
+
+    /// What every pattern together would get from one Redis of `bytes` bytes of memory for entries (keys, values
+    /// and the per-key overhead counted): the hit ratio under the eviction the estimators simulate, exact LRU's,
+    /// and the uncertainty. `None` when the analysis is disabled.
+    pub fn predict_at_bytes(&self, bytes: u64) -> Option<analysis::MemoryPrediction> {
         let a = self.inner.analysis.as_ref()?;
         let s = self.inner.active.load();
         let gets = s
@@ -135,7 +143,46 @@ impl CacheRegistry {
             .values()
             .map(|&i| self.slot(i).metrics.counts().gets)
             .sum();
-        Some(a.shared.curve(gets).0.hit_ratio_at_bytes(bytes as f64))
+        let curve = a.shared.curve(gets).0;
+        let eviction = curve.simulated_eviction();
+        Some(analysis::MemoryPrediction {
+            memory_bytes: bytes,
+            eviction: eviction.unwrap_or_default(),
+            hit_ratio: curve.hit_ratio_at_bytes_for(eviction, bytes as f64),
+            lru_hit_ratio: curve.hit_ratio_at_bytes(bytes as f64),
+            uncertainty: curve.uncertainty_at_bytes(eviction, bytes as f64),
+        })
+    }
+
+    /// The Redis eviction the estimators simulate (configured, read from Redis, or `allkeys-lru` with 5 samples);
+    /// `None` when the analysis is disabled.
+    pub fn eviction(&self) -> Option<RedisEviction> {
+        self.inner.analysis.as_ref().map(|a| a.eviction())
+    }
+
+    /// Simulates `eviction` from now on in every estimator (their miniatures start afresh when it changes).
+    pub(crate) fn set_eviction(&self, eviction: RedisEviction) {
+        let Some(a) = self.inner.analysis.as_ref() else {
+            return;
+        };
+        {
+            let mut e = a.eviction.lock().unwrap_or_else(PoisonError::into_inner);
+            if *e == eviction {
+                return;
+            }
+            *e = eviction;
+        }
+        a.shared.set_eviction(eviction);
+        for slot in self.inner.slots.iter() {
+            if let Some(entry) = slot.get() {
+                if let Some(s) = &entry.shards {
+                    s.set_eviction(eviction);
+                }
+            }
+        }
+        if let Some(w) = &self.inner.active.load().whitelisted {
+            w.shards.set_eviction(eviction);
+        }
     }
 
     /// Seconds since the registry started, on its clock.

@@ -286,7 +286,7 @@ impl CacheRegistry {
             }
         }
         Some(Arc::new(WhitelistShards {
-            shards: Shards::with_max_rate(a.opts.shared_sample_keys, a.opts.max_sampling_rate),
+            shards: a.shards(a.opts.shared_sample_keys),
             gets: std::sync::atomic::AtomicU64::new(0),
             since: self.inner.clock.raw(),
         }))

@@ -87,11 +87,20 @@ pub struct ReplayReport {
     /// outside the replay's prefix), which the cache cannot use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_baseline_bytes: Option<u64>,
-    /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one LRU cache of
-    /// `maxmemory − baseline` bytes (byte miss ratio curve: keys, values and per-key overhead), beside the measured
-    /// overall `hit_ratio`.
+    /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one Redis of
+    /// `maxmemory − baseline` bytes evicting by [`eviction`](Self::eviction) (keys, values and per-key overhead
+    /// counted), beside the measured overall `hit_ratio`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_hit_ratio_at_maxmemory: Option<f64>,
+    /// The same for an exact LRU cache of that size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_lru_hit_ratio_at_maxmemory: Option<f64>,
+    /// Half-width of an approximate 95% interval around `predicted_hit_ratio_at_maxmemory`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_uncertainty: Option<f64>,
+    /// The Redis eviction the predictions in bytes are for (the server's, with `--impl redis`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction: Option<crate::analysis::RedisEviction>,
 }
 
 /// How many malformed lines a replay tolerates before it fails.
@@ -477,9 +486,14 @@ impl ReplayReport {
             self.predicted_hit_ratio_at_maxmemory,
         ) {
             out.push_str(&format!(
-                "redis maxmemory {max} bytes ({} before the replay): measured hit ratio {:.5}, predicted {p:.5}\n",
+                "redis maxmemory {max} bytes ({} before the replay): measured hit ratio {:.5}, predicted {p:.5} ± \
+                 {:.5} for {} (exact LRU {:.5})\n",
                 self.redis_baseline_bytes.unwrap_or(0),
-                self.overall.hit_ratio
+                self.overall.hit_ratio,
+                self.prediction_uncertainty.unwrap_or(0.0),
+                self.eviction
+                    .map_or_else(|| "exact LRU".to_string(), |e| e.to_string()),
+                self.predicted_lru_hit_ratio_at_maxmemory.unwrap_or(p),
             ));
         }
         if !measured {

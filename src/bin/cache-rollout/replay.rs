@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cache_rollout::analysis::AnalysisOptions;
-use cache_rollout::cache::{redact_url, CacheImpl, RedisOptions};
+use cache_rollout::analysis::{AnalysisOptions, EvictionPolicy, RedisEviction};
+use cache_rollout::cache::{redact_url, CacheImpl, RedisMemory, RedisOptions};
 use cache_rollout::replay::{
     self, CsvSpec, ReadOptions, ReplayEvent, ReplayOptions, SkipLimit, TraceFormat, TraceReader,
 };
@@ -85,6 +85,26 @@ pub(crate) struct ReplayArgs {
     /// Keys sampled per pattern by the estimator (SHARDS s_max).
     #[arg(long, default_value_t = AnalysisOptions::default().sample_keys)]
     sample_keys: usize,
+    /// Largest share of keys the estimators sample after their warm-up (0–1]: 1 samples every key of a key space
+    /// smaller than --sample-keys, so that small caches are simulated too (the service's default keeps hot small
+    /// key spaces off the estimator's lock).
+    #[arg(long, value_name = "SHARE", default_value_t = AnalysisOptions::default().max_sampling_rate)]
+    max_sampling_rate: f64,
+    /// Redis eviction to predict besides exact LRU [default: with --impl redis, the server's maxmemory-policy;
+    /// otherwise allkeys-lru].
+    #[arg(long, value_enum)]
+    eviction: Option<EvictionArg>,
+    /// Keys Redis samples per eviction (maxmemory-samples) [default: with --impl redis, the server's; otherwise 5].
+    #[arg(long, value_name = "N")]
+    maxmemory_samples: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum EvictionArg {
+    /// Redis's sampled LRU.
+    AllkeysLru,
+    /// Redis's sampled LFU.
+    AllkeysLfu,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -178,6 +198,37 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             "must not be empty: the replay deletes every key under it",
         ));
     }
+    // A real Redis evicts and expires by its own clock, the wall clock: so does the registry then, and the
+    // prediction is made on that clock. Otherwise the trace's timestamps drive the registry's clock.
+    let facts = if cache_impl == CacheImpl::Redis {
+        Some(RedisMemory::read(&redis_url, Duration::from_secs(5)).await?)
+    } else {
+        None
+    };
+    let mut eviction = match (args.eviction, &facts) {
+        (Some(EvictionArg::AllkeysLru), _) => RedisEviction::default(),
+        (Some(EvictionArg::AllkeysLfu), _) => RedisEviction {
+            policy: EvictionPolicy::AllkeysLfu,
+            ..RedisEviction::default()
+        },
+        (None, Some(f)) => f.eviction.unwrap_or_default(),
+        (None, None) => RedisEviction::default(),
+    };
+    if let Some(n) = args.maxmemory_samples {
+        eviction.samples = n;
+    } else if let Some(f) = &facts {
+        if let Some(e) = f.eviction {
+            eviction.samples = e.samples;
+        }
+    }
+    if let Some(f) = &facts {
+        if f.maxmemory_bytes > 0 && f.eviction.is_none() && args.eviction.is_none() {
+            eprintln!(
+                "note: Redis's maxmemory-policy {} is not one the estimator simulates; predicting {}",
+                f.maxmemory_policy, eviction
+            );
+        }
+    }
     let (clock, mock) = quanta::Clock::mock();
     let opts = RegistryOptions::default()
         .with_policy(Policy {
@@ -213,9 +264,10 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
                 .max(AnalysisOptions::default().shared_sample_keys),
             max_patterns: 10_000,
             curve_points: args.curve_points,
+            eviction: Some(eviction),
+            max_sampling_rate: args.max_sampling_rate,
             ..AnalysisOptions::default()
         })
-        .with_clock(clock)
         .with_max_patterns(10_000)
         .with_redis(
             RedisOptions::default()
@@ -227,6 +279,11 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         .with_memory_max_entries(args.memory_entries)
         .with_memory_max_bytes(args.memory_bytes)
         .with_max_value_bytes(usize::MAX);
+    let opts = if facts.is_some() {
+        opts
+    } else {
+        opts.with_clock(clock)
+    };
     // The analysis settings come from flags here: name the flag, not the configuration key.
     let registry = CacheRegistry::new(opts).await.map_err(|e| match e {
         Error::Config { key, value, reason } => {
@@ -234,6 +291,8 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
                 "cache.analysis.capacities" => "--capacities",
                 "cache.analysis.curve_points" => "--curve-points",
                 "cache.analysis.sample_keys" => "--sample-keys",
+                "cache.analysis.max_sampling_rate" => "--max-sampling-rate",
+                "cache.analysis.eviction.samples" => "--maxmemory-samples",
                 "cache.default_ttl_secs" => "--ttl",
                 "cache.patterns.*.stale_while_revalidate_secs" => "--stale-while-revalidate",
                 _ => key.as_str(),
@@ -254,15 +313,13 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         ));
     }
     // What Redis holds besides this replay's keys (its own structures, other prefixes): not room for the cache.
-    let baseline = if cache_impl == CacheImpl::Redis {
-        Some(redis_memory(&redis_url).await?)
-    } else {
-        None
-    };
+    let baseline = facts
+        .as_ref()
+        .map(|f| (f.maxmemory_bytes, f.used_memory_bytes));
     let ropts = ReplayOptions::default()
         .with_strict(args.strict)
         .with_max_skipped(Some(args.max_skipped))
-        .with_clock(Some(mock));
+        .with_clock(facts.is_none().then_some(mock));
     let bar = progress_bar(&reader, args.json);
     let started = Instant::now();
     let mut skipped = 0u64;
@@ -335,7 +392,10 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         e => e,
     });
     let mut report = match (result, &cleanup) {
-        (Ok(r), _) => r,
+        (Ok(mut r), _) => {
+            r.eviction = Some(eviction);
+            r
+        }
         (Err(e), Some(Err(c))) => {
             eprintln!("error: {c}");
             return Err(e);
@@ -346,8 +406,11 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         report.redis_maxmemory_bytes = Some(maxmemory);
         report.redis_baseline_bytes = Some(used);
         if maxmemory > used {
-            report.predicted_hit_ratio_at_maxmemory =
-                registry.predicted_hit_ratio_at_bytes(maxmemory - used);
+            if let Some(p) = registry.predict_at_bytes(maxmemory - used) {
+                report.predicted_hit_ratio_at_maxmemory = Some(p.hit_ratio);
+                report.predicted_lru_hit_ratio_at_maxmemory = Some(p.lru_hit_ratio);
+                report.prediction_uncertainty = Some(p.uncertainty);
+            }
         }
     }
     if let Some(path) = &args.plot {

@@ -59,10 +59,12 @@ use super::{Cache, CacheImpl, Health, Lookup, RedisOptions, Traced, LEASE_SUFFIX
 use crate::error::{Error, Result};
 
 mod conn;
+mod memory_info;
 mod scripts;
 mod slots;
 
 pub(crate) use self::conn::{node_clients, subscribe, Conn, Ready};
+pub use self::memory_info::RedisMemory;
 use self::scripts::*;
 use self::slots::{slot_ranges, slot_tag, SLOT_TAGS};
 
