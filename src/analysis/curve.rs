@@ -131,6 +131,9 @@ pub struct Curve {
     pub(crate) gets: f64,
     /// Redis's eviction in miniature: the correction to exact LRU at a grid of sizes, and the uncertainty.
     pub(crate) policy: Option<PolicyCurve>,
+    /// Accesses of the estimator's keys between a get that hits at some size and the key's previous access (the
+    /// characteristic-time split of a memory budget).
+    pub(crate) reuse_accesses: LogHistogram,
 }
 
 /// What the miniature simulations of Redis's eviction measured ([`super::redis_sim`]).
@@ -354,6 +357,7 @@ mod tests {
             bytes: LogHistogram::default(),
             gets: 2000.0,
             policy: None,
+            reuse_accesses: LogHistogram::default(),
         };
         for d in 0..1000 {
             curve.objects.add(d as f64, 1.0);
@@ -373,6 +377,7 @@ mod tests {
             bytes: LogHistogram::default(),
             gets: 10.0,
             policy: None,
+            reuse_accesses: LogHistogram::default(),
         };
         assert_eq!(empty.samples(20), CurveSamples::default());
     }

@@ -10,12 +10,15 @@
 //! `PUT /internal/cache/config` takes as it is. `docs/analysis.md` gives the method, its sources, and the measured
 //! accuracy and cost.
 
+mod budget;
 mod curve;
 mod redis_sim;
 mod report;
 mod route;
 mod shards;
 
+pub use self::budget::{parse_memory, BudgetPlan, BudgetShare, BUDGET_METHOD, MIN_BUDGET_BYTES};
+pub(crate) use self::budget::{plan as plan_budget, BudgetInput};
 pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
 pub use self::redis_sim::{EvictionPolicy, RedisEviction};
 pub(crate) use self::report::{build, shared_report, PatternInput, ReportContext, RouteInput};

@@ -623,7 +623,7 @@ mod tests {
             s.set_eviction(e);
             let mut scan = 1_000_000u64;
             for i in 0..60_000u64 {
-                let now = (i / 200) as u32; // 200 accesses a second
+                let now = (i / 200) * 1000; // 200 accesses a second, in milliseconds
                 s.access(spread(i % 200), Access::Get, now, Some(1000), None, 0);
                 for _ in 0..2 {
                     s.access(spread(scan), Access::Get, now, Some(1000), None, 0);

@@ -289,6 +289,10 @@ pub struct Report {
     /// The Redis eviction the `redis_hit_ratio` predictions are for.
     #[serde(default)]
     pub eviction: Option<RedisEviction>,
+    /// With a memory budget (`?memory=2GiB`, `report --memory`): its split across the patterns; the
+    /// recommendation then applies that split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<super::BudgetPlan>,
 }
 
 /// What one Redis of a given size would give every pattern together.
@@ -444,7 +448,7 @@ fn suggested_ttl(reuse: &[f64; 34], share: f64) -> Option<u64> {
     Some(86_400)
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;
@@ -587,6 +591,7 @@ fn pattern_report(
             MAX_WRITE_RATIO * 100.0
         ));
     }
+    let max_uncertainty = curve.uncertainty_at_bytes(curve.simulated_eviction(), f64::MAX);
     if max < MIN_HIT_RATIO {
         ok = false;
         r.reasons.push(format!(
@@ -595,6 +600,15 @@ fn pattern_report(
             r.misses_at_any_size.cold * 100.0,
             r.misses_at_any_size.expired * 100.0,
             r.misses_at_any_size.invalidated * 100.0
+        ));
+    } else if max - max_uncertainty < MIN_HIT_RATIO {
+        ok = false;
+        r.reasons.push(format!(
+            "withheld: at most {:.1}% ± {:.1}% of gets would hit at any size, too close to the {:.0}% line to say \
+             (the sample is small: observe longer, or raise cache.analysis.sample_keys)",
+            max * 100.0,
+            max_uncertainty * 100.0,
+            MIN_HIT_RATIO * 100.0
         ));
     }
     let mut saved = 0.0;
@@ -695,6 +709,8 @@ pub(crate) struct ReportContext<'a> {
     pub(crate) generated_at: String,
     pub(crate) curve_points: usize,
     pub(crate) eviction: Option<RedisEviction>,
+    /// A memory budget to split across the patterns, bytes.
+    pub(crate) memory_bytes: Option<u64>,
 }
 
 /// Builds the report.
@@ -712,6 +728,7 @@ pub(crate) fn build(
         generated_at,
         curve_points,
         eviction,
+        memory_bytes,
     } = ctx;
     let mut out = BTreeMap::new();
     let mut saved = 0.0;
@@ -720,18 +737,48 @@ pub(crate) fn build(
         saved += pattern_saved;
         out.insert(p.name.clone(), r);
     }
-    let whitelist: Vec<String> = out
-        .iter()
-        .filter(|(_, r)| r.recommended)
-        .map(|(n, _)| n.clone())
-        .collect();
+    let budget = memory_bytes.map(|b| {
+        let inputs: Vec<super::BudgetInput<'_>> = patterns
+            .iter()
+            .filter_map(|p| {
+                let (curve, _) = p.curve.as_ref()?;
+                let r = &out[&p.name];
+                Some(super::BudgetInput {
+                    name: &p.name,
+                    curve,
+                    gets_per_second: r.gets_per_second,
+                    accesses_per_second: ratio((p.gets + p.writes) as f64, observed_seconds),
+                    // A hit saves the mean load; with no load timed yet (a replay's instant loader), 1 µs, so
+                    // that the plan still maximises hits.
+                    loader_seconds: r.loader.mean_seconds.max(1e-6),
+                    eligible: r.recommended,
+                    ttl_secs: r.recommended_ttl_secs,
+                })
+            })
+            .collect();
+        super::plan_budget(&inputs, b, eviction.unwrap_or_default())
+    });
+    let whitelist: Vec<String> = match &budget {
+        Some(plan) => plan.whitelist.clone(),
+        None => out
+            .iter()
+            .filter(|(_, r)| r.recommended)
+            .map(|(n, _)| n.clone())
+            .collect(),
+    };
+    if let Some(plan) = &budget {
+        saved = plan.origin_seconds_saved_per_second;
+    }
     let mut apply_patterns = BTreeMap::new();
     let mut toml = String::from("[cache]\nimpl = \"redis\"\n");
     let _ = writeln!(toml, "whitelist = {:?}", whitelist);
     let mut memory = 0u64;
     for name in &whitelist {
         let r = &out[name];
-        memory += r.recommended_memory_bytes.unwrap_or(0);
+        memory += match &budget {
+            Some(plan) => plan.patterns.get(name).map_or(0, |s| s.memory_bytes),
+            None => r.recommended_memory_bytes.unwrap_or(0),
+        };
         if let Some(ttl) = r.recommended_ttl_secs {
             apply_patterns.insert(
                 name.clone(),
@@ -767,6 +814,7 @@ pub(crate) fn build(
             toml,
         },
         eviction,
+        budget,
     }
 }
 
@@ -894,6 +942,10 @@ impl Report {
                     );
                 }
             }
+        }
+        if let Some(plan) = &self.budget {
+            out.push('\n');
+            out.push_str(&plan.to_table());
         }
         let rec = &self.recommendation;
         let _ = writeln!(

@@ -80,6 +80,9 @@ struct Entry {
     written: u32,
     /// When it was last accessed, seconds.
     last: u32,
+    /// The sample's access count at its last access, modulo 2^32 (reuse times in accesses, for the
+    /// characteristic-time split of a memory budget).
+    last_tick: u32,
     /// Which key pattern it belongs to (for pattern invalidations of a shared estimator).
     tag: u32,
 }
@@ -151,6 +154,11 @@ struct State {
     bytes: LogHistogram,
     /// Seconds between a key's accesses, log2 buckets.
     reuse_secs: [f64; 34],
+    /// Accesses of the estimator's keys (gets and sets, sampled ones weighted `1 / R`) between a get and the key's
+    /// previous access, for the gets that hit at some size.
+    reuse_accesses: LogHistogram,
+    /// Sampled accesses so far (wrapping).
+    tick: u32,
     cold: f64,
     expired: f64,
     invalidated: f64,
@@ -275,6 +283,8 @@ impl Shards {
                 objects: LogHistogram::default(),
                 bytes: LogHistogram::default(),
                 reuse_secs: [0.0; 34],
+                reuse_accesses: LogHistogram::default(),
+                tick: 0,
                 cold: 0.0,
                 expired: 0.0,
                 invalidated: 0.0,
@@ -319,14 +329,14 @@ impl Shards {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a get or set of the key of hash `h` at `now` (seconds, any fixed origin). `weight` is the bytes the
+    /// Records a get or set of the key of hash `h` at `now_ms` (milliseconds, any fixed origin). `weight` is the bytes the
     /// entry takes (`None`: unknown, the sample's mean is used), `ttl` the pattern's TTL in seconds (`None`: no
     /// expiry), `tag` the key's pattern. Does nothing when `h` is not sampled.
     pub fn access(
         &self,
         h: u64,
         access: Access,
-        now: u32,
+        now_ms: u64,
         weight: Option<u32>,
         ttl: Option<u32>,
         tag: u32,
@@ -334,6 +344,7 @@ impl Shards {
         if !self.samples(h) {
             return;
         }
+        let now = (now_ms / 1000).min(u64::from(u32::MAX)) as u32;
         let mut guard = self.lock();
         let s = &mut *guard;
         if h >= s.threshold {
@@ -348,6 +359,7 @@ impl Shards {
             }
         }
         let w = s.weight;
+        s.tick = s.tick.wrapping_add(1);
         let weight = weight.unwrap_or_else(|| s.mean_weight());
         if get {
             s.sampled_gets += 1;
@@ -368,6 +380,8 @@ impl Shards {
                         // A hit in every LRU cache of more than `after_count` objects, and of at least
                         // `after_bytes + own size` bytes: both recorded so that "hit at capacity c" is "value < c".
                         s.objects.add(after_count as f64 * w, w);
+                        s.reuse_accesses
+                            .add(f64::from(s.tick.wrapping_sub(e.last_tick)) * w, w);
                         let distance = after_bytes as f64 * w + f64::from(e.weight) - 1.0;
                         s.bytes.add(distance, w);
                         lru_distance = Some(distance);
@@ -417,6 +431,7 @@ impl Shards {
                 weight,
                 written,
                 last: now,
+                last_tick: s.tick,
                 tag,
             },
         );
@@ -482,6 +497,7 @@ impl Shards {
                         weight: 0,
                         written: 0,
                         last: NEVER,
+                        last_tick: 0,
                         tag,
                     },
                 );
@@ -533,6 +549,7 @@ impl Shards {
         let curve = Curve {
             objects,
             bytes,
+            reuse_accesses: s.reuse_accesses.clone(),
             gets: if s.sampled_gets > 0 {
                 gets_offered as f64
             } else {
@@ -572,7 +589,7 @@ impl Shards {
         let heap = max_keys.next_power_of_two() * 8;
         let tree = (2 * max_keys + 3) * 12;
         let compaction = max_keys * 16;
-        let histograms = 2 * LogHistogram::default().heap_bytes() + 34 * 8;
+        let histograms = 3 * LogHistogram::default().heap_bytes() + 34 * 8;
         // Each running miniature (redis_sim) holds at most every sampled key: a table like the sample's, the
         // resident list (8 bytes a key, grown by doubling), the pool.
         let miniatures = Sims::max_running(max_keys)
@@ -607,7 +624,7 @@ impl State {
             + self.heap.capacity() * 8
             + self.tree.count.capacity() * 4
             + self.tree.bytes.capacity() * 8
-            + 2 * self.objects.heap_bytes()
+            + 3 * self.objects.heap_bytes()
             + self.sims.heap_bytes()
     }
 
@@ -751,12 +768,12 @@ mod tests {
     fn ttl_and_deletes_make_misses() {
         let s = Shards::new(1000);
         s.access(1, Access::Get, 0, Some(1), Some(10), 0); // cold
-        s.access(1, Access::Get, 5, Some(1), Some(10), 0); // hit
-        s.access(1, Access::Get, 10, Some(1), Some(10), 0); // written at 0, TTL 10: expired
-        s.access(1, Access::Get, 15, Some(1), Some(10), 0); // rewritten at 10: hit
+        s.access(1, Access::Get, 5000, Some(1), Some(10), 0); // hit
+        s.access(1, Access::Get, 10000, Some(1), Some(10), 0); // written at 0, TTL 10: expired
+        s.access(1, Access::Get, 15000, Some(1), Some(10), 0); // rewritten at 10: hit
         s.delete(1, 0);
         s.delete(2, 0); // first seen in a delete: a distinct key, not in the cache
-        s.access(1, Access::Get, 16, Some(1), Some(10), 0); // invalidated
+        s.access(1, Access::Get, 16000, Some(1), Some(10), 0); // invalidated
         let (c, st) = s.curve(5);
         assert_eq!(st.cold_misses, 1.0);
         assert_eq!(
@@ -774,7 +791,7 @@ mod tests {
     fn a_key_first_seen_in_a_delete_is_cold_on_its_first_get() {
         let s = Shards::new(1000);
         s.delete(9, 0);
-        s.access(9, Access::Get, 86_000, Some(1), None, 0);
+        s.access(9, Access::Get, 86_000_000, Some(1), None, 0);
         let (_, st) = s.curve(1);
         assert_eq!((st.cold_misses, st.invalidated_misses), (1.0, 0.0));
         assert_eq!(
@@ -788,9 +805,9 @@ mod tests {
     fn a_miss_not_stored_leaves_the_key_out_but_a_hit_keeps_it() {
         let s = Shards::new(1000);
         s.access(1, Access::GetNotStored, 0, Some(1), None, 0); // cold, not stored
-        s.access(1, Access::Get, 1, Some(1), None, 0); // so a miss again, then stored
-        s.access(1, Access::GetNotStored, 2, Some(1), None, 0); // a hit: the cached copy stays
-        s.access(1, Access::Get, 3, Some(1), None, 0); // a hit
+        s.access(1, Access::Get, 1000, Some(1), None, 0); // so a miss again, then stored
+        s.access(1, Access::GetNotStored, 2000, Some(1), None, 0); // a hit: the cached copy stays
+        s.access(1, Access::Get, 3000, Some(1), None, 0); // a hit
         let (c, st) = s.curve(4);
         assert_eq!((st.cold_misses, st.invalidated_misses), (1.0, 1.0));
         assert!((c.max_hit_ratio() - 0.5).abs() < 1e-9);
@@ -800,8 +817,8 @@ mod tests {
     fn a_set_refreshes_without_counting() {
         let s = Shards::new(1000);
         s.access(1, Access::Set, 0, Some(1), Some(10), 0);
-        s.access(2, Access::Get, 1, Some(1), Some(10), 0);
-        s.access(1, Access::Get, 2, Some(1), Some(10), 0); // distance 1
+        s.access(2, Access::Get, 1000, Some(1), Some(10), 0);
+        s.access(1, Access::Get, 2000, Some(1), Some(10), 0); // distance 1
         let (c, st) = s.curve(2);
         assert_eq!(st.sampled_gets, 2);
         assert_eq!(c.hit_ratio_at_objects(1.0), 0.0);

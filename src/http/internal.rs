@@ -319,11 +319,30 @@ fn trim_view(v: &mut serde_json::Value, only: Option<&str>) {
     }
 }
 
-async fn report(State(state): State<InternalState>, headers: HeaderMap) -> Response {
+/// The query of `GET /internal/cache/report`.
+#[derive(Debug, serde::Deserialize)]
+struct ReportQuery {
+    /// A memory budget to split across the patterns (`2GiB`).
+    memory: Option<String>,
+}
+
+async fn report(
+    State(state): State<InternalState>,
+    headers: HeaderMap,
+    query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     if let Some(refused) = read_refusal(&state, &headers, "/internal/cache/report") {
         return refused;
     }
-    Json(state.registry.report()).into_response()
+    let memory = match query {
+        Ok(Query(q)) => q.memory.filter(|m| !m.is_empty()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match memory.map(|m| crate::analysis::parse_memory(&m)) {
+        None => Json(state.registry.report()).into_response(),
+        Some(Ok(bytes)) => Json(state.registry.report_for_memory(bytes)).into_response(),
+        Some(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
 }
 
 /// A read's refusal: `None` where reading is open, else [`refusal`] for `action = "read"`.

@@ -146,20 +146,19 @@ impl CacheRegistry {
         let Some(a) = &self.inner.analysis else {
             return;
         };
-        let now = ((self.inner.clock.delta_as_nanos(a.epoch, at) + a.phase_nanos) / 1_000_000_000)
-            .min(u64::from(u32::MAX)) as u32;
+        let now_ms = (self.inner.clock.delta_as_nanos(a.epoch, at) + a.phase_nanos) / 1_000_000;
         let weight = value_bytes.map(|v| {
             analysis::redis_entry_bytes(t.key_bytes, v as u64, a.opts.per_key_overhead_bytes)
                 .min(u64::from(u32::MAX)) as u32
         });
         if let Some(s) = &entry.shards {
-            s.access(t.hash, access, now, weight, t.ttl, entry.slot);
+            s.access(t.hash, access, now_ms, weight, t.ttl, entry.slot);
         }
         a.shared
-            .access(t.hash, access, now, weight, t.ttl, entry.slot);
+            .access(t.hash, access, now_ms, weight, t.ttl, entry.slot);
         if let Some(w) = &t.whitelisted {
             w.shards
-                .access(t.hash, access, now, weight, t.ttl, entry.slot);
+                .access(t.hash, access, now_ms, weight, t.ttl, entry.slot);
         }
     }
 

@@ -6,6 +6,17 @@ impl CacheRegistry {
     /// The phase-2 analysis (`GET /internal/cache/report`): per-pattern and shared miss ratio curves, memory,
     /// origin time saved, route × pattern, and the recommendation. Empty predictions when the analysis is disabled.
     pub fn report(&self) -> analysis::Report {
+        self.report_for(None)
+    }
+
+    /// The report with `memory_bytes` of Redis split across the patterns ([`analysis::BudgetPlan`], the `budget`
+    /// field): which patterns to serve so as to save the most origin time, each one's memory share and hit ratio;
+    /// the recommendation applies that split.
+    pub fn report_for_memory(&self, memory_bytes: u64) -> analysis::Report {
+        self.report_for(Some(memory_bytes))
+    }
+
+    fn report_for(&self, memory_bytes: Option<u64>) -> analysis::Report {
         use prometheus::core::Metric as _;
         let s = self.inner.active.load_full();
         let (capacities, overhead, ignore_ttl, curve_points) = match &self.inner.analysis {
@@ -118,6 +129,7 @@ impl CacheRegistry {
                 generated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 curve_points,
                 eviction: self.eviction(),
+                memory_bytes,
             },
             patterns,
             shared,
@@ -161,6 +173,7 @@ impl CacheRegistry {
     }
 
     /// Simulates `eviction` from now on in every estimator (their miniatures start afresh when it changes).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn set_eviction(&self, eviction: RedisEviction) {
         let Some(a) = self.inner.analysis.as_ref() else {
             return;

@@ -101,6 +101,9 @@ pub struct ReplayReport {
     /// The Redis eviction the predictions in bytes are for (the server's, with `--impl redis`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eviction: Option<crate::analysis::RedisEviction>,
+    /// With `--memory`: that budget split across the patterns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::analysis::BudgetPlan>,
 }
 
 /// How many malformed lines a replay tolerates before it fails.
@@ -495,6 +498,9 @@ impl ReplayReport {
                     .map_or_else(|| "exact LRU".to_string(), |e| e.to_string()),
                 self.predicted_lru_hit_ratio_at_maxmemory.unwrap_or(p),
             ));
+        }
+        if let Some(plan) = &self.budget {
+            out.push_str(&plan.to_table());
         }
         if !measured {
             out.push_str(

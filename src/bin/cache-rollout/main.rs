@@ -162,6 +162,18 @@ struct ReportArgs {
     /// Draw the predicted hit ratio against cache size (objects and bytes) per key pattern into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Split this much Redis memory across the patterns (e.g. 2GiB): which to serve, each one's share, hit ratio
+    /// and saving; the recommendation then applies that split.
+    #[arg(long, value_name = "SIZE", value_parser = memory_arg)]
+    memory: Option<u64>,
+}
+
+/// `--memory`: a size such as 2GiB.
+pub(crate) fn memory_arg(s: &str) -> std::result::Result<u64, String> {
+    cache_rollout::analysis::parse_memory(s).map_err(|e| match e {
+        cache_rollout::Error::Config { reason, .. } => reason,
+        e => e.to_string(),
+    })
 }
 
 #[derive(clap::Args, Default)]

@@ -94,6 +94,14 @@ pub(crate) struct ReplayArgs {
     /// otherwise allkeys-lru].
     #[arg(long, value_enum)]
     eviction: Option<EvictionArg>,
+    /// After the replay, split this much Redis memory across the patterns (e.g. 2GiB), as `report --memory` does:
+    /// the JSON's `budget`, and a table.
+    #[arg(long, value_name = "SIZE", value_parser = crate::memory_arg)]
+    memory: Option<u64>,
+    /// Serve only these key patterns (comma-separated; the others are observed), e.g. the whitelist a --memory
+    /// plan chose, to check it against a Redis of that size [default: every pattern].
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    whitelist: Option<Vec<String>>,
     /// Keys Redis samples per eviction (maxmemory-samples) [default: with --impl redis, the server's; otherwise 5].
     #[arg(long, value_name = "N")]
     maxmemory_samples: Option<u32>,
@@ -233,7 +241,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     let opts = RegistryOptions::default()
         .with_policy(Policy {
             cache_impl,
-            whitelist: vec!["*".into()],
+            whitelist: args.whitelist.clone().unwrap_or_else(|| vec!["*".into()]),
             default_ttl_secs: args.ttl.unwrap_or(86_400),
             patterns: args
                 .stale_while_revalidate
@@ -294,6 +302,7 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
                 "cache.analysis.max_sampling_rate" => "--max-sampling-rate",
                 "cache.analysis.eviction.samples" => "--maxmemory-samples",
                 "cache.default_ttl_secs" => "--ttl",
+                "cache.whitelist" => "--whitelist",
                 "cache.patterns.*.stale_while_revalidate_secs" => "--stale-while-revalidate",
                 _ => key.as_str(),
             };
@@ -394,6 +403,9 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     let mut report = match (result, &cleanup) {
         (Ok(mut r), _) => {
             r.eviction = Some(eviction);
+            r.budget = args
+                .memory
+                .and_then(|bytes| registry.report_for_memory(bytes).budget);
             r
         }
         (Err(e), Some(Err(c))) => {

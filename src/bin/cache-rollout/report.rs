@@ -22,7 +22,10 @@ pub(crate) async fn run(args: ReportArgs) -> Result<()> {
             reachable(ServiceSettings::load(Path::new("config"))?.bind_addr)
         ),
     };
-    let url = format!("{base}/internal/cache/report");
+    let url = match args.memory {
+        Some(bytes) => format!("{base}/internal/cache/report?memory={bytes}"),
+        None => format!("{base}/internal/cache/report"),
+    };
     let fail = |reason: String| Error::Report {
         url: url.clone(),
         reason,
