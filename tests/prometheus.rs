@@ -777,3 +777,120 @@ fn every_dashboard_query_and_recording_rule_returns_series_from_a_real_prometheu
         prom.log()
     );
 }
+
+/// The check of the prediction after the switch, end to end: a registry serving a pattern from a real Redis of
+/// 2 MiB while its prediction is made for 1 GiB (`cache.analysis.redis_memory_bytes`: Redis was given less memory
+/// than predicted). A loop over 8 MiB of values hits nearly always in 1 GiB and never in 2 MiB, so the gauge pair
+/// drifts apart; the gauges as scraped are then fed to promtool, which must fire `CacheHitRatioBelowPrediction`
+/// after its 30 minutes (and not before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_alert_fires_when_redis_has_less_memory_than_predicted() {
+    use cache_rollout::analysis::AnalysisOptions;
+    use cache_rollout::cache::{CacheImpl, RedisOptions};
+    use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
+    let registry = CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(Policy {
+                cache_impl: CacheImpl::Redis,
+                whitelist: vec!["item".into()],
+                ..Policy::default()
+            })
+            .with_redis(RedisOptions::default().with_url(redis.url()))
+            .with_analysis(AnalysisOptions {
+                redis_memory_bytes: Some(1 << 30),
+                ..AnalysisOptions::default()
+            }),
+    )
+    .await
+    .expect("registry");
+    assert_eq!(registry.policy().cache_impl, CacheImpl::Redis);
+    let value = "x".repeat(2000);
+    for _round in 0..6 {
+        for id in 0..4000 {
+            let v: String = registry
+                .get_or_load(&format!("item:{id}"), || async {
+                    Ok::<_, std::convert::Infallible>(value.clone())
+                })
+                .await
+                .expect("value");
+            assert_eq!(v.len(), 2000);
+        }
+    }
+    let gauge = |name: &str| -> f64 {
+        registry
+            .metrics()
+            .registry()
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == name)
+            .and_then(|f| {
+                f.get_metric()
+                    .iter()
+                    .find(|m| m.get_label().iter().any(|l| l.value() == "item"))
+                    .map(|m| m.get_gauge().get_value())
+            })
+            .unwrap_or_else(|| panic!("{name}{{key_pattern=\"item\"}} not exported"))
+    };
+    let measured = gauge("cache_served_hit_ratio");
+    let predicted = gauge("cache_served_predicted_hit_ratio");
+    eprintln!("2 MiB Redis, predicted for 1 GiB: measured {measured:.3}, predicted {predicted:.3}");
+    assert!(
+        predicted - measured > 0.5,
+        "measured {measured}, predicted {predicted}"
+    );
+    let report = registry.report();
+    assert_eq!(report.patterns["item"].served_hit_ratio, Some(measured));
+
+    // The scraped values, held for an hour, through the shipped rules. The summary shows the drift as Prometheus's
+    // `humanizePercentage` does (`%.4g%%`).
+    let drift = (predicted - measured) * 100.0;
+    let digits = (drift.abs().log10().floor() as i32 + 1).clamp(1, 4) as usize;
+    let mut shown = format!("{:.*}", 4 - digits, drift);
+    if shown.contains('.') {
+        shown = shown
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string();
+    }
+    let tests = format!(
+        r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'cache_served_hit_ratio{{job="cache-rollout",instance="a:8900",key_pattern="item"}}'
+        values: '{measured}x60'
+      - series: 'cache_served_predicted_hit_ratio{{job="cache-rollout",instance="a:8900",key_pattern="item"}}'
+        values: '{predicted}x60'
+      - series: 'cache_hits_total{{job="cache-rollout",instance="a:8900",impl="redis",key_pattern="item"}}'
+        values: '0+1x60'
+      - series: 'cache_miss_total{{job="cache-rollout",instance="a:8900",impl="redis",key_pattern="item"}}'
+        values: '0+100x60'
+    alert_rule_test:
+      - eval_time: 20m
+        alertname: CacheHitRatioBelowPrediction
+        exp_alerts: []
+      - eval_time: 45m
+        alertname: CacheHitRatioBelowPrediction
+        exp_alerts:
+          - exp_labels:
+              severity: warning
+              job: cache-rollout
+              instance: a:8900
+              key_pattern: item
+            exp_annotations:
+              summary: 'Key pattern item hits {shown}% less than predicted'
+              description: 'Served key pattern item on a:8900 has hit at least 10 points below the hit ratio predicted for the Redis memory it has for 30 minutes (cache_served_hit_ratio against cache_served_predicted_hit_ratio). Check Redis maxmemory and what else it holds, then GET /internal/cache/report?memory=<its maxmemory>; see docs/rollout.md.'
+"#,
+        rules = prometheus_dir().join("rules.yml").display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("drift_test.yml");
+    std::fs::write(&file, tests).expect("write the test");
+    let (ok, out) = promtool(&["test", "rules", &file.display().to_string()], None);
+    assert!(ok, "{out}");
+}

@@ -219,6 +219,30 @@ fn evaluate(
     (saved, pos, parts)
 }
 
+/// Every pattern of `inputs` sharing `budget` bytes (`None`: no limit): the bytes each occupies and its predicted
+/// hit ratio under `eviction`, in the order of `inputs`.
+pub(crate) fn split(
+    inputs: &[BudgetInput<'_>],
+    budget: Option<u64>,
+    eviction: RedisEviction,
+) -> Vec<(f64, f64)> {
+    let tables: Vec<Table> = inputs
+        .iter()
+        .map(|p| Table::new(p.curve, p.accesses_per_second))
+        .collect();
+    match budget {
+        Some(b) => {
+            let set: Vec<usize> = (0..inputs.len()).collect();
+            evaluate(inputs, &tables, &set, b as f64, eviction).2
+        }
+        None => inputs
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| (t.bytes[TIMES - 1], p.curve.max_hit_ratio()))
+            .collect(),
+    }
+}
+
 /// Splits `budget` bytes across the patterns of `inputs` (see the module's documentation).
 pub(crate) fn plan(inputs: &[BudgetInput<'_>], budget: u64, eviction: RedisEviction) -> BudgetPlan {
     let tables: Vec<Table> = inputs

@@ -18,7 +18,7 @@ mod route;
 mod shards;
 
 pub use self::budget::{parse_memory, BudgetPlan, BudgetShare, BUDGET_METHOD, MIN_BUDGET_BYTES};
-pub(crate) use self::budget::{plan as plan_budget, BudgetInput};
+pub(crate) use self::budget::{plan as plan_budget, split as split_budget, BudgetInput};
 pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
 pub use self::redis_sim::{EvictionPolicy, RedisEviction};
 pub(crate) use self::report::{build, shared_report, PatternInput, ReportContext, RouteInput};
@@ -69,8 +69,8 @@ pub struct AnalysisOptions {
     /// Run the estimators at all. Off, the observe path skips the key hash and the sample check.
     pub enabled: bool,
     /// Keys sampled per key pattern (SHARDS `s_max`, 64 to 1,048,576). Memory per pattern is bounded by
-    /// [`Shards::heap_bytes_bound`] of this: about 0.9 MiB for the default 7,168, reached only by patterns with more
-    /// distinct keys than that.
+    /// [`Shards::heap_bytes_bound`] of this: about 6.0 MiB for the default 7,168 with the eviction simulations (0.9
+    /// MiB without), approached only by patterns with more distinct keys than that.
     pub sample_keys: usize,
     /// Keys sampled by the estimator shared by all patterns.
     pub shared_sample_keys: usize,
@@ -79,7 +79,8 @@ pub struct AnalysisOptions {
     /// share of its calls.
     pub max_sampling_rate: f64,
     /// Patterns with their own estimator (the first seen, default 32); later patterns only feed the shared one. With
-    /// the defaults the estimators hold at most 32 × 0.9 MiB + 1.9 MiB (shared) ≈ 31 MiB.
+    /// the defaults the estimators hold at most 32 × 6.0 MiB + 14 MiB (shared) ≈ 206 MiB (measured peak on uniform
+    /// keys: 3.8 MiB per pattern), or 31 MiB with `simulate_eviction` off.
     pub max_patterns: usize,
     /// Redis memory per key besides key and value, in bytes.
     pub per_key_overhead_bytes: u32,
@@ -96,6 +97,14 @@ pub struct AnalysisOptions {
     /// the Redis of `REDIS_URL` when that answers (`CONFIG GET maxmemory-policy maxmemory-samples lfu-log-factor
     /// lfu-decay-time`), and is `allkeys-lru` with 5 samples until then.
     pub eviction: Option<RedisEviction>,
+    /// Memory the served patterns share in Redis, bytes, for the prediction the measured hit ratio is checked
+    /// against (`cache_served_predicted_hit_ratio`). Unset (the default): the Redis's `maxmemory` less its
+    /// `used_memory_startup`, read every minute; no limit without a `maxmemory`.
+    pub redis_memory_bytes: Option<u64>,
+    /// Run the miniature simulations of Redis's eviction (MiniSim). Off, byte predictions are exact LRU's and
+    /// each estimator's memory bound falls from about 6.0 MiB to 0.9 MiB ([`Shards::heap_bytes_bound_with`]);
+    /// measured peak with it on: 3.8 MiB per estimator on ten million distinct keys.
+    pub simulate_eviction: bool,
 }
 
 impl Default for AnalysisOptions {
@@ -111,6 +120,8 @@ impl Default for AnalysisOptions {
             ignore_ttl: false,
             curve_points: 40,
             eviction: None,
+            redis_memory_bytes: None,
+            simulate_eviction: true,
         }
     }
 }

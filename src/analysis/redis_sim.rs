@@ -199,6 +199,8 @@ pub(crate) struct Sims {
     group_reuses: [f64; GROUPS],
     /// Sampled accesses since the grid was last checked.
     since_check: u32,
+    /// Whether miniatures run at all (`cache.analysis.simulate_eviction`).
+    on: bool,
 }
 
 fn grid_bytes(i: usize) -> f64 {
@@ -214,7 +216,20 @@ impl Sims {
             group_gets: [0.0; GROUPS],
             group_reuses: [0.0; GROUPS],
             since_check: 0,
+            on: true,
         }
+    }
+
+    /// The same, running no miniature: predictions stay exact LRU's, the uncertainty is still measured.
+    pub(crate) fn without_miniatures(eviction: RedisEviction) -> Self {
+        Sims {
+            on: false,
+            ..Sims::new(eviction)
+        }
+    }
+
+    pub(crate) fn runs_miniatures(&self) -> bool {
+        self.on
     }
 
     pub(crate) fn eviction(&self) -> RedisEviction {
@@ -266,6 +281,9 @@ impl Sims {
         mean_weight: f64,
         live: &mut dyn Iterator<Item = (u64, u32, u32, u32)>,
     ) {
+        if !self.on {
+            return;
+        }
         let mut wanted = Vec::new();
         for i in 0..GRID {
             let mini = grid_bytes(i) * rate;

@@ -188,6 +188,13 @@ pub struct PatternReport {
     /// turning on, and why (empty when none is).
     #[serde(default)]
     pub advice: Vec<String>,
+    /// Served patterns: the hit ratio measured since it was served (0–1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_hit_ratio: Option<f64>,
+    /// Served patterns: the hit ratio predicted for the Redis memory it shares with the other served patterns,
+    /// under Redis's eviction (0–1); far above `served_hit_ratio` for long is drift (docs/rollout.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_predicted_hit_ratio: Option<f64>,
     /// The whole predicted miss ratio curve, in objects and in bytes (empty without an estimator).
     #[serde(default)]
     pub curve: CurveSamples,
@@ -523,6 +530,8 @@ fn pattern_report(
         loader_error_ratio: ratio(p.loader_errors as f64, calls as f64),
         absent_ratio: ratio(p.absent as f64, calls as f64),
         advice: Vec::new(),
+        served_hit_ratio: None,
+        served_predicted_hit_ratio: None,
         curve: CurveSamples::default(),
     };
     if r.loader_error_ratio >= ADVISE_ERROR_RATIO {

@@ -38,6 +38,8 @@ pub(super) struct WhitelistShards {
     pub(super) gets: std::sync::atomic::AtomicU64,
     /// Raw clock reading when it was created.
     pub(super) since: u64,
+    /// (gets, hits) of each pattern known then: the served hit ratio is counted from these.
+    pub(super) baseline: HashMap<String, (u64, u64)>,
 }
 
 /// The route of a pattern with settings `pp`, whitelisted or not, under its breaker.

@@ -12,12 +12,17 @@ pub(super) struct Analysis {
     /// Nanoseconds past the Unix minute at `epoch` (0 on a mock clock): the estimators' seconds and minutes then
     /// turn with Redis's, whose LRU clock counts Unix seconds and whose LFU decay counts Unix minutes.
     pub(super) phase_nanos: u64,
+    /// Memory for entries in the Redis the registry uses, bytes, as last read (`None`: not read yet, or no limit).
+    pub(super) redis_entry_bytes: std::sync::Mutex<Option<Option<u64>>>,
 }
 
 impl Analysis {
     /// A new estimator of `max_keys` keys, simulating the current eviction.
     pub(super) fn shards(&self, max_keys: usize) -> Shards {
         let s = Shards::with_max_rate(max_keys, self.opts.max_sampling_rate);
+        if !self.opts.simulate_eviction {
+            s.stop_simulating();
+        }
         s.set_eviction(self.eviction());
         s
     }

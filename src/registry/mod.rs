@@ -364,12 +364,16 @@ impl CacheRegistry {
                 opts.analysis.shared_sample_keys,
                 opts.analysis.max_sampling_rate,
             );
+            if !opts.analysis.simulate_eviction {
+                shared.stop_simulating();
+            }
             shared.set_eviction(eviction);
             Analysis {
                 shared,
                 epoch: clock.raw(),
                 opts: opts.analysis,
                 eviction: std::sync::Mutex::new(eviction),
+                redis_entry_bytes: std::sync::Mutex::new(None),
                 phase_nanos: if mock_clock {
                     0
                 } else {
@@ -426,6 +430,10 @@ impl CacheRegistry {
             if let Err(e) = registry.inner.metrics.registry().register(Box::new(gauge)) {
                 tracing::warn!(error = %e, "cache: cache_predicted_hit_ratio not registered");
             }
+            let served = report::ServedHitRatio::new(Arc::downgrade(&registry.inner));
+            if let Err(e) = registry.inner.metrics.registry().register(Box::new(served)) {
+                tracing::warn!(error = %e, "cache: cache_served_hit_ratio not registered");
+            }
         }
         let target = opts.policy;
         registry
@@ -450,35 +458,38 @@ impl CacheRegistry {
             registry.spawn_retry(target);
         }
         #[cfg(feature = "redis")]
-        if registry
-            .inner
-            .analysis
-            .as_ref()
-            .is_some_and(|a| a.opts.eviction.is_none())
-        {
-            registry.spawn_eviction_probe();
+        if registry.inner.analysis.is_some() {
+            registry.spawn_redis_probe();
         }
         Ok(registry)
     }
 
-    /// Reads the eviction of the Redis the registry would use (`CONFIG GET maxmemory-policy …`) when it answers, and
-    /// simulates that: at start, then every minute until it answers, then every ten minutes (a `CONFIG SET` is
-    /// followed). A policy the estimators do not simulate leaves the current one.
+    /// Reads the memory and eviction of the Redis the registry would use (`CONFIG GET maxmemory-policy …`, `INFO
+    /// memory`) at start and every minute: the estimators simulate its eviction (unless `cache.analysis.eviction`
+    /// is set; a policy they do not simulate leaves the current one), and the served patterns' prediction is for its
+    /// memory. Nothing is written.
     #[cfg(feature = "redis")]
-    fn spawn_eviction_probe(&self) {
+    fn spawn_redis_probe(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let reg = CacheRegistry { inner };
                 let url = reg.inner.active.load().redis.url.clone();
-                let learnt = crate::cache::RedisMemory::read(&url, Duration::from_secs(2)).await;
-                if let Ok(Some(e)) = learnt.as_ref().map(|m| m.eviction) {
-                    reg.set_eviction(e);
+                if let Ok(m) = crate::cache::RedisMemory::read(&url, Duration::from_secs(2)).await {
+                    if let Some(a) = &reg.inner.analysis {
+                        *a.redis_entry_bytes
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(m.entry_bytes());
+                        if a.opts.eviction.is_none() {
+                            if let Some(e) = m.eviction {
+                                reg.set_eviction(e);
+                            }
+                        }
+                    }
                 }
                 drop(reg);
-                let wait = if learnt.is_ok() { 600 } else { 60 };
-                tokio::time::sleep(Duration::from_secs(wait)).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
             }
         });
     }

@@ -121,7 +121,7 @@ impl CacheRegistry {
                     .collect(),
             })
             .collect();
-        analysis::build(
+        let mut report = analysis::build(
             analysis::ReportContext {
                 capacities: &capacities,
                 per_key_overhead_bytes: overhead,
@@ -135,7 +135,14 @@ impl CacheRegistry {
             shared,
             whitelisted,
             routes,
-        )
+        );
+        for (name, measured, predicted) in self.served_hit_ratios() {
+            if let Some(p) = report.patterns.get_mut(&name) {
+                p.served_hit_ratio = Some(measured);
+                p.served_predicted_hit_ratio = predicted;
+            }
+        }
+        report
     }
 
     /// Predicted hit ratio of every pattern together in one LRU cache of `bytes` bytes (keys, values and the
@@ -211,6 +218,71 @@ impl CacheRegistry {
             * 1e-9
     }
 
+    /// For each served pattern with an estimator and a get since it was served: (pattern, measured hit ratio since
+    /// it was served, predicted hit ratio for the memory it shares with the other served patterns in Redis). The
+    /// prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`, or read from Redis).
+    pub(crate) fn served_hit_ratios(&self) -> Vec<(String, f64, Option<f64>)> {
+        let Some(a) = &self.inner.analysis else {
+            return Vec::new();
+        };
+        let s = self.inner.active.load();
+        let Some(w) = &s.whitelisted else {
+            return Vec::new();
+        };
+        let observed = self.observed_seconds();
+        let mut rows = Vec::new();
+        let mut curves = Vec::new();
+        for (name, &i) in s.patterns.iter() {
+            if !s.routed(name) {
+                continue;
+            }
+            let e = self.slot(i);
+            let Some(sh) = &e.shards else { continue };
+            let c = e.metrics.counts();
+            let (g0, h0) = w.baseline.get(&**name).copied().unwrap_or((0, 0));
+            let gets = c.gets.saturating_sub(g0);
+            if gets == 0 {
+                continue;
+            }
+            let measured = c.hits.saturating_sub(h0) as f64 / gets as f64;
+            rows.push((name.to_string(), measured));
+            curves.push((sh.curve(c.gets).0, c.gets, c.writes));
+        }
+        let memory = match a.opts.redis_memory_bytes {
+            Some(b) => Some(Some(b)),
+            None => *a
+                .redis_entry_bytes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        };
+        let predicted: Vec<Option<f64>> = match memory {
+            None => vec![None; rows.len()],
+            Some(budget) => {
+                let inputs: Vec<analysis::BudgetInput<'_>> = rows
+                    .iter()
+                    .zip(&curves)
+                    .map(|((name, _), (curve, gets, writes))| analysis::BudgetInput {
+                        name,
+                        curve,
+                        gets_per_second: *gets as f64 / observed.max(1e-9),
+                        accesses_per_second: (gets + writes) as f64 / observed.max(1e-9),
+                        loader_seconds: 1.0,
+                        eligible: true,
+                        ttl_secs: None,
+                    })
+                    .collect();
+                analysis::split_budget(&inputs, budget, a.eviction())
+                    .into_iter()
+                    .map(|(_, h)| Some(h))
+                    .collect()
+            }
+        };
+        rows.into_iter()
+            .zip(predicted)
+            .map(|((n, m), p)| (n, m, p))
+            .collect()
+    }
+
     /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
     /// together (`key_pattern="*"`), for the `cache_predicted_hit_ratio` gauge: (pattern, capacity, ratio).
     pub(crate) fn predicted_hit_ratios(&self) -> Vec<(String, u64, f64)> {
@@ -236,6 +308,89 @@ impl CacheRegistry {
             out.push(("*".to_string(), c, curve.hit_ratio_at_objects(c as f64)));
         }
         out
+    }
+}
+
+/// `cache_served_hit_ratio{key_pattern}` and `cache_served_predicted_hit_ratio{key_pattern}`: for every served
+/// pattern, the hit ratio measured since it was served and the one predicted for the memory it has, computed at
+/// scrape time (the check of the prediction after the switch).
+pub(super) struct ServedHitRatio {
+    pub(super) registry: std::sync::Weak<Inner>,
+    pub(super) measured: prometheus::core::Desc,
+    pub(super) predicted: prometheus::core::Desc,
+}
+
+impl ServedHitRatio {
+    pub(super) fn new(registry: std::sync::Weak<Inner>) -> Self {
+        let desc = |name: &str, help: &str| {
+            prometheus::core::Desc::new(
+                name.into(),
+                help.into(),
+                vec!["key_pattern".into()],
+                HashMap::new(),
+            )
+            .expect("valid gauge description")
+        };
+        ServedHitRatio {
+            registry,
+            measured: desc(
+                "cache_served_hit_ratio",
+                "Hit ratio (0-1) of a served key pattern's gets since it was served.",
+            ),
+            predicted: desc(
+                "cache_served_predicted_hit_ratio",
+                "Predicted hit ratio (0-1) of a served key pattern for the Redis memory it shares with the other \
+                 served patterns, under Redis's eviction.",
+            ),
+        }
+    }
+}
+
+/// One gauge family of `(key_pattern, value)` rows.
+fn gauge_family(
+    desc: &prometheus::core::Desc,
+    rows: impl Iterator<Item = (String, f64)>,
+) -> prometheus::proto::MetricFamily {
+    use prometheus::proto;
+    let metrics = rows
+        .map(|(pattern, v)| {
+            let mut m = proto::Metric::default();
+            let mut l = proto::LabelPair::default();
+            l.set_name("key_pattern".to_string());
+            l.set_value(pattern);
+            m.set_label(vec![l]);
+            let mut g = proto::Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+            m
+        })
+        .collect();
+    let mut family = proto::MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(proto::MetricType::GAUGE);
+    family.set_metric(metrics);
+    family
+}
+
+impl prometheus::core::Collector for ServedHitRatio {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.measured, &self.predicted]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(inner) = self.registry.upgrade() else {
+            return Vec::new();
+        };
+        let rows = CacheRegistry { inner }.served_hit_ratios();
+        vec![
+            gauge_family(&self.measured, rows.iter().map(|(n, m, _)| (n.clone(), *m))),
+            gauge_family(
+                &self.predicted,
+                rows.iter()
+                    .filter_map(|(n, _, p)| p.map(|p| (n.clone(), p))),
+            ),
+        ]
     }
 }
 

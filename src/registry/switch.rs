@@ -285,10 +285,19 @@ impl CacheRegistry {
                 return Some(Arc::clone(w));
             }
         }
+        let baseline = next
+            .patterns
+            .iter()
+            .map(|(name, &i)| {
+                let c = self.slot(i).metrics.counts();
+                (name.to_string(), (c.gets, c.hits))
+            })
+            .collect();
         Some(Arc::new(WhitelistShards {
             shards: a.shards(a.opts.shared_sample_keys),
             gets: std::sync::atomic::AtomicU64::new(0),
             since: self.inner.clock.raw(),
+            baseline,
         }))
     }
 

@@ -17,6 +17,8 @@ pub struct RedisMemory {
     pub used_memory_bytes: u64,
     /// `used_memory_dataset`, bytes: the keys and values (Redis's own estimate).
     pub dataset_bytes: u64,
+    /// `used_memory_startup`, bytes: what the server held at start, before any key.
+    pub startup_bytes: u64,
     /// Keys in the selected database (`DBSIZE`).
     pub keys: u64,
     /// `maxmemory-policy` as Redis names it.
@@ -27,6 +29,11 @@ pub struct RedisMemory {
 }
 
 impl RedisMemory {
+    /// Memory for entries, bytes: `maxmemory` less what the server held at start; `None` without a `maxmemory`.
+    pub fn entry_bytes(&self) -> Option<u64> {
+        (self.maxmemory_bytes > 0).then(|| self.maxmemory_bytes.saturating_sub(self.startup_bytes))
+    }
+
     /// Reads them from the Redis at `url` (a single server; for a Cluster URL, the first node's), on a connection
     /// of its own, within `timeout` in all.
     ///
@@ -86,6 +93,7 @@ impl RedisMemory {
             maxmemory_bytes: num("maxmemory").unwrap_or(0),
             used_memory_bytes: field("used_memory"),
             dataset_bytes: field("used_memory_dataset"),
+            startup_bytes: field("used_memory_startup"),
             keys,
             maxmemory_policy: policy,
             eviction,
