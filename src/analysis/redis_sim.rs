@@ -139,11 +139,10 @@ pub(crate) struct SimPoint {
     pub(crate) lru_std_error: f64,
 }
 
-/// A key's state in one miniature.
+/// A resident key's state in one miniature.
 #[derive(Clone, Copy)]
 struct Slot {
-    /// Index in `Sim::order`.
-    pos: u32,
+    hash: u64,
     weight: u32,
     /// When its copy was written, seconds (TTL).
     written: u32,
@@ -157,9 +156,10 @@ struct Slot {
 struct Sim {
     /// Whole-cache bytes.
     capacity: f64,
-    slots: HashMap<u64, Slot, BuildHasherDefault<IdHasher>>,
-    /// Resident keys, for drawing random samples.
-    order: Vec<u64>,
+    /// Resident keys: hash → index in `order`.
+    slots: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
+    /// Resident keys and their state, in no order: a random index is a random sample.
+    order: Vec<Slot>,
     /// Bytes of the resident keys (whole-key sizes, sample scale).
     bytes: u64,
     /// The eviction pool: (score, hash), ascending, at most [`POOL`].
@@ -356,8 +356,8 @@ impl Sims {
             .iter()
             .flatten()
             .map(|s| {
-                s.slots.capacity() * (std::mem::size_of::<(u64, Slot)>() + 1)
-                    + s.order.capacity() * 8
+                s.slots.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+                    + s.order.capacity() * std::mem::size_of::<Slot>()
                     + s.pool.capacity() * 16
             })
             .sum()
@@ -400,27 +400,24 @@ impl Sim {
     }
 
     fn insert(&mut self, h: u64, weight: u32, written: u32, last: u32) {
-        self.slots.insert(
-            h,
-            Slot {
-                pos: self.order.len() as u32,
-                weight,
-                written,
-                last,
-                counter: LFU_INIT,
-            },
-        );
-        self.order.push(h);
+        self.slots.insert(h, self.order.len() as u32);
+        self.order.push(Slot {
+            hash: h,
+            weight,
+            written,
+            last,
+            counter: LFU_INIT,
+        });
         self.bytes += u64::from(weight);
     }
 
     fn remove(&mut self, h: u64) {
-        if let Some(slot) = self.slots.remove(&h) {
-            let pos = slot.pos as usize;
-            self.order.swap_remove(pos);
-            if let Some(&moved) = self.order.get(pos) {
-                if let Some(m) = self.slots.get_mut(&moved) {
-                    m.pos = pos as u32;
+        if let Some(pos) = self.slots.remove(&h) {
+            let pos = pos as usize;
+            let slot = self.order.swap_remove(pos);
+            if let Some(moved) = self.order.get(pos) {
+                if let Some(m) = self.slots.get_mut(&moved.hash) {
+                    *m = pos as u32;
                 }
             }
             self.bytes -= u64::from(slot.weight);
@@ -431,15 +428,12 @@ impl Sim {
         let rate = 1.0 / a.w;
         self.clock = self.clock.max(a.now);
         let lru_hit = a.lru_distance.is_some_and(|d| d < self.capacity);
-        let slot = self.slots.get_mut(&a.hash);
-        let live = slot.and_then(|s| {
-            let expired = a
-                .ttl
-                .is_some_and(|ttl| a.now.saturating_sub(s.written) >= ttl);
-            (!expired).then_some(s)
+        let live = self.slots.get(&a.hash).map(|&p| p as usize).filter(|&p| {
+            a.ttl
+                .is_none_or(|ttl| a.now.saturating_sub(self.order[p].written) < ttl)
         });
         match live {
-            Some(s) => {
+            Some(p) => {
                 if a.get {
                     self.gets[g] += a.w;
                     self.hits[g] += a.w;
@@ -447,6 +441,7 @@ impl Sim {
                         self.lru_hits[g] += a.w;
                     }
                 }
+                let s = &mut self.order[p];
                 if e.policy == EvictionPolicy::AllkeysLfu {
                     let c = lfu_decayed(s.counter, s.last, a.now, e.lfu_decay_minutes);
                     s.counter = lfu_incr(c, e.lfu_log_factor, rng);
@@ -514,10 +509,8 @@ impl Sim {
             return;
         }
         for _ in 0..e.samples.min(n as u32) {
-            let h = self.order[rng.usize(..n)];
-            let Some(s) = self.slots.get(&h) else {
-                continue;
-            };
+            let s = self.order[rng.usize(..n)];
+            let h = s.hash;
             let score = match e.policy {
                 // Idle seconds (Redis's milliseconds are whole seconds too).
                 EvictionPolicy::AllkeysLru => u64::from(self.clock.saturating_sub(s.last)),
