@@ -844,9 +844,11 @@ async fn drift_alert_fires_when_redis_has_less_memory_than_predicted() {
     let report = registry.report();
     assert_eq!(report.patterns["item"].served_hit_ratio, Some(measured));
 
-    // The scraped values, held for an hour, through the shipped rules. The summary shows the drift as Prometheus's
-    // `humanizePercentage` does (`%.4g%%`).
-    let drift = (predicted - measured) * 100.0;
+    // The scraped prediction, held for an hour, with the measured ratio as the served reads' counters (1,000 a
+    // minute), through the shipped rules. The summary shows the drift as Prometheus's `humanizePercentage` does
+    // (`%.4g%%`).
+    let hits = (measured * 1000.0).round();
+    let drift = (predicted - hits / 1000.0) * 100.0;
     let digits = (drift.abs().log10().floor() as i32 + 1).clamp(1, 4) as usize;
     let mut shown = format!("{:.*}", 4 - digits, drift);
     if shown.contains('.') {
@@ -862,14 +864,12 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'cache_served_hit_ratio{{job="cache-rollout",instance="a:8900",key_pattern="item"}}'
-        values: '{measured}x60'
       - series: 'cache_served_predicted_hit_ratio{{job="cache-rollout",instance="a:8900",key_pattern="item"}}'
         values: '{predicted}x60'
       - series: 'cache_hits_total{{job="cache-rollout",instance="a:8900",impl="redis",key_pattern="item"}}'
-        values: '0+1x60'
+        values: '0+{hits}x60'
       - series: 'cache_miss_total{{job="cache-rollout",instance="a:8900",impl="redis",key_pattern="item"}}'
-        values: '0+100x60'
+        values: '0+{misses}x60'
     alert_rule_test:
       - eval_time: 20m
         alertname: CacheHitRatioBelowPrediction
@@ -884,9 +884,10 @@ tests:
               key_pattern: item
             exp_annotations:
               summary: 'Key pattern item hits {shown}% less than predicted'
-              description: 'Served key pattern item on a:8900 has hit at least 10 points below the hit ratio predicted for the Redis memory it has for 30 minutes (cache_served_hit_ratio against cache_served_predicted_hit_ratio). Check Redis maxmemory and what else it holds, then GET /internal/cache/report?memory=<its maxmemory>; see docs/rollout.md.'
+              description: 'Served key pattern item on a:8900 has hit at least 10 points below the hit ratio predicted for the Redis memory it has for 30 minutes (its served reads against cache_served_predicted_hit_ratio). Check Redis maxmemory and what else it holds, then GET /internal/cache/report?memory=<its maxmemory>; see docs/rollout.md.'
 "#,
-        rules = prometheus_dir().join("rules.yml").display()
+        rules = prometheus_dir().join("rules.yml").display(),
+        misses = 1000.0 - hits,
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("drift_test.yml");

@@ -121,7 +121,7 @@ pub fn parse_memory(s: &str) -> crate::Result<u64> {
 /// The method line of a plan.
 pub const BUDGET_METHOD: &str = "characteristic time (Che, Tung and Wang, IEEE JSAC 2002; Fricker, Robert and \
 Roberts, ITC 2012) over each pattern's SHARDS byte curve and reuse times, hit ratios corrected for Redis's eviction \
-(MiniSim); whitelist by backward elimination";
+(MiniSim; the occupancies are LRU's, also under allkeys-lfu); whitelist by backward elimination";
 
 /// One pattern's occupancy and hit ratio at each characteristic time of the grid.
 struct Table {
@@ -168,7 +168,8 @@ fn fill(tables: &[Table], set: &[usize], budget: f64) -> Option<f64> {
         let b = at(k);
         if b > budget {
             if k == 0 {
-                return Some(0.0);
+                // Full before the shortest time of the grid: between no time (no bytes) and it.
+                return Some(budget / b - 1.0);
             }
             let t = if b > prev {
                 (budget - prev) / (b - prev)
@@ -186,6 +187,7 @@ fn fill(tables: &[Table], set: &[usize], budget: f64) -> Option<f64> {
 fn occupancy(table: &Table, pos: Option<f64>) -> f64 {
     match pos {
         None => table.bytes[TIMES - 1],
+        Some(p) if p < 0.0 => table.bytes[0] * (p + 1.0),
         Some(p) => {
             let k = (p.floor() as usize).min(TIMES - 1);
             let next = (k + 1).min(TIMES - 1);
@@ -347,6 +349,9 @@ pub(crate) fn plan(inputs: &[BudgetInput<'_>], budget: u64, eviction: RedisEvict
         eviction,
         method: BUDGET_METHOD.to_string(),
         characteristic_time_secs: pos.map(|p| {
+            if p < 0.0 {
+                return time_at(0) * (p + 1.0);
+            }
             let k = (p.floor() as usize).min(TIMES - 1);
             let t = p - k as f64;
             let (a, z) = (time_at(k).ln(), time_at((k + 1).min(TIMES - 1)).ln());

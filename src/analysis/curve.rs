@@ -153,7 +153,7 @@ fn interpolate(points: &[SimPoint], bytes: f64, f: impl Fn(&SimPoint) -> f64) ->
     if bytes <= first.capacity_bytes {
         return Some(f(first));
     }
-    if bytes >= last.capacity_bytes {
+    if !bytes.is_finite() || bytes >= last.capacity_bytes {
         return Some(f(last));
     }
     let i = points.partition_point(|p| p.capacity_bytes <= bytes);
@@ -185,8 +185,19 @@ impl Curve {
     pub fn hit_ratio_at_bytes_for(&self, policy: Option<RedisEviction>, bytes: f64) -> f64 {
         let lru = self.hit_ratio_at_bytes(bytes);
         match (policy, &self.policy) {
-            (Some(want), Some(p)) if p.eviction == want => {
-                let delta = interpolate(&p.points, bytes, |s| s.delta).unwrap_or(0.0);
+            (Some(want), Some(p)) if p.eviction.policy == want.policy => {
+                let mut delta = interpolate(&p.points, bytes, |s| s.delta).unwrap_or(0.0);
+                // Below the smallest miniature the difference shrinks with the hit ratio itself (none at 0 bytes).
+                if let Some(first) = p.points.first() {
+                    if bytes < first.capacity_bytes {
+                        let at_first = self.hit_ratio_at_bytes(first.capacity_bytes);
+                        delta *= if at_first > 0.0 {
+                            (lru / at_first).min(1.0)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
                 (lru + delta).clamp(0.0, self.max_hit_ratio())
             }
             _ => lru,
@@ -208,14 +219,22 @@ impl Curve {
             return 0.0;
         };
         let beyond = p.points.last().is_none_or(|l| bytes > l.capacity_bytes);
+        let simulated = policy.is_some_and(|want| want.policy == p.eviction.policy);
         let se = if beyond {
             p.max_std_error
-        } else if policy.is_some_and(|want| want == p.eviction) {
+        } else if simulated {
             interpolate(&p.points, bytes, |s| s.std_error).unwrap_or(p.max_std_error)
         } else {
             interpolate(&p.points, bytes, |s| s.lru_std_error).unwrap_or(p.max_std_error)
         };
-        (se * INTERVAL * 1e5).round() / 1e5
+        let mut u = se * INTERVAL;
+        // Below the smallest miniature the correction is extrapolated: at least as unsure as the correction.
+        if let Some(first) = p.points.first() {
+            if simulated && bytes < first.capacity_bytes {
+                u = u.max(first.delta.abs());
+            }
+        }
+        (u * 1e5).round() / 1e5
     }
 
     /// The best hit ratio any size reaches: every get that is not a cold, expiry or invalidation miss.

@@ -75,7 +75,7 @@ impl std::fmt::Display for EvictionPolicy {
 /// How a Redis evicts: the policy and the settings that shape it (Redis's defaults: 5 samples, log factor 10,
 /// decay time 1 minute).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct RedisEviction {
     /// `maxmemory-policy`.
     pub policy: EvictionPolicy,
@@ -169,7 +169,15 @@ struct Sim {
     gets: [f64; GROUPS],
     hits: [f64; GROUPS],
     lru_hits: [f64; GROUPS],
+    /// Sampled gets counted so far (unweighted).
+    sampled: u64,
+    /// Sampled accesses still to pass before gets count: one turnover of what it held when it started, so that
+    /// LFU counters and the pool have history.
+    warming: u64,
 }
+
+/// Sampled gets a miniature needs before its point is used.
+const MIN_POINT_GETS: u64 = 256;
 
 /// One access as the miniatures see it.
 #[derive(Clone, Copy)]
@@ -314,6 +322,8 @@ impl Sims {
                 gets: [0.0; GROUPS],
                 hits: [0.0; GROUPS],
                 lru_hits: [0.0; GROUPS],
+                sampled: 0,
+                warming: keys.len() as u64,
             };
             for &(h, weight, written, last) in &keys {
                 sim.insert(h, weight, written, last);
@@ -348,6 +358,16 @@ impl Sims {
     pub(crate) fn max_running(max_keys: usize) -> usize {
         let span = STOP_SHARE * max_keys as f64 / MIN_MINI_KEYS;
         (span.max(1.0).log2().floor() as usize + 1).min(GRID)
+    }
+
+    /// The most heap bytes one miniature holds for a sample of `max_keys`: every sampled key resident, in a key
+    /// table grown to room for `2 × max_keys` (removals leave tombstones; hashbrown's sizing: buckets the next power
+    /// of two of 8/7 of that, 16 bytes and a control byte each) and a resident array grown by doubling, and the pool.
+    pub(crate) fn sim_bytes_bound(max_keys: usize) -> usize {
+        let buckets = (2 * max_keys * 8).div_ceil(7).next_power_of_two();
+        let table = buckets * (std::mem::size_of::<(u64, u32)>() + 1) + 16;
+        let order = 2 * max_keys.next_power_of_two() * std::mem::size_of::<Slot>();
+        table + order + POOL * 16
     }
 
     /// Heap bytes held now.
@@ -385,7 +405,7 @@ fn std_error(num: &[f64; GROUPS], den: &[f64; GROUPS]) -> f64 {
 impl Sim {
     fn point(&self) -> Option<SimPoint> {
         let gets: f64 = self.gets.iter().sum();
-        if gets <= 0.0 {
+        if gets <= 0.0 || self.sampled < MIN_POINT_GETS {
             return None;
         }
         let hits: f64 = self.hits.iter().sum();
@@ -426,6 +446,12 @@ impl Sim {
 
     fn access(&mut self, a: SimAccess, g: usize, e: &RedisEviction, rng: &mut fastrand::Rng) {
         let rate = 1.0 / a.w;
+        // While it warms up it evicts and updates, but counts nothing.
+        let count = a.get && self.warming == 0;
+        self.warming = self.warming.saturating_sub(1);
+        if count {
+            self.sampled += 1;
+        }
         self.clock = self.clock.max(a.now);
         let lru_hit = a.lru_distance.is_some_and(|d| d < self.capacity);
         let live = self.slots.get(&a.hash).map(|&p| p as usize).filter(|&p| {
@@ -434,7 +460,7 @@ impl Sim {
         });
         match live {
             Some(p) => {
-                if a.get {
+                if count {
                     self.gets[g] += a.w;
                     self.hits[g] += a.w;
                     if lru_hit {
@@ -458,7 +484,7 @@ impl Sim {
                 }
             }
             None => {
-                if a.get {
+                if count {
                     self.gets[g] += a.w;
                     if lru_hit {
                         self.lru_hits[g] += a.w;

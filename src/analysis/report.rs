@@ -338,6 +338,8 @@ pub(crate) struct PatternInput {
     pub(crate) curve: Option<(Curve, SampleStats)>,
     pub(crate) loader_errors: u64,
     pub(crate) absent: u64,
+    /// Seconds since the pattern was first seen (its rates in a budget split).
+    pub(crate) age_seconds: f64,
 }
 
 /// One route's raw figures.
@@ -755,8 +757,8 @@ pub(crate) fn build(
                 Some(super::BudgetInput {
                     name: &p.name,
                     curve,
-                    gets_per_second: r.gets_per_second,
-                    accesses_per_second: ratio((p.gets + p.writes) as f64, observed_seconds),
+                    gets_per_second: ratio(p.gets as f64, p.age_seconds),
+                    accesses_per_second: ratio((p.gets + p.writes) as f64, p.age_seconds),
                     // A hit saves the mean load; with no load timed yet (a replay's instant loader), 1 µs, so
                     // that the plan still maximises hits.
                     loader_seconds: r.loader.mean_seconds.max(1e-6),
@@ -777,6 +779,16 @@ pub(crate) fn build(
     };
     if let Some(plan) = &budget {
         saved = plan.origin_seconds_saved_per_second;
+        // The per-pattern verdicts follow the plan: a pattern it leaves out is not recommended.
+        for (name, share) in &plan.patterns {
+            if let Some(r) = out.get_mut(name) {
+                r.recommended = share.served;
+                r.reasons.push(format!("memory budget: {}", share.reason));
+                if share.served {
+                    r.recommended_memory_bytes = Some(share.memory_bytes);
+                }
+            }
+        }
     }
     let mut apply_patterns = BTreeMap::new();
     let mut toml = String::from("[cache]\nimpl = \"redis\"\n");

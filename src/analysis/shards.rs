@@ -567,7 +567,7 @@ impl Shards {
             } else {
                 0.0
             },
-            policy: Some({
+            policy: s.sims.runs_miniatures().then(|| {
                 let fpc = Sims::finite_population(s.threshold as f64 / 2f64.powi(64));
                 let mut points = s.sims.points();
                 for p in &mut points {
@@ -600,7 +600,7 @@ impl Shards {
     }
 
     /// [`heap_bytes_bound`](Self::heap_bytes_bound), with or without the miniature simulations of Redis's eviction
-    /// (`cache.analysis.simulate_eviction`): about 6.0 MiB and 0.9 MiB for the default 7,168 keys.
+    /// (`cache.analysis.simulate_eviction`): about 7.0 MiB and 0.9 MiB for the default 7,168 keys.
     pub fn heap_bytes_bound_with(max_keys: usize, miniatures: bool) -> usize {
         let max_keys = max_keys.max(64);
         let table = table_bytes(2 * max_keys);
@@ -608,11 +608,9 @@ impl Shards {
         let tree = (2 * max_keys + 3) * 12;
         let compaction = max_keys * 16;
         let histograms = 3 * LogHistogram::default().heap_bytes() + 34 * 8;
-        // Each running miniature (redis_sim) holds at most every sampled key: a table like the sample's, the
-        // resident list (8 bytes a key, grown by doubling), the pool.
+        // Each running miniature (redis_sim) holds at most every sampled key.
         let miniatures = if miniatures {
-            Sims::max_running(max_keys)
-                * (table_bytes(2 * max_keys) + 2 * max_keys.next_power_of_two() * 8 + 16 * 16)
+            Sims::max_running(max_keys) * Sims::sim_bytes_bound(max_keys)
         } else {
             0
         };

@@ -256,6 +256,8 @@ struct PatternEntry {
     slot: u32,
     /// Its own miss-ratio-curve estimator (the first `analysis.max_patterns` patterns).
     shards: Option<Shards>,
+    /// Raw clock reading when it was first seen: its rates are over its own age.
+    born: u64,
 }
 
 /// Pattern name → index into `Inner::slots`.
@@ -435,6 +437,8 @@ impl CacheRegistry {
                 tracing::warn!(error = %e, "cache: cache_served_hit_ratio not registered");
             }
         }
+        #[cfg(feature = "redis")]
+        let probe_default = opts.policy.cache_impl == CacheImpl::Redis;
         let target = opts.policy;
         registry
             .inner
@@ -457,8 +461,12 @@ impl CacheRegistry {
             );
             registry.spawn_retry(target);
         }
+        // Only a Redis the service was told about: the default URL is not asked unless the policy serves from it.
         #[cfg(feature = "redis")]
-        if registry.inner.analysis.is_some() {
+        if registry.inner.analysis.is_some()
+            && (probe_default
+                || registry.inner.active.load().redis.url != RedisOptions::default().url)
+        {
             registry.spawn_redis_probe();
         }
         Ok(registry)
@@ -474,9 +482,15 @@ impl CacheRegistry {
         tokio::spawn(async move {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
+                let url = inner.active.load().redis.url.clone();
+                drop(inner);
+                let read = crate::cache::RedisMemory::read(&url, Duration::from_secs(2)).await;
+                let Some(inner) = weak.upgrade() else { return };
                 let reg = CacheRegistry { inner };
-                let url = reg.inner.active.load().redis.url.clone();
-                if let Ok(m) = crate::cache::RedisMemory::read(&url, Duration::from_secs(2)).await {
+                if let Err(e) = &read {
+                    tracing::debug!(error = %e, "cache: Redis's memory and eviction not read");
+                }
+                if let Ok(m) = read {
                     if let Some(a) = &reg.inner.analysis {
                         *a.redis_entry_bytes
                             .lock()
@@ -554,6 +568,7 @@ impl CacheRegistry {
             rollout: OnceLock::new(),
             slot: idx as u32,
             shards,
+            born: self.inner.clock.raw(),
         }
     }
 

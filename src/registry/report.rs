@@ -64,6 +64,7 @@ impl CacheRegistry {
                     curve: e.shards.as_ref().map(|sh| sh.curve(counts.gets)),
                     loader_errors: counts.loader_errors,
                     absent: counts.absent,
+                    age_seconds: self.age_seconds(e.born),
                 }
             })
             .collect();
@@ -205,6 +206,14 @@ impl CacheRegistry {
         }
     }
 
+    /// Seconds since raw clock reading `born`, on the registry's clock.
+    pub(super) fn age_seconds(&self, born: u64) -> f64 {
+        self.inner
+            .clock
+            .delta_as_nanos(born, self.inner.clock.raw()) as f64
+            * 1e-9
+    }
+
     /// Seconds since the registry started, on its clock.
     pub(super) fn observed_seconds(&self) -> f64 {
         let epoch = self
@@ -229,7 +238,10 @@ impl CacheRegistry {
         let Some(w) = &s.whitelisted else {
             return Vec::new();
         };
-        let observed = self.observed_seconds();
+        // The prediction is of a Redis: an in-process cache is not checked against it.
+        if s.policy.cache_impl != CacheImpl::Redis {
+            return Vec::new();
+        }
         let mut rows = Vec::new();
         let mut curves = Vec::new();
         for (name, &i) in s.patterns.iter() {
@@ -246,7 +258,12 @@ impl CacheRegistry {
             }
             let measured = c.hits.saturating_sub(h0) as f64 / gets as f64;
             rows.push((name.to_string(), measured));
-            curves.push((sh.curve(c.gets).0, c.gets, c.writes));
+            curves.push((
+                sh.curve(c.gets).0,
+                c.gets,
+                c.writes,
+                self.age_seconds(e.born),
+            ));
         }
         let memory = match a.opts.redis_memory_bytes {
             Some(b) => Some(Some(b)),
@@ -261,15 +278,17 @@ impl CacheRegistry {
                 let inputs: Vec<analysis::BudgetInput<'_>> = rows
                     .iter()
                     .zip(&curves)
-                    .map(|((name, _), (curve, gets, writes))| analysis::BudgetInput {
-                        name,
-                        curve,
-                        gets_per_second: *gets as f64 / observed.max(1e-9),
-                        accesses_per_second: (gets + writes) as f64 / observed.max(1e-9),
-                        loader_seconds: 1.0,
-                        eligible: true,
-                        ttl_secs: None,
-                    })
+                    .map(
+                        |((name, _), (curve, gets, writes, age))| analysis::BudgetInput {
+                            name,
+                            curve,
+                            gets_per_second: *gets as f64 / age.max(1e-9),
+                            accesses_per_second: (gets + writes) as f64 / age.max(1e-9),
+                            loader_seconds: 1.0,
+                            eligible: true,
+                            ttl_secs: None,
+                        },
+                    )
                     .collect();
                 analysis::split_budget(&inputs, budget, a.eviction())
                     .into_iter()
