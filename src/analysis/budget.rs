@@ -415,3 +415,72 @@ impl BudgetPlan {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{Access, Shards};
+
+    /// A pattern of `keys` keys of `bytes` each, read round-robin `rounds` times, and its curve.
+    fn looped(keys: u64, bytes: u32, rounds: u64, salt: u64) -> Curve {
+        let s = Shards::with_max_rate(100_000, 1.0);
+        for i in 0..keys * rounds {
+            let h = ((i % keys) + salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            s.access(h, Access::Get, i, Some(bytes), None, 0);
+        }
+        s.curve(keys * rounds).0
+    }
+
+    fn input<'a>(name: &'a str, curve: &'a Curve, rate: f64, eligible: bool) -> BudgetInput<'a> {
+        BudgetInput {
+            name,
+            curve,
+            gets_per_second: rate,
+            accesses_per_second: rate,
+            loader_seconds: 0.01,
+            eligible,
+            ttl_secs: Some(60),
+        }
+    }
+
+    #[test]
+    fn a_budget_that_holds_everything_serves_every_eligible_pattern_whole() {
+        let a = looped(100, 1000, 20, 0);
+        let b = looped(50, 1000, 20, 1_000_000);
+        let inputs = [input("a", &a, 100.0, true), input("b", &b, 50.0, true)];
+        let plan = plan(&inputs, 1 << 30, RedisEviction::default());
+        assert_eq!(plan.whitelist, ["a", "b"]);
+        assert_eq!(plan.characteristic_time_secs, None);
+        assert!((plan.patterns["a"].hit_ratio - a.max_hit_ratio()).abs() < 1e-4);
+        assert!(plan.patterns["a"].memory_bytes >= 100 * 1000);
+    }
+
+    #[test]
+    fn a_tight_budget_is_shared_within_it_and_nothing_eligible_serves_nothing() {
+        let a = looped(400, 1000, 20, 0);
+        let b = looped(400, 1000, 20, 1_000_000);
+        let inputs = [input("a", &a, 100.0, true), input("b", &b, 100.0, true)];
+        let budget = 300 * 1000;
+        let shares = split(&inputs, Some(budget), RedisEviction::default());
+        let total: f64 = shares.iter().map(|(bytes, _)| bytes).sum();
+        assert!(total <= budget as f64 * 1.01, "{total}");
+        // Two identical patterns at the same rate share it evenly.
+        assert!(
+            (shares[0].0 - shares[1].0).abs() < budget as f64 * 0.1,
+            "{shares:?}"
+        );
+        let none = [input("a", &a, 100.0, false)];
+        let plan = plan(&none, budget, RedisEviction::default());
+        assert!(plan.whitelist.is_empty());
+        assert!(!plan.patterns["a"].served);
+        assert!(plan.patterns["a"].reason.starts_with("left out"));
+    }
+
+    #[test]
+    fn parse_memory_takes_the_units_people_write() {
+        assert_eq!(parse_memory("512MiB").expect("size"), 512 << 20);
+        assert_eq!(parse_memory(" 1.5 GiB ").expect("size"), 3 << 29);
+        assert!(parse_memory("").is_err());
+        assert!(parse_memory("-1GiB").is_err());
+    }
+}
