@@ -23,6 +23,23 @@ fn mixed_lines(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// A command's JSON output, once it has succeeded (its stderr otherwise).
+fn json_out(out: std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// The first `n` requests of the mixed trace, as a file in `dir`.
+fn mixed_slice(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let slice = dir.join("slice.twitter.csv");
+    std::fs::write(&slice, mixed_lines(n).join("\n")).expect("write slice");
+    slice
+}
+
 #[test]
 fn serve_walkthrough_observe_switch_to_redis_and_shut_down_cleanly() {
     let redis = RedisServer::start();
@@ -771,8 +788,7 @@ fn replay_predicts_the_exact_lru_hit_ratios_of_the_mixed_trace() {
 #[test]
 fn replay_predicts_the_hit_ratio_of_redis_own_eviction_at_four_sizes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let slice = dir.path().join("slice.twitter.csv");
-    std::fs::write(&slice, mixed_lines(100_000).join("\n")).expect("write slice");
+    let slice = mixed_slice(dir.path(), 100_000);
     let mut worst: f64 = 0.0;
     let mut total = 0.0;
     let (mut policy_error, mut lru_error) = (0.0, 0.0);
@@ -809,13 +825,7 @@ fn replay_predicts_the_hit_ratio_of_redis_own_eviction_at_four_sizes() {
             })
             .collect();
         for ((policy, _), child) in servers.iter().zip(children) {
-            let out = child.wait_with_output().expect("replay");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+            let report = json_out(child.wait_with_output().expect("replay"));
             assert_eq!(report["eviction"]["policy"], *policy, "{report}");
             let measured = report["overall"]["hit_ratio"].as_f64().expect("measured");
             let predicted = report["predicted_hit_ratio_at_maxmemory"]
@@ -853,19 +863,14 @@ fn replay_predicts_the_hit_ratio_of_redis_own_eviction_at_four_sizes() {
 #[test]
 fn a_budget_split_holds_against_a_real_redis_of_that_size() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let slice = dir.path().join("slice.twitter.csv");
-    std::fs::write(&slice, mixed_lines(100_000).join("\n")).expect("write slice");
-    let out = command()
-        .args(["replay", "--json", "--memory", "64MiB"])
-        .arg(&slice)
-        .output()
-        .expect("run replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let slice = mixed_slice(dir.path(), 100_000);
+    let report = json_out(
+        command()
+            .args(["replay", "--json", "--memory", "64MiB"])
+            .arg(&slice)
+            .output()
+            .expect("run replay"),
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let plan = &report["budget"];
     let whitelist: Vec<String> = plan["whitelist"]
         .as_array()
@@ -900,20 +905,16 @@ fn a_budget_split_holds_against_a_real_redis_of_that_size() {
         "--maxmemory-policy",
         "allkeys-lru",
     ]);
-    let out = command()
-        .args(["replay", "--impl", "redis", "--json", "--whitelist"])
-        .arg(whitelist.join(","))
-        .arg("--redis-url")
-        .arg(redis.url())
-        .arg(&slice)
-        .output()
-        .expect("run replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let measured = json_out(
+        command()
+            .args(["replay", "--impl", "redis", "--json", "--whitelist"])
+            .arg(whitelist.join(","))
+            .arg("--redis-url")
+            .arg(redis.url())
+            .arg(&slice)
+            .output()
+            .expect("run replay"),
     );
-    let measured: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let (hits, gets) = whitelist.iter().fold((0u64, 0u64), |(h, g), p| {
         let c = &measured["patterns"][p];
         (

@@ -566,35 +566,14 @@ async fn probe_redis(url: &str) -> Result<()> {
     }
 }
 
-/// The server's `maxmemory` (0: unlimited) and `used_memory`, in bytes.
-async fn redis_memory(url: &str) -> Result<(u64, u64)> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let (_, maxmemory): (String, u64) = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory")
-        .query_async(&mut conn)
-        .await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await?;
-    let used = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    Ok((maxmemory, used))
-}
-
 /// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr.
 async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     // For the message only: a Redis that refuses CONFIG or INFO (an ACL user, a managed service) is cleaned all the
     // same.
-    let used = match redis_memory(url).await {
-        Ok((_, used)) => format!("used_memory {}", bytes(used)),
+    let used = match RedisMemory::read(url, Duration::from_secs(5)).await {
+        Ok(m) => format!("used_memory {}", bytes(m.used_memory_bytes)),
         Err(_) => "used_memory unknown".to_string(),
     };
     let pattern = format!("{}*", glob_escape(prefix));
