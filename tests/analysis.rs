@@ -337,8 +337,8 @@ fn estimator_memory_stays_within_its_bound_over_ten_million_keys() {
     );
     assert!(peak <= bound, "{peak} > {bound}");
     assert!(
-        bound < 7_300 * 1024,
-        "the documented bound is about 7.0 MiB: {bound}"
+        bound < 6_300 * 1024,
+        "the documented bound is about 6.0 MiB: {bound}"
     );
     assert!(
         Shards::heap_bytes_bound_with(s.max_keys(), false) < 950 * 1024,

@@ -69,7 +69,7 @@ pub struct AnalysisOptions {
     /// Run the estimators at all. Off, the observe path skips the key hash and the sample check.
     pub enabled: bool,
     /// Keys sampled per key pattern (SHARDS `s_max`, 64 to 1,048,576). Memory per pattern is bounded by
-    /// [`Shards::heap_bytes_bound`] of this: about 7.0 MiB for the default 7,168 with the eviction simulations (0.9
+    /// [`Shards::heap_bytes_bound`] of this: about 6.0 MiB for the default 7,168 with the eviction simulations (0.9
     /// MiB without), approached only by patterns with more distinct keys than that.
     pub sample_keys: usize,
     /// Keys sampled by the estimator shared by all patterns.
@@ -79,8 +79,8 @@ pub struct AnalysisOptions {
     /// share of its calls.
     pub max_sampling_rate: f64,
     /// Patterns with their own estimator (the first seen, default 32); later patterns only feed the shared one. With
-    /// the defaults the estimators hold at most 32 × 7.0 MiB + 24 MiB (shared) ≈ 248 MiB (measured peak on uniform
-    /// keys: 3.8 MiB per pattern), or 31 MiB with `simulate_eviction` off.
+    /// the defaults the estimators hold at most 32 × 6.0 MiB + 2 × 20 MiB (shared, whitelist) ≈ 232 MiB
+    /// (measured peak on uniform keys: 3.1 MiB per pattern), or 31 MiB with `simulate_eviction` off.
     pub max_patterns: usize,
     /// Redis memory per key besides key and value, in bytes.
     pub per_key_overhead_bytes: u32,
@@ -102,8 +102,8 @@ pub struct AnalysisOptions {
     /// `used_memory_startup`, read every minute; no limit without a `maxmemory`.
     pub redis_memory_bytes: Option<u64>,
     /// Run the miniature simulations of Redis's eviction (MiniSim). Off, byte predictions are exact LRU's and
-    /// each estimator's memory bound falls from about 7.0 MiB to 0.9 MiB ([`Shards::heap_bytes_bound_with`]);
-    /// measured peak with it on: 3.8 MiB per estimator on ten million distinct keys.
+    /// each estimator's memory bound falls from about 6.0 MiB to 0.9 MiB ([`Shards::heap_bytes_bound_with`]);
+    /// measured peak with it on: 3.1 MiB per estimator on ten million distinct keys.
     pub simulate_eviction: bool,
 }
 

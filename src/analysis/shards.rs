@@ -600,7 +600,7 @@ impl Shards {
     }
 
     /// [`heap_bytes_bound`](Self::heap_bytes_bound), with or without the miniature simulations of Redis's eviction
-    /// (`cache.analysis.simulate_eviction`): about 7.0 MiB and 0.9 MiB for the default 7,168 keys.
+    /// (`cache.analysis.simulate_eviction`): about 6.0 MiB and 0.9 MiB for the default 7,168 keys.
     pub fn heap_bytes_bound_with(max_keys: usize, miniatures: bool) -> usize {
         let max_keys = max_keys.max(64);
         let table = table_bytes(2 * max_keys);
