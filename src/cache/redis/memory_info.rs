@@ -34,12 +34,14 @@ impl RedisMemory {
         (self.maxmemory_bytes > 0).then(|| self.maxmemory_bytes.saturating_sub(self.startup_bytes))
     }
 
-    /// Reads them from the Redis at `url` (a single server; for a Cluster URL, the first node's), on a connection
-    /// of its own, within `timeout` in all.
+    /// Reads them from the Redis at `url` (a single server: a `redis+cluster://` URL is refused), on a connection
+    /// of its own, within `timeout` in all. A Redis that refuses `CONFIG` (an ACL user without it, a managed Redis)
+    /// is read from `INFO memory` alone, which has `maxmemory` and `maxmemory_policy`; its `maxmemory-samples` and
+    /// LFU settings are then taken as Redis's defaults.
     ///
     /// # Errors
     /// A URL that does not parse, a Redis that does not answer within `timeout` ([`Error::Timeout`]), or one that
-    /// refuses `CONFIG` (an ACL user without it, a managed Redis).
+    /// refuses `INFO`.
     pub async fn read(url: &str, timeout: Duration) -> Result<Self> {
         let work = async {
             let client = redis::Client::open(url)?;
@@ -52,7 +54,8 @@ impl RedisMemory {
                 .arg("lfu-log-factor")
                 .arg("lfu-decay-time")
                 .query_async(&mut conn)
-                .await?;
+                .await
+                .unwrap_or_default();
             let info: String = redis::cmd("INFO")
                 .arg("memory")
                 .query_async(&mut conn)
@@ -77,7 +80,16 @@ impl RedisMemory {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let policy = config.get("maxmemory-policy").cloned().unwrap_or_default();
+        let info_text = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+        };
+        let policy = config
+            .get("maxmemory-policy")
+            .cloned()
+            .or_else(|| info_text("maxmemory_policy"))
+            .unwrap_or_default();
         let defaults = RedisEviction::default();
         let eviction = EvictionPolicy::from_redis(&policy).map(|p| RedisEviction {
             policy: p,
@@ -90,7 +102,9 @@ impl RedisMemory {
             }),
         });
         RedisMemory {
-            maxmemory_bytes: num("maxmemory").unwrap_or(0),
+            maxmemory_bytes: num("maxmemory")
+                .or_else(|| info_text("maxmemory").and_then(|v| v.parse().ok()))
+                .unwrap_or(0),
             used_memory_bytes: field("used_memory"),
             dataset_bytes: field("used_memory_dataset"),
             startup_bytes: field("used_memory_startup"),
@@ -130,5 +144,12 @@ mod tests {
         );
         assert_eq!(none.eviction, None);
         assert_eq!(none.maxmemory_bytes, 0);
+        // CONFIG refused: INFO alone.
+        let info = "used_memory:2000000\r\nused_memory_startup:900000\r\nmaxmemory:67108864\r\n\
+                    maxmemory_policy:allkeys-lru\r\n";
+        let m = RedisMemory::parse(&HashMap::new(), info, 0);
+        assert_eq!(m.maxmemory_bytes, 64 << 20);
+        assert_eq!(m.eviction, Some(RedisEviction::default()));
+        assert_eq!(m.entry_bytes(), Some((64 << 20) - 900_000));
     }
 }
