@@ -262,7 +262,10 @@ impl Curve {
     /// and in bytes, from the smallest reuse distance seen to a quarter past the largest, where the curve has
     /// reached [`max_hit_ratio`](Self::max_hit_ratio). Empty when no reuse was seen.
     pub fn samples(&self, points: usize) -> CurveSamples {
-        let sample = |h: &LogHistogram, at: &dyn Fn(f64) -> f64| -> Vec<SizeHit> {
+        let sample = |h: &LogHistogram,
+                      at: &dyn Fn(f64) -> f64,
+                      unsure: &dyn Fn(f64) -> f64|
+         -> Vec<SizeHit> {
             let Some((lo, hi)) = h.extent() else {
                 return Vec::new();
             };
@@ -277,13 +280,16 @@ impl Curve {
                 out.push(SizeHit {
                     size,
                     hit_ratio: (at(size as f64) * 1e5).round() / 1e5,
+                    uncertainty: unsure(size as f64),
                 });
             }
             out
         };
         CurveSamples {
-            objects: sample(&self.objects, &|x| self.hit_ratio_at_objects(x)),
-            bytes: sample(&self.bytes, &|x| self.hit_ratio_at_bytes(x)),
+            objects: sample(&self.objects, &|x| self.hit_ratio_at_objects(x), &|_| 0.0),
+            bytes: sample(&self.bytes, &|x| self.hit_ratio_at_bytes(x), &|x| {
+                self.uncertainty_at_bytes(None, x)
+            }),
         }
     }
 
@@ -313,6 +319,13 @@ pub struct SizeHit {
     pub size: u64,
     /// Predicted hit ratio at that capacity (0–1, rounded to 5 decimals).
     pub hit_ratio: f64,
+    /// Half-width of an approximate 95% interval around `hit_ratio` (byte curves; left out when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uncertainty: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// A whole miss ratio curve, as a plot draws it: `{"objects": [{"size", "hit_ratio"}…], "bytes": […]}`, sizes

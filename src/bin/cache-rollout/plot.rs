@@ -1,5 +1,6 @@
 //! `--plot FILE.svg`: the predicted hit ratio against cache size, in objects and in bytes (log axes), one line per
-//! key pattern plus the shared cache, and the measured hit ratio as a point where the cache's size is known.
+//! key pattern plus the shared cache, each byte point with a bar of its uncertainty (about a 95% interval), and the
+//! measured hit ratio as a point where the cache's size is known.
 //! Drawn with plotters' SVG backend (no system fonts needed).
 
 use std::path::Path;
@@ -135,6 +136,24 @@ fn draw_svg(
                 .map_err(|e| fail(e.to_string()))?
                 .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            // The uncertainty of each point (byte curves): a bar of ± its half-width.
+            chart
+                .draw_series(
+                    points_of(curve)
+                        .iter()
+                        .filter(|p| p.uncertainty > 0.0)
+                        .map(|p| {
+                            let x = p.size.max(1) as f64;
+                            PathElement::new(
+                                vec![
+                                    (x, (p.hit_ratio - p.uncertainty).max(0.0)),
+                                    (x, (p.hit_ratio + p.uncertainty).min(1.0)),
+                                ],
+                                color.stroke_width(1),
+                            )
+                        }),
+                )
+                .map_err(|e| fail(e.to_string()))?;
         }
         if let Some((size, hit_ratio)) = point {
             chart
