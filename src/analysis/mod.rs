@@ -16,6 +16,7 @@ mod redis_sim;
 mod report;
 mod route;
 mod shards;
+mod table;
 
 pub use self::budget::{parse_memory, BudgetPlan, BudgetShare, BUDGET_METHOD, MIN_BUDGET_BYTES};
 pub(crate) use self::budget::{plan as plan_budget, split as split_budget, BudgetInput};
