@@ -129,8 +129,6 @@ const STOP_SHARE: f64 = 8.0;
 pub(crate) struct SimPoint {
     /// Cache size, bytes (whole-cache scale).
     pub(crate) capacity_bytes: f64,
-    /// Sampled gets it has seen, weighted by `1 / R`.
-    pub(crate) gets: f64,
     /// Its hit ratio minus exact LRU's on the same gets.
     pub(crate) delta: f64,
     /// One standard error of its hit ratio, from the hash groups.
@@ -412,7 +410,6 @@ impl Sim {
         let lru: f64 = self.lru_hits.iter().sum();
         Some(SimPoint {
             capacity_bytes: self.capacity,
-            gets,
             delta: (hits - lru) / gets,
             std_error: std_error(&self.hits, &self.gets),
             lru_std_error: std_error(&self.lru_hits, &self.gets),

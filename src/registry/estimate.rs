@@ -16,15 +16,24 @@ pub(super) struct Analysis {
     pub(super) redis_entry_bytes: std::sync::Mutex<Option<Option<u64>>>,
 }
 
+/// An estimator of `max_keys` keys under `opts`, simulating `eviction` (unless the simulations are off).
+pub(super) fn new_shards(
+    opts: &AnalysisOptions,
+    eviction: RedisEviction,
+    max_keys: usize,
+) -> Shards {
+    let s = Shards::with_max_rate(max_keys, opts.max_sampling_rate);
+    if !opts.simulate_eviction {
+        s.stop_simulating();
+    }
+    s.set_eviction(eviction);
+    s
+}
+
 impl Analysis {
     /// A new estimator of `max_keys` keys, simulating the current eviction.
     pub(super) fn shards(&self, max_keys: usize) -> Shards {
-        let s = Shards::with_max_rate(max_keys, self.opts.max_sampling_rate);
-        if !self.opts.simulate_eviction {
-            s.stop_simulating();
-        }
-        s.set_eviction(self.eviction());
-        s
+        new_shards(&self.opts, self.eviction(), max_keys)
     }
 
     pub(super) fn eviction(&self) -> RedisEviction {

@@ -362,14 +362,8 @@ impl CacheRegistry {
         let clock = opts.clock.unwrap_or_default();
         let analysis = opts.analysis.enabled.then(|| {
             let eviction = opts.analysis.eviction.unwrap_or_default();
-            let shared = Shards::with_max_rate(
-                opts.analysis.shared_sample_keys,
-                opts.analysis.max_sampling_rate,
-            );
-            if !opts.analysis.simulate_eviction {
-                shared.stop_simulating();
-            }
-            shared.set_eviction(eviction);
+            let shared =
+                estimate::new_shards(&opts.analysis, eviction, opts.analysis.shared_sample_keys);
             Analysis {
                 shared,
                 epoch: clock.raw(),
