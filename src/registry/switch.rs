@@ -285,7 +285,8 @@ impl CacheRegistry {
                 return Some(Arc::clone(w));
             }
         }
-        let baseline = next
+        // The patterns known now (`next`'s table is filled in after this); one first seen later starts at 0.
+        let baseline = cur
             .patterns
             .iter()
             .map(|(name, &i)| {
