@@ -83,8 +83,11 @@ pub struct ReplayReport {
     /// With `--impl redis`: the server's `maxmemory` in bytes (0: unlimited).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_maxmemory_bytes: Option<u64>,
-    /// With `--impl redis`: the server's `used_memory` before the replay, in bytes (its own structures and anything
-    /// outside the replay's prefix), which the cache cannot use.
+    /// With `--impl redis`: the server's memory that was not the replay's entries, in bytes: its `used_memory` at
+    /// the end of the replay, before the replay's keys are removed, less those keys' bytes as the estimators count
+    /// them (key, value, per-key overhead). Redis's own structures, the scripts and their caches, the connections and
+    /// anything outside the replay's prefix: memory the cache cannot use. `used_memory` before the replay when the
+    /// end could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_baseline_bytes: Option<u64>,
     /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one Redis of
@@ -489,7 +492,7 @@ impl ReplayReport {
             self.predicted_hit_ratio_at_maxmemory,
         ) {
             out.push_str(&format!(
-                "redis maxmemory {max} bytes ({} before the replay): measured hit ratio {:.5}, predicted {p:.5} ± \
+                "redis maxmemory {max} bytes ({} not the replay's entries): measured hit ratio {:.5}, predicted {p:.5} ± \
                  {:.5} for {} (exact LRU {:.5})\n",
                 self.redis_baseline_bytes.unwrap_or(0),
                 self.overall.hit_ratio,

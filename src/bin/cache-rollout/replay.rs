@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cache_rollout::analysis::{AnalysisOptions, EvictionPolicy, RedisEviction};
+use cache_rollout::analysis::{redis_entry_bytes, AnalysisOptions, EvictionPolicy, RedisEviction};
 use cache_rollout::cache::{redact_url, CacheImpl, RedisMemory, RedisOptions};
 use cache_rollout::replay::{
     self, CsvSpec, ReadOptions, ReplayEvent, ReplayOptions, SkipLimit, TraceFormat, TraceReader,
@@ -372,10 +372,13 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     }
     // Whatever the outcome, the keys this replay wrote go (unless --keep), within a bound: a Redis that stopped
     // answering does not hang the command.
+    let overhead = AnalysisOptions::default().per_key_overhead_bytes;
     let cleanup = if cache_impl == CacheImpl::Redis {
         let bound = Duration::from_secs(CLEANUP_SECS);
-        let cleaning =
-            tokio::time::timeout(bound, clean_up(&redis_url, &args.redis_prefix, args.keep));
+        let cleaning = tokio::time::timeout(
+            bound,
+            clean_up(&redis_url, &args.redis_prefix, args.keep, overhead),
+        );
         Some(tokio::select! {
             biased;
             // A second Ctrl-C leaves the keys, and says where.
@@ -414,6 +417,15 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
         }
         (Err(e), _) => return Err(e),
     };
+    // What Redis held besides the replay's entries at the end (scripts, connections: measured, not guessed), or
+    // before it when the end could not be read.
+    let baseline = baseline.map(|(maxmemory, before)| {
+        let end = match &cleanup {
+            Some(Ok(Some(not_entries))) => *not_entries,
+            _ => before,
+        };
+        (maxmemory, end)
+    });
     if let Some((maxmemory, used)) = baseline {
         report.redis_maxmemory_bytes = Some(maxmemory);
         report.redis_baseline_bytes = Some(used);
@@ -567,18 +579,29 @@ async fn probe_redis(url: &str) -> Result<()> {
 }
 
 /// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr.
-async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
+/// Removes the replay's keys (unless `keep`), and answers what of the server's `used_memory` was not the replay's
+/// entries just before: `used_memory` less the entries' bytes as the estimators count them (key, value and
+/// `overhead` per key, [`redis_entry_bytes`]). That is Redis's own memory while the replay ran (its structures, the
+/// scripts and their caches, the connections, other keys): no room for entries. `None` when Redis did not say.
+async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<Option<u64>> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    // For the message only: a Redis that refuses CONFIG or INFO (an ACL user, a managed service) is cleaned all the
-    // same.
-    let used = match RedisMemory::read(url, Duration::from_secs(5)).await {
-        Ok(m) => format!("used_memory {}", bytes(m.used_memory_bytes)),
-        Err(_) => "used_memory unknown".to_string(),
-    };
+    // On this connection, so that no other is counted in it. A Redis that refuses INFO (an ACL user, a managed
+    // service) is cleaned all the same.
+    let used = redis::cmd("INFO")
+        .arg("memory")
+        .query_async::<String>(&mut conn)
+        .await
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
     let pattern = format!("{}*", glob_escape(prefix));
     let mut cursor = 0u64;
     let mut keys = 0u64;
+    let mut entry_bytes = 0u64;
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -589,6 +612,23 @@ async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
             .query_async(&mut conn)
             .await?;
         keys += batch.len() as u64;
+        if used.is_some() && !batch.is_empty() {
+            // Each entry's value length; leases, the generation and anything not a string answer an error or
+            // nothing, and count as Redis's own memory.
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for k in &batch {
+                pipe.cmd("STRLEN").arg(k);
+            }
+            let lens: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            for (k, v) in batch.iter().zip(lens) {
+                if let redis::Value::Int(n) = v {
+                    if n > 0 && !k.contains(" ~") {
+                        entry_bytes += redis_entry_bytes(k.len() as u64, n as u64, overhead);
+                    }
+                }
+            }
+        }
         if !keep && !batch.is_empty() {
             redis::cmd("UNLINK")
                 .arg(&batch)
@@ -600,22 +640,26 @@ async fn clean_up(url: &str, prefix: &str, keep: bool) -> Result<()> {
         }
         cursor = next;
     }
+    let used_text = match used {
+        Some(u) => format!("used_memory {}", bytes(u)),
+        None => "used_memory unknown".to_string(),
+    };
     if keep {
         eprintln!(
-            "redis: kept {} {} under {prefix:?} at {} ({used})",
+            "redis: kept {} {} under {prefix:?} at {} ({used_text})",
             thousands(keys),
             plural(keys, "key", "keys"),
             redact_url(url),
         );
     } else {
         eprintln!(
-            "redis: removed the {} {} under {prefix:?} at {} ({used} before; --keep keeps them)",
+            "redis: removed the {} {} under {prefix:?} at {} ({used_text} before; --keep keeps them)",
             thousands(keys),
             plural(keys, "key", "keys"),
             redact_url(url),
         );
     }
-    Ok(())
+    Ok(used.map(|u| u.saturating_sub(entry_bytes)))
 }
 
 fn glob_escape(s: &str) -> String {
