@@ -123,6 +123,13 @@ pub(crate) const MIN_MINI_KEYS: f64 = 256.0;
 const START_SHARE: f64 = 0.5;
 /// A running miniature is stopped when it is this many times the sampled keys' bytes.
 const STOP_SHARE: f64 = 8.0;
+/// A miniature that would hold more than this share of the sample's most keys (and at least [`MIN_CAP_KEYS`])
+/// samples at its own, lower rate, fixed when it starts, so that it holds about that many: the sampled keys whose
+/// hash is below its own threshold (nested in the sample's; MiniSim's miniatures of one fixed rate each). The large
+/// ones cost no more than the small, and a sampled access reaches about four miniatures rather than every one.
+const CAP_SHARE: f64 = 0.0625;
+/// The least a miniature's cap is, in sampled keys.
+const MIN_CAP_KEYS: f64 = 512.0;
 
 /// What one miniature measured: its size, and its hit ratio against exact LRU's over the same gets.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,6 +161,10 @@ struct Slot {
 struct Sim {
     /// Whole-cache bytes.
     capacity: f64,
+    /// Its own sampling rate (0–1]: it takes the sampled keys whose hash is below `cut` (`rate × 2^64`); while the
+    /// sample's rate is lower, every sampled key.
+    rate: f64,
+    cut: u64,
     /// Resident keys: hash → index in `order`.
     slots: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
     /// Resident keys and their state, in no order: a random index is a random sample.
@@ -207,6 +218,8 @@ pub(crate) struct Sims {
     since_check: u32,
     /// Whether miniatures run at all (`cache.analysis.simulate_eviction`).
     on: bool,
+    /// The most sampled keys (of the mean size) a miniature holds before it subsamples.
+    cap_keys: f64,
 }
 
 fn grid_bytes(i: usize) -> f64 {
@@ -214,7 +227,8 @@ fn grid_bytes(i: usize) -> f64 {
 }
 
 impl Sims {
-    pub(crate) fn new(eviction: RedisEviction) -> Self {
+    /// Miniatures for a sample of at most `max_keys` keys.
+    pub(crate) fn new(eviction: RedisEviction, max_keys: usize) -> Self {
         Sims {
             eviction,
             sims: (0..GRID).map(|_| None).collect(),
@@ -223,6 +237,7 @@ impl Sims {
             group_reuses: [0.0; GROUPS],
             since_check: 0,
             on: true,
+            cap_keys: (max_keys as f64 * CAP_SHARE).max(MIN_CAP_KEYS),
         }
     }
 
@@ -230,7 +245,7 @@ impl Sims {
     pub(crate) fn without_miniatures(eviction: RedisEviction) -> Self {
         Sims {
             on: false,
-            ..Sims::new(eviction)
+            ..Sims::new(eviction, 0)
         }
     }
 
@@ -253,14 +268,23 @@ impl Sims {
         }
         let eviction = self.eviction;
         for sim in self.sims.iter_mut().flatten() {
-            sim.access(a, g, &eviction, &mut self.rng);
+            if a.hash < sim.cut {
+                // One of its keys stands for `1 / min(R, its rate)`.
+                let own = SimAccess {
+                    w: a.w.max(1.0 / sim.rate),
+                    ..a
+                };
+                sim.access(own, g, &eviction, &mut self.rng);
+            }
         }
     }
 
     /// Takes a key out of every miniature (deleted, or dropped from the sample).
     pub(crate) fn remove(&mut self, h: u64) {
         for sim in self.sims.iter_mut().flatten() {
-            sim.remove(h);
+            if h < sim.cut {
+                sim.remove(h);
+            }
         }
     }
 
@@ -310,8 +334,17 @@ impl Sims {
         }
         let keys: Vec<(u64, u32, u32, u32)> = live.collect();
         for i in wanted {
+            // Above the cap, its own rate, for about `cap_keys` keys.
+            let own = (self.cap_keys * mean_weight / grid_bytes(i)).min(1.0);
+            let cut = if own >= 1.0 {
+                u64::MAX
+            } else {
+                (own * 2f64.powi(64)) as u64
+            };
             let mut sim = Sim {
                 capacity: grid_bytes(i),
+                rate: own,
+                cut,
                 slots: HashMap::with_capacity_and_hasher(keys.len(), Default::default()),
                 order: Vec::with_capacity(keys.len()),
                 bytes: 0,
@@ -324,9 +357,12 @@ impl Sims {
                 warming: keys.len() as u64,
             };
             for &(h, weight, written, last) in &keys {
-                sim.insert(h, weight, written, last);
+                if h < cut {
+                    sim.insert(h, weight, written, last);
+                }
             }
-            sim.evict(rate, &self.eviction, &mut self.rng);
+            sim.warming = sim.order.len() as u64;
+            sim.evict(rate.min(own), &self.eviction, &mut self.rng);
             self.sims[i] = Some(sim);
         }
     }
@@ -642,6 +678,43 @@ mod tests {
             ..lru
         };
         assert_eq!(c.hit_ratio_at_bytes_for(Some(lfu), cap), 0.0);
+    }
+
+    #[test]
+    fn a_miniature_above_its_cap_subsamples_and_predicts_the_same() {
+        // Skewed gets over 30,000 keys of 1,000 bytes, 1,000 a second. A sample of 4,096 keys caps its miniatures
+        // at 512 keys, so the one for 4 MiB (4,194 keys, ~570 at the sample's rate) samples at its own lower rate;
+        // a sample of 200,000 keys (every key) runs it whole. Both predict Redis's hit ratio at 4 MiB alike.
+        let at = 4.0 * 1024.0 * 1024.0;
+        let run = |max_keys: usize| {
+            let s = Shards::with_max_rate(max_keys, 1.0);
+            let mut rng = fastrand::Rng::with_seed(7);
+            for i in 0..400_000u64 {
+                let u = rng.f64();
+                let k = (u * u * u * 30_000.0) as u64;
+                s.access(spread(k), Access::Get, i, Some(1000), None, 0);
+            }
+            let (c, _) = s.curve(400_000);
+            let st = s.lock();
+            let mini = st.sims.sims.iter().flatten().find(|m| m.capacity == at);
+            let (rate, keys) = mini.map_or((0.0, 0), |m| (m.rate, m.order.len()));
+            drop(st);
+            (
+                c.hit_ratio_at_bytes_for(Some(RedisEviction::default()), at),
+                rate,
+                keys,
+            )
+        };
+        let (capped, rate, keys) = run(4096);
+        let (whole, whole_rate, whole_keys) = run(200_000);
+        assert!(rate < 0.2, "own rate {rate}");
+        assert!((400..=600).contains(&keys), "{keys} keys");
+        assert_eq!(whole_rate, 1.0);
+        assert!(whole_keys > 4000, "{whole_keys} keys");
+        assert!(
+            (capped - whole).abs() < 0.02,
+            "capped {capped}, whole {whole}"
+        );
     }
 
     #[test]

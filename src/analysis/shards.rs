@@ -139,7 +139,7 @@ impl Fenwick {
     }
 }
 
-struct State {
+pub(crate) struct State {
     threshold: u64,
     /// `1 / R`: what one sampled event stands for.
     weight: f64,
@@ -164,7 +164,7 @@ struct State {
     invalidated: f64,
     sampled_gets: u64,
     /// Redis's eviction in miniature, at a grid of sizes (MiniSim).
-    sims: Sims,
+    pub(crate) sims: Sims,
 }
 
 /// What a reference does.
@@ -289,7 +289,7 @@ impl Shards {
                 expired: 0.0,
                 invalidated: 0.0,
                 sampled_gets: 0,
-                sims: Sims::new(RedisEviction::default()),
+                sims: Sims::new(RedisEviction::default(), max_keys),
             })),
         }
     }
@@ -300,7 +300,7 @@ impl Shards {
         let mut s = self.lock();
         if s.sims.eviction() != eviction {
             s.sims = if s.sims.runs_miniatures() {
-                Sims::new(eviction)
+                Sims::new(eviction, self.max_keys)
             } else {
                 Sims::without_miniatures(eviction)
             };
@@ -337,7 +337,7 @@ impl Shards {
         self.threshold.load(Ordering::Relaxed) as f64 / 2f64.powi(64)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
