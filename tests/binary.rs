@@ -781,7 +781,8 @@ fn replay_predicts_the_exact_lru_hit_ratios_of_the_mixed_trace() {
 /// `replay --impl redis` against real Redis servers evicting by `allkeys-lru` and by `allkeys-lfu`, at four
 /// `maxmemory` sizes from a low to a high hit ratio: the prediction for the server's own eviction (MiniSim,
 /// `docs/analysis.md`) against the hit ratio Redis measured. Every key of the slice is sampled (`--sample-keys`,
-/// `--max-sampling-rate 1`), so the difference is the simulation's, not the sample's. The issue's target is 0.005
+/// `--max-sampling-rate 1`), so the difference is the simulation's, not the sample's (but for the miniatures above
+/// 12,500 keys, here from 64 MiB, which sample at their own rate). The issue's target is 0.005
 /// at every size; three release runs were within it at 6, 7 and 6 of the 8 points, the largest difference 0.0095
 /// (LFU at 4 MiB; `docs/analysis.md`, "Redis's own eviction"). This asserts a largest difference under 0.025 and a
 /// mean under 0.01 (a debug build on a loaded machine moves both), and that for LFU the prediction is nearer than
@@ -1538,8 +1539,8 @@ fn pattern_counts(svc: &Service) -> std::collections::BTreeMap<String, (u64, u64
 /// The issue's check of a budget split on the reference service: observe 100,000 skewed requests over the three
 /// routes (4 clients at once), ask `cache-rollout report --memory 2MiB` for the whitelist, apply its
 /// recommendation, give a real Redis (`allkeys-lru`) 2 MiB for entries, send the same requests again and compare
-/// the served patterns' hit ratio with the plan's. Measured 0.3703 and 0.3709 against 0.3635 planned in a release
-/// build (`docs/analysis.md`, "Splitting a memory budget").
+/// the served patterns' hit ratio with the plan's. Measured 0.3689 against 0.3639 planned (`docs/analysis.md`,
+/// "Splitting a memory budget").
 #[test]
 fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
     const USERS: u64 = 50_000;
@@ -1555,7 +1556,7 @@ fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
         &["--users", &USERS.to_string()],
     );
     // Users by u³ (a few hot), projects and their member lists by u².
-    let mut rng = support::Rng(0x5eed_b0d9_e7);
+    let mut rng = support::Rng(0x005e_edb0_d9e7);
     let mut uniform = || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
     let paths: Vec<String> = (0..100_000)
         .map(|_| {
@@ -1589,7 +1590,12 @@ fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
         .map(|v| v.as_str().expect("name").to_string())
         .collect();
     assert!(!whitelist.is_empty(), "{plan}");
-    let state = svc.put_config(report["recommendation"]["apply"].clone());
+    // The plan as it is, on a machine that also runs other tests: no automatic rollback, and a read deadline no
+    // debug build under load misses (a rollback or a timed-out read would count as misses the plan never made).
+    let mut apply = report["recommendation"]["apply"].clone();
+    apply["rollback"] = json!({"enabled": false});
+    apply["read_timeout_ms"] = json!(2000);
+    let state = svc.put_config(apply);
     assert_eq!(state["impl"], "redis", "{state}");
     assert_eq!(state["whitelist"], json!(whitelist), "{state}");
 
@@ -1628,6 +1634,16 @@ fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
         hits += h1 - h0;
     }
     let measured = hits as f64 / gets as f64;
+    let (_, _, metrics) = svc.get("/metrics");
+    let failures: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("cache_errors_total") || l.starts_with("cache_rollback_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        failures, 0.0,
+        "errors or rollbacks while serving: {metrics}"
+    );
     eprintln!(
         "2 MiB budget ({room} bytes for entries at the end), {whitelist:?}: planned {planned:.4}, measured \
          {measured:.4}"

@@ -139,6 +139,7 @@ impl Fenwick {
     }
 }
 
+/// An estimator's state, behind its lock.
 pub(crate) struct State {
     threshold: u64,
     /// `1 / R`: what one sampled event stands for.
@@ -568,10 +569,12 @@ impl Shards {
                 0.0
             },
             policy: s.sims.runs_miniatures().then(|| {
-                let fpc = Sims::finite_population(s.threshold as f64 / 2f64.powi(64));
+                let rate = s.threshold as f64 / 2f64.powi(64);
+                let fpc = Sims::finite_population(rate);
                 let mut points = s.sims.points();
                 for p in &mut points {
-                    p.std_error *= fpc;
+                    // A miniature sampling below the sample's rate has its own sample's error.
+                    p.std_error *= Sims::finite_population(p.rate.min(rate));
                     p.lru_std_error *= fpc;
                 }
                 PolicyCurve {

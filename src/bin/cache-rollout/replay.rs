@@ -578,16 +578,16 @@ async fn probe_redis(url: &str) -> Result<()> {
     }
 }
 
-/// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr.
-/// Removes the replay's keys (unless `keep`), and answers what of the server's `used_memory` was not the replay's
-/// entries just before: `used_memory` less the entries' bytes as the estimators count them (key, value and
-/// `overhead` per key, [`redis_entry_bytes`]). That is Redis's own memory while the replay ran (its structures, the
-/// scripts and their caches, the connections, other keys): no room for entries. `None` when Redis did not say.
+/// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr. Answers
+/// what of the server's `used_memory` was not the replay's entries just before: `used_memory` less the entries'
+/// bytes as the estimators count them (key, value and `overhead` per key, [`redis_entry_bytes`]). That is Redis's
+/// own memory at the end of the replay (its structures, the scripts and their caches, the connections, this one
+/// included, other keys): no room for entries. It was higher during the replay (`docs/analysis.md`, "What is not
+/// entries"). `None` when Redis did not say; the keys are removed all the same.
 async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<Option<u64>> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    // On this connection, so that no other is counted in it. A Redis that refuses INFO (an ACL user, a managed
-    // service) is cleaned all the same.
+    // A Redis that refuses INFO (an ACL user, a managed service) is cleaned all the same.
     let used = redis::cmd("INFO")
         .arg("memory")
         .query_async::<String>(&mut conn)
@@ -601,7 +601,7 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
     let pattern = format!("{}*", glob_escape(prefix));
     let mut cursor = 0u64;
     let mut keys = 0u64;
-    let mut entry_bytes = 0u64;
+    let mut entry_bytes = Some(0u64);
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -612,22 +612,30 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
             .query_async(&mut conn)
             .await?;
         keys += batch.len() as u64;
-        if used.is_some() && !batch.is_empty() {
+        if let (Some(_), Some(sum), false) = (used, entry_bytes, batch.is_empty()) {
             // Each entry's value length; leases, the generation and anything not a string answer an error or
-            // nothing, and count as Redis's own memory.
+            // nothing, and count as Redis's own memory. Best effort: a failure leaves the figure unknown, not
+            // the keys behind.
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for k in &batch {
                 pipe.cmd("STRLEN").arg(k);
             }
-            let lens: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-            for (k, v) in batch.iter().zip(lens) {
-                if let redis::Value::Int(n) = v {
-                    if n > 0 && !k.contains(" ~") {
-                        entry_bytes += redis_entry_bytes(k.len() as u64, n as u64, overhead);
-                    }
-                }
-            }
+            entry_bytes = match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
+                Ok(lens) => Some(
+                    sum + batch
+                        .iter()
+                        .zip(lens)
+                        .filter_map(|(k, v)| match v {
+                            redis::Value::Int(n) if n > 0 && !k.contains(" ~") => {
+                                Some(redis_entry_bytes(k.len() as u64, n as u64, overhead))
+                            }
+                            _ => None,
+                        })
+                        .sum::<u64>(),
+                ),
+                Err(_) => None,
+            };
         }
         if !keep && !batch.is_empty() {
             redis::cmd("UNLINK")
@@ -659,7 +667,7 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
             redact_url(url),
         );
     }
-    Ok(used.map(|u| u.saturating_sub(entry_bytes)))
+    Ok(used.zip(entry_bytes).map(|(u, e)| u.saturating_sub(e)))
 }
 
 fn glob_escape(s: &str) -> String {
