@@ -33,6 +33,16 @@ fn json_out(out: std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
+/// A budget plan's whitelist (the report's `budget.whitelist`).
+fn plan_whitelist(plan: &Value) -> Vec<String> {
+    plan["whitelist"]
+        .as_array()
+        .expect("whitelist")
+        .iter()
+        .map(|v| v.as_str().expect("name").to_string())
+        .collect()
+}
+
 /// The first `n` requests of the mixed trace, as a file in `dir`.
 fn mixed_slice(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
     let slice = dir.join("slice.twitter.csv");
@@ -874,12 +884,7 @@ fn a_budget_split_holds_against_a_real_redis_of_that_size() {
             .expect("run replay"),
     );
     let plan = &report["budget"];
-    let whitelist: Vec<String> = plan["whitelist"]
-        .as_array()
-        .expect("whitelist")
-        .iter()
-        .map(|v| v.as_str().expect("name").to_string())
-        .collect();
+    let whitelist = plan_whitelist(plan);
     assert!(whitelist.len() >= 2, "{plan}");
     let shared: u64 = whitelist
         .iter()
@@ -1583,12 +1588,7 @@ fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
     );
     let plan = &report["budget"];
     let planned = plan["hit_ratio"].as_f64().expect("planned hit ratio");
-    let whitelist: Vec<String> = plan["whitelist"]
-        .as_array()
-        .expect("whitelist")
-        .iter()
-        .map(|v| v.as_str().expect("name").to_string())
-        .collect();
+    let whitelist = plan_whitelist(plan);
     assert!(!whitelist.is_empty(), "{plan}");
     // The plan as it is, on a machine that also runs other tests: no automatic rollback, and a read deadline no
     // debug build under load misses (a rollback or a timed-out read would count as misses the plan never made).
