@@ -18,7 +18,9 @@ mod route;
 mod shards;
 mod table;
 
-pub use self::budget::{parse_memory, BudgetPlan, BudgetShare, BUDGET_METHOD, MIN_BUDGET_BYTES};
+pub use self::budget::{
+    parse_memory, BudgetPlan, BudgetShare, BUDGET_METHOD, MAX_PLANNED_PATTERNS, MIN_BUDGET_BYTES,
+};
 pub(crate) use self::budget::{plan as plan_budget, split as split_budget, BudgetInput};
 pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
 pub use self::redis_sim::{EvictionPolicy, RedisEviction};

@@ -213,11 +213,16 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     } else {
         None
     };
+    // The server's LFU parameters stay whatever policy is asked for (they are its settings, not the policy's).
+    let server = facts.as_ref().and_then(|f| f.eviction).unwrap_or_default();
     let mut eviction = match (args.eviction, &facts) {
-        (Some(EvictionArg::AllkeysLru), _) => RedisEviction::default(),
+        (Some(EvictionArg::AllkeysLru), _) => RedisEviction {
+            policy: EvictionPolicy::AllkeysLru,
+            ..server
+        },
         (Some(EvictionArg::AllkeysLfu), _) => RedisEviction {
             policy: EvictionPolicy::AllkeysLfu,
-            ..RedisEviction::default()
+            ..server
         },
         (None, Some(f)) => f.eviction.unwrap_or_default(),
         (None, None) => RedisEviction::default(),
