@@ -586,13 +586,25 @@ async fn probe_redis(url: &str) -> Result<()> {
 /// Counts the keys under `prefix` and, unless `keep`, deletes them (SCAN + UNLINK); says which on stderr. Answers
 /// what of the server's `used_memory` was not the replay's entries just before: `used_memory` less the entries'
 /// bytes as the estimators count them (key, value and `overhead` per key, [`redis_entry_bytes`]). That is Redis's
-/// own memory at the end of the replay (its structures, the scripts and their caches, the connections, this one
-/// included, other keys): no room for entries. It was higher during the replay (`docs/analysis.md`, "What is not
-/// entries"). `None` when Redis did not say; the keys are removed all the same.
+/// own memory at the end of the replay (its structures, the scripts and their caches, the replay's connections,
+/// other keys; not this connection's): no room for entries. A little lower during the replay
+/// (`docs/analysis.md`, "What is not entries"). `None` when Redis did not say; the keys are removed all the same.
 async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<Option<u64>> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    // A Redis that refuses INFO (an ACL user, a managed service) is cleaned all the same.
+    // This connection was not there while the replay ran: its own memory (`CLIENT INFO`'s `tot-mem`, Redis 6.2 and
+    // later) is left out. A Redis that refuses INFO (an ACL user, a managed service) is cleaned all the same.
+    let own = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async::<String>(&mut conn)
+        .await
+        .ok()
+        .and_then(|info| {
+            info.split_whitespace()
+                .find_map(|f| f.strip_prefix("tot-mem="))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     let used = redis::cmd("INFO")
         .arg("memory")
         .query_async::<String>(&mut conn)
@@ -602,7 +614,8 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
             info.lines()
                 .find_map(|l| l.strip_prefix("used_memory:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        });
+        })
+        .map(|u| u.saturating_sub(own));
     let pattern = format!("{}*", glob_escape(prefix));
     let mut cursor = 0u64;
     let mut keys = 0u64;
