@@ -85,9 +85,10 @@ pub struct ReplayReport {
     pub redis_maxmemory_bytes: Option<u64>,
     /// With `--impl redis`: the server's memory that was not the replay's entries, in bytes: its `used_memory` at
     /// the end of the replay, before the replay's keys are removed, less those keys' bytes as the estimators count
-    /// them (key, value, per-key overhead). Redis's own structures, the scripts and their caches, the connections and
-    /// anything outside the replay's prefix: memory the cache cannot use. `used_memory` before the replay when the
-    /// end could not be read.
+    /// them (key, value, per-key overhead) and less the memory of the connection that reads it (`CLIENT INFO`
+    /// `tot-mem`). Redis's own structures, the scripts and their caches, the replay's connections and anything
+    /// outside the replay's prefix: memory the cache cannot use. `used_memory` before the replay (read on a
+    /// connection of its own) when the end could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_baseline_bytes: Option<u64>,
     /// With `--impl redis` and a `maxmemory`: the predicted hit ratio of all patterns in one Redis of

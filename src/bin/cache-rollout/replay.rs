@@ -91,7 +91,7 @@ pub(crate) struct ReplayArgs {
     #[arg(long, value_name = "SHARE", default_value_t = AnalysisOptions::default().max_sampling_rate)]
     max_sampling_rate: f64,
     /// Redis eviction to predict besides exact LRU [default: with --impl redis, the server's maxmemory-policy;
-    /// otherwise allkeys-lru].
+    /// otherwise allkeys-lru]. With --impl redis the server's samples and LFU parameters apply to either.
     #[arg(long, value_enum)]
     eviction: Option<EvictionArg>,
     /// After the replay, split this much Redis memory across the patterns (e.g. 2GiB), as `report --memory` does:
@@ -213,8 +213,9 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
     } else {
         None
     };
-    // The server's LFU parameters stay whatever policy is asked for (they are its settings, not the policy's).
-    let server = facts.as_ref().and_then(|f| f.eviction).unwrap_or_default();
+    // The server's samples and LFU parameters stay whatever policy is asked for (they are its settings, not the
+    // policy's); --maxmemory-samples overrides the samples.
+    let server = facts.as_ref().map(|f| f.settings).unwrap_or_default();
     let mut eviction = match (args.eviction, &facts) {
         (Some(EvictionArg::AllkeysLru), _) => RedisEviction {
             policy: EvictionPolicy::AllkeysLru,
@@ -224,15 +225,11 @@ pub(crate) async fn run(args: ReplayArgs) -> Result<()> {
             policy: EvictionPolicy::AllkeysLfu,
             ..server
         },
-        (None, Some(f)) => f.eviction.unwrap_or_default(),
+        (None, Some(f)) => f.eviction.unwrap_or(server),
         (None, None) => RedisEviction::default(),
     };
     if let Some(n) = args.maxmemory_samples {
         eviction.samples = n;
-    } else if let Some(f) = &facts {
-        if let Some(e) = f.eviction {
-            eviction.samples = e.samples;
-        }
     }
     if let Some(f) = &facts {
         if f.maxmemory_bytes > 0 && f.eviction.is_none() && args.eviction.is_none() {
@@ -614,8 +611,7 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
             info.lines()
                 .find_map(|l| l.strip_prefix("used_memory:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .map(|u| u.saturating_sub(own));
+        });
     let pattern = format!("{}*", glob_escape(prefix));
     let mut cursor = 0u64;
     let mut keys = 0u64;
@@ -685,7 +681,9 @@ async fn clean_up(url: &str, prefix: &str, keep: bool, overhead: u32) -> Result<
             redact_url(url),
         );
     }
-    Ok(used.zip(entry_bytes).map(|(u, e)| u.saturating_sub(e)))
+    Ok(used
+        .zip(entry_bytes)
+        .map(|(u, e)| u.saturating_sub(own).saturating_sub(e)))
 }
 
 fn glob_escape(s: &str) -> String {

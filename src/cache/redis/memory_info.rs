@@ -26,6 +26,10 @@ pub struct RedisMemory {
     /// The eviction the estimators simulate for it (`None` for a policy they do not simulate: `noeviction`,
     /// `allkeys-random`, `volatile-random`, `volatile-ttl`).
     pub eviction: Option<RedisEviction>,
+    /// The server's eviction settings whatever its policy: `maxmemory-samples`, `lfu-log-factor` and
+    /// `lfu-decay-time` (Redis's defaults where `CONFIG` was refused), with the policy of
+    /// [`eviction`](Self::eviction), or `allkeys-lru` when that is `None`.
+    pub settings: RedisEviction,
 }
 
 impl RedisMemory {
@@ -91,8 +95,8 @@ impl RedisMemory {
             .or_else(|| info_text("maxmemory_policy"))
             .unwrap_or_default();
         let defaults = RedisEviction::default();
-        let eviction = EvictionPolicy::from_redis(&policy).map(|p| RedisEviction {
-            policy: p,
+        let settings = RedisEviction {
+            policy: defaults.policy,
             samples: num("maxmemory-samples").map_or(defaults.samples, |n| n.clamp(1, 64) as u32),
             lfu_log_factor: num("lfu-log-factor").map_or(defaults.lfu_log_factor, |n| {
                 n.min(u64::from(u32::MAX)) as u32
@@ -100,6 +104,10 @@ impl RedisMemory {
             lfu_decay_minutes: num("lfu-decay-time").map_or(defaults.lfu_decay_minutes, |n| {
                 n.min(u64::from(u32::MAX)) as u32
             }),
+        };
+        let eviction = EvictionPolicy::from_redis(&policy).map(|p| RedisEviction {
+            policy: p,
+            ..settings
         });
         RedisMemory {
             maxmemory_bytes: num("maxmemory")
@@ -111,6 +119,7 @@ impl RedisMemory {
             keys,
             maxmemory_policy: policy,
             eviction,
+            settings: eviction.unwrap_or(settings),
         }
     }
 }
