@@ -1544,15 +1544,28 @@ fn pattern_counts(svc: &Service) -> std::collections::BTreeMap<String, (u64, u64
 /// The check of a budget split on the reference service: observe 100,000 skewed requests over the three
 /// routes (4 clients at once), ask `cache-rollout report --memory 2MiB` for the whitelist, apply its
 /// recommendation, give a real Redis (`allkeys-lru`) 2 MiB for entries, send the same requests again and compare
-/// the served patterns' hit ratio with the plan's. Measured 0.3689 against 0.3639 planned (`docs/analysis.md`,
-/// "Splitting a memory budget").
+/// the served patterns' hit ratio with the plan's. Measured 0.3695 and 0.3691 against 0.3690 and 0.3695 planned
+/// (with the default sample: 0.3689 against 0.3639; `docs/analysis.md`, "Splitting a memory budget").
 #[test]
 fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
     const USERS: u64 = 50_000;
     const BUDGET: u64 = 2 << 20;
     let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    // The shipped configuration, with every key sampled (as the replay's accuracy tests do): the check is of the
+    // split, not of the sample (the default samples at most 1/16 of `user`'s keys; its share then carries ± 0.04).
+    let config = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        repo().join("config/default.toml"),
+        config.path().join("default.toml"),
+    )
+    .expect("copy default.toml");
+    std::fs::write(
+        config.path().join("development.toml"),
+        "[cache.analysis]\nsample_keys = 65536\nmax_sampling_rate = 1.0\n",
+    )
+    .expect("write development.toml");
     let svc = Service::start_with(
-        &repo().join("config"),
+        config.path(),
         &[
             ("REDIS_URL", redis.url().as_str()),
             ("CACHE_ADMIN_TOKEN", TOKEN),
