@@ -146,7 +146,8 @@ pub(crate) struct SimPoint {
     /// One standard error of exact LRU's hit ratio at the same size, from the hash groups (over every sampled get,
     /// also those of keys a subsampling miniature leaves out).
     pub(crate) lru_std_error: f64,
-    /// The rate its own sample had, `min(R, R_m)` (0–1]: the finite-population correction of `std_error`.
+    /// Its own sampling rate `R_m` (0–1]; its sample's rate is `min(R, R_m)`, whose finite-population correction
+    /// `std_error` takes where the sample's `R` is known.
     pub(crate) rate: f64,
 }
 
@@ -187,8 +188,6 @@ struct Sim {
     /// Every sampled get since it started, and those exact LRU of its size hits, per group (its own sample or not).
     all_gets: [f64; GROUPS],
     all_lru_hits: [f64; GROUPS],
-    /// The sample's rate at its latest access.
-    sample_rate: f64,
     /// Sampled gets counted so far (unweighted).
     sampled: u64,
     /// Sampled accesses still to pass before gets count: one turnover of what it held when it started, so that
@@ -279,7 +278,6 @@ impl Sims {
         }
         let eviction = self.eviction;
         for sim in self.sims.iter_mut().flatten() {
-            sim.sample_rate = 1.0 / a.w;
             if a.get && sim.warming == 0 {
                 sim.all_gets[g] += a.w;
                 if a.lru_distance.is_some_and(|d| d < sim.capacity) {
@@ -377,7 +375,6 @@ impl Sims {
                 lru_hits: [0.0; GROUPS],
                 all_gets: [0.0; GROUPS],
                 all_lru_hits: [0.0; GROUPS],
-                sample_rate: rate,
                 sampled: 0,
                 warming: 0,
             };
@@ -429,6 +426,16 @@ impl Sims {
         table + order + POOL * 16
     }
 
+    /// The running miniature of whole-cache size `capacity` bytes: its own rate and the keys it holds.
+    #[cfg(test)]
+    pub(crate) fn miniature(&self, capacity: f64) -> Option<(f64, usize)> {
+        self.sims
+            .iter()
+            .flatten()
+            .find(|m| m.capacity == capacity)
+            .map(|m| (m.rate, m.order.len()))
+    }
+
     /// Heap bytes held now.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.sims
@@ -474,7 +481,7 @@ impl Sim {
             delta: (hits - lru) / gets,
             std_error: std_error(&self.hits, &self.gets),
             lru_std_error: std_error(&self.all_lru_hits, &self.all_gets),
-            rate: self.rate.min(self.sample_rate),
+            rate: self.rate,
         })
     }
 
@@ -719,10 +726,7 @@ mod tests {
                 s.access(spread(i % 6_000), Access::Get, 0, Some(1000), None, 0);
             }
             let (c, _) = s.curve(240_000);
-            let st = s.lock();
-            let mini = st.sims.sims.iter().flatten().find(|m| m.capacity == at);
-            let (rate, keys) = mini.map_or((0.0, 0), |m| (m.rate, m.order.len()));
-            drop(st);
+            let (rate, keys) = s.miniature(at).unwrap_or((0.0, 0));
             // Redis's eviction against exact LRU at that size: what the miniature adds.
             let lru = RedisEviction::default();
             (

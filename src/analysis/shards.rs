@@ -139,8 +139,7 @@ impl Fenwick {
     }
 }
 
-/// An estimator's state, behind its lock.
-pub(crate) struct State {
+struct State {
     threshold: u64,
     /// `1 / R`: what one sampled event stands for.
     weight: f64,
@@ -165,7 +164,7 @@ pub(crate) struct State {
     invalidated: f64,
     sampled_gets: u64,
     /// Redis's eviction in miniature, at a grid of sizes (MiniSim).
-    pub(crate) sims: Sims,
+    sims: Sims,
 }
 
 /// What a reference does.
@@ -338,7 +337,13 @@ impl Shards {
         self.threshold.load(Ordering::Relaxed) as f64 / 2f64.powi(64)
     }
 
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    /// The running miniature of whole-cache size `capacity` bytes: its own rate and the keys it holds.
+    #[cfg(test)]
+    pub(crate) fn miniature(&self, capacity: f64) -> Option<(f64, usize)> {
+        self.lock().sims.miniature(capacity)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
