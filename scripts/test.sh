@@ -8,13 +8,18 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run: redis-server (every Redis test), redis-tools (redis-cli: the cluster tests join their
 # nodes with `redis-cli --cluster create`), openssl (the rediss:// test's certificates),
 # procps (the kill binary the fault tests stop and resume redis-server with; `type -P` skips the shell builtin) and
-# prometheus (prometheus and promtool: tests/prometheus.rs checks the shipped rules and dashboard against it).
+# prometheus (prometheus and promtool: tests/prometheus.rs checks the shipped rules and dashboard against it), and
+# chromium, chromium-driver and a font (tests/ui.rs loads /internal/cache/ui in headless chromium through chromedriver
+# and takes its screenshots).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 type -P kill >/dev/null 2>&1 || missing+=(procps)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian's ${missing[*]}"
@@ -38,6 +43,8 @@ fi
 redis-server --version
 openssl version
 prometheus --version 2>&1 | head -1
+chromium --version 2>/dev/null || true
+chromedriver --version | head -1
 
 if [ ! -d ../shared/traces ]; then
     echo "../shared/traces is missing: the replay tests read the real traces from there (see ../shared/traces/README.md)" >&2

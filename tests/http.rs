@@ -287,6 +287,10 @@ async fn production_hides_everything_under_internal() {
         (Method::GET, "/internal/cache/report"),
         (Method::GET, "/internal/anything/else"),
         (Method::GET, "/internal"),
+        (Method::GET, "/internal/cache/ui"),
+        (Method::GET, "/internal/cache/ui?part=main"),
+        (Method::GET, "/internal/cache/ui/page.js"),
+        (Method::GET, "/internal/cache/"),
     ] {
         let (status, _, _) = call(&app, method.clone(), uri, Some(TOKEN), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
@@ -310,10 +314,115 @@ async fn the_internal_router_is_closed_in_production_however_it_is_mounted() {
         (Method::GET, "/internal/cache"),
         (Method::PUT, "/internal/cache/config"),
         (Method::GET, "/internal/cache/report"),
+        (Method::GET, "/internal/cache/ui"),
     ] {
         let (status, _, _) = call(&app, method.clone(), uri, Some(TOKEN), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
     }
+}
+
+/// The page's reading follows the JSON endpoints' rule: in staging, without the token, it is the page without a
+/// figure (asking for the token) and a 401; its refreshed part answers the JSON error; with the token, the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_staging_the_page_asks_for_the_token_and_shows_nothing_without_it() {
+    let mut s = settings(None, Some(TOKEN));
+    s.app_env = AppEnv::Staging;
+    let app = service(s).await;
+    let (status, _, _) = get(&app, "/users/1").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, page) = get(&app, "/internal/cache/ui").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        page.contains("id=\"needs-token\"") && page.contains("id=\"token-form\""),
+        "{page}"
+    );
+    assert!(
+        !page.contains("data-pattern"),
+        "no figure without the token: {page}"
+    );
+    let (status, body, _) = get(&app, "/internal/cache/ui?part=main").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "missing or wrong bearer token");
+    let (status, _, main) = call(
+        &app,
+        Method::GET,
+        "/internal/cache/ui?part=main",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        main.contains("data-pattern=\"user\"") && !main.contains("<html"),
+        "{main}"
+    );
+    // The script and the style hold no data: served without the token.
+    let (status, _, js) = get(&app, "/internal/cache/ui/page.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(js.contains("/internal/cache/config"));
+}
+
+/// The page in development: every section, a what-if budget, a bad one said, and the
+/// headers that keep it from being stored or from loading anything from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_every_section_and_a_what_if_budget() {
+    use tower::ServiceExt;
+    let app = service(settings(None, Some(TOKEN))).await;
+    for i in 0..600 {
+        for path in [format!("/users/{}", i % 60 + 1), format!("/projects/{}", i % 8 + 1)] {
+            let (status, _, _) = get(&app, &path).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+    let resp = app
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/internal/cache/ui")
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["cache-control"], "no-store");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .is_ok_and(|c| c.contains("default-src 'none'")));
+    let (_, _, page) = get(&app, "/internal/cache/ui").await;
+    for id in [
+        "id=\"state\"",
+        "id=\"patterns\"",
+        "id=\"shared\"",
+        "id=\"routes\"",
+        "id=\"swaps\"",
+    ] {
+        assert!(page.contains(id), "{id}");
+    }
+    assert!(page.contains("data-pattern=\"user\"") && page.contains("data-pattern=\"project\""));
+    assert!(page.contains("GET /users/{id}"), "candidate routes listed");
+    assert!(
+        page.matches("<svg").count() >= 3,
+        "a curve per pattern and the shared one"
+    );
+    // Nothing from elsewhere: the only address in the page is the SVG namespace.
+    let rest = page.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+    assert!(!rest.contains("http://") && !rest.contains("https://"));
+
+    let (status, _, page) = get(&app, "/internal/cache/ui?memory=1MiB").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("id=\"budget\"") && page.contains("What if Redis had 1.0 MiB"),
+        "{page}"
+    );
+    let (status, _, page) = get(&app, "/internal/cache/ui?memory=lots").await;
+    assert_eq!(status, StatusCode::OK, "a bad budget is said on the page");
+    assert!(page.contains("id=\"memory-error\""));
+    assert!(!page.contains("id=\"budget\""));
+
+    let (status, _, _) = get(&app, "/internal/cache/").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
 }
 
 #[tokio::test]

@@ -24,6 +24,8 @@ pub use self::budget::{
 pub(crate) use self::budget::{plan as plan_budget, split as split_budget, BudgetInput};
 pub use self::curve::{Curve, CurvePoint, CurveSamples, SizeHit};
 pub use self::redis_sim::{EvictionPolicy, RedisEviction};
+#[cfg(feature = "axum")]
+pub(crate) use self::report::human_bytes;
 pub(crate) use self::report::{build, shared_report, PatternInput, ReportContext, RouteInput};
 pub use self::report::{
     LoaderStats, MemoryPoint, MemoryPrediction, MissCauses, PatternReport, Recommendation, Report,

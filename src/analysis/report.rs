@@ -195,6 +195,10 @@ pub struct PatternReport {
     /// under Redis's eviction (0–1); far above `served_hit_ratio` for long is drift (docs/rollout.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_predicted_hit_ratio: Option<f64>,
+    /// Served patterns: the memory that prediction gives it in Redis, bytes (keys, values and the per-key overhead):
+    /// its share of what the served patterns occupy together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_memory_bytes: Option<u64>,
     /// The whole predicted miss ratio curve, in objects and in bytes (empty without an estimator).
     #[serde(default)]
     pub curve: CurveSamples,
@@ -534,6 +538,7 @@ fn pattern_report(
         advice: Vec::new(),
         served_hit_ratio: None,
         served_predicted_hit_ratio: None,
+        served_memory_bytes: None,
         curve: CurveSamples::default(),
     };
     if r.loader_error_ratio >= ADVISE_ERROR_RATIO {

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` and `routes` hold the [`INTERNAL_VIEW_ROWS`] busiest rows each (and `patterns` its `other` row), and `omitted` counts the rest |
 //! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows; 404 for a pattern neither seen nor named |
+//! | `GET /internal/cache/ui` | 200, the same for people: an HTML page with the curves, which refreshes itself and sends the actions below (see [`ui`](super::ui)); `GET /internal/cache/` redirects to it |
 //! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
@@ -83,7 +84,7 @@ impl AdminToken {
 /// What the internal router needs.
 #[derive(Clone, Debug)]
 pub struct InternalState {
-    registry: CacheRegistry,
+    pub(super) registry: CacheRegistry,
     admin_token: AdminToken,
     config: serde_json::Value,
     #[cfg(feature = "fleet")]
@@ -149,6 +150,12 @@ impl InternalState {
         self
     }
 
+    /// The fleet state's status, when one is followed.
+    #[cfg(feature = "fleet")]
+    pub(super) fn fleet_status(&self) -> Option<crate::fleet::FleetStatus> {
+        self.fleet.as_ref().map(|f| f.status())
+    }
+
     /// Routes runtime changes through the fleet state (every instance applies them), and shows its status under
     /// `fleet` in `GET /internal/cache`.
     #[cfg(feature = "fleet")]
@@ -175,6 +182,13 @@ pub fn internal_router(state: InternalState) -> Router {
         .route("/internal/cache", get(show))
         .route("/internal/cache/report", get(report))
         .route("/internal/cache/config", put(change))
+        .route(
+            "/internal/cache/",
+            get(|| async { axum::response::Redirect::to("/internal/cache/ui") }),
+        )
+        .route("/internal/cache/ui", get(super::ui::page))
+        .route("/internal/cache/ui/page.js", get(super::ui::script))
+        .route("/internal/cache/ui/page.css", get(super::ui::style))
         .with_state(state)
 }
 
@@ -346,7 +360,7 @@ async fn report(
 }
 
 /// A read's refusal: `None` where reading is open, else [`refusal`] for `action = "read"`.
-fn read_refusal(
+pub(super) fn read_refusal(
     state: &InternalState,
     headers: &HeaderMap,
     path: &'static str,

@@ -22,6 +22,7 @@
 
 mod candidate;
 mod internal;
+pub mod ui;
 
 pub use self::candidate::{
     Candidate, CandidateLayer, CandidateResponseFuture, CACHE_STATUS, UNMATCHED_ROUTE,

@@ -140,7 +140,8 @@ impl CacheRegistry {
         for (name, measured, predicted) in self.served_hit_ratios() {
             if let Some(p) = report.patterns.get_mut(&name) {
                 p.served_hit_ratio = Some(measured);
-                p.served_predicted_hit_ratio = predicted;
+                p.served_memory_bytes = predicted.map(|(bytes, _)| bytes);
+                p.served_predicted_hit_ratio = predicted.map(|(_, h)| h);
             }
         }
         report
@@ -228,9 +229,10 @@ impl CacheRegistry {
     }
 
     /// For each served pattern with an estimator and a get since it was served: (pattern, measured hit ratio since
-    /// it was served, predicted hit ratio for the memory it shares with the other served patterns in Redis). The
-    /// prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`, or read from Redis).
-    pub(crate) fn served_hit_ratios(&self) -> Vec<(String, f64, Option<f64>)> {
+    /// it was served, (bytes it occupies, predicted hit ratio) for the memory it shares with the other served
+    /// patterns in Redis). The prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`,
+    /// or read from Redis).
+    pub(crate) fn served_hit_ratios(&self) -> Vec<ServedRow> {
         let Some(a) = &self.inner.analysis else {
             return Vec::new();
         };
@@ -272,7 +274,7 @@ impl CacheRegistry {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         };
-        let predicted: Vec<Option<f64>> = match memory {
+        let predicted: Vec<Option<(u64, f64)>> = match memory {
             None => vec![None; rows.len()],
             Some(budget) => {
                 let inputs: Vec<analysis::BudgetInput<'_>> = rows
@@ -292,7 +294,7 @@ impl CacheRegistry {
                     .collect();
                 analysis::split_budget(&inputs, budget, a.eviction())
                     .into_iter()
-                    .map(|(_, h)| Some(h))
+                    .map(|(bytes, h)| Some((bytes.round() as u64, h)))
                     .collect()
             }
         };
@@ -329,6 +331,10 @@ impl CacheRegistry {
         out
     }
 }
+
+/// A served pattern's row: its name, the hit ratio measured since it was served, and (the bytes it occupies, the
+/// hit ratio predicted there).
+pub(crate) type ServedRow = (String, f64, Option<(u64, f64)>);
 
 /// `cache_served_hit_ratio{key_pattern}` and `cache_served_predicted_hit_ratio{key_pattern}`: for every served
 /// pattern, the hit ratio measured since it was served and the one predicted for the memory it has, computed at
@@ -407,7 +413,7 @@ impl prometheus::core::Collector for ServedHitRatio {
             gauge_family(
                 &self.predicted,
                 rows.iter()
-                    .filter_map(|(n, _, p)| p.map(|p| (n.clone(), p))),
+                    .filter_map(|(n, _, p)| p.map(|(_, h)| (n.clone(), h))),
             ),
         ]
     }
