@@ -369,7 +369,10 @@ async fn the_page_shows_every_section_and_a_what_if_budget() {
     use tower::ServiceExt;
     let app = service(settings(None, Some(TOKEN))).await;
     for i in 0..600 {
-        for path in [format!("/users/{}", i % 60 + 1), format!("/projects/{}", i % 8 + 1)] {
+        for path in [
+            format!("/users/{}", i % 60 + 1),
+            format!("/projects/{}", i % 8 + 1),
+        ] {
             let (status, _, _) = get(&app, &path).await;
             assert_eq!(status, StatusCode::OK);
         }

@@ -196,16 +196,19 @@ async fn use_token(c: &Client, token: &str) {
 
 /// The whole page as a PNG: the window made as tall as the document, then back.
 async fn screenshot(c: &Client, name: &str) {
-    let height = c
-        .execute("return document.documentElement.scrollHeight;", vec![])
-        .await
-        .ok()
-        .and_then(|v| v.as_u64())
-        .unwrap_or(900)
-        .clamp(900, 4000);
-    c.set_window_size(1366, height as u32 + 40)
-        .await
-        .expect("resize");
+    // Twice: the layout at the new size can be taller than at the old one.
+    for _ in 0..2 {
+        let height = c
+            .execute("return document.documentElement.scrollHeight;", vec![])
+            .await
+            .ok()
+            .and_then(|v| v.as_u64())
+            .unwrap_or(900)
+            .clamp(900, 4000);
+        c.set_window_size(1366, height as u32 + 120)
+            .await
+            .expect("resize");
+    }
     c.execute("window.scrollTo(0, 0);", vec![])
         .await
         .expect("scroll to the top");
@@ -382,7 +385,8 @@ async fn browse(svc: &Service, load: &Load, driver: &ChromeDriver) {
     }
 
     // Served: the switch is called out, the served hit ratio is measured and drawn on the curve.
-    blocking(|| load.wait_for(load.sent.load(Ordering::Relaxed) + 3000));
+    // Long enough for the served hit ratio to climb towards the prediction (the screenshot shows both).
+    blocking(|| load.wait_for(load.sent.load(Ordering::Relaxed) + 20_000));
     assert_eq!(text(&c, "#impl").await, "redis");
     wait_text(&c, "#just-switched", |t| t.contains("Switched")).await;
     wait_text(&c, "article[data-pattern=\"user\"] td.served", |t| {

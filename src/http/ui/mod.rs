@@ -429,6 +429,14 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
                         th { "recommended" }
                         td .recommended { (recommended_text(rep)) }
                     }
+                    @if let Some(r) = route {
+                        tr {
+                            th { "breaker" }
+                            td .breaker { @match &r.breaker { None => "closed ✓", Some(b) => span .bad { (name_of(&b.state)) " ✗" } } }
+                            th { "read deadline, TTL" }
+                            td { (r.read_timeout_ms) " ms, " (r.ttl_secs) " s" }
+                        }
+                    }
                 }
             }
             @if let Some(r) = route {
