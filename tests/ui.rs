@@ -434,3 +434,53 @@ async fn browse(svc: &Service, load: &Load, driver: &ChromeDriver) {
     assert_eq!(blocking(|| user_route(svc)).0, "observe");
     c.close().await.expect("close the session");
 }
+
+/// In staging, reading needs the token, as for the JSON endpoints: the page shows no figure until the token is
+/// typed in, a wrong one is refused, the right one shows the figures.
+#[test]
+fn in_staging_the_page_in_chromium_shows_figures_only_with_the_token() {
+    let svc = Service::start_with(
+        &repo().join("config"),
+        &[
+            ("APP_ENV", "staging"),
+            ("CACHE_ADMIN_TOKEN", TOKEN),
+            ("RUST_LOG", "warn"),
+        ],
+        &["--users", "100"],
+    );
+    for id in 1..=20 {
+        assert_eq!(svc.get(&format!("/users/{id}")).0, 200);
+    }
+    let driver = ChromeDriver::start();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let c = driver.session().await;
+            c.goto(&format!("{}/internal/cache/ui", svc.base))
+                .await
+                .expect("open the page");
+            assert!(text(&c, "#needs-token")
+                .await
+                .contains("needs the admin token"));
+            let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
+            assert!(
+                cards.expect("cards").is_empty(),
+                "no figure without the token"
+            );
+            use_token(&c, "wrong-token-0123456789").await;
+            let said = wait_text(&c, "#result", |t| t.contains("401")).await;
+            assert!(said.contains("missing or wrong bearer token"), "{said}");
+            let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
+            assert!(cards.expect("cards").is_empty(), "none with a wrong one");
+            use_token(&c, TOKEN).await;
+            wait_text(&c, "article[data-pattern=\"user\"] h3", |t| {
+                t.contains("mode: observe")
+            })
+            .await;
+            assert_eq!(text(&c, "#impl").await, "null");
+            c.close().await.expect("close the session");
+        });
+}
