@@ -340,9 +340,13 @@ async fn in_staging_the_page_asks_for_the_token_and_shows_nothing_without_it() {
         !page.contains("data-pattern"),
         "no figure without the token: {page}"
     );
+    // A browser's navigation carries no token: that page is not a refused read; a refused read of the figures is.
+    let failures = |text: &str| metric(text, "cache_admin_auth_failures_total{action=\"read\"}");
+    assert_eq!(failures(&get(&app, "/metrics").await.2), 0.0);
     let (status, body, _) = get(&app, "/internal/cache/ui?part=main").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"], "missing or wrong bearer token");
+    assert_eq!(failures(&get(&app, "/metrics").await.2), 1.0);
     let (status, _, main) = call(
         &app,
         Method::GET,
@@ -424,8 +428,17 @@ async fn the_page_shows_every_section_and_a_what_if_budget() {
     assert!(page.contains("id=\"memory-error\""));
     assert!(!page.contains("id=\"budget\""));
 
-    let (status, _, _) = get(&app, "/internal/cache/").await;
-    assert_eq!(status, StatusCode::SEE_OTHER);
+    let resp = app
+        .clone()
+        .oneshot(
+            axum::http::Request::get("/internal/cache/")
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], "/internal/cache/ui");
 }
 
 #[tokio::test]

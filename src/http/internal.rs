@@ -119,8 +119,13 @@ impl InternalState {
         self
     }
 
+    /// Whether an admin token is configured (without one, every change and every guarded read is refused).
+    pub(super) fn token_configured(&self) -> bool {
+        self.admin_token.0.load().is_some()
+    }
+
     /// Whether a read needs the token here.
-    fn reads_need_token(&self) -> bool {
+    pub(super) fn reads_need_token(&self) -> bool {
         !self.open_reads && !matches!(self.env, Some(AppEnv::Development | AppEnv::Test))
     }
 

@@ -64,24 +64,36 @@ pub(super) async fn page(
 ) -> Response {
     let (part, memory) = match query {
         Ok(Query(q)) => (q.part, q.memory.filter(|m| !m.trim().is_empty())),
-        Err(e) => (None, Some(format!("?{}", e.body_text()))),
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
     };
     let only_main = part.as_deref() == Some("main");
-    if let Some(refused) = read_refusal(&state, &headers, "/internal/cache/ui") {
-        if only_main {
+    if state.reads_need_token() {
+        // A browser's navigation never carries the token: the page without a figure, which asks for it, is not a
+        // refused read (not counted, not logged). Its figures come with the token, checked like any read.
+        if !only_main && !headers.contains_key(header::AUTHORIZATION) {
+            let (status, text) = if state.token_configured() {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "Reading this page needs the admin token here. Enter it above; it is kept in this page's \
+                     memory only.",
+                )
+            } else {
+                (
+                    StatusCode::FORBIDDEN,
+                    "Reading this page needs the admin token here, and no CACHE_ADMIN_TOKEN is configured: \
+                     nothing can be shown.",
+                )
+            };
+            let body = document(
+                &memory.unwrap_or_default(),
+                html! { p #needs-token .notice role="alert" { (text) } },
+                true,
+            );
+            return with_page_headers(status, body.into_string());
+        }
+        if let Some(refused) = read_refusal(&state, &headers, "/internal/cache/ui") {
             return refused;
         }
-        let body = document(
-            &memory.unwrap_or_default(),
-            html! {
-                p #needs-token .notice role="alert" {
-                    "Reading this page needs the admin token here (" (refused.status()) "). Enter it above; it is "
-                    "kept in this page's memory only."
-                }
-            },
-            true,
-        );
-        return with_page_headers(refused.status(), body.into_string());
     }
     let (budget, memory_error) = match memory.as_deref().map(crate::analysis::parse_memory) {
         None => (None, None),
@@ -193,11 +205,12 @@ fn document(memory: &str, main: Markup, needs_token: bool) -> Markup {
             body data-refresh-ms=(REFRESH_SECS * 1000) data-needs-token=[needs_token.then_some("1")] {
                 header {
                     h1 { "cache-rollout" }
+                    // No `name`, and disabled until the script takes it: the token is never sent in a URL.
                     form #token-form autocomplete="off" {
                         label for="token" { "Admin token" }
-                        input #token type="password" name="token" autocomplete="off" size="24"
-                            placeholder="CACHE_ADMIN_TOKEN";
-                        button type="submit" { "Use" }
+                        input #token type="password" autocomplete="off" size="24"
+                            placeholder="CACHE_ADMIN_TOKEN" disabled;
+                        button type="submit" disabled { "Use" }
                         span #token-state { "no token (actions are refused)" }
                     }
                     form #memory-form method="get" action="/internal/cache/ui" {
@@ -341,8 +354,8 @@ fn state_section(d: &Data<'_>) -> Markup {
     }
 }
 
-/// The patterns with a card: those the rollout names and the busiest seen, at most [`INTERNAL_VIEW_ROWS`], by
-/// gets; and how many more there are.
+/// The patterns with a card, at most [`INTERNAL_VIEW_ROWS`]: those the rollout names (whitelisted, configured or
+/// rolled back) first, then the busiest seen, by gets; and how many more there are.
 fn shown_patterns<'a>(d: &Data<'a>) -> (Vec<&'a str>, usize) {
     let mut names: Vec<&str> = d
         .view
@@ -351,12 +364,19 @@ fn shown_patterns<'a>(d: &Data<'a>) -> (Vec<&'a str>, usize) {
         .chain(d.view.patterns.keys())
         .chain(d.report.patterns.keys())
         .map(String::as_str)
-        .filter(|n| *n != crate::pattern::OTHER)
+        // `other` is the overflow row; `*` holds the defaults of every pattern, not a pattern to roll out.
+        .filter(|n| *n != crate::pattern::OTHER && *n != "*")
         .collect();
     names.sort_unstable();
     names.dedup();
     let gets = |n: &str| d.view.patterns.get(n).map_or(0, |c| c.gets);
-    names.sort_by(|a, b| gets(b).cmp(&gets(a)).then_with(|| a.cmp(b)));
+    let named = |n: &str| d.view.routes.contains_key(n);
+    names.sort_by(|a, b| {
+        named(b)
+            .cmp(&named(a))
+            .then_with(|| gets(b).cmp(&gets(a)))
+            .then_with(|| a.cmp(b))
+    });
     let more = names.len().saturating_sub(INTERNAL_VIEW_ROWS);
     names.truncate(INTERNAL_VIEW_ROWS);
     (names, more)
@@ -411,8 +431,9 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
         article .card .pattern data-pattern=(name) data-mode=(mode.as_str()) {
             h3 { (name) " " span .mode { "mode: " (mode_text(route)) } }
             @if let Some(b) = route.and_then(|r| r.breaker.as_ref()) {
-                p .notice .bad role="alert" {
-                    "Rolled back ✗ (" (name_of(&b.state)) "): " (name_of(&b.reason)) " since " (b.since)
+                p .notice .bad {
+                    @if b.state == crate::rollout::BreakerState::Open { "Rolled back ✗: " } @else { "Probing after a rollback (half-open): " }
+                    (name_of(&b.reason)) " since " (b.since)
                 }
             }
             table .figures {
@@ -454,7 +475,7 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
                     @for (result, n) in &r.shadow { span .count data-result=(result) { (result) " " (n) } " " }
                 }
             }
-            (pattern_chart(name, rep))
+            (pattern_chart(name, rep, d.report.eviction.as_ref()))
             @if let Some(rep) = rep.filter(|r| !r.reasons.is_empty() || !r.advice.is_empty()) {
                 details {
                     summary { "why (the report's reasons)" }
@@ -492,7 +513,11 @@ fn arm_row(arm: &str, a: &ArmView) -> Markup {
 
 /// A pattern's predicted curve, with the measured point at the memory it has while served and the recommended
 /// size.
-fn pattern_chart(name: &str, rep: Option<&PatternReport>) -> Markup {
+fn pattern_chart(
+    name: &str,
+    rep: Option<&PatternReport>,
+    eviction: Option<&crate::analysis::RedisEviction>,
+) -> Markup {
     let Some(rep) = rep else {
         return html! { p .nochart { "No curve yet." } };
     };
@@ -504,6 +529,14 @@ fn pattern_chart(name: &str, rep: Option<&PatternReport>) -> Markup {
             label: format!(" measured {}", pct(Some(h))),
             filled: true,
         });
+        if let (Some(p), Some(e)) = (rep.served_predicted_hit_ratio, eviction) {
+            marks.push(Mark {
+                bytes,
+                hit_ratio: p,
+                label: format!(" predicted {} ({})", pct(Some(p)), name_of(&e.policy)),
+                filled: false,
+            });
+        }
     }
     if let Some(bytes) = rep.recommended_memory_bytes.filter(|_| rep.recommended) {
         let h = interpolate(&rep.curve.bytes, bytes);
@@ -515,17 +548,22 @@ fn pattern_chart(name: &str, rep: Option<&PatternReport>) -> Markup {
         });
     }
     let title = format!("{name}: predicted hit ratio against memory");
+    let legend = format!("{name} (exact LRU)");
     match curve_svg(
         &title,
         &[Line {
-            name,
+            name: &legend,
             points: &rep.curve.bytes,
             emphasis: false,
         }],
         &marks,
     ) {
         Some(svg) => {
-            html! { figure .chart { (PreEscaped(svg)) figcaption { (title) ", with about a 95% interval at each point" } } }
+            html! { figure .chart { (PreEscaped(svg)) figcaption {
+                (title) ". The line is an exact LRU cache, with about a 95% interval at each point. Once the pattern "
+                "is served, the filled dot is the hit ratio measured since the switch, and the hollow one beside it "
+                "the prediction for its share of Redis under Redis's own eviction."
+            } } }
         }
         None => html! { p .nochart { "No curve yet (no estimator, or too few gets)." } },
     }
@@ -575,7 +613,9 @@ fn actions(view: &StateView, name: &str, route: Option<&RouteView>) -> Markup {
                 @let here = view.whitelist.iter().any(|w| w == name || w == "*")
                     && current == Some((mode, ramp.unwrap_or(100.0)));
                 button type="button" data-action=(label) data-pattern=(name) data-body=(body)
-                    title={ "PUT /internal/cache/config " (body) } aria-pressed=(here) { (label) }
+                    title={ "PUT /internal/cache/config " (body) } aria-current=[here.then_some("true")] {
+                        (label) @if here { " (now)" }
+                    }
             }
         }
     }
@@ -624,24 +664,20 @@ fn shared_section(d: &Data<'_>) -> Markup {
             emphasis: false,
         });
     }
-    let mut marks = Vec::new();
-    if let Some(plan) = &r.budget {
-        marks.push(Mark {
-            bytes: plan.memory_bytes,
-            hit_ratio: plan.hit_ratio,
-            label: format!(" budget: {}", pct(Some(plan.hit_ratio))),
-            filled: false,
-        });
-    }
-    let title = "Every pattern in one cache: predicted hit ratio against memory";
-    let chart = curve_svg(title, &lines, &marks);
+    let title = "Every pattern in one cache, and the whitelist's patterns in one: predicted hit ratio against memory \
+                 (exact LRU)";
+    let chart = curve_svg(title, &lines, &[]);
     let apply = serde_json::to_string(&rec.apply).unwrap_or_default();
     html! {
         section #shared aria-labelledby="shared-h" {
             h2 #shared-h { "Prediction and recommendation" }
             p .method {
                 "Observed for " (format!("{:.0}", r.observed_seconds)) " s; "
-                @match &r.eviction { Some(e) => { "hit ratios in memory are for Redis's " (name_of(&e.policy)) } None => "hit ratios are for an exact LRU" }
+                "the curves are of an exact LRU cache; "
+                @match &r.eviction {
+                    Some(e) => { "the budget split and the served patterns' predictions are for Redis's own eviction, " (name_of(&e.policy)) }
+                    None => "no Redis eviction is known, so every prediction is exact LRU"
+                }
                 "."
             }
             @match chart {
@@ -662,7 +698,7 @@ fn shared_section(d: &Data<'_>) -> Markup {
                 }
             }
             @if let Some(e) = d.memory_error {
-                p #memory-error .notice .bad role="alert" { "What-if budget: " (e) }
+                p #memory-error .notice .bad { "What-if budget: " (e) }
             }
             @if let Some(plan) = &r.budget {
                 div #budget {
@@ -680,7 +716,7 @@ fn shared_section(d: &Data<'_>) -> Markup {
                                     th { (name) }
                                     td { @if s.served { "yes ✓" } @else { "no" } }
                                     td { (human_bytes(s.memory_bytes)) }
-                                    td { (pct(Some(s.hit_ratio))) " ± " (format!("{:.1}", s.uncertainty * 100.0)) }
+                                    td { (pct(Some(s.hit_ratio))) " ± " (format!("{:.1}", s.uncertainty * 100.0)) " pp" }
                                     td { (format!("{:.3}", s.origin_seconds_saved_per_second)) }
                                     td { (s.reason) }
                                 }

@@ -1,12 +1,14 @@
 // The page's own script (/internal/cache/ui/page.js): refreshes <main> every few seconds while open (pausable) and
-// sends the actions, each a PUT /internal/cache/config with the body its button carries. The admin token lives in
-// this closure only: never in storage, a cookie or the URL.
+// sends the actions, each a PUT /internal/cache/config with the body its button carries, read from a page fetched
+// just before (so a change made meanwhile, here or elsewhere, is not undone). The admin token lives in this closure
+// only: never in storage, a cookie or the URL.
 (() => {
   'use strict';
   const $ = (id) => document.getElementById(id);
   let token = null;
   let paused = false;
-  let busy = false;
+  // The newest refresh wins: an older one that answers later is dropped.
+  let generation = 0;
 
   const say = (text, ok) => {
     const r = $('result');
@@ -21,50 +23,75 @@
       return text;
     }
   };
+  const css = (v) => (window.CSS && CSS.escape ? CSS.escape(v) : v.replace(/["\\]/g, '\\$&'));
 
-  async function refresh() {
-    if (busy) return;
-    busy = true;
+  // Replaces <main> with the server's; `forced` refreshes run even while paused (after an action). Returns
+  // whether <main> was replaced.
+  async function refresh(forced) {
+    const mine = ++generation;
     const query = new URLSearchParams(window.location.search);
     query.set('part', 'main');
+    let r;
+    let text;
     try {
-      const r = await fetch('/internal/cache/ui?' + query, { headers: auth(), cache: 'no-store' });
-      const text = await r.text();
-      if (!r.ok) {
-        say('Reading the page: ' + r.status + ', ' + errorOf(text), false);
-        return;
-      }
-      // Keep the open "why" lists open across a refresh.
-      const open = new Set([...document.querySelectorAll('main details[open]')].map((d) =>
-        d.closest('[data-pattern]')?.dataset.pattern));
-      $('main').innerHTML = text;
-      document.querySelectorAll('main [data-pattern] > details').forEach((d) => {
-        if (open.has(d.closest('[data-pattern]').dataset.pattern)) d.open = true;
-      });
-      $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
-      document.body.dataset.loaded = '1';
-      delete document.body.dataset.needsToken;
+      r = await fetch('/internal/cache/ui?' + query, { headers: auth(), cache: 'no-store' });
+      text = await r.text();
     } catch (e) {
-      say('Reading the page failed: ' + e, false);
-    } finally {
-      busy = false;
+      if (mine === generation) say('Reading the page failed: ' + e, false);
+      return false;
     }
+    if (mine !== generation || (paused && !forced)) return false;
+    if (!r.ok) {
+      say('Reading the page: ' + r.status + ', ' + errorOf(text), false);
+      return false;
+    }
+    // Keep the open "why" lists open and the focused button focused across the refresh.
+    const open = new Set([...document.querySelectorAll('main details[open]')]
+      .map((d) => d.closest('[data-pattern]')?.dataset.pattern));
+    const focused = document.activeElement?.closest?.('main button[data-action]');
+    const refocus = focused ? [focused.dataset.pattern, focused.dataset.action] : null;
+    $('main').innerHTML = text;
+    document.querySelectorAll('main [data-pattern] > details').forEach((d) => {
+      if (open.has(d.closest('[data-pattern]').dataset.pattern)) d.open = true;
+    });
+    if (refocus) find(refocus[0], refocus[1])?.focus();
+    if (!paused) $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+    delete document.body.dataset.needsToken;
+    return true;
   }
 
-  async function put(body, what) {
+  // The button of `action` (for `pattern`, or the page's own when there is none) in the current <main>.
+  function find(pattern, action) {
+    const of = pattern ? '[data-pattern="' + css(pattern) + '"]' : ':not([data-pattern])';
+    return document.querySelector('main button[data-action="' + css(action) + '"]' + of);
+  }
+
+  async function act(pattern, action) {
+    const what = pattern ? pattern + ' → ' + action : action;
+    say(what + ': sending…', true);
+    // The body from the state as it is now, not as it was when the page was drawn.
+    if (!(await refresh(true))) {
+      say(what + ': not sent, the page could not be read again (see above)', false);
+      return;
+    }
+    const button = find(pattern, action);
+    if (!button) {
+      say(what + ': not sent, the page no longer offers it', false);
+      return;
+    }
     say(what + ': sending…', true);
     try {
       const r = await fetch('/internal/cache/config', {
         method: 'PUT',
         headers: { ...auth(), 'Content-Type': 'application/json' },
-        body,
+        body: button.dataset.body,
       });
       const text = await r.text();
       if (r.ok) {
         const s = JSON.parse(text);
         say(what + ': done (state version ' + s.version + ', impl ' + s.impl + ', whitelist ' +
           (s.whitelist.join(', ') || 'none') + ')', true);
-        await refresh();
+        await refresh(true);
       } else {
         say(what + ': refused, ' + r.status + ': ' + errorOf(text), false);
       }
@@ -74,14 +101,14 @@
   }
 
   document.addEventListener('click', (ev) => {
-    const b = ev.target.closest('button[data-body]');
-    if (!b) return;
-    const what = b.dataset.pattern ? b.dataset.pattern + ' → ' + b.dataset.action : b.dataset.action;
-    put(b.dataset.body, what);
+    const b = ev.target.closest('main button[data-action]');
+    if (b) act(b.dataset.pattern, b.dataset.action);
   });
 
   document.addEventListener('DOMContentLoaded', () => {
-    $('token-form').addEventListener('submit', (ev) => {
+    const form = $('token-form');
+    form.querySelectorAll('[disabled]').forEach((e) => { e.disabled = false; });
+    form.addEventListener('submit', (ev) => {
       ev.preventDefault();
       const input = $('token');
       token = input.value.trim() || null;
@@ -89,7 +116,17 @@
       $('token-state').textContent = token
         ? 'token set (kept in this page only, until it is closed or reloaded)'
         : 'no token (actions are refused)';
-      refresh();
+      refresh(true);
+    });
+    // The what-if budget without a reload, so that a token typed in stays.
+    $('memory-form').addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const query = new URLSearchParams(window.location.search);
+      const memory = $('memory').value.trim();
+      if (memory) query.set('memory', memory); else query.delete('memory');
+      const q = query.toString();
+      window.history.replaceState(null, '', window.location.pathname + (q ? '?' + q : ''));
+      refresh(true);
     });
     $('pause').addEventListener('click', () => {
       paused = !paused;
@@ -99,7 +136,7 @@
     });
     const period = Number(document.body.dataset.refreshMs) || 5000;
     setInterval(() => {
-      if (!paused && !document.hidden && !document.body.dataset.needsToken) refresh();
+      if (!paused && !document.hidden && !document.body.dataset.needsToken) refresh(false);
     }, period);
   });
 })();
