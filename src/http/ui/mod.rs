@@ -533,7 +533,7 @@ fn pattern_chart(
             marks.push(Mark {
                 bytes,
                 hit_ratio: p,
-                label: format!(" predicted {} ({})", pct(Some(p)), name_of(&e.policy)),
+                label: format!(" predicted {} ({})", pct(Some(p)), short_policy(&e.policy)),
                 filled: false,
             });
         }
@@ -566,6 +566,14 @@ fn pattern_chart(
             } } }
         }
         None => html! { p .nochart { "No curve yet (no estimator, or too few gets)." } },
+    }
+}
+
+/// A chart label's name for Redis's eviction: `lru` or `lfu` (the page's text names it in full).
+fn short_policy(p: &crate::analysis::EvictionPolicy) -> &'static str {
+    match p {
+        crate::analysis::EvictionPolicy::AllkeysLru => "lru",
+        crate::analysis::EvictionPolicy::AllkeysLfu => "lfu",
     }
 }
 
