@@ -1553,17 +1553,8 @@ fn report_memory_on_the_reference_service_holds_against_a_real_redis() {
     let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
     // The shipped configuration, with every key sampled (as the replay's accuracy tests do): the check is of the
     // split, not of the sample (the default samples at most 1/16 of `user`'s keys; its share then carries ± 0.04).
-    let config = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        repo().join("config/default.toml"),
-        config.path().join("default.toml"),
-    )
-    .expect("copy default.toml");
-    std::fs::write(
-        config.path().join("development.toml"),
-        "[cache.analysis]\nsample_keys = 65536\nmax_sampling_rate = 1.0\n",
-    )
-    .expect("write development.toml");
+    let config =
+        support::config_with("[cache.analysis]\nsample_keys = 65536\nmax_sampling_rate = 1.0\n");
     let svc = Service::start_with(
         config.path(),
         &[

@@ -321,6 +321,19 @@ async fn the_internal_router_is_closed_in_production_however_it_is_mounted() {
     }
 }
 
+/// A `GET` of `uri`, as the router answers it (headers included).
+async fn response(app: &Router, uri: &str) -> axum::response::Response {
+    use tower::ServiceExt;
+    app.clone()
+        .oneshot(
+            axum::http::Request::get(uri)
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible")
+}
+
 /// The page's reading follows the JSON endpoints' rule: in staging, without the token, it is the page without a
 /// figure (asking for the token) and a 401; its refreshed part answers the JSON error; with the token, the figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +383,6 @@ async fn in_staging_the_page_asks_for_the_token_and_shows_nothing_without_it() {
 /// headers that keep it from being stored or from loading anything from elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_every_section_and_a_what_if_budget() {
-    use tower::ServiceExt;
     let app = service(settings(None, Some(TOKEN))).await;
     for i in 0..600 {
         for path in [
@@ -381,15 +393,7 @@ async fn the_page_shows_every_section_and_a_what_if_budget() {
             assert_eq!(status, StatusCode::OK);
         }
     }
-    let resp = app
-        .clone()
-        .oneshot(
-            axum::http::Request::get("/internal/cache/ui")
-                .body(axum::body::Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("infallible");
+    let resp = response(&app, "/internal/cache/ui").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let h = resp.headers();
     assert_eq!(h["content-type"], "text/html; charset=utf-8");
@@ -428,15 +432,7 @@ async fn the_page_shows_every_section_and_a_what_if_budget() {
     assert!(page.contains("id=\"memory-error\""));
     assert!(!page.contains("id=\"budget\""));
 
-    let resp = app
-        .clone()
-        .oneshot(
-            axum::http::Request::get("/internal/cache/")
-                .body(axum::body::Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("infallible");
+    let resp = response(&app, "/internal/cache/").await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(resp.headers()["location"], "/internal/cache/ui");
 }

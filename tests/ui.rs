@@ -130,6 +130,14 @@ impl Load {
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.sent.load(Ordering::Relaxed) < n {
             assert!(
+                !self
+                    .threads
+                    .iter()
+                    .any(std::thread::JoinHandle::is_finished),
+                "a load worker stopped (an answer other than 200, or its bound) after {} requests",
+                self.sent.load(Ordering::Relaxed)
+            );
+            assert!(
                 Instant::now() < deadline,
                 "the load sent {} of {n}",
                 self.sent.load(Ordering::Relaxed)
@@ -239,6 +247,15 @@ async fn screenshot(c: &Client, name: &str) {
     }
 }
 
+/// The runtime the browser is driven from.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Runs blocking work (the test's HTTP client) on the browser's runtime.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -278,17 +295,9 @@ fn the_page_in_chromium_takes_a_pattern_from_shadow_to_serve_under_load() {
     // The shipped default.toml, with the rollback rules off and a 1 s read deadline: the test is of the page's flow,
     // and a debug build beside chromium on two cores reads Redis slowly now and then, which the default rules (a
     // 50 ms deadline, 1% of reads over 25 ms) would rightly act on.
-    let config = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        repo().join("config/default.toml"),
-        config.path().join("default.toml"),
-    )
-    .expect("copy default.toml");
-    std::fs::write(
-        config.path().join("development.toml"),
+    let config = support::config_with(
         "[cache]\nread_timeout_ms = 1000\n\n[cache.rollback]\nenabled = false\n",
-    )
-    .expect("write development.toml");
+    );
     let svc = Service::start_with(
         config.path(),
         &[
@@ -301,12 +310,7 @@ fn the_page_in_chromium_takes_a_pattern_from_shadow_to_serve_under_load() {
     let load = Load::start(&svc.base, USERS);
     load.wait_for(3000);
     let driver = ChromeDriver::start();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(browse(&svc, &load, &driver));
+    runtime().block_on(browse(&svc, &load, &driver));
     let sent = load.stop();
     eprintln!("{sent} requests sent while the page was open");
     let (_, state, _) = svc.get("/internal/cache");
@@ -433,6 +437,17 @@ async fn browse(svc: &Service, load: &Load, driver: &ChromeDriver) {
     wait_text(&c, "#updated", |t| t == "paused").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let served = text(&c, "article[data-pattern=\"user\"] td.served").await;
+    let gets = text(&c, "article[data-pattern=\"user\"] table.figures td").await;
+    // Longer than a refresh period, under load: a page that refreshed would show more gets.
+    tokio::time::sleep(Duration::from_secs(
+        cache_rollout::http::ui::REFRESH_SECS + 1,
+    ))
+    .await;
+    assert_eq!(
+        text(&c, "article[data-pattern=\"user\"] table.figures td").await,
+        gets,
+        "paused"
+    );
     let measured_point = text(&c, "article[data-pattern=\"user\"] svg.curve").await;
     assert!(
         measured_point.contains(&format!("measured {served}")),
@@ -490,14 +505,25 @@ async fn browse(svc: &Service, load: &Load, driver: &ChromeDriver) {
         .expect("url")
         .query()
         .is_some_and(|q| q.contains("memory=1MiB")));
-    let serve = text(&c, "#recommendation strong").await;
-    let want: Vec<String> = serve.split(", ").map(String::from).collect();
     click(&c, "#apply").await;
     let said = wait_text(&c, "#result", |t| {
         t.contains("done") || t.contains("refused") || t.contains("failed")
     })
     .await;
     assert!(said.starts_with("apply the recommendation: done"), "{said}");
+    // The whitelist the server answered (the page fetched the recommendation again just before sending it).
+    let want: Vec<String> = said
+        .rsplit_once("whitelist ")
+        .map(|(_, w)| {
+            w.trim_end_matches(')')
+                .split(", ")
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(!want.is_empty() && want[0] != "none", "{said}");
+    let shown = want.join(", ");
+    wait_text(&c, "#whitelist", |t| t == shown).await;
     let (_, _, whitelist, cache_impl) = blocking(|| user_route(svc));
     assert_eq!(
         (cache_impl.as_str(), &whitelist),
@@ -527,35 +553,30 @@ fn in_staging_the_page_in_chromium_shows_figures_only_with_the_token() {
         assert_eq!(svc.get(&format!("/users/{id}")).0, 200);
     }
     let driver = ChromeDriver::start();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let c = driver.session().await;
-            c.goto(&format!("{}/internal/cache/ui", svc.base))
-                .await
-                .expect("open the page");
-            assert!(text(&c, "#needs-token")
-                .await
-                .contains("needs the admin token"));
-            let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
-            assert!(
-                cards.expect("cards").is_empty(),
-                "no figure without the token"
-            );
-            use_token(&c, "wrong-token-0123456789").await;
-            let said = wait_text(&c, "#result", |t| t.contains("401")).await;
-            assert!(said.contains("missing or wrong bearer token"), "{said}");
-            let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
-            assert!(cards.expect("cards").is_empty(), "none with a wrong one");
-            use_token(&c, TOKEN).await;
-            wait_text(&c, "article[data-pattern=\"user\"] h3", |t| {
-                t.contains("mode: observe")
-            })
-            .await;
-            assert_eq!(text(&c, "#impl").await, "null");
-            c.close().await.expect("close the session");
-        });
+    runtime().block_on(async {
+        let c = driver.session().await;
+        c.goto(&format!("{}/internal/cache/ui", svc.base))
+            .await
+            .expect("open the page");
+        assert!(text(&c, "#needs-token")
+            .await
+            .contains("needs the admin token"));
+        let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
+        assert!(
+            cards.expect("cards").is_empty(),
+            "no figure without the token"
+        );
+        use_token(&c, "wrong-token-0123456789").await;
+        let said = wait_text(&c, "#result", |t| t.contains("401")).await;
+        assert!(said.contains("missing or wrong bearer token"), "{said}");
+        let cards = c.find_all(Locator::Css("article[data-pattern]")).await;
+        assert!(cards.expect("cards").is_empty(), "none with a wrong one");
+        use_token(&c, TOKEN).await;
+        wait_text(&c, "article[data-pattern=\"user\"] h3", |t| {
+            t.contains("mode: observe")
+        })
+        .await;
+        assert_eq!(text(&c, "#impl").await, "null");
+        c.close().await.expect("close the session");
+    });
 }

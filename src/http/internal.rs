@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /internal/cache` | 200, the [`StateView`](crate::registry::StateView) as JSON plus `config` (the settings with secrets redacted); `patterns` and `routes` hold the [`INTERNAL_VIEW_ROWS`] busiest rows each (and `patterns` its `other` row), and `omitted` counts the rest |
 //! | `GET /internal/cache?pattern=NAME` | the same with only that pattern's rows; 404 for a pattern neither seen nor named |
-//! | `GET /internal/cache/ui` | 200, the same for people: an HTML page with the curves, which refreshes itself and sends the actions below (see [`ui`](super::ui)); `GET /internal/cache/` redirects to it |
+//! | `GET /internal/cache/ui` | 200, the same for people: an HTML page with the curves, which refreshes itself and sends the `PUT` below (see [`ui`](super::ui): in `staging` without the token, a page that asks for it); `GET /internal/cache/` redirects to it |
 //! | `GET /internal/cache/report` | 200, the phase-2 [`Report`](crate::analysis::Report) as JSON (schema in `docs/analysis.md`) |
 //! | `PUT /internal/cache/config` with a [`PolicyUpdate`] body | 200 and the new state; 400 for a bad body or value; 503 when the new backend cannot be reached (the old state stays) |
 //! | the same without `Authorization: Bearer <CACHE_ADMIN_TOKEN>`, or with a wrong token | 401 |
@@ -14,7 +14,8 @@
 //! **Reading is a privilege too.** In `development` and `test` anyone may read; in `staging` reading needs the same
 //! bearer token as changing, unless `cache.internal_reads_open` opens it. Every refusal for a missing or wrong token
 //! is counted in `cache_admin_auth_failures_total{action="read"|"change"}` and logged at `warn` with the path,
-//! never with the token presented. The token is compared in constant time, and is at least 16 characters
+//! never with the token presented (except the page at `/internal/cache/ui` opened with no token at all, as a browser
+//! opens it: it answers a page that asks for the token, uncounted). The token is compared in constant time, and is at least 16 characters
 //! ([`AdminToken::new`] refuses a shorter one).
 //!
 //! **Closed by construction.** The router reads the environment itself: when it is `production`, or `APP_ENV`

@@ -15,7 +15,7 @@ pub mod router;
 pub mod service;
 #[cfg(feature = "cli")]
 #[allow(unused_imports)] // each test crate (and bench) uses its own part
-pub use service::{command, repo, Service, BIN, TOKEN};
+pub use service::{command, config_with, repo, Service, BIN, TOKEN};
 
 /// The value of one series (`name{labels}`) in a Prometheus text exposition; 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {

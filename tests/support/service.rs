@@ -41,6 +41,19 @@ pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
+/// A configuration directory holding the shipped `config/default.toml` and a `development.toml` of `overrides`
+/// (removed when dropped).
+pub fn config_with(overrides: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        repo().join("config/default.toml"),
+        dir.path().join("default.toml"),
+    )
+    .expect("copy default.toml");
+    std::fs::write(dir.path().join("development.toml"), overrides).expect("write development.toml");
+    dir
+}
+
 pub struct Service {
     pub child: Child,
     pub base: String,

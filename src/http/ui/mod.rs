@@ -8,7 +8,8 @@
 //! |---|---|
 //! | `GET /internal/cache/ui` | 200, the page; `?memory=2GiB` adds the what-if budget split |
 //! | `GET /internal/cache/ui?part=main` | 200, only the page's `<main>` (what the script refreshes) |
-//! | the same where reading needs the token (`staging`) and none or a wrong one is sent | the page without figures and with status 401 (403 with no token configured), which asks for the token; `part=main` answers the JSON error of the other endpoints |
+//! | the same where reading needs the token (`staging`) and no `Authorization` header is sent (a browser opening it) | the page without a figure, status 401 (403 with no token configured), which asks for the token; not counted as a refused read |
+//! | the same with a wrong token, or `part=main` without the token | the JSON error of the other endpoints (401, counted, or 403) |
 //! | `GET /internal/cache/ui/page.js`, `…/page.css` | the page's script and style (no data: open wherever the page is) |
 //! | `GET /internal/cache/` | 303 to `/internal/cache/ui` |
 
@@ -285,21 +286,26 @@ fn seconds_ago(at: &str, now: SystemTime) -> Option<u64> {
 
 fn state_section(d: &Data<'_>) -> Markup {
     let v = d.view;
-    // The last switch that changed something (start-up is not a switch: every counter starts there).
-    let last_switch = v
-        .swaps
-        .iter()
-        .rev()
-        .find(|s| s.ok && s.source != crate::registry::SwapSource::Startup);
+    // The last swap that changed the impl or the whitelist: the served hit ratios count from there (a change of a
+    // pattern's mode or ramp alone does not restart them). The first swap listed is the baseline.
+    let mut last_switch = None;
+    let mut before: Option<(CacheImpl, &Vec<String>)> = None;
+    for s in v.swaps.iter().filter(|s| s.ok) {
+        let now = (s.to_impl, &s.whitelist);
+        if before.is_some_and(|b| b != now) {
+            last_switch = Some(s);
+        }
+        before = Some(now);
+    }
     let switched_ago = last_switch.and_then(|s| seconds_ago(&s.at, d.now).map(|ago| (s, ago)));
     html! {
         section #state aria-labelledby="state-h" {
             h2 #state-h { "State" }
             @if let Some((s, ago)) = switched_ago.filter(|(_, ago)| *ago < JUST_SWITCHED_SECS) {
                 p #just-switched .notice role="note" {
-                    "Switched " (ago) " s ago (to impl " (s.to_impl) ", state version " (s.version) ", by "
-                    (name_of(&s.source)) "): served hit ratios and the served arm count from that switch, and a "
-                    "cache just turned on is still filling (give it one TTL)."
+                    "Switched " (ago) " s ago (to impl " (s.to_impl) ", whitelist " (s.whitelist.join(", "))
+                    ", by " (name_of(&s.source)) "): the served hit ratios count from that switch, and a cache "
+                    "just turned on is still filling (give it one TTL). The arms count since the service started."
                 }
             }
             dl .glance {
@@ -441,7 +447,7 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
                     tr { th { "gets" } td { (gets) } th { "gets/s" } td { (rep.map_or("–".into(), |r| format!("{:.1}", r.gets_per_second))) } }
                     tr {
                         th { "hit ratio (since start)" } td .measured { (pct(measured)) }
-                        th { "served, since the switch" } td .served { (pct(rep.and_then(|r| r.served_hit_ratio))) }
+                        th { "served, since the last switch" } td .served { (pct(rep.and_then(|r| r.served_hit_ratio))) }
                     }
                     tr {
                         th { "predicted for its Redis share" }

@@ -9,6 +9,8 @@
   let paused = false;
   // The newest refresh wins: an older one that answers later is dropped.
   let generation = 0;
+  // Actions under way: the timer leaves the page alone meanwhile.
+  let acting = 0;
 
   const say = (text, ok) => {
     const r = $('result');
@@ -25,8 +27,8 @@
   };
   const css = (v) => (window.CSS && CSS.escape ? CSS.escape(v) : v.replace(/["\\]/g, '\\$&'));
 
-  // Replaces <main> with the server's; `forced` refreshes run even while paused (after an action). Returns
-  // whether <main> was replaced.
+  // Replaces <main> with the server's; `forced` refreshes run even while paused (after an action). Returns 'ok'
+  // when <main> was replaced, 'superseded' when a newer refresh took over, else what went wrong.
   async function refresh(forced) {
     const mine = ++generation;
     const query = new URLSearchParams(window.location.search);
@@ -37,14 +39,19 @@
       r = await fetch('/internal/cache/ui?' + query, { headers: auth(), cache: 'no-store' });
       text = await r.text();
     } catch (e) {
-      if (mine === generation) say('Reading the page failed: ' + e, false);
-      return false;
+      const why = 'reading the page failed: ' + e;
+      if (mine === generation) say(why, false);
+      return why;
     }
-    if (mine !== generation || (paused && !forced)) return false;
+    if (mine !== generation) return 'superseded';
     if (!r.ok) {
-      say('Reading the page: ' + r.status + ', ' + errorOf(text), false);
-      return false;
+      const why = 'reading the page: ' + r.status + ', ' + errorOf(text);
+      say(why, false);
+      // Refused (a token rotated, or none given): stop polling until a token is entered again.
+      if (r.status === 401 || r.status === 403) document.body.dataset.needsToken = '1';
+      return why;
     }
+    if (paused && !forced) return 'superseded';
     // Keep the open "why" lists open and the focused button focused across the refresh.
     const open = new Set([...document.querySelectorAll('main details[open]')]
       .map((d) => d.closest('[data-pattern]')?.dataset.pattern));
@@ -57,7 +64,7 @@
     if (refocus) find(refocus[0], refocus[1])?.focus();
     if (!paused) $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
     delete document.body.dataset.needsToken;
-    return true;
+    return 'ok';
   }
 
   // The button of `action` (for `pattern`, or the page's own when there is none) in the current <main>.
@@ -69,9 +76,19 @@
   async function act(pattern, action) {
     const what = pattern ? pattern + ' → ' + action : action;
     say(what + ': sending…', true);
+    acting++;
+    try {
+      await send(pattern, what, action);
+    } finally {
+      acting--;
+    }
+  }
+
+  async function send(pattern, what, action) {
     // The body from the state as it is now, not as it was when the page was drawn.
-    if (!(await refresh(true))) {
-      say(what + ': not sent, the page could not be read again (see above)', false);
+    const read = await refresh(true);
+    if (read !== 'ok' && read !== 'superseded') {
+      say(what + ': not sent, ' + read, false);
       return;
     }
     const button = find(pattern, action);
@@ -136,7 +153,7 @@
     });
     const period = Number(document.body.dataset.refreshMs) || 5000;
     setInterval(() => {
-      if (!paused && !document.hidden && !document.body.dataset.needsToken) refresh(false);
+      if (!paused && !acting && !document.hidden && !document.body.dataset.needsToken) refresh(false);
     }, period);
   });
 })();
