@@ -778,6 +778,86 @@ fn every_dashboard_query_and_recording_rule_returns_series_from_a_real_prometheu
     );
 }
 
+/// The served hit ratio checked against the prediction counts only gets served throughout: a shadow period, a
+/// ramp's unramped keys and a rollback are left out (the A/B arms compare those). Here 100 keys are read in shadow
+/// mode (which fills Redis), then at a 50% ramp, then fully served: every fully served get hits, so the figure is
+/// exactly 1, where counting from the start of the whitelist would give about a half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_hit_ratio_counts_from_when_the_pattern_is_fully_served() {
+    use cache_rollout::analysis::AnalysisOptions;
+    use cache_rollout::cache::{CacheImpl, RedisOptions};
+    use cache_rollout::{
+        CacheRegistry, Mode, PatternPolicy, Policy, PolicyUpdate, RegistryOptions,
+    };
+
+    let redis = RedisServer::start();
+    let mode = |mode, ramp| PolicyUpdate {
+        patterns: Some(
+            [(
+                "item".to_string(),
+                PatternPolicy {
+                    mode: Some(mode),
+                    ramp_percent: ramp,
+                    ..PatternPolicy::default()
+                },
+            )]
+            .into(),
+        ),
+        ..PolicyUpdate::default()
+    };
+    let registry = CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(Policy {
+                cache_impl: CacheImpl::Redis,
+                whitelist: vec!["item".into()],
+                read_timeout_ms: 2000,
+                ..Policy::default()
+            })
+            .with_redis(RedisOptions::default().with_url(redis.url()))
+            .with_analysis(AnalysisOptions {
+                redis_memory_bytes: Some(1 << 30),
+                ..AnalysisOptions::default()
+            }),
+    )
+    .await
+    .expect("registry");
+    let read_all = || async {
+        for id in 0..100 {
+            let v: String = registry
+                .get_or_load(&format!("item:{id}"), || async {
+                    Ok::<_, std::convert::Infallible>(format!("value {id}"))
+                })
+                .await
+                .expect("value");
+            assert_eq!(v, format!("value {id}"));
+        }
+    };
+    let served = |registry: &CacheRegistry| registry.report().patterns["item"].served_hit_ratio;
+    registry
+        .switch(&mode(Mode::Shadow, None))
+        .await
+        .expect("shadow");
+    for _ in 0..3 {
+        read_all().await;
+    }
+    assert_eq!(served(&registry), None, "not checked in shadow mode");
+    registry
+        .switch(&mode(Mode::Serve, Some(50.0)))
+        .await
+        .expect("ramp");
+    read_all().await;
+    assert_eq!(served(&registry), None, "not checked during a ramp");
+    registry
+        .switch(&mode(Mode::Serve, None))
+        .await
+        .expect("serve");
+    assert_eq!(served(&registry), None, "no get since it is fully served");
+    for _ in 0..3 {
+        read_all().await;
+    }
+    assert_eq!(served(&registry), Some(1.0), "every get since then hit");
+}
+
 /// The check of the prediction after the switch, end to end: a registry serving a pattern from a real Redis of
 /// 2 MiB while its prediction is made for 1 GiB (`cache.analysis.redis_memory_bytes`: Redis was given less memory
 /// than predicted). A loop over 8 MiB of values hits nearly always in 1 GiB and never in 2 MiB, so the gauge pair

@@ -188,7 +188,8 @@ pub struct PatternReport {
     /// turning on, and why (empty when none is).
     #[serde(default)]
     pub advice: Vec<String>,
-    /// Served patterns: the hit ratio measured since it was served (0–1).
+    /// Fully served patterns (serve mode, every key, no breaker): the hit ratio measured since it last became so
+    /// (0–1). Left out in shadow mode, a ramp under 100% or a rollback, whose unserved gets would dilute it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_hit_ratio: Option<f64>,
     /// Served patterns: the hit ratio predicted for the Redis memory it shares with the other served patterns,

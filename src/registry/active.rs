@@ -38,8 +38,20 @@ pub(super) struct WhitelistShards {
     pub(super) gets: std::sync::atomic::AtomicU64,
     /// Raw clock reading when it was created.
     pub(super) since: u64,
-    /// (gets, hits) of each pattern known then: the served hit ratio is counted from these.
-    pub(super) baseline: HashMap<String, (u64, u64)>,
+    /// Per pattern, the (gets, hits) its served hit ratio counts from, and whether it was fully served then (serve
+    /// mode, every key, no breaker). Restarted when that changes ([`CacheRegistry::rebase_served`]): a shadow
+    /// period, a ramp's unramped keys or a rollback would otherwise dilute the figure checked against the
+    /// prediction.
+    pub(super) baseline: std::sync::Mutex<HashMap<String, ServedBaseline>>,
+}
+
+/// Where a pattern's served hit ratio counts from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ServedBaseline {
+    pub(super) gets: u64,
+    pub(super) hits: u64,
+    /// Whether the pattern was fully served when these were read.
+    pub(super) full: bool,
 }
 
 /// The route of a pattern with settings `pp`, whitelisted or not, under its breaker.
@@ -148,6 +160,12 @@ impl Active {
     /// ramped ones).
     pub(super) fn routed(&self, pattern: &str) -> bool {
         self.route(pattern).is_some()
+    }
+
+    /// Whether every key of the pattern is served from the cache now: serve mode, no ramp, no breaker probe.
+    pub(super) fn fully_served(&self, pattern: &str) -> bool {
+        self.route(pattern)
+            .is_some_and(|r| r.mode == Mode::Serve && r.ramp.is_none() && r.probe.is_none())
     }
 
     pub(super) fn whitelisted(&self, pattern: &str) -> bool {

@@ -228,8 +228,8 @@ impl CacheRegistry {
             * 1e-9
     }
 
-    /// For each served pattern with an estimator and a get since it was served: (pattern, measured hit ratio since
-    /// it was served, (bytes it occupies, predicted hit ratio) for the memory it shares with the other served
+    /// For each fully served pattern with an estimator and a get since it became so: (pattern, measured hit ratio
+    /// since then, (bytes it occupies, predicted hit ratio) for the memory it shares with the other served
     /// patterns in Redis). The prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`,
     /// or read from Redis).
     pub(crate) fn served_hit_ratios(&self) -> Vec<ServedRow> {
@@ -237,23 +237,26 @@ impl CacheRegistry {
             return Vec::new();
         };
         let s = self.inner.active.load();
-        let Some(w) = &s.whitelisted else {
+        if s.whitelisted.is_none() {
             return Vec::new();
-        };
+        }
         // The prediction is of a Redis: an in-process cache is not checked against it.
         if s.policy.cache_impl != CacheImpl::Redis {
             return Vec::new();
         }
+        let baselines = self.rebase_served(&s);
         let mut rows = Vec::new();
         let mut curves = Vec::new();
         for (name, &i) in s.patterns.iter() {
-            if !s.routed(name) {
+            // Only a fully served pattern is checked: in shadow mode, a ramp or a rollback, some of its gets are not
+            // served (the A/B arms compare those).
+            let Some(b) = baselines.get(&**name).filter(|b| b.full) else {
                 continue;
-            }
+            };
             let e = self.slot(i);
             let Some(sh) = &e.shards else { continue };
             let c = e.metrics.counts();
-            let (g0, h0) = w.baseline.get(&**name).copied().unwrap_or((0, 0));
+            let (g0, h0) = (b.gets, b.hits);
             let gets = c.gets.saturating_sub(g0);
             if gets == 0 {
                 continue;
@@ -302,6 +305,38 @@ impl CacheRegistry {
             .zip(predicted)
             .map(|((n, m), p)| (n, m, p))
             .collect()
+    }
+
+    /// Restarts the served hit ratio of every pattern of `s` whose fully-served state changed since its baseline was
+    /// read (a pattern first seen since the whitelist was served starts at 0), and returns the baselines. Called at
+    /// every switch and rollback step and before every reading, so the figure counts only gets served throughout.
+    pub(super) fn rebase_served(
+        &self,
+        s: &super::Active,
+    ) -> HashMap<String, super::active::ServedBaseline> {
+        let Some(w) = &s.whitelisted else {
+            return HashMap::new();
+        };
+        let mut baselines = w.baseline.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, &i) in s.patterns.iter() {
+            let full = s.fully_served(name);
+            let b = baselines
+                .entry(name.to_string())
+                .or_insert(super::active::ServedBaseline {
+                    gets: 0,
+                    hits: 0,
+                    full,
+                });
+            if b.full != full {
+                let c = self.slot(i).metrics.counts();
+                *b = super::active::ServedBaseline {
+                    gets: c.gets,
+                    hits: c.hits,
+                    full,
+                };
+            }
+        }
+        baselines.clone()
     }
 
     /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
@@ -360,7 +395,7 @@ impl ServedHitRatio {
             registry,
             measured: desc(
                 "cache_served_hit_ratio",
-                "Hit ratio (0-1) of a served key pattern's gets since it was served.",
+                "Hit ratio (0-1) of a fully served key pattern's gets since it was last fully served.",
             ),
             predicted: desc(
                 "cache_served_predicted_hit_ratio",

@@ -123,6 +123,7 @@ impl CacheRegistry {
     /// Rebuilds the active routes under `breakers` (called with the breakers' lock held, so no change is lost).
     pub(super) fn apply_breakers(&self, breakers: &BTreeMap<String, Breaker>) {
         self.inner.active.rcu(|cur| cur.with_breakers(breakers));
+        self.rebase_served(&self.inner.active.load());
     }
 
     /// Records an automatic rollback, or one of its steps, in the swap history.

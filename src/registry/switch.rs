@@ -254,6 +254,7 @@ impl CacheRegistry {
             patterns: Arc::clone(&cur.patterns),
             ..next.clone()
         });
+        self.rebase_served(&self.inner.active.load());
         drop(breakers);
         self.inner.metrics.set_enabled(enabled, cache_impl);
         tracing::info!(
@@ -291,14 +292,22 @@ impl CacheRegistry {
             .iter()
             .map(|(name, &i)| {
                 let c = self.slot(i).metrics.counts();
-                (name.to_string(), (c.gets, c.hits))
+                let full = next.fully_served(name);
+                (
+                    name.to_string(),
+                    super::active::ServedBaseline {
+                        gets: c.gets,
+                        hits: c.hits,
+                        full,
+                    },
+                )
             })
             .collect();
         Some(Arc::new(WhitelistShards {
             shards: a.shards(a.opts.shared_sample_keys),
             gets: std::sync::atomic::AtomicU64::new(0),
             since: self.inner.clock.raw(),
-            baseline,
+            baseline: std::sync::Mutex::new(baseline),
         }))
     }
 

@@ -286,8 +286,8 @@ fn seconds_ago(at: &str, now: SystemTime) -> Option<u64> {
 
 fn state_section(d: &Data<'_>) -> Markup {
     let v = d.view;
-    // The last swap that changed the impl or the whitelist: the served hit ratios count from there (a change of a
-    // pattern's mode or ramp alone does not restart them). The first swap listed is the baseline.
+    // The last swap that changed the impl or the whitelist: the cache was (re)filled from there. The first swap
+    // listed is the baseline.
     let mut last_switch = None;
     let mut before: Option<(CacheImpl, &Vec<String>)> = None;
     for s in v.swaps.iter().filter(|s| s.ok) {
@@ -304,8 +304,9 @@ fn state_section(d: &Data<'_>) -> Markup {
             @if let Some((s, ago)) = switched_ago.filter(|(_, ago)| *ago < JUST_SWITCHED_SECS) {
                 p #just-switched .notice role="note" {
                     "Switched " (ago) " s ago (to impl " (s.to_impl) ", whitelist " (s.whitelist.join(", "))
-                    ", by " (name_of(&s.source)) "): the served hit ratios count from that switch, and a cache "
-                    "just turned on is still filling (give it one TTL). The arms count since the service started."
+                    ", by " (name_of(&s.source)) "): a cache just turned on is still filling (give it one TTL). "
+                    "A pattern's served hit ratio counts from when it was last fully served (serve mode, every key); "
+                    "the arms count since the service started."
                 }
             }
             dl .glance {
@@ -447,7 +448,7 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
                     tr { th { "gets" } td { (gets) } th { "gets/s" } td { (rep.map_or("–".into(), |r| format!("{:.1}", r.gets_per_second))) } }
                     tr {
                         th { "hit ratio (since start)" } td .measured { (pct(measured)) }
-                        th { "served, since the last switch" } td .served { (pct(rep.and_then(|r| r.served_hit_ratio))) }
+                        th { "served, since fully served" } td .served { (pct(rep.and_then(|r| r.served_hit_ratio))) }
                     }
                     tr {
                         th { "predicted for its Redis share" }
