@@ -833,6 +833,23 @@ async fn the_served_hit_ratio_counts_from_when_the_pattern_is_fully_served() {
         }
     };
     let served = |registry: &CacheRegistry| registry.report().patterns["item"].served_hit_ratio;
+    // Nothing reads the figure in shadow mode here: the switch itself restarts it.
+    registry
+        .switch(&mode(Mode::Shadow, None))
+        .await
+        .expect("shadow");
+    read_all().await;
+    registry
+        .switch(&mode(Mode::Serve, None))
+        .await
+        .expect("serve");
+    read_all().await;
+    assert_eq!(
+        served(&registry),
+        Some(1.0),
+        "only the served gets, all hits"
+    );
+
     registry
         .switch(&mode(Mode::Shadow, None))
         .await

@@ -376,7 +376,7 @@ async fn writer(
 }
 
 /// Metric series in an instance's `/metrics`. The check of the prediction after the switch
-/// (`cache_served_hit_ratio`, `cache_served_predicted_hit_ratio`) has a series per pattern only while it is served,
+/// (`cache_served_hit_ratio`, `cache_served_predicted_hit_ratio`) has a series per pattern only while it is fully served,
 /// so those come and go with the driver's switches (bounded by the patterns): they are not counted.
 fn series(svc: &Service) -> usize {
     svc.get("/metrics")

@@ -229,47 +229,55 @@ impl CacheRegistry {
     }
 
     /// For each fully served pattern with an estimator and a get since it became so: (pattern, measured hit ratio
-    /// since then, (bytes it occupies, predicted hit ratio) for the memory it shares with the other served
-    /// patterns in Redis). The prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`,
+    /// since then, (bytes it occupies, predicted hit ratio) for the memory it shares with the other patterns that
+    /// store in Redis). The prediction is `None` until that memory is known (`cache.analysis.redis_memory_bytes`,
     /// or read from Redis).
     pub(crate) fn served_hit_ratios(&self) -> Vec<ServedRow> {
         let Some(a) = &self.inner.analysis else {
             return Vec::new();
         };
-        let s = self.inner.active.load();
-        if s.whitelisted.is_none() {
+        let Some(w) = self.inner.active.load().whitelisted.clone() else {
             return Vec::new();
-        }
-        // The prediction is of a Redis: an in-process cache is not checked against it.
-        if s.policy.cache_impl != CacheImpl::Redis {
-            return Vec::new();
-        }
-        let baselines = self.rebase_served(&s);
-        let mut rows = Vec::new();
+        };
+        // Every pattern that stores in Redis shares its memory (shadow and ramped ones too); only the fully served
+        // ones are checked (in shadow mode, a ramp or a rollback some gets are not served: the A/B arms compare
+        // those). `measured` is `None` for the others.
+        let mut measured: Vec<Option<(String, f64)>> = Vec::new();
         let mut curves = Vec::new();
-        for (name, &i) in s.patterns.iter() {
-            // Only a fully served pattern is checked: in shadow mode, a ramp or a rollback, some of its gets are not
-            // served (the A/B arms compare those).
-            let Some(b) = baselines.get(&**name).filter(|b| b.full) else {
-                continue;
-            };
-            let e = self.slot(i);
-            let Some(sh) = &e.shards else { continue };
-            let c = e.metrics.counts();
-            let (g0, h0) = (b.gets, b.hits);
-            let gets = c.gets.saturating_sub(g0);
-            if gets == 0 {
-                continue;
+        let s = {
+            let mut baselines = w.baseline.lock().unwrap_or_else(PoisonError::into_inner);
+            // Read under the lock, so that a switch's rebase cannot be undone by this reading.
+            let s = self.inner.active.load_full();
+            if !s.whitelisted.as_ref().is_some_and(|now| Arc::ptr_eq(now, &w))
+                // The prediction is of a Redis: an in-process cache is not checked against it.
+                || s.policy.cache_impl != CacheImpl::Redis
+            {
+                return Vec::new();
             }
-            let measured = c.hits.saturating_sub(h0) as f64 / gets as f64;
-            rows.push((name.to_string(), measured));
-            curves.push((
-                sh.curve(c.gets).0,
-                c.gets,
-                c.writes,
-                self.age_seconds(e.born),
-            ));
-        }
+            self.rebase_locked(&mut baselines, &s, &s);
+            for (name, &i) in s.patterns.iter() {
+                if !s.routed(name) {
+                    continue;
+                }
+                let e = self.slot(i);
+                let Some(sh) = &e.shards else { continue };
+                let c = e.metrics.counts();
+                let m = baselines
+                    .get(&**name)
+                    .filter(|b| b.full && c.gets > b.gets)
+                    .map(|b| c.hits.saturating_sub(b.hits) as f64 / (c.gets - b.gets) as f64);
+                measured.push(m.map(|m| (name.to_string(), m)));
+                curves.push((
+                    name.to_string(),
+                    sh.curve(c.gets).0,
+                    c.gets,
+                    c.writes,
+                    self.age_seconds(e.born),
+                ));
+            }
+            s
+        };
+        drop(s);
         let memory = match a.opts.redis_memory_bytes {
             Some(b) => Some(Some(b)),
             None => *a
@@ -278,22 +286,19 @@ impl CacheRegistry {
                 .unwrap_or_else(PoisonError::into_inner),
         };
         let predicted: Vec<Option<(u64, f64)>> = match memory {
-            None => vec![None; rows.len()],
+            None => vec![None; curves.len()],
             Some(budget) => {
-                let inputs: Vec<analysis::BudgetInput<'_>> = rows
+                let inputs: Vec<analysis::BudgetInput<'_>> = curves
                     .iter()
-                    .zip(&curves)
-                    .map(
-                        |((name, _), (curve, gets, writes, age))| analysis::BudgetInput {
-                            name,
-                            curve,
-                            gets_per_second: *gets as f64 / age.max(1e-9),
-                            accesses_per_second: (gets + writes) as f64 / age.max(1e-9),
-                            loader_seconds: 1.0,
-                            eligible: true,
-                            ttl_secs: None,
-                        },
-                    )
+                    .map(|(name, curve, gets, writes, age)| analysis::BudgetInput {
+                        name,
+                        curve,
+                        gets_per_second: *gets as f64 / age.max(1e-9),
+                        accesses_per_second: (gets + writes) as f64 / age.max(1e-9),
+                        loader_seconds: 1.0,
+                        eligible: true,
+                        ttl_secs: None,
+                    })
                     .collect();
                 analysis::split_budget(&inputs, budget, a.eviction())
                     .into_iter()
@@ -301,32 +306,51 @@ impl CacheRegistry {
                     .collect()
             }
         };
-        rows.into_iter()
+        measured
+            .into_iter()
             .zip(predicted)
-            .map(|((n, m), p)| (n, m, p))
+            .filter_map(|(m, p)| m.map(|(n, m)| (n, m, p)))
             .collect()
     }
 
-    /// Restarts the served hit ratio of every pattern of `s` whose fully-served state changed since its baseline was
-    /// read (a pattern first seen since the whitelist was served starts at 0), and returns the baselines. Called at
-    /// every switch and rollback step and before every reading, so the figure counts only gets served throughout.
-    pub(super) fn rebase_served(
-        &self,
-        s: &super::Active,
-    ) -> HashMap<String, super::active::ServedBaseline> {
-        let Some(w) = &s.whitelisted else {
-            return HashMap::new();
+    /// Restarts the served hit ratio of every pattern whose fully-served state changed since its baseline was read.
+    /// `prev` is the state just replaced (at a reading, the current one): a pattern first seen since the whitelist
+    /// was served lived under it, so it starts at 0 with `prev`'s state. Called after every switch and rollback
+    /// step (under the breakers' lock) and at every reading, so the figure counts only gets served throughout.
+    pub(super) fn rebase_served(&self, prev: &super::Active) {
+        let Some(w) = self.inner.active.load().whitelisted.clone() else {
+            return;
         };
         let mut baselines = w.baseline.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = self.inner.active.load();
+        if s.whitelisted
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, &w))
+        {
+            self.rebase_locked(&mut baselines, prev, &s);
+        }
+    }
+
+    fn rebase_locked(
+        &self,
+        baselines: &mut HashMap<String, super::active::ServedBaseline>,
+        prev: &super::Active,
+        s: &super::Active,
+    ) {
         for (name, &i) in s.patterns.iter() {
             let full = s.fully_served(name);
-            let b = baselines
-                .entry(name.to_string())
-                .or_insert(super::active::ServedBaseline {
-                    gets: 0,
-                    hits: 0,
-                    full,
-                });
+            let b = match baselines.get_mut(&**name) {
+                Some(b) => b,
+                None => {
+                    baselines
+                        .entry(name.to_string())
+                        .or_insert(super::active::ServedBaseline {
+                            gets: 0,
+                            hits: 0,
+                            full: prev.fully_served(name),
+                        })
+                }
+            };
             if b.full != full {
                 let c = self.slot(i).metrics.counts();
                 *b = super::active::ServedBaseline {
@@ -336,7 +360,6 @@ impl CacheRegistry {
                 };
             }
         }
-        baselines.clone()
     }
 
     /// Predicted hit ratios at the configured capacities, per pattern with an estimator and for all patterns
@@ -367,12 +390,12 @@ impl CacheRegistry {
     }
 }
 
-/// A served pattern's row: its name, the hit ratio measured since it was served, and (the bytes it occupies, the
-/// hit ratio predicted there).
+/// A fully served pattern's row: its name, the hit ratio measured since it became so, and (the bytes it occupies,
+/// the hit ratio predicted there).
 pub(crate) type ServedRow = (String, f64, Option<(u64, f64)>);
 
 /// `cache_served_hit_ratio{key_pattern}` and `cache_served_predicted_hit_ratio{key_pattern}`: for every served
-/// pattern, the hit ratio measured since it was served and the one predicted for the memory it has, computed at
+/// pattern, the hit ratio measured since it was last fully served and the one predicted for the memory it has, computed at
 /// scrape time (the check of the prediction after the switch).
 pub(super) struct ServedHitRatio {
     pub(super) registry: std::sync::Weak<Inner>,
@@ -399,8 +422,8 @@ impl ServedHitRatio {
             ),
             predicted: desc(
                 "cache_served_predicted_hit_ratio",
-                "Predicted hit ratio (0-1) of a served key pattern for the Redis memory it shares with the other \
-                 served patterns, under Redis's eviction.",
+                "Predicted hit ratio (0-1) of a fully served key pattern for the Redis memory it shares with the \
+                 other patterns stored there, under Redis's eviction.",
             ),
         }
     }

@@ -122,8 +122,8 @@ impl CacheRegistry {
 
     /// Rebuilds the active routes under `breakers` (called with the breakers' lock held, so no change is lost).
     pub(super) fn apply_breakers(&self, breakers: &BTreeMap<String, Breaker>) {
-        self.inner.active.rcu(|cur| cur.with_breakers(breakers));
-        self.rebase_served(&self.inner.active.load());
+        let replaced = self.inner.active.rcu(|cur| cur.with_breakers(breakers));
+        self.rebase_served(&replaced);
     }
 
     /// Records an automatic rollback, or one of its steps, in the swap history.

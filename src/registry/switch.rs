@@ -250,11 +250,11 @@ impl CacheRegistry {
         self.inner.metrics.declare_rollbacks(routed);
         // rcu, not store: a pattern first seen during the swap must not be lost. Under the breakers' lock, so a
         // trip cannot slip in between.
-        self.inner.active.rcu(|cur| Active {
+        let replaced = self.inner.active.rcu(|cur| Active {
             patterns: Arc::clone(&cur.patterns),
             ..next.clone()
         });
-        self.rebase_served(&self.inner.active.load());
+        self.rebase_served(&replaced);
         drop(breakers);
         self.inner.metrics.set_enabled(enabled, cache_impl);
         tracing::info!(
