@@ -778,17 +778,37 @@ fn every_dashboard_query_and_recording_rule_returns_series_from_a_real_prometheu
     );
 }
 
+/// A registry serving key pattern `item` from `redis`, with a read deadline of `read_timeout_ms`, its predictions
+/// made for 1 GiB of Redis memory.
+async fn item_registry(redis: &RedisServer, read_timeout_ms: u64) -> cache_rollout::CacheRegistry {
+    use cache_rollout::analysis::AnalysisOptions;
+    use cache_rollout::cache::{CacheImpl, RedisOptions};
+    use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+    CacheRegistry::new(
+        RegistryOptions::default()
+            .with_policy(Policy {
+                cache_impl: CacheImpl::Redis,
+                whitelist: vec!["item".into()],
+                read_timeout_ms,
+                ..Policy::default()
+            })
+            .with_redis(RedisOptions::default().with_url(redis.url()))
+            .with_analysis(AnalysisOptions {
+                redis_memory_bytes: Some(1 << 30),
+                ..AnalysisOptions::default()
+            }),
+    )
+    .await
+    .expect("registry")
+}
+
 /// The served hit ratio checked against the prediction counts only gets served throughout: a shadow period, a
 /// ramp's unramped keys and a rollback are left out (the A/B arms compare those). Here 100 keys are read in shadow
 /// mode (which fills Redis), then at a 50% ramp, then fully served: every fully served get hits, so the figure is
 /// exactly 1, where counting from the start of the whitelist would give about a half.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_hit_ratio_counts_from_when_the_pattern_is_fully_served() {
-    use cache_rollout::analysis::AnalysisOptions;
-    use cache_rollout::cache::{CacheImpl, RedisOptions};
-    use cache_rollout::{
-        CacheRegistry, Mode, PatternPolicy, Policy, PolicyUpdate, RegistryOptions,
-    };
+    use cache_rollout::{CacheRegistry, Mode, PatternPolicy, PolicyUpdate};
 
     let redis = RedisServer::start();
     let mode = |mode, ramp| PolicyUpdate {
@@ -805,22 +825,7 @@ async fn the_served_hit_ratio_counts_from_when_the_pattern_is_fully_served() {
         ),
         ..PolicyUpdate::default()
     };
-    let registry = CacheRegistry::new(
-        RegistryOptions::default()
-            .with_policy(Policy {
-                cache_impl: CacheImpl::Redis,
-                whitelist: vec!["item".into()],
-                read_timeout_ms: 2000,
-                ..Policy::default()
-            })
-            .with_redis(RedisOptions::default().with_url(redis.url()))
-            .with_analysis(AnalysisOptions {
-                redis_memory_bytes: Some(1 << 30),
-                ..AnalysisOptions::default()
-            }),
-    )
-    .await
-    .expect("registry");
+    let registry = item_registry(&redis, 2000).await;
     let read_all = || async {
         for id in 0..100 {
             let v: String = registry
@@ -882,27 +887,11 @@ async fn the_served_hit_ratio_counts_from_when_the_pattern_is_fully_served() {
 /// after its 30 minutes (and not before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_alert_fires_when_redis_has_less_memory_than_predicted() {
-    use cache_rollout::analysis::AnalysisOptions;
-    use cache_rollout::cache::{CacheImpl, RedisOptions};
-    use cache_rollout::{CacheRegistry, Policy, RegistryOptions};
+    use cache_rollout::cache::CacheImpl;
 
     let redis =
         RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
-    let registry = CacheRegistry::new(
-        RegistryOptions::default()
-            .with_policy(Policy {
-                cache_impl: CacheImpl::Redis,
-                whitelist: vec!["item".into()],
-                ..Policy::default()
-            })
-            .with_redis(RedisOptions::default().with_url(redis.url()))
-            .with_analysis(AnalysisOptions {
-                redis_memory_bytes: Some(1 << 30),
-                ..AnalysisOptions::default()
-            }),
-    )
-    .await
-    .expect("registry");
+    let registry = item_registry(&redis, cache_rollout::Policy::default().read_timeout_ms).await;
     assert_eq!(registry.policy().cache_impl, CacheImpl::Redis);
     let value = "x".repeat(2000);
     for _round in 0..6 {

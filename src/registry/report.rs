@@ -244,7 +244,7 @@ impl CacheRegistry {
         // those). `measured` is `None` for the others.
         let mut measured: Vec<Option<(String, f64)>> = Vec::new();
         let mut curves = Vec::new();
-        let s = {
+        {
             let mut baselines = w.baseline.lock().unwrap_or_else(PoisonError::into_inner);
             // Read under the lock, so that a switch's rebase cannot be undone by this reading.
             let s = self.inner.active.load_full();
@@ -275,9 +275,7 @@ impl CacheRegistry {
                     self.age_seconds(e.born),
                 ));
             }
-            s
-        };
-        drop(s);
+        }
         let memory = match a.opts.redis_memory_bytes {
             Some(b) => Some(Some(b)),
             None => *a

@@ -270,12 +270,11 @@ fn ms(v: Option<f64>) -> String {
     }
 }
 
-/// A serde enum's name (`"api"`, `"timeout_rate"`).
-fn name_of<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        Ok(other) => other.to_string(),
-        Err(_) => "?".into(),
+/// A breaker's state in words.
+fn breaker_state(state: crate::rollout::BreakerState) -> &'static str {
+    match state {
+        crate::rollout::BreakerState::Open => "open",
+        crate::rollout::BreakerState::HalfOpen => "half-open",
     }
 }
 
@@ -304,7 +303,7 @@ fn state_section(d: &Data<'_>) -> Markup {
             @if let Some((s, ago)) = switched_ago.filter(|(_, ago)| *ago < JUST_SWITCHED_SECS) {
                 p #just-switched .notice role="note" {
                     "Switched " (ago) " s ago (to impl " (s.to_impl) ", whitelist " (s.whitelist.join(", "))
-                    ", by " (name_of(&s.source)) "): a cache just turned on is still filling (give it one TTL). "
+                    ", by " (s.source.as_str()) "): a cache just turned on is still filling (give it one TTL). "
                     "A pattern's served hit ratio counts from when it was last fully served (serve mode, every key); "
                     "the arms count since the service started."
                 }
@@ -347,7 +346,7 @@ fn state_section(d: &Data<'_>) -> Markup {
                         @for s in v.swaps.iter().rev().take(SWAPS_SHOWN) {
                             tr {
                                 td { (s.at) }
-                                td { (name_of(&s.source)) }
+                                td { (s.source.as_str()) }
                                 td { @if s.ok { "ok ✓" } @else { span .bad { "failed ✗" } } }
                                 td { (s.from_impl) " → " (s.to_impl) }
                                 td { (s.whitelist.join(", ")) }
@@ -440,7 +439,7 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
             @if let Some(b) = route.and_then(|r| r.breaker.as_ref()) {
                 p .notice .bad {
                     @if b.state == crate::rollout::BreakerState::Open { "Rolled back ✗: " } @else { "Probing after a rollback (half-open): " }
-                    (name_of(&b.reason)) " since " (b.since)
+                    (b.reason.as_str()) " since " (b.since)
                 }
             }
             table .figures {
@@ -460,7 +459,7 @@ fn pattern_card(d: &Data<'_>, name: &str) -> Markup {
                     @if let Some(r) = route {
                         tr {
                             th { "breaker" }
-                            td .breaker { @match &r.breaker { None => "closed ✓", Some(b) => span .bad { (name_of(&b.state)) " ✗" } } }
+                            td .breaker { @match &r.breaker { None => "closed ✓", Some(b) => span .bad { (breaker_state(b.state)) " ✗" } } }
                             th { "read deadline, TTL" }
                             td { (r.read_timeout_ms) " ms, " (r.ttl_secs) " s" }
                         }
@@ -540,7 +539,11 @@ fn pattern_chart(
             marks.push(Mark {
                 bytes,
                 hit_ratio: p,
-                label: format!(" predicted {} ({})", pct(Some(p)), short_policy(&e.policy)),
+                label: format!(
+                    " predicted {} ({})",
+                    pct(Some(p)),
+                    e.policy.as_str().trim_start_matches("allkeys-")
+                ),
                 filled: false,
             });
         }
@@ -573,14 +576,6 @@ fn pattern_chart(
             } } }
         }
         None => html! { p .nochart { "No curve yet (no estimator, or too few gets)." } },
-    }
-}
-
-/// A chart label's name for Redis's eviction: `lru` or `lfu` (the page's text names it in full).
-fn short_policy(p: &crate::analysis::EvictionPolicy) -> &'static str {
-    match p {
-        crate::analysis::EvictionPolicy::AllkeysLru => "lru",
-        crate::analysis::EvictionPolicy::AllkeysLfu => "lfu",
     }
 }
 
@@ -690,7 +685,7 @@ fn shared_section(d: &Data<'_>) -> Markup {
                 "Observed for " (format!("{:.0}", r.observed_seconds)) " s; "
                 "the curves are of an exact LRU cache; "
                 @match &r.eviction {
-                    Some(e) => { "the budget split and the served patterns' predictions are for Redis's own eviction, " (name_of(&e.policy)) }
+                    Some(e) => { "the budget split and the served patterns' predictions are for Redis's own eviction, " (e.policy.as_str()) }
                     None => "no Redis eviction is known, so every prediction is exact LRU"
                 }
                 "."
@@ -721,7 +716,7 @@ fn shared_section(d: &Data<'_>) -> Markup {
                     p {
                         "Serve " (plan.whitelist.join(", ")) ": " (pct(Some(plan.hit_ratio))) " of their gets hit, saving "
                         (format!("{:.3}", plan.origin_seconds_saved_per_second)) " s of origin time per second ("
-                        (name_of(&plan.eviction.policy)) ")."
+                        (plan.eviction.policy.as_str()) ")."
                     }
                     table {
                         thead { tr { th { "pattern" } th { "served" } th { "memory" } th { "hit ratio" } th { "origin s/s saved" } th { "why" } } }
